@@ -1,0 +1,52 @@
+//! `so8t`: convert, run, inspect and benchmark SO8T models.
+
+mod bench;
+mod inspect;
+mod run;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "so8t", version, about = "SO8T: Llama-family models with SO(8) rotation gates and triality heads")]
+struct Cli {
+    /// Worker threads for tensor ops (default: all cores).
+    #[arg(short = 't', long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt (HF directory or .gguf file).
+    Run(run::Args),
+    /// Describe a model: architecture, sizes, tensor types, tokenizer.
+    Inspect(inspect::Args),
+    /// Measure prompt processing and generation speed, like llama-bench.
+    Bench(bench::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(t) = cli.threads {
+        // Read by rayon and candle when their thread pools start, which is after this.
+        std::env::set_var("RAYON_NUM_THREADS", t.max(1).to_string());
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("SO8T_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Run(a) => run::main(a),
+        Command::Inspect(a) => inspect::main(a),
+        Command::Bench(a) => bench::main(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,133 @@
+use anyhow::{bail, Context, Result};
+use so8t::chat::{split_reasoning, ChatTemplate, Message};
+use so8t::generate::{generate, Control, GenerateRequest};
+use so8t::sampling::SamplingParams;
+use so8t::Model;
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// HF model directory or .gguf file.
+    #[arg(short, long)]
+    model: PathBuf,
+    /// The user message (or, with --raw, the whole prompt text).
+    #[arg(short, long)]
+    prompt: Option<String>,
+    /// Token ids to feed as they are, comma-separated (skips tokenizer and template).
+    #[arg(long, value_delimiter = ',', conflicts_with = "prompt")]
+    prompt_ids: Option<Vec<u32>>,
+    /// Use the prompt as it is, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// System message for the chat template.
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(short = 'n', long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 for greedy. Default: the model's generation_config, else 0.8 (as llama.cpp).
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    #[arg(long)]
+    repeat_penalty: Option<f32>,
+    /// Random seed for sampling (default: from the clock).
+    #[arg(short, long)]
+    seed: Option<u64>,
+    /// Stop when the output contains this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn main(a: Args) -> Result<()> {
+    let mut model = Model::open(&a.model)?;
+    let prompt_ids = match (&a.prompt_ids, &a.prompt) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(text)) => {
+            let tok = model.tokenizer()?;
+            match (&tok.chat_template, a.raw) {
+                (Some(src), false) => {
+                    let t = ChatTemplate::new(src, &tok.bos_text, &tok.eos_text)?;
+                    let mut msgs = Vec::new();
+                    if let Some(s) = &a.system {
+                        msgs.push(Message::new("system", s));
+                    }
+                    msgs.push(Message::new("user", text));
+                    tok.encode(&t.render(&msgs, true)?, false)?
+                }
+                _ => tok.encode(text, true)?,
+            }
+        }
+        (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
+    };
+    let g = &model.generation;
+    let sampling = SamplingParams {
+        temperature: a.temperature.or(g.temperature).unwrap_or(0.8),
+        top_k: a.top_k.or(g.top_k).unwrap_or(40),
+        top_p: a.top_p.or(g.top_p).unwrap_or(0.95),
+        min_p: a.min_p,
+        repeat_penalty: a.repeat_penalty.or(g.repetition_penalty).unwrap_or(1.0),
+        repeat_last_n: 64,
+        seed: a.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+        }),
+    };
+    let req = GenerateRequest {
+        prompt_ids,
+        max_tokens: a.max_tokens,
+        sampling,
+        stop: a.stop.clone(),
+        top_logprobs: if a.json { 5 } else { 0 },
+        hidden_for_every_token: false,
+    };
+    let json = a.json;
+    let mut out = std::io::stdout();
+    let gen = generate(&mut model, &req, |step| {
+        if !json {
+            let _ = out.write_all(step.text.as_bytes());
+            let _ = out.flush();
+        }
+        Control::Continue
+    })
+    .context("generation failed")?;
+    let (reasoning, answer) = split_reasoning(&gen.text);
+    if json {
+        let top: Vec<Vec<serde_json::Value>> = gen
+            .top_logprobs
+            .iter()
+            .map(|step| step.iter().map(|(id, lp)| serde_json::json!({"id": id, "logprob": lp})).collect())
+            .collect();
+        let v = serde_json::json!({
+            "prompt_tokens": gen.prompt_tokens,
+            "tokens": gen.tokens,
+            "text": answer,
+            "reasoning": reasoning,
+            "finish_reason": gen.finish_reason,
+            "top_logprobs": top,
+            "timings": {
+                "prompt_seconds": gen.prompt_seconds,
+                "generate_seconds": gen.generate_seconds,
+            },
+        });
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!();
+        eprintln!(
+            "[{} prompt tokens at {:.1} t/s, {} generated at {:.1} t/s, finish: {:?}]",
+            gen.prompt_tokens.len(),
+            gen.prompt_tokens.len() as f64 / gen.prompt_seconds.max(1e-9),
+            gen.tokens.len(),
+            gen.tokens.len() as f64 / gen.generate_seconds.max(1e-9),
+            gen.finish_reason
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,271 @@
+//! The decoder's hyper-parameters, read from an HF `config.json` or from GGUF metadata.
+//! One struct for every supported architecture; the differences between them are flags
+//! (spec §1), not separate model types.
+
+use crate::error::{Error, InFile, Result};
+use serde::Deserialize;
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Llama,
+    Qwen2,
+    Qwen3,
+}
+
+impl Arch {
+    pub fn parse(name: &str) -> Option<Arch> {
+        match name {
+            "llama" => Some(Arch::Llama),
+            "qwen2" => Some(Arch::Qwen2),
+            "qwen3" => Some(Arch::Qwen3),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub enum RopeScaling {
+    None,
+    /// Llama 3.x frequency-dependent scaling, as transformers' `_compute_llama3_parameters`.
+    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position: f32 },
+    /// Per-frequency divisors, as llama.cpp stores them in a `rope_freqs.weight` tensor.
+    Divisors(Vec<f32>),
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f32,
+    pub rope_scaling: RopeScaling,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Bias on q/k/v projections (qwen2, or `attention_bias` in llama/qwen3 configs).
+    pub qkv_bias: bool,
+    /// Per-head RMSNorm on q and k before RoPE (qwen3).
+    pub qk_norm: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl ModelConfig {
+    /// Inverse RoPE frequencies for the "rotate half" layout, computed in f32 the way
+    /// transformers computes them, so positions match the reference bit for bit as far
+    /// as `powf` allows.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let dim = self.head_dim;
+        let base: Vec<f32> = (0..dim / 2)
+            .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f32 / dim as f32))
+            .collect();
+        match &self.rope_scaling {
+            RopeScaling::None => base,
+            RopeScaling::Divisors(d) => base.iter().zip(d).map(|(f, d)| f / d).collect(),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
+                let low_wavelen = original_max_position / low_freq_factor;
+                let high_wavelen = original_max_position / high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f32::consts::PI / f;
+                        let scaled = if wavelen > low_wavelen { f / factor } else { f };
+                        let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                        if medium {
+                            let smooth = (original_max_position / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * scaled / factor + smooth * scaled
+                        } else {
+                            scaled
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Checks the invariants the decoder relies on, so a bad file fails here with the
+    /// field named instead of deep inside a matmul.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |what: String| Err(Error::format(path, what));
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+        ] {
+            if v == 0 {
+                return bad(format!("field `{name}` must be positive, got 0"));
+            }
+            // Bounds well above any real model; they keep an edited header from sizing
+            // an allocation.
+            if v > (1 << 24) {
+                return bad(format!("field `{name}` = {v} is implausibly large"));
+            }
+        }
+        if self.num_layers > 1024 {
+            return bad(format!("field `num_hidden_layers` = {} is implausibly large", self.num_layers));
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return bad(format!(
+                "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return bad(format!("head_dim must be even for RoPE, got {}", self.head_dim));
+        }
+        if let RopeScaling::Divisors(d) = &self.rope_scaling {
+            if d.len() != self.head_dim / 2 {
+                return bad(format!("rope_freqs has {} entries, expected head_dim/2 = {}", d.len(), self.head_dim / 2));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn from_hf_file(path: &Path) -> Result<ModelConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_hf_json(&text, path)
+    }
+
+    pub fn from_hf_json(text: &str, path: &Path) -> Result<ModelConfig> {
+        let raw: HfConfig = serde_json::from_str(text).in_file(path)?;
+        let arch = Arch::parse(&raw.model_type).ok_or_else(|| {
+            Error::format(
+                path,
+                format!("unsupported model_type `{}` (expected llama, qwen2 or qwen3)", raw.model_type),
+            )
+        })?;
+        let need = |v: Option<usize>, name: &str| {
+            v.ok_or_else(|| Error::format(path, format!("missing field `{name}`")))
+        };
+        let hidden_size = need(raw.hidden_size, "hidden_size")?;
+        let num_heads = need(raw.num_attention_heads, "num_attention_heads")?;
+        if num_heads == 0 {
+            return Err(Error::format(path, "field `num_attention_heads` must be positive, got 0"));
+        }
+        let rope = raw.rope_scaling.as_ref().or(raw.rope_parameters.as_ref());
+        let rope_theta = raw
+            .rope_theta
+            .or_else(|| raw.rope_parameters.as_ref().and_then(|p| p.rope_theta))
+            .unwrap_or(10_000.0) as f32;
+        let rope_scaling = match rope.and_then(|r| r.kind()) {
+            None | Some("default") => RopeScaling::None,
+            Some("llama3") => {
+                let r = rope.unwrap();
+                let f = |v: Option<f64>, name: &str| {
+                    v.map(|x| x as f32)
+                        .ok_or_else(|| Error::format(path, format!("rope_scaling: missing field `{name}`")))
+                };
+                RopeScaling::Llama3 {
+                    factor: f(r.factor, "factor")?,
+                    low_freq_factor: f(r.low_freq_factor, "low_freq_factor")?,
+                    high_freq_factor: f(r.high_freq_factor, "high_freq_factor")?,
+                    original_max_position: f(
+                        r.original_max_position_embeddings.map(|v| v as f64),
+                        "original_max_position_embeddings",
+                    )?,
+                }
+            }
+            Some(other) => {
+                return Err(Error::format(
+                    path,
+                    format!("rope_scaling type `{other}` is not supported (expected llama3 or none)"),
+                ))
+            }
+        };
+        let eos_token_ids = match raw.eos_token_id {
+            None => vec![],
+            Some(OneOrMany::One(v)) => vec![v],
+            Some(OneOrMany::Many(v)) => v,
+        };
+        let cfg = ModelConfig {
+            arch,
+            vocab_size: need(raw.vocab_size, "vocab_size")?,
+            hidden_size,
+            intermediate_size: need(raw.intermediate_size, "intermediate_size")?,
+            num_layers: need(raw.num_hidden_layers, "num_hidden_layers")?,
+            num_heads,
+            num_kv_heads: raw.num_key_value_heads.unwrap_or(num_heads),
+            head_dim: raw.head_dim.unwrap_or(hidden_size / num_heads),
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            qkv_bias: arch == Arch::Qwen2 || raw.attention_bias.unwrap_or(false),
+            qk_norm: arch == Arch::Qwen3,
+            bos_token_id: raw.bos_token_id,
+            eos_token_ids,
+        };
+        if raw.mlp_bias.unwrap_or(false) {
+            return Err(Error::format(path, "mlp_bias = true is not supported"));
+        }
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+#[derive(Deserialize)]
+struct HfRope {
+    rope_type: Option<String>,
+    #[serde(rename = "type")]
+    type_: Option<String>,
+    rope_theta: Option<f64>,
+    factor: Option<f64>,
+    low_freq_factor: Option<f64>,
+    high_freq_factor: Option<f64>,
+    original_max_position_embeddings: Option<usize>,
+}
+
+impl HfRope {
+    fn kind(&self) -> Option<&str> {
+        self.rope_type.as_deref().or(self.type_.as_deref())
+    }
+}
+
+#[derive(Deserialize)]
+struct HfConfig {
+    model_type: String,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<HfRope>,
+    rope_parameters: Option<HfRope>,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<OneOrMany>,
+}

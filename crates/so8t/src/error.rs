@@ -1,0 +1,49 @@
+//! One error type for the library. Every variant that comes from reading a file names
+//! the file and what was wrong with it, so the CLI can print a single useful line.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file exists but its content is not what we expected (bad header, wrong shape,
+    /// missing field, unsupported value).
+    #[error("{}: {what}", path.display())]
+    Format { path: PathBuf, what: String },
+
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A request that cannot be served (bad argument, unknown option value).
+    #[error("{0}")]
+    Invalid(String),
+
+    #[error("tensor op: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn format(path: impl AsRef<Path>, what: impl Into<String>) -> Self {
+        Error::Format { path: path.as_ref().to_path_buf(), what: what.into() }
+    }
+
+    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        Error::Io { path: path.as_ref().to_path_buf(), source }
+    }
+}
+
+/// Attaches a file to a lower-level error (candle, safetensors, serde).
+pub(crate) trait InFile<T> {
+    fn in_file(self, path: &Path) -> Result<T>;
+}
+
+impl<T, E: std::fmt::Display> InFile<T> for std::result::Result<T, E> {
+    fn in_file(self, path: &Path) -> Result<T> {
+        self.map_err(|e| Error::format(path, e.to_string()))
+    }
+}

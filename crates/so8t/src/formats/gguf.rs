@@ -1,0 +1,344 @@
+//! GGUF files (v2, v3) of arch `llama`, `qwen2`, `qwen3`: metadata, tensors in any ggml type
+//! candle reads, mapped to HF names and layouts.
+
+use super::{shape_error, Embedding, Matrix, WeightStore};
+use crate::config::{Arch, ModelConfig, RopeScaling};
+use crate::error::{Error, Result};
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{QMatMul, QStorage, QTensor};
+use candle_core::{Device, Tensor};
+use memmap2::Mmap;
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub struct GgufFile {
+    pub path: PathBuf,
+    mmap: Mmap,
+    pub content: Content,
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<GgufFile> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: read-only mapping; the file is assumed not to change while loaded.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        // candle's reader bounds every count and length by the bytes left in the file
+        // before allocating for it.
+        let content = Content::read(&mut Cursor::new(&mmap[..]))
+            .map_err(|e| Error::format(path, format!("not a valid GGUF file: {e}")))?;
+        let g = GgufFile { path: path.to_path_buf(), mmap, content };
+        g.check_tensor_bounds()?;
+        Ok(g)
+    }
+
+    /// Every tensor must lie inside the file; checked up front so that a truncated file
+    /// fails at open with the tensor named.
+    fn check_tensor_bounds(&self) -> Result<()> {
+        let len = self.mmap.len() as u64;
+        for (name, info) in &self.content.tensor_infos {
+            let elems = info.shape.elem_count();
+            let bs = info.ggml_dtype.block_size();
+            if elems % bs != 0 {
+                return Err(Error::format(&self.path, format!("tensor `{name}`: {elems} elements is not a multiple of the {:?} block size {bs}", info.ggml_dtype)));
+            }
+            let size = (elems / bs) as u64 * info.ggml_dtype.type_size() as u64;
+            let start = self.content.tensor_data_offset.saturating_add(info.offset);
+            if start.saturating_add(size) > len {
+                return Err(Error::format(
+                    &self.path,
+                    format!("tensor `{name}` needs bytes {start}..{} but the file has {len} (truncated?)", start.saturating_add(size)),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    pub fn usize(&self, key: &str) -> Result<usize> {
+        let v = self.get(key).ok_or_else(|| Error::format(&self.path, format!("missing metadata key `{key}`")))?;
+        value_usize(v).ok_or_else(|| Error::format(&self.path, format!("metadata `{key}` must be a non-negative integer")))
+    }
+
+    pub fn opt_usize(&self, key: &str) -> Option<usize> {
+        self.get(key).and_then(value_usize)
+    }
+
+    pub fn opt_f64(&self, key: &str) -> Option<f64> {
+        match self.get(key)? {
+            Value::F32(v) => Some(*v as f64),
+            Value::F64(v) => Some(*v),
+            v => value_usize(v).map(|x| x as f64),
+        }
+    }
+
+    pub fn opt_str(&self, key: &str) -> Option<&str> {
+        match self.get(key)? {
+            Value::String(s) => Some(s.as_str()),
+            _ => None,
+        }
+    }
+
+    pub fn opt_bool(&self, key: &str) -> Option<bool> {
+        match self.get(key)? {
+            Value::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+
+    pub fn str_array(&self, key: &str) -> Result<Vec<&str>> {
+        let bad = || Error::format(&self.path, format!("metadata `{key}` must be an array of strings"));
+        match self.get(key) {
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s.as_str()),
+                    _ => Err(bad()),
+                })
+                .collect(),
+            Some(_) => Err(bad()),
+            None => Err(Error::format(&self.path, format!("missing metadata key `{key}`"))),
+        }
+    }
+
+    pub fn f32_array(&self, key: &str) -> Option<Vec<f32>> {
+        match self.get(key)? {
+            Value::Array(items) => items.iter().map(|v| if let Value::F32(x) = v { Some(*x) } else { None }).collect(),
+            _ => None,
+        }
+    }
+
+    pub fn i32_array(&self, key: &str) -> Option<Vec<i32>> {
+        match self.get(key)? {
+            Value::Array(items) => items.iter().map(|v| value_usize(v).map(|x| x as i32)).collect(),
+            _ => None,
+        }
+    }
+
+    pub fn architecture(&self) -> Result<Arch> {
+        let name = self
+            .opt_str("general.architecture")
+            .ok_or_else(|| Error::format(&self.path, "missing metadata key `general.architecture`"))?;
+        Arch::parse(name).ok_or_else(|| {
+            Error::format(&self.path, format!("unsupported general.architecture `{name}` (expected llama, qwen2 or qwen3)"))
+        })
+    }
+
+    pub fn tensor_shape(&self, name: &str) -> Option<&[usize]> {
+        self.content.tensor_infos.get(name).map(|i| i.shape.dims())
+    }
+
+    pub fn qtensor(&self, name: &str) -> Result<QTensor> {
+        self.content
+            .tensor(&mut Cursor::new(&self.mmap[..]), name, &Device::Cpu)
+            .map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {e}")))
+    }
+
+    pub fn config(&self) -> Result<ModelConfig> {
+        let arch = self.architecture()?;
+        let a = arch.name();
+        let hidden = self.usize(&format!("{a}.embedding_length"))?;
+        let heads = self.usize(&format!("{a}.attention.head_count"))?;
+        if heads == 0 {
+            return Err(Error::format(&self.path, format!("metadata `{a}.attention.head_count` must be positive")));
+        }
+        let embd = self
+            .tensor_shape("token_embd.weight")
+            .ok_or_else(|| Error::format(&self.path, "missing tensor `token_embd.weight`"))?;
+        let vocab = embd[0];
+        let head_dim = self.opt_usize(&format!("{a}.attention.key_length")).unwrap_or(hidden / heads);
+        let rope_scaling = if self.content.tensor_infos.contains_key("rope_freqs.weight") {
+            let t = self.qtensor("rope_freqs.weight")?.dequantize(&Device::Cpu)?;
+            RopeScaling::Divisors(t.flatten_all()?.to_vec1::<f32>()?)
+        } else {
+            RopeScaling::None
+        };
+        let mut eos = Vec::new();
+        for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+            if let Some(id) = self.opt_usize(key) {
+                if !eos.contains(&(id as u32)) {
+                    eos.push(id as u32);
+                }
+            }
+        }
+        let cfg = ModelConfig {
+            arch,
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: self.usize(&format!("{a}.feed_forward_length"))?,
+            num_layers: self.usize(&format!("{a}.block_count"))?,
+            num_heads: heads,
+            num_kv_heads: self.opt_usize(&format!("{a}.attention.head_count_kv")).unwrap_or(heads),
+            head_dim,
+            rms_norm_eps: self.opt_f64(&format!("{a}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-6),
+            rope_theta: self.opt_f64(&format!("{a}.rope.freq_base")).unwrap_or(10_000.0) as f32,
+            rope_scaling,
+            max_position_embeddings: self.opt_usize(&format!("{a}.context_length")).unwrap_or(4096),
+            tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
+            qkv_bias: self.content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+            qk_norm: self.content.tensor_infos.contains_key("blk.0.attn_q_norm.weight"),
+            bos_token_id: self.opt_usize("tokenizer.ggml.bos_token_id").map(|v| v as u32),
+            eos_token_ids: eos,
+        };
+        cfg.validate(&self.path)?;
+        Ok(cfg)
+    }
+}
+
+fn value_usize(v: &Value) -> Option<usize> {
+    match *v {
+        Value::U8(x) => Some(x as usize),
+        Value::U16(x) => Some(x as usize),
+        Value::U32(x) => Some(x as usize),
+        Value::U64(x) => usize::try_from(x).ok(),
+        Value::I8(x) => usize::try_from(x).ok(),
+        Value::I16(x) => usize::try_from(x).ok(),
+        Value::I32(x) => usize::try_from(x).ok(),
+        Value::I64(x) => usize::try_from(x).ok(),
+        _ => None,
+    }
+}
+
+/// HF tensor name → llama.cpp tensor name.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let g = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{kind}"))
+}
+
+/// llama.cpp's converter reorders the rows of each `llama` q/k head from HF's "rotate
+/// half" layout (two halves) to interleaved pairs. This undoes it on the raw rows, which
+/// works for every ggml type because quantisation blocks never cross a row.
+fn unpermute_rows(q: QTensor, n_head: usize, path: &Path, name: &str) -> Result<QTensor> {
+    let (rows, _) = q.shape().dims2()?;
+    if n_head == 0 || rows % n_head != 0 || (rows / n_head) % 2 != 0 {
+        return Err(Error::format(path, format!("tensor `{name}`: {rows} rows cannot be split into {n_head} heads of even size")));
+    }
+    let data = q.data()?;
+    let row_bytes = data.len() / rows;
+    let hd = rows / n_head;
+    let mut out = vec![0u8; data.len()];
+    for h in 0..n_head {
+        for j in 0..2 {
+            for i in 0..hd / 2 {
+                let hf_row = h * hd + j * (hd / 2) + i;
+                let gguf_row = h * hd + i * 2 + j;
+                out[hf_row * row_bytes..(hf_row + 1) * row_bytes]
+                    .copy_from_slice(&data[gguf_row * row_bytes..(gguf_row + 1) * row_bytes]);
+            }
+        }
+    }
+    let storage = QStorage::from_data(Cow::Owned(out), &Device::Cpu, q.dtype())?;
+    Ok(QTensor::new(storage, q.shape().clone())?)
+}
+
+pub struct GgufStore {
+    pub file: Arc<GgufFile>,
+    arch: Arch,
+    n_head: usize,
+    n_kv_head: usize,
+}
+
+impl GgufStore {
+    pub fn new(file: Arc<GgufFile>, config: &ModelConfig) -> GgufStore {
+        GgufStore { file, arch: config.arch, n_head: config.num_heads, n_kv_head: config.num_kv_heads }
+    }
+
+    fn resolve(&self, hf: &str) -> Result<String> {
+        let name = gguf_name(hf).ok_or_else(|| Error::Invalid(format!("no GGUF name for tensor `{hf}`")))?;
+        if !self.file.content.tensor_infos.contains_key(&name) {
+            return Err(Error::format(&self.file.path, format!("missing tensor `{name}`")));
+        }
+        Ok(name)
+    }
+
+    fn load(&self, hf: &str, want: &[usize]) -> Result<QTensor> {
+        let name = self.resolve(hf)?;
+        let got = self.file.tensor_shape(&name).unwrap_or(&[]);
+        if got != want {
+            return Err(shape_error(&self.file.path, &name, want, got));
+        }
+        let q = self.file.qtensor(&name)?;
+        if self.arch == Arch::Llama && hf.ends_with(".weight") {
+            if hf.ends_with("self_attn.q_proj.weight") {
+                return unpermute_rows(q, self.n_head, &self.file.path, &name);
+            }
+            if hf.ends_with("self_attn.k_proj.weight") {
+                return unpermute_rows(q, self.n_kv_head, &self.file.path, &name);
+            }
+        }
+        Ok(q)
+    }
+}
+
+impl WeightStore for GgufStore {
+    fn path(&self) -> &Path {
+        &self.file.path
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        gguf_name(name).is_some_and(|g| self.file.content.tensor_infos.contains_key(&g))
+    }
+
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        Ok(QMatMul::from_qtensor(self.load(name, &[rows, cols])?)?)
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
+        Ok(self.load(name, &[len])?.dequantize(&Device::Cpu)?)
+    }
+
+    fn embedding(&self, name: &str, rows: usize, cols: usize) -> Result<Embedding> {
+        Ok(Embedding::Quant(Arc::new(self.load(name, &[rows, cols])?)))
+    }
+
+    fn dtype_counts(&self) -> Vec<(String, usize)> {
+        let mut m: BTreeMap<String, usize> = BTreeMap::new();
+        for info in self.file.content.tensor_infos.values() {
+            *m.entry(format!("{:?}", info.ggml_dtype)).or_default() += 1;
+        }
+        m.into_iter().collect()
+    }
+
+    fn tensor_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.file.content.tensor_infos.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    fn size(&self) -> (usize, u64) {
+        self.file.content.tensor_infos.values().fold((0, 0), |(p, b), i| {
+            let n = i.shape.elem_count();
+            (p + n, b + (n / i.ggml_dtype.block_size() * i.ggml_dtype.type_size()) as u64)
+        })
+    }
+}

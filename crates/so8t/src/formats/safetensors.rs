@@ -1,0 +1,207 @@
+//! HF checkpoints: `model.safetensors` or shards listed in `model.safetensors.index.json`,
+//! memory-mapped; f32/f16/bf16 and block-scaled FP8 (e4m3) weights, dequantised to f32 one
+//! tensor at a time.
+
+use super::{shape_error, Embedding, Matrix, WeightStore};
+use crate::error::{Error, InFile, Result};
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::tensor::Dtype;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+struct Entry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+pub struct SafetensorsStore {
+    dir: PathBuf,
+    files: Vec<(PathBuf, Mmap)>,
+    entries: HashMap<String, Entry>,
+    /// `quantization_config.weight_block_size` for FP8 checkpoints.
+    fp8_block: Option<(usize, usize)>,
+}
+
+impl SafetensorsStore {
+    /// Opens the weights of an HF directory. `fp8_block` comes from `config.json`.
+    pub fn open(dir: &Path, fp8_block: Option<(usize, usize)>) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let names: Vec<PathBuf> = if single.exists() {
+            vec![single]
+        } else if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            #[derive(serde::Deserialize)]
+            struct Index {
+                weight_map: BTreeMap<String, String>,
+            }
+            let idx: Index = serde_json::from_str(&text).in_file(&index)?;
+            let mut shards: Vec<String> = idx.weight_map.into_values().collect();
+            shards.sort();
+            shards.dedup();
+            for s in &shards {
+                if s.contains('/') || s.contains("..") {
+                    return Err(Error::format(&index, format!("shard name `{s}` is not a plain file name")));
+                }
+            }
+            shards.into_iter().map(|s| dir.join(s)).collect()
+        } else {
+            return Err(Error::format(dir, "no model.safetensors or model.safetensors.index.json"));
+        };
+        Self::open_files(dir, names, fp8_block)
+    }
+
+    pub fn open_files(dir: &Path, names: Vec<PathBuf>, fp8_block: Option<(usize, usize)>) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut entries = HashMap::new();
+        for (i, path) in names.into_iter().enumerate() {
+            let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+            // SAFETY: the file is opened read-only; like every mmap-based loader we assume
+            // nobody truncates it while the model is loaded.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+            // `deserialize` checks the header length against the file and every tensor's
+            // offsets against the data section, before anything is allocated from them.
+            let st = safetensors::SafeTensors::deserialize(&mmap)
+                .map_err(|e| Error::format(&path, format!("not a valid safetensors file: {e}")))?;
+            for (name, view) in st.tensors() {
+                let data = view.data();
+                let start = data.as_ptr() as usize - mmap.as_ptr() as usize;
+                entries.insert(
+                    name,
+                    Entry { file: i, dtype: view.dtype(), shape: view.shape().to_vec(), start, end: start + data.len() },
+                );
+            }
+            files.push((path, mmap));
+        }
+        Ok(SafetensorsStore { dir: dir.to_path_buf(), files, entries, fp8_block })
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry> {
+        self.entries
+            .get(name)
+            .ok_or_else(|| Error::format(&self.dir, format!("tensor `{name}` not found in the safetensors files")))
+    }
+
+    fn file_of(&self, e: &Entry) -> &Path {
+        &self.files[e.file].0
+    }
+
+    /// The tensor as f32 with its stored shape; FP8 weights are multiplied by their
+    /// `_scale_inv` blocks (spec §1).
+    pub fn load_f32(&self, name: &str) -> Result<Tensor> {
+        let e = self.entry(name)?;
+        let path = self.file_of(e);
+        let bytes = &self.files[e.file].1[e.start..e.end];
+        let t = match e.dtype {
+            Dtype::F32 => Tensor::from_raw_buffer(bytes, DType::F32, &e.shape, &Device::Cpu)?,
+            Dtype::F16 => Tensor::from_raw_buffer(bytes, DType::F16, &e.shape, &Device::Cpu)?.to_dtype(DType::F32)?,
+            Dtype::BF16 => Tensor::from_raw_buffer(bytes, DType::BF16, &e.shape, &Device::Cpu)?.to_dtype(DType::F32)?,
+            Dtype::F8_E4M3 => return self.load_fp8(name, e, bytes),
+            other => {
+                return Err(Error::format(path, format!("tensor `{name}` has dtype {other:?}; expected F32, F16, BF16 or F8_E4M3")))
+            }
+        };
+        Ok(t)
+    }
+
+    fn load_fp8(&self, name: &str, e: &Entry, bytes: &[u8]) -> Result<Tensor> {
+        let path = self.file_of(e);
+        let (rows, cols) = match e.shape[..] {
+            [r, c] => (r, c),
+            _ => return Err(Error::format(path, format!("FP8 tensor `{name}` must be 2-D, has shape {:?}", e.shape))),
+        };
+        let (br, bc) = self.fp8_block.ok_or_else(|| {
+            Error::format(path, format!("tensor `{name}` is FP8 but config.json has no quantization_config.weight_block_size"))
+        })?;
+        let scale_name = format!("{name}_scale_inv");
+        let scale = self.load_f32(&scale_name)?;
+        let want = [rows.div_ceil(br), cols.div_ceil(bc)];
+        if scale.dims() != want {
+            return Err(shape_error(self.file_of(self.entry(&scale_name)?), &scale_name, &want, scale.dims()));
+        }
+        let scale = scale.flatten_all()?.to_vec1::<f32>()?;
+        let lut = fp8_e4m3_table();
+        let mut out = Vec::with_capacity(rows * cols);
+        for i in 0..rows {
+            let srow = &scale[(i / br) * want[1]..(i / br + 1) * want[1]];
+            out.extend(bytes[i * cols..(i + 1) * cols].iter().enumerate().map(|(j, &b)| lut[b as usize] * srow[j / bc]));
+        }
+        Ok(Tensor::from_vec(out, (rows, cols), &Device::Cpu)?)
+    }
+
+    fn checked(&self, name: &str, want: &[usize]) -> Result<Tensor> {
+        let e = self.entry(name)?;
+        if e.shape != want {
+            return Err(shape_error(self.file_of(e), name, want, &e.shape));
+        }
+        self.load_f32(name)
+    }
+
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
+    }
+}
+
+/// All 256 e4m3fn values (1 sign, 4 exponent bits with bias 7, 3 mantissa bits, no
+/// infinities, 0x7f/0xff are NaN).
+pub fn fp8_e4m3_table() -> [f32; 256] {
+    let mut t = [0f32; 256];
+    for (b, v) in t.iter_mut().enumerate() {
+        let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+        let exp = ((b >> 3) & 0xf) as i32;
+        let man = (b & 0x7) as f32;
+        *v = if b & 0x7f == 0x7f {
+            f32::NAN
+        } else if exp == 0 {
+            sign * man / 8.0 * 2f32.powi(-6)
+        } else {
+            sign * (1.0 + man / 8.0) * 2f32.powi(exp - 7)
+        };
+    }
+    t
+}
+
+impl WeightStore for SafetensorsStore {
+    fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        Ok(QMatMul::Tensor(self.checked(name, &[rows, cols])?))
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
+        self.checked(name, &[len])
+    }
+
+    fn embedding(&self, name: &str, rows: usize, cols: usize) -> Result<Embedding> {
+        Ok(Embedding::Dense(self.checked(name, &[rows, cols])?))
+    }
+
+    fn dtype_counts(&self) -> Vec<(String, usize)> {
+        let mut m: BTreeMap<String, usize> = BTreeMap::new();
+        for e in self.entries.values() {
+            *m.entry(format!("{:?}", e.dtype)).or_default() += 1;
+        }
+        m.into_iter().collect()
+    }
+
+    fn tensor_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.entries.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    fn size(&self) -> (usize, u64) {
+        self.entries.values().fold((0, 0), |(p, b), e| (p + e.shape.iter().product::<usize>(), b + (e.end - e.start) as u64))
+    }
+}

@@ -1,0 +1,16 @@
+//! SO8T: a runtime for Llama-family language models with SO(8) rotation gates and
+//! triality heads. The modules follow the data: `formats` (files) → `model` (decoder)
+//! → `generate` (tokens out). The contract for the model math is `SO8T_SPEC.md`.
+
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod formats;
+pub mod generate;
+pub mod load;
+pub mod model;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use error::{Error, Result};
+pub use load::Model;

@@ -1,0 +1,141 @@
+//! Opening a model path: an HF directory or a `.gguf` file, into a decoder, its
+//! tokenizer and its generation defaults.
+
+use crate::config::ModelConfig;
+use crate::error::{Error, InFile, Result};
+use crate::formats::gguf::{GgufFile, GgufStore};
+use crate::formats::safetensors::SafetensorsStore;
+use crate::formats::WeightStore;
+use crate::model::Decoder;
+use crate::tokenizer::TextTokenizer;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    Hf,
+    Gguf,
+}
+
+/// Sampling defaults a checkpoint ships (`generation_config.json`).
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+pub struct GenerationDefaults {
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+}
+
+pub struct Model {
+    pub path: PathBuf,
+    pub kind: SourceKind,
+    pub config: ModelConfig,
+    pub decoder: Decoder,
+    pub tokenizer: Option<TextTokenizer>,
+    pub generation: GenerationDefaults,
+    pub weights: Box<dyn WeightStore>,
+}
+
+pub enum Source {
+    Hf { dir: PathBuf, config: ModelConfig, fp8_block: Option<(usize, usize)> },
+    Gguf(Arc<GgufFile>),
+}
+
+/// Reads what a path is without loading tensors.
+pub fn open_source(path: &Path) -> Result<Source> {
+    if !path.exists() {
+        return Err(Error::format(path, "no such file or directory"));
+    }
+    if path.is_dir() {
+        let cfg_path = path.join("config.json");
+        if !cfg_path.exists() {
+            return Err(Error::format(path, "not a model directory: config.json is missing"));
+        }
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let config = ModelConfig::from_hf_json(&text, &cfg_path)?;
+        let fp8_block = fp8_block_size(&text, &cfg_path)?;
+        return Ok(Source::Hf { dir: path.to_path_buf(), config, fp8_block });
+    }
+    Ok(Source::Gguf(Arc::new(GgufFile::open(path)?)))
+}
+
+fn fp8_block_size(config_text: &str, path: &Path) -> Result<Option<(usize, usize)>> {
+    let v: serde_json::Value = serde_json::from_str(config_text).in_file(path)?;
+    let q = &v["quantization_config"];
+    if q.is_null() {
+        return Ok(None);
+    }
+    let method = q["quant_method"].as_str().unwrap_or("");
+    if method != "fp8" {
+        return Err(Error::format(path, format!("quantization_config.quant_method `{method}` is not supported (expected fp8)")));
+    }
+    match q["weight_block_size"].as_array().map(|a| a.iter().map(|x| x.as_u64()).collect::<Vec<_>>()) {
+        Some(b) if b.len() == 2 && b.iter().all(|x| x.is_some_and(|x| x > 0)) => {
+            Ok(Some((b[0].unwrap() as usize, b[1].unwrap() as usize)))
+        }
+        _ => Err(Error::format(path, "quantization_config.weight_block_size must be two positive integers")),
+    }
+}
+
+impl Model {
+    pub fn open(path: &Path) -> Result<Model> {
+        match open_source(path)? {
+            Source::Hf { dir, config, fp8_block } => {
+                let weights = SafetensorsStore::open(&dir, fp8_block)?;
+                let decoder = Decoder::load(config.clone(), &weights)?;
+                let tokenizer = if dir.join("tokenizer.json").exists() {
+                    let t = TextTokenizer::from_hf_dir(&dir, &config.eos_token_ids)?;
+                    t.check_vocab(config.vocab_size, &dir.join("tokenizer.json"))?;
+                    Some(t)
+                } else {
+                    None
+                };
+                let gen_path = dir.join("generation_config.json");
+                let generation = if gen_path.exists() {
+                    let text = std::fs::read_to_string(&gen_path).map_err(|e| Error::io(&gen_path, e))?;
+                    serde_json::from_str(&text).in_file(&gen_path)?
+                } else {
+                    GenerationDefaults::default()
+                };
+                Ok(Model { path: dir, kind: SourceKind::Hf, config, decoder, tokenizer, generation, weights: Box::new(weights) })
+            }
+            Source::Gguf(file) => {
+                let config = file.config()?;
+                let weights = GgufStore::new(file.clone(), &config);
+                let decoder = Decoder::load(config.clone(), &weights)?;
+                let tokenizer = if file.get("tokenizer.ggml.tokens").is_some() {
+                    let t = TextTokenizer::from_gguf(&file)?;
+                    t.check_vocab(config.vocab_size, &file.path)?;
+                    Some(t)
+                } else {
+                    None
+                };
+                Ok(Model {
+                    path: file.path.clone(),
+                    kind: SourceKind::Gguf,
+                    config,
+                    decoder,
+                    tokenizer,
+                    generation: GenerationDefaults::default(),
+                    weights: Box::new(weights),
+                })
+            }
+        }
+    }
+
+    pub fn tokenizer(&self) -> Result<&TextTokenizer> {
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| Error::format(&self.path, "the model has no tokenizer (tokenizer.json or tokenizer.ggml.*); use --prompt-ids"))
+    }
+
+    /// Ids that end generation: the tokenizer's, or the config's when there is none.
+    pub fn eog_ids(&self) -> Vec<u32> {
+        match &self.tokenizer {
+            Some(t) => t.eog.clone(),
+            None => self.config.eos_token_ids.clone(),
+        }
+    }
+}

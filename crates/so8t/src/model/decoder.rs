@@ -1,0 +1,289 @@
+//! One decoder for every supported Llama-family architecture (spec §1):
+//! `embed → L × [x += Attn(RMSNorm(x)); x += MLP(RMSNorm(x))] → RMSNorm → lm_head`.
+//! Architecture differences are the flags in [`ModelConfig`]. Activations are f32.
+
+use super::rotation::BlockRotation;
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::formats::{matmul, Embedding, Matrix, WeightStore};
+use candle_core::{DType, Device, Tensor};
+
+/// The places in a layer where a gate can multiply a vector (spec §4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Site {
+    Q,
+    K,
+    V,
+    O,
+    Mlp,
+}
+
+impl Site {
+    pub const ALL: [Site; 5] = [Site::Q, Site::K, Site::V, Site::O, Site::Mlp];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Site::Q => "q",
+            Site::K => "k",
+            Site::V => "v",
+            Site::O => "o",
+            Site::Mlp => "mlp",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Site> {
+        Site::ALL.into_iter().find(|x| x.name() == s)
+    }
+}
+
+#[derive(Clone, Default, Debug)]
+pub struct LayerGates {
+    pub q: Option<BlockRotation>,
+    pub k: Option<BlockRotation>,
+    pub v: Option<BlockRotation>,
+    pub o: Option<BlockRotation>,
+    pub mlp: Option<BlockRotation>,
+}
+
+impl LayerGates {
+    pub fn slot(&mut self, site: Site) -> &mut Option<BlockRotation> {
+        match site {
+            Site::Q => &mut self.q,
+            Site::K => &mut self.k,
+            Site::V => &mut self.v,
+            Site::O => &mut self.o,
+            Site::Mlp => &mut self.mlp,
+        }
+    }
+}
+
+fn gate(g: &Option<BlockRotation>, x: Tensor) -> candle_core::Result<Tensor> {
+    match g {
+        Some(r) => r.apply(&x),
+        None => Ok(x),
+    }
+}
+
+struct Projection {
+    w: Matrix,
+    b: Option<Tensor>,
+}
+
+impl Projection {
+    fn load(ws: &dyn WeightStore, prefix: &str, rows: usize, cols: usize, bias: bool) -> Result<Self> {
+        let w = ws.matrix(&format!("{prefix}.weight"), rows, cols)?;
+        let b = if bias { Some(ws.vector(&format!("{prefix}.bias"), rows)?) } else { None };
+        Ok(Projection { w, b })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = matmul(&self.w, x)?;
+        match &self.b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    q: Projection,
+    k: Projection,
+    v: Projection,
+    o: Projection,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    ffn_norm: Tensor,
+    gate: Projection,
+    up: Projection,
+    down: Projection,
+}
+
+pub struct Decoder {
+    pub cfg: ModelConfig,
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Matrix,
+    inv_freq: Tensor,
+    cache: Vec<Option<(Tensor, Tensor)>>,
+    pub gates: Vec<LayerGates>,
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
+}
+
+impl Decoder {
+    pub fn load(cfg: ModelConfig, ws: &dyn WeightStore) -> Result<Decoder> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
+        let embed = ws.embedding("model.embed_tokens.weight", cfg.vocab_size, h)?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            let a = format!("{p}.self_attn");
+            let m = format!("{p}.mlp");
+            layers.push(Layer {
+                attn_norm: ws.vector(&format!("{p}.input_layernorm.weight"), h)?,
+                q: Projection::load(ws, &format!("{a}.q_proj"), nh * hd, h, cfg.qkv_bias)?,
+                k: Projection::load(ws, &format!("{a}.k_proj"), nkv * hd, h, cfg.qkv_bias)?,
+                v: Projection::load(ws, &format!("{a}.v_proj"), nkv * hd, h, cfg.qkv_bias)?,
+                o: Projection::load(ws, &format!("{a}.o_proj"), h, nh * hd, false)?,
+                q_norm: if cfg.qk_norm { Some(ws.vector(&format!("{a}.q_norm.weight"), hd)?) } else { None },
+                k_norm: if cfg.qk_norm { Some(ws.vector(&format!("{a}.k_norm.weight"), hd)?) } else { None },
+                ffn_norm: ws.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                gate: Projection::load(ws, &format!("{m}.gate_proj"), cfg.intermediate_size, h, false)?,
+                up: Projection::load(ws, &format!("{m}.up_proj"), cfg.intermediate_size, h, false)?,
+                down: Projection::load(ws, &format!("{m}.down_proj"), h, cfg.intermediate_size, false)?,
+            });
+        }
+        let norm = ws.vector("model.norm.weight", h)?;
+        let lm_head = if cfg.tie_word_embeddings && !ws.contains("lm_head.weight") {
+            embed.as_matrix()?
+        } else {
+            ws.matrix("lm_head.weight", cfg.vocab_size, h)?
+        };
+        let inv_freq = Tensor::new(cfg.rope_inv_freq(), &Device::Cpu)?;
+        Ok(Decoder {
+            cache: vec![None; cfg.num_layers],
+            gates: vec![LayerGates::default(); cfg.num_layers],
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
+    }
+
+    pub fn clear_cache(&mut self) {
+        self.cache.iter_mut().for_each(|c| *c = None);
+    }
+
+    /// Tokens already in the KV cache.
+    pub fn cached_len(&self) -> usize {
+        self.cache[0].as_ref().map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    /// Drops cached positions from `len` on (e.g. to reuse a shared prompt prefix).
+    pub fn truncate_cache(&mut self, len: usize) -> Result<()> {
+        for c in self.cache.iter_mut() {
+            if let Some((k, v)) = c {
+                if len == 0 {
+                    *c = None;
+                } else if k.dim(2)? > len {
+                    *c = Some((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn rope_tables(&self, pos: usize, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let positions = Tensor::arange(pos as u32, (pos + len) as u32, &Device::Cpu)?.to_dtype(DType::F32)?;
+        let freqs = positions.unsqueeze(1)?.broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
+        Ok((freqs.cos()?, freqs.sin()?))
+    }
+
+    /// Runs `ids` at positions `pos..`, appending to the KV cache; returns the final
+    /// normed hidden states `[len, hidden]` (what the LM head and the verdict heads read).
+    pub fn forward_hidden(&mut self, ids: &[u32], pos: usize) -> Result<Tensor> {
+        let s = ids.len();
+        let ids_t = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
+        let mut x = self.embed.forward(&ids_t)?;
+        let (cos, sin) = self.rope_tables(pos, s)?;
+        let mask = if s > 1 { Some(causal_mask(s, pos)?) } else { None };
+        for l in 0..self.layers.len() {
+            let r = x.clone();
+            let h = rms_norm(&x, &self.layers[l].attn_norm, self.cfg.rms_norm_eps)?;
+            let a = self.attention(l, &h, &cos, &sin, mask.as_ref())?;
+            x = (r + a)?;
+            let r = x.clone();
+            let layer = &self.layers[l];
+            let h = rms_norm(&x, &layer.ffn_norm, self.cfg.rms_norm_eps)?;
+            let h = gate(&self.gates[l].mlp, h)?;
+            let g = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
+            let m = layer.down.forward(&(g * layer.up.forward(&h)?)?)?;
+            x = (r + m)?;
+        }
+        let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
+        Ok(x.squeeze(0)?)
+    }
+
+    fn attention(
+        &mut self,
+        l: usize,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, s, _) = h.dims3()?;
+        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let layer = &self.layers[l];
+        let gates = &self.gates[l];
+        let q = gate(&gates.q, layer.q.forward(h)?)?;
+        let k = gate(&gates.k, layer.k.forward(h)?)?;
+        let v = gate(&gates.v, layer.v.forward(h)?)?;
+        let mut q = q.reshape((b, s, nh, hd))?;
+        let mut k = k.reshape((b, s, nkv, hd))?;
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            q = rms_norm(&q, qn, self.cfg.rms_norm_eps)?;
+            k = rms_norm(&k, kn, self.cfg.rms_norm_eps)?;
+        }
+        let q = candle_nn::rotary_emb::rope(&q.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        let v = v.reshape((b, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let (k, v) = match &self.cache[l] {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+            None => (k, v),
+        };
+        self.cache[l] = Some((k.clone(), v.clone()));
+        let rep = nh / nkv;
+        let total = k.dim(2)?;
+        let expand = |t: &Tensor| -> candle_core::Result<Tensor> {
+            if rep == 1 {
+                return Ok(t.clone());
+            }
+            t.unsqueeze(2)?.broadcast_as((b, nkv, rep, total, hd))?.reshape((b, nh, total, hd))
+        };
+        let (k, v) = (expand(&k)?, expand(&v)?);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut att = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(m) = mask {
+            att = att.broadcast_add(m)?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, s, nh * hd))?;
+        let y = gate(&gates.o, y)?;
+        Ok(layer.o.forward(&y)?)
+    }
+
+    /// Logits `[rows, vocab]` for hidden states `[rows, hidden]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(matmul(&self.lm_head, hidden)?)
+    }
+
+    /// Convenience for tests and scoring: logits for every position of `ids` from a
+    /// fresh cache.
+    pub fn forward_all(&mut self, ids: &[u32]) -> Result<Tensor> {
+        self.clear_cache();
+        let h = self.forward_hidden(ids, 0)?;
+        self.logits(&h)
+    }
+
+    pub fn embedding(&self) -> &Embedding {
+        &self.embed
+    }
+}
+
+fn causal_mask(s: usize, pos: usize) -> candle_core::Result<Tensor> {
+    let total = s + pos;
+    let data: Vec<f32> = (0..s)
+        .flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(data, (s, total), &Device::Cpu)
+}
+

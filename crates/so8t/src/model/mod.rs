@@ -1,0 +1,5 @@
+pub mod decoder;
+pub mod rotation;
+
+pub use decoder::{Decoder, Site};
+pub use rotation::BlockRotation;

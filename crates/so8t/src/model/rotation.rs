@@ -1,0 +1,49 @@
+//! Block-diagonal rotations applied to activations: the slot where SO8T gates act
+//! (spec §4). The decoder only knows "multiply each 8-wide block by its matrix"; where the
+//! matrices come from (generators, triality, factors) is the gates module's business.
+
+use candle_core::{Result, Tensor};
+
+pub const BLOCK: usize = 8;
+
+/// `units` 8×8 matrices; unit `u` acts on features `8u..8u+8` of the last dimension,
+/// as a column-vector multiplication `y_u = R_u x_u`.
+#[derive(Clone, Debug)]
+pub struct BlockRotation {
+    /// `[units, 8, 8]`, f32, already transposed for row-vector multiplication (`x Rᵀ`).
+    rt: Tensor,
+    units: usize,
+}
+
+impl BlockRotation {
+    /// `r` is `[units, 8, 8]` with `r[u]` the matrix for block `u`.
+    pub fn new(r: &Tensor) -> Result<Self> {
+        let (units, a, b) = r.dims3()?;
+        if a != BLOCK || b != BLOCK {
+            candle_core::bail!("block rotation must be [units, 8, 8], got {:?}", r.dims())
+        }
+        Ok(BlockRotation { rt: r.transpose(1, 2)?.contiguous()?, units })
+    }
+
+    pub fn units(&self) -> usize {
+        self.units
+    }
+
+    /// The matrices, `[units, 8, 8]`.
+    pub fn matrices(&self) -> Result<Tensor> {
+        self.rt.transpose(1, 2)?.contiguous()
+    }
+
+    /// `x`: `[.., units·8]`.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let width = *dims.last().unwrap_or(&0);
+        if width != self.units * BLOCK {
+            candle_core::bail!("rotation over {} blocks applied to width {width}", self.units)
+        }
+        let lead = x.elem_count() / width;
+        let xs = x.reshape((lead, self.units, BLOCK))?.transpose(0, 1)?.contiguous()?;
+        let ys = xs.matmul(&self.rt)?;
+        ys.transpose(0, 1)?.contiguous()?.reshape(dims)
+    }
+}

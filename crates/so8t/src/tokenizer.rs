@@ -1,0 +1,215 @@
+//! Text ↔ token ids. HF directories bring a `tokenizer.json`; GGUF files carry the
+//! vocabulary in `tokenizer.ggml.*` metadata, from which we rebuild an equivalent
+//! `tokenizers` BPE with llama.cpp's pre-tokenizer regexes, so ids match llama.cpp's.
+
+use crate::error::{Error, Result};
+use crate::formats::gguf::GgufFile;
+use serde_json::{json, Value};
+use std::path::Path;
+
+/// Token texts that llama.cpp treats as end-of-generation whatever their id.
+const EOG_TEXTS: &[&str] = &[
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>", "<|end_of_text|>",
+];
+
+pub struct TextTokenizer {
+    pub inner: tokenizers::Tokenizer,
+    /// Prepend BOS ourselves (GGUF: `tokenizer.ggml.add_bos_token`). HF tokenizers do it
+    /// in their post-processor instead.
+    add_bos: bool,
+    pub bos: Option<u32>,
+    pub bos_text: String,
+    pub eos_text: String,
+    pub chat_template: Option<String>,
+    /// Ids that end generation.
+    pub eog: Vec<u32>,
+}
+
+impl TextTokenizer {
+    /// `add_special`: add BOS (and whatever the tokenizer's post-processor adds). Text
+    /// rendered from a chat template carries its own special tokens, so, as transformers'
+    /// `apply_chat_template` does, it is encoded without.
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, add_special)
+            .map_err(|e| Error::Invalid(format!("tokenizer: cannot encode prompt: {e}")))?;
+        let mut ids = enc.get_ids().to_vec();
+        if add_special && self.add_bos {
+            if let Some(b) = self.bos {
+                if ids.first() != Some(&b) {
+                    ids.insert(0, b);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(|e| Error::Invalid(format!("tokenizer: cannot decode: {e}")))
+    }
+
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The tokenizer must not produce ids the model has no embedding for.
+    pub fn check_vocab(&self, model_vocab: usize, path: &Path) -> Result<()> {
+        let max_id = self.inner.get_vocab(true).values().copied().max().unwrap_or(0) as usize;
+        if max_id >= model_vocab {
+            return Err(Error::format(
+                path,
+                format!("tokenizer has token id {max_id} but the model's vocab_size is {model_vocab} (tokenizer does not match the model)"),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn from_hf_dir(dir: &Path, config_eos: &[u32]) -> Result<TextTokenizer> {
+        let path = dir.join("tokenizer.json");
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| Error::format(&path, format!("cannot load tokenizer: {e}")))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: Value = if cfg_path.exists() {
+            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+            serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, e.to_string()))?
+        } else {
+            Value::Null
+        };
+        let token_str = |key: &str| -> String {
+            match &cfg[key] {
+                Value::String(s) => s.clone(),
+                Value::Object(o) => o.get("content").and_then(|c| c.as_str()).unwrap_or("").to_string(),
+                _ => String::new(),
+            }
+        };
+        let mut chat_template = match &cfg["chat_template"] {
+            Value::String(s) => Some(s.clone()),
+            // A list of named templates: use "default".
+            Value::Array(list) => list
+                .iter()
+                .find(|t| t["name"] == "default")
+                .and_then(|t| t["template"].as_str())
+                .map(str::to_string),
+            _ => None,
+        };
+        let jinja = dir.join("chat_template.jinja");
+        if chat_template.is_none() && jinja.exists() {
+            chat_template = Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
+        }
+        let bos_text = token_str("bos_token");
+        let eos_text = token_str("eos_token");
+        let bos = inner.token_to_id(&bos_text);
+        let mut eog: Vec<u32> = config_eos.to_vec();
+        for t in std::iter::once(eos_text.as_str()).chain(EOG_TEXTS.iter().copied()) {
+            if let Some(id) = inner.token_to_id(t) {
+                if !eog.contains(&id) {
+                    eog.push(id);
+                }
+            }
+        }
+        Ok(TextTokenizer { inner, add_bos: false, bos, bos_text, eos_text, chat_template, eog })
+    }
+
+    pub fn from_gguf(g: &GgufFile) -> Result<TextTokenizer> {
+        let model = g.opt_str("tokenizer.ggml.model").unwrap_or("");
+        if model != "gpt2" {
+            return Err(Error::format(
+                &g.path,
+                format!("tokenizer.ggml.model is `{model}`; only `gpt2` (byte-level BPE) vocabularies are supported"),
+            ));
+        }
+        let tokens = g.str_array("tokenizer.ggml.tokens")?;
+        let merges = g.str_array("tokenizer.ggml.merges")?;
+        let types = g.i32_array("tokenizer.ggml.token_type").unwrap_or_default();
+        if !types.is_empty() && types.len() != tokens.len() {
+            return Err(Error::format(
+                &g.path,
+                format!("tokenizer.ggml.token_type has {} entries but tokenizer.ggml.tokens has {}", types.len(), tokens.len()),
+            ));
+        }
+        let pre = g.opt_str("tokenizer.ggml.pre").unwrap_or("default");
+        let (regexes, ignore_merges, pre_add_bos) = pre_tokenizer(pre).ok_or_else(|| {
+            Error::format(&g.path, format!("tokenizer.ggml.pre `{pre}` is not supported (known: gpt-2, default, llama-bpe, qwen2, smollm)"))
+        })?;
+        let mut vocab = serde_json::Map::with_capacity(tokens.len());
+        let mut added = Vec::new();
+        for (id, t) in tokens.iter().enumerate() {
+            vocab.insert(t.to_string(), json!(id));
+            // 3 = control, 4 = user-defined: matched as whole tokens in text, as llama.cpp
+            // does with special-token parsing on.
+            let ty = types.get(id).copied().unwrap_or(1);
+            if ty == 3 || ty == 4 {
+                added.push(json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                                  "normalized": false, "special": ty == 3}));
+            }
+        }
+        let mut pretok: Vec<Value> = regexes
+            .iter()
+            .map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}))
+            .collect();
+        pretok.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}));
+        let spec = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": pretok},
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                      "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges},
+        });
+        let inner: tokenizers::Tokenizer = serde_json::from_value::<tokenizers::Tokenizer>(spec)
+            .map_err(|e| Error::format(&g.path, format!("cannot build tokenizer from tokenizer.ggml.*: {e}")))?;
+        let id_text = |key: &str| {
+            g.opt_usize(key).and_then(|id| tokens.get(id).map(|t| (id as u32, t.to_string())))
+        };
+        let bos = id_text("tokenizer.ggml.bos_token_id");
+        let eos = id_text("tokenizer.ggml.eos_token_id");
+        let mut eog: Vec<u32> = Vec::new();
+        for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+            if let Some((id, _)) = id_text(key) {
+                eog.push(id);
+            }
+        }
+        for (id, t) in tokens.iter().enumerate() {
+            if EOG_TEXTS.contains(t) && !eog.contains(&(id as u32)) {
+                eog.push(id as u32);
+            }
+        }
+        Ok(TextTokenizer {
+            inner,
+            add_bos: g.opt_bool("tokenizer.ggml.add_bos_token").unwrap_or(pre_add_bos),
+            bos: bos.as_ref().map(|b| b.0),
+            bos_text: bos.map(|b| b.1).unwrap_or_default(),
+            eos_text: eos.map(|b| b.1).unwrap_or_default(),
+            chat_template: g.opt_str("tokenizer.chat_template").map(str::to_string),
+            eog,
+        })
+    }
+}
+
+/// llama.cpp's pre-tokenizer regexes (src/llama-vocab.cpp), by `tokenizer.ggml.pre`:
+/// (regexes applied in sequence, ignore_merges, add_bos default).
+fn pre_tokenizer(pre: &str) -> Option<(Vec<&'static str>, bool, bool)> {
+    const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+    const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    // llama.cpp's "default" BPE pre-tokenizer begins with this, then GPT-2's and two digit rules.
+    const DEFAULT: &str = r"[\p{P}\$\+<=>\^~\|]+";
+    match pre {
+        "gpt-2" | "phi-2" => Some((vec![GPT2], false, false)),
+        "default" => Some((vec![DEFAULT, GPT2, r"\p{N}+", "[0-9][0-9][0-9]"], false, false)),
+        "llama3" | "llama-v3" | "llama-bpe" => Some((vec![LLAMA3], true, true)),
+        "qwen2" | "deepseek-r1-qwen" => Some((vec![QWEN2], false, false)),
+        "smollm" => Some((vec![r"\p{N}", GPT2], false, false)),
+        _ => None,
+    }
+}

@@ -1,0 +1,114 @@
+//! The decoder against transformers (logits, greedy tokens) and against llama.cpp's own
+//! GGUF conversion of the same tiny models. Fixtures: scripts/reference/make_fixtures.py.
+
+mod common;
+use common::*;
+use so8t::Model;
+
+/// Both sides compute in f32; what differs is summation order inside matmuls and
+/// softmax, and f32 RoPE tables computed by different `cos`/`sin`. With logits of order
+/// 1–10 over ≤ 2 layers that is a few 1e-6; 1e-4 (the bound) leaves headroom yet
+/// catches any real mistake (a missed norm weight or bias moves logits by ≥ 1e-2).
+const LOGIT_TOL: f32 = 1e-4;
+
+fn check_against_transformers(name: &str) {
+    let exp = expected(name);
+    let mut model = Model::open(&fixtures().join(name)).unwrap();
+    for (i, ids) in exp.inputs.iter().enumerate() {
+        let logits = model.decoder.forward_all(ids).unwrap();
+        let d = max_abs_diff(&logits, &exp.logits[&format!("logits.{i}")]);
+        assert!(d <= LOGIT_TOL, "{name} input {i}: max |Δlogit| = {d}");
+        assert_eq!(greedy(&mut model, ids, exp.greedy[i].len()), exp.greedy[i], "{name} input {i}: greedy tokens");
+    }
+}
+
+#[test]
+fn llama_matches_transformers() {
+    check_against_transformers("tiny-llama");
+}
+
+#[test]
+fn qwen2_matches_transformers() {
+    check_against_transformers("tiny-qwen2");
+}
+
+#[test]
+fn qwen3_matches_transformers() {
+    check_against_transformers("tiny-qwen3");
+}
+
+#[test]
+fn qwen3_fp8_block_weights_match_transformers() {
+    check_against_transformers("tiny-qwen3-fp8");
+}
+
+fn gguf_path(arch: &str, ty: &str) -> std::path::PathBuf {
+    fixtures().join(format!("tiny-{arch}/model-{ty}.gguf"))
+}
+
+#[test]
+fn gguf_f32_and_f16_give_the_same_greedy_tokens() {
+    for arch in ["llama", "qwen2", "qwen3"] {
+        let exp = expected(&format!("tiny-{arch}"));
+        for ty in ["f32", "f16"] {
+            let mut m = Model::open(&gguf_path(arch, ty)).unwrap();
+            for (i, ids) in exp.inputs.iter().enumerate() {
+                assert_eq!(greedy(&mut m, ids, exp.greedy[i].len()), exp.greedy[i], "{arch} {ty} input {i}");
+            }
+        }
+    }
+}
+
+#[test]
+fn gguf_f32_logits_match_transformers() {
+    // llama.cpp's converter permutes llama q/k rows and renames everything; F32 keeps the
+    // values, so the same tolerance as the safetensors path applies.
+    for arch in ["llama", "qwen2", "qwen3"] {
+        let exp = expected(&format!("tiny-{arch}"));
+        let mut m = Model::open(&gguf_path(arch, "f32")).unwrap();
+        for (i, ids) in exp.inputs.iter().enumerate() {
+            let d = max_abs_diff(&m.decoder.forward_all(ids).unwrap(), &exp.logits[&format!("logits.{i}")]);
+            assert!(d <= LOGIT_TOL, "{arch} f32 gguf input {i}: max |Δlogit| = {d}");
+        }
+    }
+}
+
+#[test]
+fn gguf_q8_0_agrees_on_top1_for_95_percent_of_steps() {
+    for arch in ["llama", "qwen2", "qwen3"] {
+        let exp = expected(&format!("tiny-{arch}"));
+        let mut q8 = Model::open(&gguf_path(arch, "q8_0")).unwrap();
+        let mut f32m = Model::open(&fixtures().join(format!("tiny-{arch}"))).unwrap();
+        let (mut same, mut total) = (0, 0);
+        for (i, ids) in exp.inputs.iter().enumerate() {
+            // Teacher-forced over prompt + reference continuation: every step counts.
+            let seq: Vec<u32> = ids.iter().chain(&exp.greedy[i]).copied().collect();
+            let a = argmax_rows(&mut q8, &seq);
+            let b = argmax_rows(&mut f32m, &seq);
+            same += a.iter().zip(&b).filter(|(x, y)| x == y).count();
+            total += a.len();
+        }
+        let share = same as f64 / total as f64;
+        assert!(share >= 0.95, "{arch} q8_0: top-1 agreement {same}/{total} = {share:.3}");
+    }
+}
+
+#[test]
+fn tokenizers_from_json_and_from_gguf_metadata_agree_with_transformers() {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tokenizer/expected.json")).unwrap()).unwrap();
+    let texts: Vec<String> = serde_json::from_value(meta["texts"].clone()).unwrap();
+    let ids: Vec<Vec<u32>> = serde_json::from_value(meta["ids"].clone()).unwrap();
+    let hf = Model::open(&fixtures().join("tiny-qwen2")).unwrap();
+    let gg = Model::open(&gguf_path("qwen2", "f16")).unwrap();
+    for (t, want) in texts.iter().zip(&ids) {
+        assert_eq!(&hf.tokenizer().unwrap().encode(t, true).unwrap(), want, "tokenizer.json: {t:?}");
+        assert_eq!(&gg.tokenizer().unwrap().encode(t, true).unwrap(), want, "GGUF tokenizer: {t:?}");
+        assert_eq!(&gg.tokenizer().unwrap().decode(want).unwrap(), t);
+    }
+    // Special tokens in text are matched whole, as llama.cpp does with special parsing on.
+    let chat = gg.tokenizer().unwrap().encode("<|im_start|>user\nhi<|im_end|>", true).unwrap();
+    assert_eq!(chat[0], gg.tokenizer().unwrap().inner.token_to_id("<|im_start|>").unwrap());
+    assert_eq!(*chat.last().unwrap(), gg.tokenizer().unwrap().inner.token_to_id("<|im_end|>").unwrap());
+}
+

@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""Builds the tiny reference models and the expected outputs the Rust tests compare to.
+
+Everything here comes from the real peers: the models are HF `transformers` models with
+random weights, their logits and greedy tokens come from transformers' own forward pass,
+and their GGUF versions come from llama.cpp's `convert_hf_to_gguf.py`. Run it with the
+reference venv (see scripts/setup-reference.sh); CI never runs it, it only reads what it
+wrote into fixtures/.
+
+    python scripts/reference/make_fixtures.py --llama-cpp ~/.cache/so8t/llama.cpp
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers, Regex
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+ROOT = Path(__file__).resolve().parents[2]
+OUT = ROOT / "fixtures"
+
+# llama.cpp's qwen2 pre-tokenizer regex; the tiny tokenizer uses it so that the GGUF
+# (which records pre = "qwen2") and tokenizer.json split text the same way.
+QWEN2_REGEX = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def corpus():
+    """Deterministic training text for the tiny BPE: the spec and the safety SOURCES."""
+    texts = []
+    for p in [ROOT.parent / "shared" / "SO8T_SPEC.md", ROOT.parent / "shared" / "data" / "safety" / "raw" / "SOURCES.md"]:
+        if p.exists():
+            texts.append(p.read_text())
+    texts.append("The quick brown fox jumps over the lazy dog. 0123456789 Hello, world! What is the capital of France?")
+    return texts
+
+
+def make_tokenizer(dst: Path):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=448, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    dst.mkdir(parents=True, exist_ok=True)
+    tok.save(str(dst / "tokenizer.json"))
+    (dst / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "chat_template": CHATML, "add_bos_token": False,
+    }, indent=2))
+    return tok
+
+
+def make_config(arch: str, vocab: int, eos: int):
+    common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.1, eos_token_id=eos,
+                  bos_token_id=None, torch_dtype="float32")
+    if arch == "llama":
+        # llama3 rope scaling with a short original context so that it changes frequencies.
+        return LlamaConfig(intermediate_size=128, tie_word_embeddings=True, **common,
+                           rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    if arch == "qwen2":
+        return Qwen2Config(intermediate_size=128, tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, **common)
+    if arch == "qwen3":
+        # explicit head_dim different from hidden/heads, as Qwen3 has; intermediate 192 gives
+        # the FP8 variant a partial second 128-block.
+        return Qwen3Config(intermediate_size=192, head_dim=32, tie_word_embeddings=True,
+                           rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, **common)
+    raise ValueError(arch)
+
+
+def randomise(model, seed):
+    """transformers initialises norms to 1 and biases to 0; random values make the
+    tests see whether each one is applied."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name or "lm_head" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+            else:
+                # Small enough that two layers stay near-linear: a random network with
+                # larger weights amplifies Q8_0 rounding into top-1 flips at flat logits.
+                p.copy_(0.06 * torch.randn(p.shape, generator=g))
+
+
+def greedy(model, ids, n):
+    ids = list(ids)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            t = int(torch.argmax(logits))
+            out.append(t)
+            ids.append(t)
+    return out
+
+
+def record(model, name, inputs, n_greedy=16):
+    tensors = {}
+    meta = {"inputs": [], "greedy": []}
+    with torch.no_grad():
+        for i, ids in enumerate(inputs):
+            logits = model(torch.tensor([ids])).logits[0].float().contiguous()
+            tensors[f"logits.{i}"] = logits
+            meta["inputs"].append(ids)
+            meta["greedy"].append(greedy(model, ids, n_greedy))
+    save_file(tensors, str(OUT / name / "expected.safetensors"))
+    (OUT / name / "expected.json").write_text(json.dumps(meta))
+
+
+def fp8_quantise(w: torch.Tensor, block=128):
+    """Block-wise e4m3 quantisation in the layout Qwen3-4B-Thinking-2507-FP8 ships:
+    weight (float8_e4m3fn) and weight_scale_inv (f32, one per 128×128 block) with
+    W ≈ weight · scale_inv."""
+    rows, cols = w.shape
+    br, bc = -(-rows // block), -(-cols // block)
+    scale = torch.zeros(br, bc)
+    q = torch.zeros_like(w)
+    for i in range(br):
+        for j in range(bc):
+            blk = w[i * block:(i + 1) * block, j * block:(j + 1) * block]
+            s = blk.abs().max().clamp(min=1e-12) / 448.0
+            scale[i, j] = s
+            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = blk / s
+    q8 = q.to(torch.float8_e4m3fn)
+    deq = q8.float() * scale.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+    return q8, scale, deq
+
+
+def make_fp8(src_dir: Path, dst: Path, inputs):
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src_dir, dst, ignore=shutil.ignore_patterns("expected.*", "*.gguf"))
+    model = AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.float32)
+    sd = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    out = {}
+    for k, v in sd.items():
+        is_linear = k.endswith("_proj.weight")
+        if is_linear:
+            q8, scale, deq = fp8_quantise(v)
+            out[k] = q8
+            out[k + "_scale_inv"] = scale
+            sd[k] = deq
+        else:
+            out[k] = v
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    # The reference forward uses the dequantised weights W = fp8 · scale_inv (spec §1) in
+    # transformers' own qwen3 model.
+    model.load_state_dict(sd, strict=False)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    record(model, dst.name, inputs)
+
+
+def to_gguf(llama_cpp: Path, hf_dir: Path, outtype: str):
+    out = hf_dir / f"model-{outtype}.gguf"
+    # The tiny tokenizer is not one llama.cpp knows by hash; tell the converter it is a
+    # qwen2-style BPE, which is what its pre-tokenizer is.
+    code = (
+        "import sys; sys.argv = sys.argv[1:];"
+        f"sys.path.insert(0, {str(llama_cpp / 'gguf-py')!r}); sys.path.insert(0, {str(llama_cpp)!r});"
+        "import convert_hf_to_gguf as c, conversion.base as b; b.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'qwen2';"
+        "c.main()"
+    )
+    subprocess.run([sys.executable, "-c", code, "convert_hf_to_gguf.py", str(hf_dir), "--outtype", outtype, "--outfile", str(out)],
+                   check=True, stdout=subprocess.DEVNULL)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--llama-cpp", type=Path, default=Path.home() / ".cache/so8t/llama.cpp")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    tok_dir = OUT / "tokenizer"
+    tok = make_tokenizer(tok_dir)
+    vocab = tok.get_vocab_size()
+    eos = tok.token_to_id("<|im_end|>")
+    texts = ["What is the capital of France?", "The quick brown fox", "SO(8) rotation gates bake into weights exactly."]
+    (OUT / "tokenizer" / "expected.json").write_text(json.dumps(
+        {"texts": texts, "ids": [tok.encode(t).ids for t in texts]}))
+    g = torch.Generator().manual_seed(1)
+    inputs = [torch.randint(0, vocab - len(SPECIALS), (n,), generator=g).tolist() for n in (7, 12)]
+    inputs.append(tok.encode(texts[0]).ids)
+    for i, arch in enumerate(["llama", "qwen2", "qwen3"]):
+        d = OUT / f"tiny-{arch}"
+        shutil.rmtree(d, ignore_errors=True)
+        torch.manual_seed(100 + i)
+        cfg = make_config(arch, vocab, eos)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        randomise(model, 200 + i)
+        model.eval()
+        model.save_pretrained(d)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tok_dir / f, d / f)
+        record(model, d.name, inputs)
+        for outtype in ("f32", "f16", "q8_0"):
+            to_gguf(args.llama_cpp, d, outtype)
+        print(f"{d.name}: done", file=sys.stderr)
+    make_fp8(OUT / "tiny-qwen3", OUT / "tiny-qwen3-fp8", inputs)
+    print("tiny-qwen3-fp8: done", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
