@@ -6,7 +6,7 @@ set -euo pipefail
 CACHE="${SO8T_CACHE:-$HOME/.cache/so8t}"
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 DEST="$CACHE/llama.cpp"
-if [ -x "$DEST/build/bin/llama-cli" ] && [ -x "$DEST/build/bin/llama-bench" ]; then
+if [ -x "$DEST/build/bin/llama-ref-greedy" ] && [ -x "$DEST/build/bin/llama-bench" ]; then
   echo "llama.cpp: built at $DEST/build/bin"; exit 0
 fi
 command -v cmake >/dev/null || { echo "cmake not found: apt-get install -y cmake" >&2; exit 1; }
@@ -16,7 +16,19 @@ tar xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
 rm -rf "$DEST"; mkdir -p "$CACHE"
 mv "$tmp"/llama_cpp_python-*/vendor/llama.cpp "$DEST"
 rm -rf "$tmp"
-cmake -S "$DEST" -B "$DEST/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
-  -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=ON
-cmake --build "$DEST/build" -j"$(nproc)" --target llama-cli llama-bench llama-quantize llama-server llama-simple llama-tokenize llama-gguf-split
+# Not GGML_NATIVE: these VMs list AMX in /proc/cpuinfo, -march=native then enables
+# ggml's AMX kernels, and batched matmuls die with SIGILL/SIGSEGV (seen here with
+# llama-bench). The flags below are everything else the CPU has (AVX-512 + VNNI + BF16).
+# LLAMA_CPP_NATIVE=1 restores the native build on machines where AMX works.
+if [ "${LLAMA_CPP_NATIVE:-0}" = 1 ]; then
+  cpu_flags=(-DGGML_NATIVE=ON)
+else
+  cpu_flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+             -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON
+             -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+fi
+cmake -S "$DEST" -B "$DEST/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF "${cpu_flags[@]}" \
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=ON
+cmake --build "$DEST/build" -j"$(nproc)" --target llama-cli llama-bench llama-quantize llama-server llama-simple llama-tokenize
+"$(dirname "$0")/llama-ref/build.sh" >/dev/null
 echo "llama.cpp: built at $DEST/build/bin"

@@ -21,8 +21,18 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
 
-    #[error("tensor op: {0}")]
+    #[error("tensor op: {}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
+}
+
+/// candle appends a captured backtrace to its message when RUST_BACKTRACE is set; a
+/// user-facing error is one line.
+pub fn candle_message(e: &candle_core::Error) -> String {
+    let e = match e {
+        candle_core::Error::WithBacktrace { inner, .. } => inner.as_ref(),
+        e => e,
+    };
+    e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -44,6 +54,6 @@ pub(crate) trait InFile<T> {
 
 impl<T, E: std::fmt::Display> InFile<T> for std::result::Result<T, E> {
     fn in_file(self, path: &Path) -> Result<T> {
-        self.map_err(|e| Error::format(path, e.to_string()))
+        self.map_err(|e| Error::format(path, e.to_string().lines().next().unwrap_or_default()))
     }
 }

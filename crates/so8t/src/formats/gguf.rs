@@ -28,7 +28,7 @@ impl GgufFile {
         // candle's reader bounds every count and length by the bytes left in the file
         // before allocating for it.
         let content = Content::read(&mut Cursor::new(&mmap[..]))
-            .map_err(|e| Error::format(path, format!("not a valid GGUF file: {e}")))?;
+            .map_err(|e| Error::format(path, format!("not a valid GGUF file: {}", crate::error::candle_message(&e))))?;
         let g = GgufFile { path: path.to_path_buf(), mmap, content };
         g.check_tensor_bounds()?;
         Ok(g)
@@ -136,7 +136,7 @@ impl GgufFile {
     pub fn qtensor(&self, name: &str) -> Result<QTensor> {
         self.content
             .tensor(&mut Cursor::new(&self.mmap[..]), name, &Device::Cpu)
-            .map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {e}")))
+            .map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {}", crate::error::candle_message(&e))))
     }
 
     pub fn config(&self) -> Result<ModelConfig> {

@@ -1,0 +1,182 @@
+//! Bad input gives one clear error line naming the file and the problem, a non-zero
+//! exit, and never a panic or a huge allocation.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+/// Runs `so8t inspect PATH` under a 1 GiB address-space limit (so an allocation sized by
+/// a corrupt header fails the test instead of passing by luck); returns stderr.
+fn inspect_fails(path: &Path, expect: &[&str]) {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 1048576; exec \"$0\" inspect \"$1\"")
+        .arg(env!("CARGO_BIN_EXE_so8t"))
+        .arg(path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure for {}, got success", path.display());
+    assert_eq!(out.status.code(), Some(1), "exit code; stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one error line expected, got: {err}");
+    for e in expect {
+        assert!(err.contains(e), "stderr should contain {e:?}: {err}");
+    }
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_file() {
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(path, serde_json::to_string(&v).unwrap()).unwrap();
+}
+
+fn tiny_copy(tmp: &tempfile::TempDir) -> PathBuf {
+    let d = tmp.path().join("m");
+    copy_dir(&fixtures().join("tiny-qwen2"), &d);
+    d
+}
+
+#[test]
+fn missing_path() {
+    inspect_fails(Path::new("/nonexistent/model.gguf"), &["/nonexistent/model.gguf", "no such file"]);
+}
+
+#[test]
+fn directory_without_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    inspect_fails(tmp.path(), &["config.json is missing"]);
+}
+
+#[test]
+fn truncated_safetensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tiny_copy(&tmp);
+    let f = d.join("model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len / 2).unwrap();
+    inspect_fails(&d, &["model.safetensors", "not a valid safetensors file"]);
+}
+
+#[test]
+fn safetensors_header_length_past_the_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tiny_copy(&tmp);
+    let f = d.join("model.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    bytes[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+    std::fs::write(&f, bytes).unwrap();
+    inspect_fails(&d, &["model.safetensors", "not a valid safetensors file"]);
+}
+
+#[test]
+fn truncated_gguf() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("t.gguf");
+    let bytes = std::fs::read(fixtures().join("tiny-qwen2/model-f32.gguf")).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() * 3 / 4]).unwrap();
+    inspect_fails(&f, &["t.gguf", "truncated"]);
+}
+
+#[test]
+fn gguf_truncated_inside_the_header() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("h.gguf");
+    let bytes = std::fs::read(fixtures().join("tiny-qwen2/model-f32.gguf")).unwrap();
+    std::fs::write(&f, &bytes[..2000]).unwrap();
+    inspect_fails(&f, &["h.gguf", "not a valid GGUF file"]);
+}
+
+#[test]
+fn gguf_counts_past_the_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("c.gguf");
+    let mut bytes = std::fs::read(fixtures().join("tiny-qwen2/model-f32.gguf")).unwrap();
+    // tensor_count (u64 at 8) and metadata_kv_count (u64 at 16)
+    bytes[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    bytes[16..24].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    std::fs::write(&f, bytes).unwrap();
+    inspect_fails(&f, &["c.gguf", "not a valid GGUF file"]);
+}
+
+#[test]
+fn not_a_gguf_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("x.gguf");
+    std::fs::write(&f, b"this is text, not a model").unwrap();
+    inspect_fails(&f, &["x.gguf", "not a valid GGUF file"]);
+}
+
+#[test]
+fn unknown_model_type() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tiny_copy(&tmp);
+    edit_json(&d.join("config.json"), |v| v["model_type"] = "gpt_neox".into());
+    inspect_fails(&d, &["config.json", "unsupported model_type `gpt_neox`"]);
+}
+
+#[test]
+fn missing_config_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tiny_copy(&tmp);
+    edit_json(&d.join("config.json"), |v| {
+        v.as_object_mut().unwrap().remove("hidden_size");
+    });
+    inspect_fails(&d, &["config.json", "missing field `hidden_size`"]);
+}
+
+#[test]
+fn wrong_tensor_shape() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tiny_copy(&tmp);
+    edit_json(&d.join("config.json"), |v| v["intermediate_size"] = 256.into());
+    inspect_fails(&d, &["tensor `model.layers.0.mlp.gate_proj.weight` has shape [128, 64], expected [256, 64]"]);
+}
+
+#[test]
+fn implausible_config_size_is_refused_before_allocating() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tiny_copy(&tmp);
+    edit_json(&d.join("config.json"), |v| v["num_hidden_layers"] = 1_000_000_000u64.into());
+    inspect_fails(&d, &["config.json", "num_hidden_layers"]);
+}
+
+#[test]
+fn tokenizer_larger_than_the_vocab() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tiny_copy(&tmp);
+    edit_json(&d.join("tokenizer.json"), |v| {
+        v["added_tokens"].as_array_mut().unwrap().push(serde_json::json!({
+            "id": 5000, "content": "<|extra|>", "single_word": false, "lstrip": false, "rstrip": false,
+            "normalized": false, "special": true
+        }));
+    });
+    inspect_fails(&d, &["tokenizer.json", "vocab_size is 448", "tokenizer does not match the model"]);
+}
+
+#[test]
+fn run_with_bad_prompt_ids_is_an_error_not_a_panic() {
+    let out = Command::new(env!("CARGO_BIN_EXE_so8t"))
+        .args(["run", "--model"])
+        .arg(fixtures().join("tiny-qwen2"))
+        .args(["--prompt-ids", "1,2,999999", "-n", "2"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("outside the vocabulary"), "{err}");
+}
