@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <iterator>
 #include <string>
@@ -36,6 +37,14 @@ int main(int argc, char ** argv) {
     cp.n_ctx = n + n_gen + 8;
     cp.n_batch = cp.n_ctx;
     cp.n_threads = cp.n_threads_batch = 2;
+    // LLAMA_REF_PRECISE=1: f32 KV cache and no flash attention, instead of llama.cpp's
+    // defaults (f16 cache, flash attention where available). The tests use the two to
+    // measure how far llama.cpp's own precision settings move its results.
+    if (const char * p = std::getenv("LLAMA_REF_PRECISE"); p && std::string(p) == "1") {
+        cp.type_k = GGML_TYPE_F32;
+        cp.type_v = GGML_TYPE_F32;
+        cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    }
     llama_context * ctx = llama_init_from_model(model, cp);
     const int n_vocab = llama_vocab_n_tokens(vocab);
 

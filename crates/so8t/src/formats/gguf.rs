@@ -5,7 +5,7 @@ use super::{shape_error, Embedding, Matrix, WeightStore};
 use crate::config::{Arch, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::{QMatMul, QStorage, QTensor};
+use candle_core::quantized::{QStorage, QTensor};
 use candle_core::{Device, Tensor};
 use memmap2::Mmap;
 use std::borrow::Cow;
@@ -310,7 +310,7 @@ impl WeightStore for GgufStore {
     }
 
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
-        Ok(QMatMul::from_qtensor(self.load(name, &[rows, cols])?)?)
+        Ok(Matrix::from_qtensor(self.load(name, &[rows, cols])?)?)
     }
 
     fn vector(&self, name: &str, len: usize) -> Result<Tensor> {

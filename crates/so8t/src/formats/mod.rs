@@ -7,12 +7,74 @@ pub mod safetensors;
 
 use crate::error::{Error, Result};
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Module, Tensor};
+use candle_core::{Device, Module, Tensor};
+use so8t_kernels::{QMatrix, QType};
 use std::path::Path;
 use std::sync::Arc;
 
-/// A weight matrix `[out, in]`: dense f32, or ggml-quantised blocks that candle multiplies as they are.
-pub type Matrix = QMatMul;
+/// A weight matrix `[out, in]`.
+#[derive(Clone)]
+pub enum Matrix {
+    /// f32, multiplied by candle's gemm.
+    Dense(Tensor),
+    /// ggml blocks, multiplied by our kernels with ggml's arithmetic.
+    Quant(Arc<QMatrix>),
+    /// ggml types we have no kernel for yet (Q2_K, Q3_K): candle's own.
+    Candle(QMatMul),
+}
+
+impl Matrix {
+    /// A quantised tensor as the best matrix for it.
+    pub fn from_qtensor(q: QTensor) -> candle_core::Result<Matrix> {
+        let ty = ggml_id(q.dtype()).and_then(QType::from_ggml_id);
+        match ty {
+            Some(ty) => {
+                let (rows, cols) = q.shape().dims2()?;
+                let m = QMatrix::new(ty, rows, cols, q.data()?.into_owned()).map_err(candle_core::Error::wrap)?;
+                Ok(Matrix::Quant(Arc::new(m)))
+            }
+            None => Ok(match QMatMul::from_qtensor(q)? {
+                QMatMul::Tensor(t) => Matrix::Dense(t),
+                other => Matrix::Candle(other),
+            }),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Matrix::Dense(w) => x.broadcast_matmul(&w.t()?),
+            Matrix::Candle(m) => m.forward(x),
+            Matrix::Quant(m) => {
+                let mut dims = x.dims().to_vec();
+                let cols = dims.pop().unwrap_or(0);
+                if cols != m.cols() {
+                    candle_core::bail!("matmul: activations have {cols} features, the matrix {}", m.cols())
+                }
+                let n = x.elem_count() / cols.max(1);
+                let xs = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut out = vec![0f32; n * m.rows()];
+                m.matmul(&xs, n, &mut out);
+                dims.push(m.rows());
+                Tensor::from_vec(out, dims, &Device::Cpu)
+            }
+        }
+    }
+}
+
+fn ggml_id(t: candle_core::quantized::GgmlDType) -> Option<u32> {
+    use candle_core::quantized::GgmlDType as G;
+    Some(match t {
+        G::Q4_0 => 2,
+        G::Q4_1 => 3,
+        G::Q5_0 => 6,
+        G::Q5_1 => 7,
+        G::Q8_0 => 8,
+        G::Q4K => 12,
+        G::Q5K => 13,
+        G::Q6K => 14,
+        _ => return None,
+    })
+}
 
 /// A token embedding table; quantised tables stay quantised and only the looked-up rows
 /// are expanded.
@@ -38,10 +100,13 @@ impl Embedding {
 
     /// The same table as an output projection (tied embeddings).
     pub fn as_matrix(&self) -> candle_core::Result<Matrix> {
-        Ok(match self {
-            Embedding::Dense(t) => QMatMul::Tensor(t.clone()),
-            Embedding::Quant(q) => QMatMul::from_arc(q.clone())?,
-        })
+        match self {
+            Embedding::Dense(t) => Ok(Matrix::Dense(t.clone())),
+            Embedding::Quant(q) => {
+                let storage = candle_core::quantized::QStorage::from_data(q.data()?, &Device::Cpu, q.dtype())?;
+                Matrix::from_qtensor(QTensor::new(storage, q.shape().clone())?)
+            }
+        }
     }
 
     pub fn dims(&self) -> Vec<usize> {

@@ -4,7 +4,6 @@
 
 use super::{shape_error, Embedding, Matrix, WeightStore};
 use crate::error::{Error, InFile, Result};
-use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::tensor::Dtype;
@@ -176,7 +175,7 @@ impl WeightStore for SafetensorsStore {
     }
 
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
-        Ok(QMatMul::Tensor(self.checked(name, &[rows, cols])?))
+        Ok(Matrix::Dense(self.checked(name, &[rows, cols])?))
     }
 
     fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
