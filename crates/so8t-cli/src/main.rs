@@ -1,8 +1,10 @@
 //! `so8t`: convert, run, inspect and benchmark SO8T models.
 
 mod bench;
+mod convert;
 mod inspect;
 mod run;
+mod validate;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -25,6 +27,10 @@ enum Command {
     Inspect(inspect::Args),
     /// Measure prompt processing and generation speed, like llama-bench.
     Bench(bench::Args),
+    /// Turn a base model into an SO8T model: rotation gates and triality heads.
+    Convert(convert::Args),
+    /// Check an SO8T directory: rotations, triality, shapes, NaN/Inf, base checksum.
+    Validate(validate::Args),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +47,8 @@ fn main() -> ExitCode {
         Command::Run(a) => run::main(a),
         Command::Inspect(a) => inspect::main(a),
         Command::Bench(a) => bench::main(a),
+        Command::Convert(a) => convert::main(a),
+        Command::Validate(a) => validate::main(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,6 +2,7 @@ use anyhow::{bail, Context, Result};
 use so8t::chat::{split_reasoning, ChatTemplate, Message};
 use so8t::generate::{generate, Control, GenerateRequest};
 use so8t::sampling::SamplingParams;
+use so8t::so8::adapter::Verdict;
 use so8t::Model;
 use std::io::Write;
 use std::path::PathBuf;
@@ -86,11 +87,18 @@ pub fn main(a: Args) -> Result<()> {
         sampling,
         stop: a.stop.clone(),
         top_logprobs: if a.json { 5 } else { 0 },
-        hidden_for_every_token: false,
+        hidden_for_every_token: model.so8t.is_some(),
     };
     let json = a.json;
     let mut out = std::io::stdout();
+    let heads = model.so8t.as_ref().map(|s| s.heads.clone());
+    let mut verdicts = Vec::new();
     let gen = generate(&mut model, &req, |step| {
+        if let (Some(h), Some(hidden)) = (&heads, step.hidden) {
+            if let Ok(v) = h.verdicts(hidden) {
+                verdicts.extend(v);
+            }
+        }
         if !json {
             let _ = out.write_all(step.text.as_bytes());
             let _ = out.flush();
@@ -99,13 +107,35 @@ pub fn main(a: Args) -> Result<()> {
     })
     .context("generation failed")?;
     let (reasoning, answer) = split_reasoning(&gen.text);
+    let so8t = match (&model.so8t, &heads) {
+        (Some(s), Some(h)) => {
+            let prompt = h.verdicts(&gen.prompt_hidden)?[0];
+            let response = Verdict {
+                p_unsafe: verdicts.iter().map(|v| v.p_unsafe).fold(0.0, f32::max),
+                p_escalate: verdicts.iter().map(|v| v.p_escalate).fold(0.0, f32::max),
+            };
+            let t = &s.config.thresholds;
+            // Untrained heads sit at p = 0.5 and decide nothing.
+            let decision = if !s.config.heads_trained {
+                None
+            } else if prompt.p_unsafe.max(response.p_unsafe) >= t.unsafe_ {
+                Some("refuse")
+            } else if prompt.p_escalate.max(response.p_escalate) >= t.escalate {
+                Some("escalate")
+            } else {
+                Some("allow")
+            };
+            Some((prompt, response, decision, s.config.heads_trained))
+        }
+        _ => None,
+    };
     if json {
         let top: Vec<Vec<serde_json::Value>> = gen
             .top_logprobs
             .iter()
             .map(|step| step.iter().map(|(id, lp)| serde_json::json!({"id": id, "logprob": lp})).collect())
             .collect();
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
             "prompt_tokens": gen.prompt_tokens,
             "tokens": gen.tokens,
             "text": answer,
@@ -117,9 +147,29 @@ pub fn main(a: Args) -> Result<()> {
                 "generate_seconds": gen.generate_seconds,
             },
         });
+        if let Some((prompt, response, decision, trained)) = so8t {
+            v["prompt_verdict"] = serde_json::to_value(prompt)?;
+            v["verdicts"] = serde_json::to_value(&verdicts)?;
+            v["response_verdict"] = serde_json::to_value(response)?;
+            v["decision"] = decision.into();
+            v["heads_trained"] = trained.into();
+        }
         println!("{}", serde_json::to_string(&v)?);
     } else {
         println!();
+        if let Some((prompt, response, decision, trained)) = so8t {
+            println!(
+                "[verdict: prompt p_unsafe {:.3} p_escalate {:.3}; response max p_unsafe {:.3} p_escalate {:.3} → {}]",
+                prompt.p_unsafe,
+                prompt.p_escalate,
+                response.p_unsafe,
+                response.p_escalate,
+                match (decision, trained) {
+                    (Some(d), _) => d,
+                    (None, _) => "no decision: heads untrained",
+                }
+            );
+        }
         eprintln!(
             "[{} prompt tokens at {:.1} t/s, {} generated at {:.1} t/s, finish: {:?}]",
             gen.prompt_tokens.len(),

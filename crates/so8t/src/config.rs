@@ -98,6 +98,82 @@ impl ModelConfig {
         }
     }
 
+    /// Every tensor the decoder reads, in HF names and `[out, in]` shapes.
+    pub fn hf_tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, hd, i) = (self.hidden_size, self.head_dim, self.intermediate_size);
+        let (q, kv) = (self.num_heads * hd, self.num_kv_heads * hd);
+        let mut v = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab_size, h])];
+        for l in 0..self.num_layers {
+            let p = format!("model.layers.{l}");
+            v.push((format!("{p}.input_layernorm.weight"), vec![h]));
+            for (n, rows) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+                v.push((format!("{p}.self_attn.{n}.weight"), vec![rows, h]));
+                if self.qkv_bias {
+                    v.push((format!("{p}.self_attn.{n}.bias"), vec![rows]));
+                }
+            }
+            v.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
+            if self.qk_norm {
+                v.push((format!("{p}.self_attn.q_norm.weight"), vec![hd]));
+                v.push((format!("{p}.self_attn.k_norm.weight"), vec![hd]));
+            }
+            v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+            v.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+            v.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+            v.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+        }
+        v.push(("model.norm.weight".to_string(), vec![h]));
+        if !self.tie_word_embeddings {
+            v.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
+        }
+        v
+    }
+
+    /// An HF `config.json` for this model (what `convert` writes for a GGUF base).
+    pub fn to_hf_json(&self) -> Result<serde_json::Value> {
+        let (model_type, class) = match self.arch {
+            Arch::Llama => ("llama", "LlamaForCausalLM"),
+            Arch::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+            Arch::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
+        };
+        let rope_scaling = match &self.rope_scaling {
+            RopeScaling::None => serde_json::Value::Null,
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => serde_json::json!({
+                "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor, "original_max_position_embeddings": *original_max_position as usize,
+            }),
+            RopeScaling::Divisors(_) => {
+                return Err(Error::Invalid(
+                    "this GGUF stores RoPE scaling as per-frequency factors (rope_freqs), which an HF config.json cannot express yet".into(),
+                ))
+            }
+        };
+        let mut v = serde_json::json!({
+            "architectures": [class],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "torch_dtype": "float32",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_ids,
+        });
+        if self.arch != Arch::Qwen2 {
+            v["attention_bias"] = self.qkv_bias.into();
+        }
+        Ok(v)
+    }
+
     /// Checks the invariants the decoder relies on, so a bad file fails here with the
     /// field named instead of deep inside a matmul.
     pub fn validate(&self, path: &Path) -> Result<()> {

@@ -10,6 +10,7 @@ pub mod generate;
 pub mod load;
 pub mod model;
 pub mod sampling;
+pub mod so8;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -7,6 +7,7 @@ use crate::formats::gguf::{GgufFile, GgufStore};
 use crate::formats::safetensors::SafetensorsStore;
 use crate::formats::WeightStore;
 use crate::model::Decoder;
+use crate::so8::adapter::{is_so8t_dir, Adapter, Heads, So8tConfig, ADAPTER_FILE};
 use crate::tokenizer::TextTokenizer;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,13 @@ pub struct Model {
     pub tokenizer: Option<TextTokenizer>,
     pub generation: GenerationDefaults,
     pub weights: Box<dyn WeightStore>,
+    /// Present for an SO8T directory: its config and heads (the gates are in the decoder).
+    pub so8t: Option<So8tState>,
+}
+
+pub struct So8tState {
+    pub config: So8tConfig,
+    pub heads: Heads,
 }
 
 pub enum Source {
@@ -80,7 +88,21 @@ fn fp8_block_size(config_text: &str, path: &Path) -> Result<Option<(usize, usize
 }
 
 impl Model {
+    /// Opens a model; an SO8T directory comes with its gates installed and its heads.
     pub fn open(path: &Path) -> Result<Model> {
+        let mut m = Self::open_base(path)?;
+        if is_so8t_dir(path) {
+            let config = So8tConfig::read(path)?;
+            let adapter = Adapter::read(path)?;
+            adapter.check_shapes(&m.config, &config, &path.join(ADAPTER_FILE))?;
+            adapter.install(&mut m.decoder, &config)?;
+            m.so8t = Some(So8tState { config, heads: adapter.heads });
+        }
+        Ok(m)
+    }
+
+    /// Opens only the base model of a path, ignoring any SO8T adapter beside it.
+    pub fn open_base(path: &Path) -> Result<Model> {
         match open_source(path)? {
             Source::Hf { dir, config, fp8_block } => {
                 let weights = SafetensorsStore::open(&dir, fp8_block)?;
@@ -99,7 +121,7 @@ impl Model {
                 } else {
                     GenerationDefaults::default()
                 };
-                Ok(Model { path: dir, kind: SourceKind::Hf, config, decoder, tokenizer, generation, weights: Box::new(weights) })
+                Ok(Model { path: dir, kind: SourceKind::Hf, config, decoder, tokenizer, generation, weights: Box::new(weights), so8t: None })
             }
             Source::Gguf(file) => {
                 let config = file.config()?;
@@ -120,6 +142,7 @@ impl Model {
                     tokenizer,
                     generation: GenerationDefaults::default(),
                     weights: Box::new(weights),
+                    so8t: None,
                 })
             }
         }

@@ -14,9 +14,6 @@ const EOG_TEXTS: &[&str] = &[
 
 pub struct TextTokenizer {
     pub inner: tokenizers::Tokenizer,
-    /// Prepend BOS ourselves (GGUF: `tokenizer.ggml.add_bos_token`). HF tokenizers do it
-    /// in their post-processor instead.
-    add_bos: bool,
     pub bos: Option<u32>,
     pub bos_text: String,
     pub eos_text: String,
@@ -34,15 +31,7 @@ impl TextTokenizer {
             .inner
             .encode(text, add_special)
             .map_err(|e| Error::Invalid(format!("tokenizer: cannot encode prompt: {e}")))?;
-        let mut ids = enc.get_ids().to_vec();
-        if add_special && self.add_bos {
-            if let Some(b) = self.bos {
-                if ids.first() != Some(&b) {
-                    ids.insert(0, b);
-                }
-            }
-        }
-        Ok(ids)
+        Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
@@ -112,7 +101,7 @@ impl TextTokenizer {
                 }
             }
         }
-        Ok(TextTokenizer { inner, add_bos: false, bos, bos_text, eos_text, chat_template, eog })
+        Ok(TextTokenizer { inner, bos, bos_text, eos_text, chat_template, eog })
     }
 
     pub fn from_gguf(g: &GgufFile) -> Result<TextTokenizer> {
@@ -153,6 +142,20 @@ impl TextTokenizer {
             .map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}))
             .collect();
         pretok.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}));
+        let bos = g.opt_usize("tokenizer.ggml.bos_token_id").and_then(|id| tokens.get(id).map(|t| (id as u32, t.to_string())));
+        let add_bos = g.opt_bool("tokenizer.ggml.add_bos_token").unwrap_or(pre_add_bos);
+        // BOS as transformers adds it, in the post-processor, so that the tokenizer saved
+        // as tokenizer.json (convert) behaves the same.
+        let post = match (&bos, add_bos) {
+            (Some((id, text)), true) => json!({
+                "type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {text.as_str(): {"id": text, "ids": [id], "tokens": [text]}},
+            }),
+            _ => Value::Null,
+        };
         let spec = json!({
             "version": "1.0",
             "truncation": null,
@@ -160,7 +163,7 @@ impl TextTokenizer {
             "added_tokens": added,
             "normalizer": null,
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": pretok},
-            "post_processor": null,
+            "post_processor": post,
             "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
             "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                       "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
@@ -171,7 +174,6 @@ impl TextTokenizer {
         let id_text = |key: &str| {
             g.opt_usize(key).and_then(|id| tokens.get(id).map(|t| (id as u32, t.to_string())))
         };
-        let bos = id_text("tokenizer.ggml.bos_token_id");
         let eos = id_text("tokenizer.ggml.eos_token_id");
         let mut eog: Vec<u32> = Vec::new();
         for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
@@ -186,7 +188,6 @@ impl TextTokenizer {
         }
         Ok(TextTokenizer {
             inner,
-            add_bos: g.opt_bool("tokenizer.ggml.add_bos_token").unwrap_or(pre_add_bos),
             bos: bos.as_ref().map(|b| b.0),
             bos_text: bos.map(|b| b.1).unwrap_or_default(),
             eos_text: eos.map(|b| b.1).unwrap_or_default(),

@@ -321,6 +321,10 @@ impl WeightStore for GgufStore {
         Ok(Embedding::Quant(Arc::new(self.load(name, &[rows, cols])?)))
     }
 
+    fn dense(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        Ok(self.load(name, shape)?.dequantize(&Device::Cpu)?)
+    }
+
     fn dtype_counts(&self) -> Vec<(String, usize)> {
         let mut m: BTreeMap<String, usize> = BTreeMap::new();
         for info in self.file.content.tensor_infos.values() {

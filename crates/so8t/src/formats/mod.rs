@@ -131,6 +131,8 @@ pub trait WeightStore: Send + Sync {
     /// A dense f32 vector of `len` (norm weights, biases).
     fn vector(&self, name: &str, len: usize) -> Result<Tensor>;
     fn embedding(&self, name: &str, rows: usize, cols: usize) -> Result<Embedding>;
+    /// Any tensor as dense f32 with its shape checked (dequantised exactly; HF layout).
+    fn dense(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
     /// Tensor counts by storage type, for `inspect`.
     fn dtype_counts(&self) -> Vec<(String, usize)>;
     fn tensor_names(&self) -> Vec<String>;

@@ -186,6 +186,10 @@ impl WeightStore for SafetensorsStore {
         Ok(Embedding::Dense(self.checked(name, &[rows, cols])?))
     }
 
+    fn dense(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.checked(name, shape)
+    }
+
     fn dtype_counts(&self) -> Vec<(String, usize)> {
         let mut m: BTreeMap<String, usize> = BTreeMap::new();
         for e in self.entries.values() {

@@ -1,0 +1,9 @@
+//! The SO8T additions to a decoder (spec §2–§5): the so(8) algebra, octonion triality,
+//! rotation gates at the five sites, and the triality heads.
+
+pub mod algebra;
+pub mod triality;
+pub mod adapter;
+pub mod gates;
+pub mod convert;
+pub mod validate;

@@ -1,0 +1,167 @@
+//! `validate`: the checks an SO8T directory must pass, each named, so that a failure says
+//! which one.
+
+use super::adapter::{base_checksum, generator_name, is_so8t_dir, Adapter, So8tConfig, ADAPTER_FILE};
+use super::algebra::{det, expm, matvec, orthogonality_error, skew, Mat8, N_GEN};
+use super::gates::SiteShape;
+use super::triality::{family_generator, mul, Family};
+use crate::load::Model;
+use std::path::Path;
+
+/// Spec §2: ‖RᵀR − I‖∞ ≤ 1e-6 for f32 rotations; det within 1e-5 of 1.
+pub const ORTHOGONALITY_TOL: f64 = 1e-6;
+pub const DET_TOL: f64 = 1e-5;
+/// The group identity in f64 on the model's own generators (spec §3 sees 1e-13).
+pub const TRIALITY_TOL: f64 = 1e-9;
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+fn check(name: &'static str, ok: bool, detail: impl Into<String>) -> Check {
+    Check { name, ok, detail: detail.into() }
+}
+
+pub fn validate(path: &Path) -> Vec<Check> {
+    let mut out = Vec::new();
+    let base = Model::open_base(path);
+    match &base {
+        Ok(m) => out.push(check("base_loads", true, format!("{} {} layers, tensor shapes match config.json", m.config.arch.name(), m.config.num_layers))),
+        Err(e) => {
+            out.push(check("base_loads", false, e.to_string()));
+            return out;
+        }
+    }
+    let model_cfg = base.as_ref().unwrap().config.clone();
+    if !is_so8t_dir(path) {
+        out.push(check("so8t", true, "no so8t_config.json: a plain model, nothing SO8T to check"));
+        return out;
+    }
+    let cfg = match So8tConfig::read(path) {
+        Ok(c) => c,
+        Err(e) => {
+            out.push(check("so8t_config", false, e.to_string()));
+            return out;
+        }
+    };
+    out.push(check("so8t_config", true, format!("sites {:?}, {:?}, factors {:?}", cfg.sites, cfg.granularity, cfg.factors)));
+    match base_checksum(path) {
+        Ok(sum) if sum == cfg.base.sha256 => out.push(check("base_checksum", true, sum)),
+        Ok(sum) => out.push(check("base_checksum", false, format!("base files hash to {sum}, so8t_config.json records {} (the base changed)", cfg.base.sha256))),
+        Err(e) => out.push(check("base_checksum", false, e.to_string())),
+    }
+    let adapter = match Adapter::read(path) {
+        Ok(a) => a,
+        Err(e) => {
+            out.push(check("adapter_shapes", false, e.to_string()));
+            return out;
+        }
+    };
+    match adapter.check_shapes(&model_cfg, &cfg, &path.join(ADAPTER_FILE)) {
+        Ok(()) => out.push(check("adapter_shapes", true, format!("{} generator tensors and 2 heads match the base config", adapter.generators.len()))),
+        Err(e) => {
+            out.push(check("adapter_shapes", false, e.to_string()));
+            return out;
+        }
+    }
+    let mut bad = Vec::new();
+    let mut all: Vec<(String, &candle_core::Tensor)> = adapter.generators.iter().map(|(k, v)| (k.clone(), v)).collect();
+    all.extend([
+        ("heads.safety.weight".to_string(), &adapter.heads.safety_w),
+        ("heads.safety.bias".to_string(), &adapter.heads.safety_b),
+        ("heads.authority.weight".to_string(), &adapter.heads.authority_w),
+        ("heads.authority.bias".to_string(), &adapter.heads.authority_b),
+    ]);
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, t) in &all {
+        let v = t.flatten_all().and_then(|t| t.to_vec1::<f32>()).unwrap_or_default();
+        if v.iter().any(|x| !x.is_finite()) {
+            bad.push(name.clone());
+        }
+    }
+    let finite = bad.is_empty();
+    out.push(check("finite", finite, if finite { "no NaN or Inf".to_string() } else { format!("NaN or Inf in {}", bad.join(", ")) }));
+    if !finite {
+        return out;
+    }
+
+    // Rotations as the runtime applies them (f32), per site, factors composed.
+    let (mut worst_orth, mut worst_det, mut where_orth, mut where_det) = (0f64, 0f64, String::new(), String::new());
+    let mut triality_worst = 0f64;
+    for l in 0..model_cfg.num_layers {
+        for &site in &cfg.sites {
+            let shape = match SiteShape::of(&model_cfg, site) {
+                Ok(s) => s,
+                Err(e) => {
+                    out.push(check("orthogonality", false, e.to_string()));
+                    return out;
+                }
+            };
+            let factors: Vec<candle_core::Tensor> = cfg.factors.iter().map(|f| adapter.generators[&generator_name(l, site, f)].clone()).collect();
+            let r = match super::gates::site_rotation(&factors, shape, site, cfg.granularity).and_then(|r| r.matrices()?.to_vec3::<f32>()) {
+                Ok(r) => r,
+                Err(e) => {
+                    out.push(check("orthogonality", false, format!("layer {l} {}: {}", site.name(), crate::error::candle_message(&e))));
+                    return out;
+                }
+            };
+            for (u, m) in r.iter().enumerate() {
+                let m: Mat8 = std::array::from_fn(|i| std::array::from_fn(|j| m[i][j] as f64));
+                let (e, d) = (orthogonality_error(&m), (det(&m) - 1.0).abs());
+                if e > worst_orth {
+                    worst_orth = e;
+                    where_orth = format!("layer {l} site {} unit {u}", site.name());
+                }
+                if d > worst_det {
+                    worst_det = d;
+                    where_det = format!("layer {l} site {} unit {u}", site.name());
+                }
+            }
+            for f in &cfg.factors {
+                let g = adapter.generators[&generator_name(l, site, f)].to_vec2::<f32>().unwrap_or_default();
+                for row in &g {
+                    let row: Vec<f64> = row.iter().map(|&x| x as f64).collect();
+                    triality_worst = triality_worst.max(triality_residual(&row));
+                }
+            }
+        }
+    }
+    out.push(check(
+        "orthogonality",
+        worst_orth <= ORTHOGONALITY_TOL,
+        format!("max ‖RᵀR − I‖∞ = {worst_orth:.2e} (limit {ORTHOGONALITY_TOL:e}){}", if where_orth.is_empty() { String::new() } else { format!(" at {where_orth}") }),
+    ));
+    out.push(check(
+        "determinant",
+        worst_det <= DET_TOL,
+        format!("max |det R − 1| = {worst_det:.2e} (limit {DET_TOL:e}){}", if where_det.is_empty() { String::new() } else { format!(" at {where_det}") }),
+    ));
+    out.push(check("triality", triality_worst <= TRIALITY_TOL, format!("max |ρ_v(xy) − (ρ₊x)(ρ₋y)| = {triality_worst:.2e} over basis pairs (limit {TRIALITY_TOL:e})")));
+    out.push(check("heads", true, if cfg.heads_trained { "trained" } else { "untrained (zero weights: p = 0.5)" }));
+    out
+}
+
+/// max over basis pairs of |ρ_v(e_i e_j) − (ρ₊e_i)(ρ₋e_j)| for one generator, in f64.
+pub fn triality_residual(g: &[f64]) -> f64 {
+    debug_assert_eq!(g.len(), N_GEN);
+    let v = expm(&skew(g));
+    let p = expm(&skew(&family_generator(Family::SpinorPlus, g)));
+    let m = expm(&skew(&family_generator(Family::SpinorMinus, g)));
+    let mut worst: f64 = 0.0;
+    for i in 0..8 {
+        for j in 0..8 {
+            let (mut x, mut y) = ([0.0; 8], [0.0; 8]);
+            x[i] = 1.0;
+            y[j] = 1.0;
+            let lhs = matvec(&v, &mul(&x, &y));
+            let rhs = mul(&matvec(&p, &x), &matvec(&m, &y));
+            for k in 0..8 {
+                worst = worst.max((lhs[k] - rhs[k]).abs());
+            }
+        }
+    }
+    worst
+}
