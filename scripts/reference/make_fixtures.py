@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers, Regex
@@ -189,6 +190,141 @@ def to_gguf(llama_cpp: Path, hf_dir: Path, outtype: str):
                    check=True, stdout=subprocess.DEVNULL)
 
 
+# ---- SO8T gates, implemented independently of the Rust code from SO8T_SPEC.md §2–§5:
+# octonion triality solved with numpy least squares, exp by torch.linalg.matrix_exp, and
+# the gates applied with forward hooks on the transformers model.
+
+TRIPLES = [(1, 2, 3), (1, 4, 5), (1, 7, 6), (2, 4, 6), (2, 5, 7), (3, 4, 7), (3, 6, 5)]
+
+
+def octonion_table():
+    t = np.zeros((8, 8, 8))  # e_i e_j = sum_k t[i, j, k] e_k
+    for i in range(8):
+        t[0, i, i] = t[i, 0, i] = 1
+    for i in range(1, 8):
+        t[i, i, 0] = -1
+    for a, b, c in TRIPLES:
+        for x, y, z in ((a, b, c), (b, c, a), (c, a, b)):
+            t[x, y, z] = 1
+            t[y, x, z] = -1
+    return t
+
+
+def skew(g):
+    a = np.zeros(g.shape[:-1] + (8, 8))
+    k = 0
+    for i in range(8):
+        for j in range(i + 1, 8):
+            a[..., i, j] = g[..., k]
+            a[..., j, i] = -g[..., k]
+            k += 1
+    return a
+
+
+def triality_maps():
+    t = octonion_table()
+    mul = lambda x, y: np.einsum("i,j,ijk->k", x, y, t)
+    e = np.eye(8)
+    gens = skew(np.eye(28))
+    m = np.zeros((512, 56))
+    rhs = np.zeros((512, 28))
+    for i in range(8):
+        for j in range(8):
+            r = slice((i * 8 + j) * 8, (i * 8 + j) * 8 + 8)
+            for n in range(28):
+                m[r, n] = mul(gens[n] @ e[i], e[j])
+                m[r, 28 + n] = mul(e[i], gens[n] @ e[j])
+                rhs[r, n] = gens[n] @ mul(e[i], e[j])
+    x, *_ = np.linalg.lstsq(m, rhs, rcond=None)
+    assert np.abs(m @ x - rhs).max() < 1e-10
+    return x[:28], x[28:]  # sigma_plus, sigma_minus: column n = image of basis generator n
+
+
+def base_checksum(d: Path):
+    import hashlib
+    h = hashlib.sha256()
+    names = sorted(p.name for p in d.iterdir() if p.is_file() and (p.name in ("config.json", "model.safetensors.index.json")
+                   or (p.name.endswith(".safetensors") and not p.name.startswith("so8t_"))))
+    for n in names:
+        h.update(n.encode() + b"\0")
+        h.update((d / n).read_bytes())
+    return h.hexdigest()
+
+
+def make_so8t_reference(base: Path, inputs, seed, scale=0.3):
+    """Random generators at all five sites (shared granularity, factors safe then cmd) and
+    random heads; logits and verdicts recorded from the hooked transformers model."""
+    sp, sm = triality_maps()
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    cfg = model.config
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    g = torch.Generator().manual_seed(seed)
+    factors = ["safe", "cmd"]
+    sites = ["q", "k", "v", "o", "mlp"]
+    tensors = {}
+
+    def site_rotation(layer, site):
+        heads = {"q": cfg.num_attention_heads, "o": cfg.num_attention_heads, "k": cfg.num_key_value_heads,
+                 "v": cfg.num_key_value_heads, "mlp": cfg.hidden_size // 8}[site]
+        bph = 1 if site == "mlp" else hd // 8
+        n_gen = heads if site == "mlp" else bph
+        total = np.tile(np.eye(8), (heads * bph, 1, 1))
+        for f in factors:
+            gens = (torch.rand((n_gen, 28), generator=g) * 2 - 1) * scale
+            tensors[f"layers.{layer}.{site}.{f}.generators"] = gens.float()
+            gd = gens.double().numpy()
+            fam = [gd, gd @ sp.T, gd @ sm.T]  # packed generators of the three families
+            rot = [torch.linalg.matrix_exp(torch.from_numpy(skew(x))).numpy() for x in fam]
+            units = []
+            for u in range(heads * bph):
+                head = u // bph
+                gen = u if site == "mlp" else u % bph
+                units.append(rot[head % 3][gen])
+            total = np.einsum("uij,ujk->uik", np.stack(units), total)  # R_f · R_so_far
+        return torch.from_numpy(total).float()
+
+    def rotate(x, r):
+        shp = x.shape
+        y = torch.einsum("uij,...uj->...ui", r, x.reshape(*shp[:-1], r.shape[0], 8))
+        return y.reshape(shp)
+
+    for l, layer in enumerate(model.model.layers):
+        rs = {s: site_rotation(l, s) for s in sites}
+        at = layer.self_attn
+        for s, mod in (("q", at.q_proj), ("k", at.k_proj), ("v", at.v_proj)):
+            mod.register_forward_hook(lambda m, i, o, r=rs[s]: rotate(o, r))
+        at.o_proj.register_forward_pre_hook(lambda m, i, r=rs["o"]: (rotate(i[0], r),))
+        layer.mlp.register_forward_pre_hook(lambda m, i, r=rs["mlp"]: (rotate(i[0], r),))
+    heads = {}
+    for name in ("safety", "authority"):
+        heads[f"heads.{name}.weight"] = torch.randn((2, cfg.hidden_size), generator=g) * 0.5
+        heads[f"heads.{name}.bias"] = torch.randn((2,), generator=g) * 0.5
+    tensors.update(heads)
+    out = base / "so8t-random"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    save_file(tensors, str(out / "so8t_adapter.safetensors"))
+    (out / "so8t_config.json").write_text(json.dumps({
+        "version": 1,
+        "base": {"architecture": cfg.model_type, "source": base.name, "sha256": base_checksum(base)},
+        "sites": sites, "granularity": "shared", "factors": factors,
+        "labels": {"safety": ["safe", "unsafe"], "authority": ["handle", "escalate"]},
+        "heads_trained": False,
+        "init": {"kind": "random", "seed": seed, "scale": scale},
+        "thresholds": {"unsafe": 0.5, "escalate": 0.5},
+    }, indent=2))
+    exp = {}
+    with torch.no_grad():
+        for i, ids in enumerate(inputs):
+            out_h = model.model(torch.tensor([ids])).last_hidden_state[0]
+            exp[f"logits.{i}"] = model.lm_head(out_h).contiguous()
+            for name, key in (("safety", "p_unsafe"), ("authority", "p_escalate")):
+                p = torch.softmax(out_h @ heads[f"heads.{name}.weight"].T + heads[f"heads.{name}.bias"], -1)[:, 1]
+                exp[f"{key}.{i}"] = p.contiguous()
+    save_file(exp, str(out / "expected.safetensors"))
+    (out / "expected.json").write_text(json.dumps({"inputs": inputs}))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--llama-cpp", type=Path, default=Path.home() / ".cache/so8t/llama.cpp")
@@ -220,6 +356,9 @@ def main():
             to_gguf(args.llama_cpp, d, outtype)
         print(f"{d.name}: done", file=sys.stderr)
     make_fp8(OUT / "tiny-qwen3", OUT / "tiny-qwen3-fp8", inputs)
+    for i, arch in enumerate(["llama", "qwen2", "qwen3"]):
+        make_so8t_reference(OUT / f"tiny-{arch}", inputs, seed=300 + i)
+    print("so8t references: done", file=sys.stderr)
     print("tiny-qwen3-fp8: done", file=sys.stderr)
 
 

@@ -173,6 +173,18 @@ pub fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
+/// The four signed 6-bit values of a Q6_K half-block at offset `l` (0..32): elements
+/// l, l+32, l+64 and l+96 of that 128-wide half.
+#[inline(always)]
+pub fn q6k_quad(ql: &[u8], qh: &[u8], l: usize) -> [i32; 4] {
+    [
+        ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32,
+        ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32,
+        ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32,
+        ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32,
+    ]
+}
+
 /// Exact dequantisation of one row (ggml `dequantize_row_*`).
 pub fn dequantize(ty: QType, row: &[u8], out: &mut [f32]) {
     let ts = ty.type_size();
@@ -231,15 +243,10 @@ pub fn dequantize(ty: QType, row: &[u8], out: &mut [f32]) {
                     let (ql, qh, sc) = (&ql[64 * half..], &qh[32 * half..], &sc[8 * half..]);
                     let y = &mut y[128 * half..];
                     for l in 0..32 {
-                        let is = l / 16;
-                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
-                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-                        y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
-                        y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
-                        y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
-                        y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+                        let q = q6k_quad(ql, qh, l);
+                        for (k, qk) in q.iter().enumerate() {
+                            y[l + 32 * k] = d * (sc[l / 16 + 2 * k] as i8) as f32 * *qk as f32;
+                        }
                     }
                 }
             }

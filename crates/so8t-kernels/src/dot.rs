@@ -2,7 +2,7 @@
 //! inner loops are written plainly and compiled three times (AVX-512, AVX2, baseline) so
 //! that LLVM vectorises them for the CPU found at run time.
 
-use crate::blocks::{f16_at, scale_min_k4, ActRow, Q8Block, Q8KBlock, QType};
+use crate::blocks::{f16_at, q6k_quad, scale_min_k4, ActRow, Q8Block, Q8KBlock, QType};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
@@ -167,15 +167,10 @@ fn dot_q6k(w: &[u8], a: &[Q8KBlock]) -> f32 {
             let q8 = &y.qs[128 * half..128 * half + 128];
             let mut part = [0i32; 8];
             for l in 0..32 {
-                let is = l / 16;
-                let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
-                let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-                part[is] += q1 * q8[l] as i32;
-                part[is + 2] += q2 * q8[l + 32] as i32;
-                part[is + 4] += q3 * q8[l + 64] as i32;
-                part[is + 6] += q4 * q8[l + 96] as i32;
+                let q = q6k_quad(ql, qh, l);
+                for (k, qk) in q.iter().enumerate() {
+                    part[l / 16 + 2 * k] += qk * q8[l + 32 * k] as i32;
+                }
             }
             for k in 0..8 {
                 isum += sc[k] as i8 as i32 * part[k];

@@ -3,6 +3,8 @@
 //! fetched by scripts/fetch-models.sh into ~/.cache/so8t (or $SO8T_CACHE); a test skips,
 //! saying so, only when that fetch is impossible.
 
+mod common;
+use common::real_model;
 use so8t::chat::{ChatTemplate, Message};
 use so8t::sampling::{argmax, top_logprobs};
 use so8t::Model;
@@ -31,44 +33,10 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn model_path(which: &str, file: &str) -> Option<PathBuf> {
-    let cache = std::env::var_os("SO8T_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/so8t"));
-    let path = cache.join(file);
-    if path.exists() {
-        return Some(path);
-    }
-    let out = std::process::Command::new("bash").arg(root().join("scripts/fetch-models.sh")).arg(which).output();
-    match out {
-        Ok(o) if o.status.success() && path.exists() => Some(path),
-        Ok(o) => {
-            eprintln!("SKIPPED: {file} could not be fetched: {}", String::from_utf8_lossy(&o.stderr).trim());
-            None
-        }
-        Err(e) => {
-            eprintln!("SKIPPED: {file} could not be fetched: {e}");
-            None
-        }
-    }
-}
-
-/// Prompt ids and chat rendering must equal llama.cpp's exactly.
-///
-/// Greedy tokens: llama.cpp run with its defaults (f16 KV cache, flash attention) and with
-/// f32 KV and no flash attention parts ways with itself on SmolLM2 after a few steps, at
-/// top-2 gaps up to 0.26, because 8-bit activation rounding amplifies tiny differences
-/// through 30 layers. A fixed 0.02 cannot tell a bug from that noise, so the bound is
-/// measured: the largest gap at which llama.cpp's two runs part on this model, and 0.02
-/// where they never part. Where so8t parts from both llama.cpp runs, the step must be a
-/// near-tie (a gap below that bound) in at least one of the three runs: a real error
-/// parts where every run is sure. We do not cap the other runs' gaps, because llama.cpp's
-/// own two runs already differ by up to 0.49 in the gap at one and the same step on SmolLM2
-/// (printed as "gap spread"). The counts of identical steps are printed for the record.
 fn check_model(which: &str) {
     let fixture: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(root().join(format!("fixtures/llama-cpp/{which}.json"))).unwrap()).unwrap();
-    let Some(path) = model_path(which, fixture["model"].as_str().unwrap()) else { return };
+    let Some(path) = real_model(which, fixture["model"].as_str().unwrap()) else { return };
     let mut model = Model::open(&path).unwrap();
     let eog = model.eog_ids();
     let n_tokens = fixture["n_tokens"].as_u64().unwrap() as usize;

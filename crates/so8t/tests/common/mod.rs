@@ -50,3 +50,27 @@ pub fn argmax_rows(model: &mut so8t::Model, ids: &[u32]) -> Vec<u32> {
     let logits = model.decoder.forward_all(ids).unwrap();
     logits.argmax(1).unwrap().to_vec1::<u32>().unwrap()
 }
+
+/// A real model from the cache, fetched by scripts/fetch-models.sh when missing; None
+/// (after saying SKIPPED and why) only when the fetch is impossible.
+pub fn real_model(which: &str, file: &str) -> Option<PathBuf> {
+    let cache = std::env::var_os("SO8T_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/so8t"));
+    let path = cache.join(file);
+    if path.exists() {
+        return Some(path);
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-models.sh");
+    match std::process::Command::new("bash").arg(script).arg(which).output() {
+        Ok(o) if o.status.success() && path.exists() => Some(path),
+        Ok(o) => {
+            eprintln!("SKIPPED: {file} could not be fetched: {}", String::from_utf8_lossy(&o.stderr).trim());
+            None
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: {file} could not be fetched: {e}");
+            None
+        }
+    }
+}

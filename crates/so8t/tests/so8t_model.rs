@@ -1,0 +1,181 @@
+//! SO8T models (spec §4–§5, §7): a zero-init conversion computes exactly what its base
+//! computes, random gates change it (and their order matters), and the gates and heads
+//! agree with an independent PyTorch implementation on top of transformers.
+
+mod common;
+use candle_core::{Device, Tensor};
+use common::*;
+use so8t::model::Site;
+use so8t::so8::adapter::{Adapter, So8tConfig, ADAPTER_FILE, CONFIG_FILE};
+use so8t::so8::convert::{convert, ConvertOptions, Init};
+use so8t::so8::validate::validate;
+use so8t::Model;
+use std::path::{Path, PathBuf};
+
+const ARCHS: [&str; 3] = ["llama", "qwen2", "qwen3"];
+
+fn converted(arch: &str, tmp: &tempfile::TempDir, opts: &ConvertOptions) -> PathBuf {
+    let out = tmp.path().join(format!("{arch}-so8t"));
+    convert(&fixtures().join(format!("tiny-{arch}")), &out, opts).unwrap();
+    out
+}
+
+fn random(seed: u64) -> ConvertOptions {
+    ConvertOptions { init: Init::Random { seed, scale: 0.3 }, ..Default::default() }
+}
+
+fn logits(path: &Path, ids: &[u32]) -> Tensor {
+    Model::open(path).unwrap().decoder.forward_all(ids).unwrap()
+}
+
+#[test]
+fn zero_init_is_bit_identical_to_the_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    for arch in ARCHS {
+        let dir = converted(arch, &tmp, &ConvertOptions::default());
+        let m = Model::open(&dir).unwrap();
+        assert!(m.so8t.is_some() && m.decoder.gates[0].q.is_some(), "{arch}: gates installed");
+        for ids in expected(&format!("tiny-{arch}")).inputs {
+            let a = logits(&dir, &ids).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = logits(&fixtures().join(format!("tiny-{arch}")), &ids).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{arch}: zero-init logits differ from the base");
+        }
+    }
+}
+
+#[test]
+fn random_gates_change_the_output_and_their_order_matters() {
+    let tmp = tempfile::tempdir().unwrap();
+    for arch in ARCHS {
+        let ids = &expected(&format!("tiny-{arch}")).inputs[1];
+        let base = logits(&fixtures().join(format!("tiny-{arch}")), ids);
+        let dir = converted(arch, &tmp, &random(7));
+        let gated = logits(&dir, ids);
+        assert!(max_abs_diff(&base, &gated) > 1e-2, "{arch}: random gates must change the logits");
+
+        // Same generators, factors applied in the other order: R = R_safe · R_cmd.
+        let mut cfg = So8tConfig::read(&dir).unwrap();
+        cfg.factors.reverse();
+        std::fs::write(dir.join(CONFIG_FILE), serde_json::to_string(&cfg).unwrap()).unwrap();
+        let swapped = logits(&dir, ids);
+        assert!(max_abs_diff(&gated, &swapped) > 1e-3, "{arch}: SO(8) is not commutative; swapping factors must change the output");
+    }
+}
+
+fn install_reference(arch: &str, tmp: &tempfile::TempDir) -> PathBuf {
+    let base = fixtures().join(format!("tiny-{arch}"));
+    let dir = tmp.path().join(format!("{arch}-ref"));
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(&base).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() && !p.to_string_lossy().ends_with(".gguf") {
+            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    for f in [ADAPTER_FILE, CONFIG_FILE] {
+        std::fs::copy(base.join("so8t-random").join(f), dir.join(f)).unwrap();
+    }
+    dir
+}
+
+/// Reference: scripts/reference/make_fixtures.py, `make_so8t_reference` (σ± by numpy
+/// least squares, exp by torch.linalg.matrix_exp, gates as forward hooks). Both sides are
+/// f32 models with f32-rounded rotations; 1e-4 on logits as for the plain decoder, and
+/// 1e-5 on probabilities in [0, 1].
+#[test]
+fn gates_and_heads_match_the_pytorch_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    for arch in ARCHS {
+        let dir = install_reference(arch, &tmp);
+        let refdir = fixtures().join(format!("tiny-{arch}/so8t-random"));
+        let exp = candle_core::safetensors::load(refdir.join("expected.safetensors"), &Device::Cpu).unwrap();
+        let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(refdir.join("expected.json")).unwrap()).unwrap();
+        let inputs: Vec<Vec<u32>> = serde_json::from_value(meta["inputs"].clone()).unwrap();
+        let mut m = Model::open(&dir).unwrap();
+        let heads = m.so8t.as_ref().unwrap().heads.clone();
+        for (i, ids) in inputs.iter().enumerate() {
+            m.decoder.clear_cache();
+            let hidden = m.decoder.forward_hidden(ids, 0).unwrap();
+            let d = max_abs_diff(&m.decoder.logits(&hidden).unwrap(), &exp[&format!("logits.{i}")]);
+            assert!(d <= 1e-4, "{arch} input {i}: max |Δlogit| = {d}");
+            let v = heads.verdicts(&hidden).unwrap();
+            let pu = exp[&format!("p_unsafe.{i}")].to_vec1::<f32>().unwrap();
+            let pe = exp[&format!("p_escalate.{i}")].to_vec1::<f32>().unwrap();
+            for (k, vk) in v.iter().enumerate() {
+                assert!((vk.p_unsafe - pu[k]).abs() <= 1e-5 && (vk.p_escalate - pe[k]).abs() <= 1e-5, "{arch} input {i} pos {k}: verdicts");
+            }
+        }
+        let bad: Vec<_> = validate(&dir).into_iter().filter(|c| !c.ok).collect();
+        assert!(bad.is_empty(), "{arch}: the reference adapter validates: {bad:?}");
+    }
+}
+
+fn failed_checks(dir: &Path) -> Vec<&'static str> {
+    validate(dir).into_iter().filter(|c| !c.ok).map(|c| c.name).collect()
+}
+
+fn edit_adapter(dir: &Path, f: impl FnOnce(&mut Adapter)) {
+    let mut a = Adapter::read(dir).unwrap();
+    f(&mut a);
+    a.write(&dir.join(ADAPTER_FILE)).unwrap();
+}
+
+#[test]
+fn validate_passes_a_fresh_conversion_and_catches_each_defect() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = converted("qwen2", &tmp, &random(3));
+    assert!(failed_checks(&dir).is_empty(), "{:?}", validate(&dir));
+    let name = "layers.1.k.cmd.generators";
+
+    // The adapter stores generators, so a hand-written "rotation" that is not one can only
+    // arise numerically: a generator so large (1e12 → 44 squarings) that exp breaks down.
+    edit_adapter(&dir, |a| {
+        let g = a.generators[name].clone();
+        a.generators.insert(name.into(), ((g * 0.0).unwrap() + 1.0e12).unwrap());
+    });
+    let failed = failed_checks(&dir);
+    assert!(failed.contains(&"orthogonality"), "{:?}", validate(&dir));
+
+    edit_adapter(&dir, |a| {
+        a.generators.insert(name.into(), Tensor::zeros((3, 28), candle_core::DType::F32, &Device::Cpu).unwrap());
+    });
+    assert_eq!(failed_checks(&dir), vec!["adapter_shapes"]);
+
+    edit_adapter(&dir, |a| {
+        let mut v = vec![0f32; 2 * 28];
+        v[5] = f32::NAN;
+        a.generators.insert(name.into(), Tensor::from_vec(v, (2, 28), &Device::Cpu).unwrap());
+    });
+    assert_eq!(failed_checks(&dir), vec!["finite"]);
+
+    let dir = converted("qwen3", &tmp, &random(4));
+    let mut text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    text.push('\n');
+    std::fs::write(dir.join("config.json"), text).unwrap();
+    assert_eq!(failed_checks(&dir), vec!["base_checksum"]);
+}
+
+#[test]
+fn convert_options_are_honoured() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = ConvertOptions {
+        sites: vec![Site::Q, Site::Mlp],
+        granularity: so8t::so8::gates::Granularity::PerHead,
+        factors: vec!["a".into(), "b".into(), "c".into()],
+        init: Init::Random { seed: 1, scale: 0.1 },
+        force: false,
+    };
+    let dir = converted("qwen3", &tmp, &opts);
+    let a = Adapter::read(&dir).unwrap();
+    // qwen3 tiny: 4 query heads of head_dim 32 → 4 blocks each; hidden 64 → 8 mlp blocks
+    assert_eq!(a.generators["layers.0.q.b.generators"].dims(), &[16, 28]);
+    assert_eq!(a.generators["layers.1.mlp.c.generators"].dims(), &[8, 28]);
+    assert_eq!(a.generators.len(), 2 * 2 * 3);
+    let m = Model::open(&dir).unwrap();
+    assert!(m.decoder.gates[0].q.is_some() && m.decoder.gates[0].k.is_none());
+    assert!(failed_checks(&dir).is_empty());
+    // an existing target is refused without --force, and nothing is written beside it
+    let err = convert(&fixtures().join("tiny-qwen3"), &dir, &opts).unwrap_err().to_string();
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+}
