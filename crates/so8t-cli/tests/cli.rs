@@ -59,3 +59,37 @@ fn inspect_json_describes_the_model() {
     assert!(v["tensor_types"]["Q8_0"].as_u64().unwrap() > 0);
     assert_eq!(v["tokenizer"]["chat_template"], true);
 }
+
+#[test]
+fn convert_validate_and_run_an_so8t_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("s");
+    let bin = env!("CARGO_BIN_EXE_so8t");
+    let st = Command::new(bin)
+        .args(["convert", fixtures().join("tiny-llama").to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .args(["--init", "random", "--seed", "5", "--scale", "0.2"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let v = so8t(&["validate", out.to_str().unwrap(), "--json"]);
+    assert_eq!(v["ok"], true, "{v}");
+    let names: Vec<&str> = v["checks"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    for want in ["base_checksum", "adapter_shapes", "finite", "orthogonality", "determinant", "triality", "heads"] {
+        assert!(names.contains(&want), "{want} in {names:?}");
+    }
+
+    let r = so8t(&["run", "-m", out.to_str().unwrap(), "-p", "Hello", "--temperature", "0", "-n", "3", "--json"]);
+    let n = r["tokens"].as_array().unwrap().len();
+    assert_eq!(r["verdicts"].as_array().unwrap().len(), n, "one verdict per generated token");
+    let p = r["prompt_verdict"]["p_unsafe"].as_f64().unwrap();
+    assert!((p - 0.5).abs() < 1e-6, "untrained heads give p = 0.5");
+    assert_eq!(r["heads_trained"], false);
+    assert!(r["decision"].is_null(), "untrained heads decide nothing");
+
+    // a changed base: validate fails, names the check, exits non-zero
+    std::fs::write(out.join("config.json"), std::fs::read_to_string(out.join("config.json")).unwrap() + " ").unwrap();
+    let o = Command::new(bin).args(["validate", out.to_str().unwrap()]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("failed check(s): base_checksum"));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("FAIL base_checksum"));
+}
