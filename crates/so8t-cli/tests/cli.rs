@@ -93,3 +93,19 @@ fn convert_validate_and_run_an_so8t_model() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("failed check(s): base_checksum"));
     assert!(String::from_utf8_lossy(&o.stdout).contains("FAIL base_checksum"));
 }
+
+#[test]
+fn stop_strings_end_generation_before_them() {
+    let m = fixtures().join("tiny-llama");
+    let ids = "57,74,261,316";
+    let free = so8t(&["run", "-m", m.to_str().unwrap(), "--prompt-ids", ids, "--temperature", "0", "-n", "12", "--json"]);
+    let text = free["text"].as_str().unwrap().to_string();
+    // a stop string taken from the middle of the free-running output
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() >= 6, "need some output to cut: {text:?}");
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let cut = so8t(&["run", "-m", m.to_str().unwrap(), "--prompt-ids", ids, "--temperature", "0", "-n", "12", "--stop", &stop, "--json"]);
+    let got = cut["text"].as_str().unwrap();
+    assert_eq!(cut["finish_reason"], "stop");
+    assert_eq!(got, &text[..text.find(&stop).unwrap()], "text ends right before the stop string {stop:?}");
+}
