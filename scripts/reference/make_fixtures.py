@@ -243,8 +243,8 @@ def triality_maps():
 def base_checksum(d: Path):
     import hashlib
     h = hashlib.sha256()
-    names = sorted(p.name for p in d.iterdir() if p.is_file() and (p.name in ("config.json", "model.safetensors.index.json")
-                   or (p.name.endswith(".safetensors") and not p.name.startswith("so8t_"))))
+    names = sorted(p.name for p in d.iterdir() if p.is_file() and (p.name in ("config.json", "model.safetensors", "model.safetensors.index.json")
+                   or (p.name.startswith("model-") and p.name.endswith(".safetensors"))))
     for n in names:
         h.update(n.encode() + b"\0")
         h.update((d / n).read_bytes())
@@ -325,9 +325,37 @@ def make_so8t_reference(base: Path, inputs, seed, scale=0.3):
     (out / "expected.json").write_text(json.dumps({"inputs": inputs}))
 
 
+def check_baked_with_transformers(base: Path, so8t_bin: Path, inputs):
+    """`so8t bake` of the reference SO8T model, loaded by transformers as a plain model:
+    its logits must equal the hooked reference, and are recorded for the Rust test."""
+    import tempfile
+    ref = base / "so8t-random"
+    with tempfile.TemporaryDirectory() as tmp:
+        so8t_dir = Path(tmp) / "so8t"
+        so8t_dir.mkdir()
+        for f in base.iterdir():
+            if f.is_file() and not f.name.startswith("expected") and f.suffix != ".gguf":
+                shutil.copy(f, so8t_dir / f.name)
+        for f in ("so8t_adapter.safetensors", "so8t_config.json"):
+            shutil.copy(ref / f, so8t_dir / f)
+        baked = Path(tmp) / "baked"
+        subprocess.run([str(so8t_bin), "bake", str(so8t_dir), "--out", str(baked)], check=True)
+        model = AutoModelForCausalLM.from_pretrained(baked, dtype=torch.float32).eval()
+        hooked = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(ref / "expected.safetensors"))
+        out = {}
+        with torch.no_grad():
+            for i, ids in enumerate(inputs):
+                logits = model(torch.tensor([ids])).logits[0].contiguous()
+                d = (logits - hooked[f"logits.{i}"]).abs().max().item()
+                assert d < 1e-4, f"{base.name}: baked model in transformers differs from the hooked reference by {d}"
+                out[f"logits.{i}"] = logits
+        save_file(out, str(ref / "transformers-baked.safetensors"))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--llama-cpp", type=Path, default=Path.home() / ".cache/so8t/llama.cpp")
+    ap.add_argument("--so8t", type=Path, default=ROOT / "target/release/so8t", help="the so8t binary, for baking")
     args = ap.parse_args()
     torch.manual_seed(0)
     tok_dir = OUT / "tokenizer"
@@ -359,6 +387,12 @@ def main():
     for i, arch in enumerate(["llama", "qwen2", "qwen3"]):
         make_so8t_reference(OUT / f"tiny-{arch}", inputs, seed=300 + i)
     print("so8t references: done", file=sys.stderr)
+    if args.so8t.exists():
+        for arch in ["llama", "qwen2", "qwen3"]:
+            check_baked_with_transformers(OUT / f"tiny-{arch}", args.so8t, inputs)
+        print("baked models in transformers: done", file=sys.stderr)
+    else:
+        print(f"{args.so8t} not built: skipped the transformers check of baked models", file=sys.stderr)
     print("tiny-qwen3-fp8: done", file=sys.stderr)
 
 

@@ -1,5 +1,6 @@
 //! `so8t`: convert, run, inspect and benchmark SO8T models.
 
+mod bake;
 mod bench;
 mod convert;
 mod inspect;
@@ -29,6 +30,8 @@ enum Command {
     Bench(bench::Args),
     /// Turn a base model into an SO8T model: rotation gates and triality heads.
     Convert(convert::Args),
+    /// Fold the gates into the weights: a plain HF directory plus so8t_heads.safetensors.
+    Bake(bake::Args),
     /// Check an SO8T directory: rotations, triality, shapes, NaN/Inf, base checksum.
     Validate(validate::Args),
 }
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::main(a),
         Command::Convert(a) => convert::main(a),
         Command::Validate(a) => validate::main(a),
+        Command::Bake(a) => bake::main(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

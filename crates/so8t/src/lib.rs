@@ -11,6 +11,7 @@ pub mod load;
 pub mod model;
 pub mod sampling;
 pub mod so8;
+pub mod staging;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

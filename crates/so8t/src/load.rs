@@ -8,6 +8,7 @@ use crate::formats::safetensors::SafetensorsStore;
 use crate::formats::WeightStore;
 use crate::model::Decoder;
 use crate::so8::adapter::{is_so8t_dir, Adapter, Heads, So8tConfig, ADAPTER_FILE};
+use crate::so8::bake::{read_heads, HEADS_FILE};
 use crate::tokenizer::TextTokenizer;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -44,6 +45,8 @@ pub struct Model {
 pub struct So8tState {
     pub config: So8tConfig,
     pub heads: Heads,
+    /// The gates are folded into the weights (a baked directory or export).
+    pub baked: bool,
 }
 
 pub enum Source {
@@ -67,6 +70,23 @@ pub fn open_source(path: &Path) -> Result<Source> {
         return Ok(Source::Hf { dir: path.to_path_buf(), config, fp8_block });
     }
     Ok(Source::Gguf(Arc::new(GgufFile::open(path)?)))
+}
+
+pub fn check_heads(h: &Heads, hidden: usize, path: &Path) -> Result<()> {
+    for (name, t, want) in [
+        ("heads.safety.weight", &h.safety_w, vec![2, hidden]),
+        ("heads.safety.bias", &h.safety_b, vec![2]),
+        ("heads.authority.weight", &h.authority_w, vec![2, hidden]),
+        ("heads.authority.bias", &h.authority_b, vec![2]),
+    ] {
+        if t.dims() != want.as_slice() {
+            return Err(Error::format(path, format!("tensor `{name}` has shape {:?}, expected {want:?}", t.dims())));
+        }
+        if t.flatten_all()?.to_vec1::<f32>()?.iter().any(|v| !v.is_finite()) {
+            return Err(Error::format(path, format!("tensor `{name}` holds NaN or Inf")));
+        }
+    }
+    Ok(())
 }
 
 fn fp8_block_size(config_text: &str, path: &Path) -> Result<Option<(usize, usize)>> {
@@ -96,7 +116,11 @@ impl Model {
             let adapter = Adapter::read(path)?;
             adapter.check_shapes(&m.config, &config, &path.join(ADAPTER_FILE))?;
             adapter.install(&mut m.decoder, &config)?;
-            m.so8t = Some(So8tState { config, heads: adapter.heads });
+            m.so8t = Some(So8tState { config, heads: adapter.heads, baked: false });
+        } else if path.is_dir() && path.join(HEADS_FILE).exists() {
+            let (heads, config) = read_heads(path)?;
+            check_heads(&heads, m.config.hidden_size, &path.join(HEADS_FILE))?;
+            m.so8t = Some(So8tState { config, heads, baked: true });
         }
         Ok(m)
     }

@@ -141,6 +141,11 @@ impl SafetensorsStore {
         self.load_f32(name)
     }
 
+    /// The stored dtype of a tensor.
+    pub fn dtype(&self, name: &str) -> Option<Dtype> {
+        self.entries.get(name).map(|e| e.dtype)
+    }
+
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
         self.entries.get(name).map(|e| e.shape.as_slice())
     }

@@ -96,19 +96,15 @@ pub fn generator_name(layer: usize, site: Site, factor: &str) -> String {
     format!("layers.{layer}.{}.{factor}.generators", site.name())
 }
 
-/// sha256 over `config.json` and the weight files (`*.safetensors` but SO8T's own, and the
-/// shard index), in name order, each as its name, a NUL, its bytes. Changing any weight or
+/// sha256 over `config.json` and the weight files (`model.safetensors`, its shards and
+/// their index), in name order, each as its name, a NUL, its bytes. Changing any weight or
 /// the architecture changes it; tokenizer files and SO8T files do not count.
 pub fn base_checksum(dir: &Path) -> Result<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| {
-            n == "config.json"
-                || n == "model.safetensors.index.json"
-                || (n.ends_with(".safetensors") && !n.starts_with("so8t_"))
-        })
+        .filter(|n| n == "config.json" || super::convert::is_weight_file(n))
         .collect();
     names.sort();
     let mut h = Sha256::new();

@@ -12,7 +12,8 @@ use crate::load::{open_source, Source};
 use crate::model::Site;
 use crate::tokenizer::TextTokenizer;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use crate::staging::StagingDir;
+use std::path::Path;
 
 #[derive(Clone, Debug)]
 pub enum Init {
@@ -42,17 +43,6 @@ impl Default for ConvertOptions {
     }
 }
 
-/// A directory that removes itself unless kept.
-struct TempDir(Option<PathBuf>);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if let Some(p) = &self.0 {
-            let _ = std::fs::remove_dir_all(p);
-        }
-    }
-}
-
 pub fn convert(base: &Path, out: &Path, opts: &ConvertOptions) -> Result<So8tConfig> {
     if opts.factors.is_empty() || opts.sites.is_empty() {
         return Err(Error::Invalid("convert needs at least one site and one factor".into()));
@@ -63,16 +53,8 @@ pub fn convert(base: &Path, out: &Path, opts: &ConvertOptions) -> Result<So8tCon
             return Err(Error::Invalid(format!("factor names must be distinct identifiers, got `{f}`")));
         }
     }
-    if out.exists() && !opts.force {
-        return Err(Error::format(out, "already exists (use --force to replace it)"));
-    }
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = out.file_name().ok_or_else(|| Error::format(out, "not a directory name"))?.to_string_lossy();
-    let tmp_path = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp_path);
-    std::fs::create_dir(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
-    let mut tmp = TempDir(Some(tmp_path.clone()));
+    let staging = StagingDir::new(out, opts.force)?;
+    let tmp_path = staging.path().to_path_buf();
 
     let arch = match open_source(base)? {
         Source::Hf { dir, config, .. } => {
@@ -104,23 +86,38 @@ pub fn convert(base: &Path, out: &Path, opts: &ConvertOptions) -> Result<So8tCon
     let cfg_path = tmp_path.join(CONFIG_FILE);
     std::fs::write(&cfg_path, serde_json::to_string_pretty(&config).unwrap()).map_err(|e| Error::io(&cfg_path, e))?;
 
-    if out.exists() {
-        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
-    }
-    std::fs::rename(&tmp_path, out).map_err(|e| Error::io(out, e))?;
-    tmp.0 = None;
+    staging.commit()?;
     Ok(config)
 }
 
-/// The base directory's files, as they are (SO8T files of an earlier conversion excluded).
+/// Files of an HF model directory that belong to the model: config, weights, tokenizer,
+/// templates. Anything else (other formats of the weights, notes, SO8T files) stays behind,
+/// so that no stale copy of the weights travels with a converted or baked model.
+pub fn is_hf_model_file(name: &str, with_weights: bool) -> bool {
+    const FILES: [&str; 10] = [
+        "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+        "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    ];
+    if name.starts_with("so8t_") || name.starts_with('.') {
+        return false;
+    }
+    FILES.contains(&name) || name.ends_with(".model") /* sentencepiece */ || (with_weights && is_weight_file(name))
+}
+
+/// HF's weight file names: `model.safetensors`, `model-00001-of-00002.safetensors`, and the index.
+pub fn is_weight_file(name: &str) -> bool {
+    name == "model.safetensors"
+        || name == "model.safetensors.index.json"
+        || (name.starts_with("model-") && name.ends_with(".safetensors"))
+}
+
 fn copy_base_files(src: &Path, dst: &Path) -> Result<()> {
     for e in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
         let e = e.map_err(|e| Error::io(src, e))?;
         let name = e.file_name().to_string_lossy().to_string();
-        if !e.path().is_file() || name.starts_with("so8t_") || name.starts_with('.') {
-            continue;
+        if e.path().is_file() && is_hf_model_file(&name, true) {
+            std::fs::copy(e.path(), dst.join(&name)).map_err(|err| Error::io(e.path(), err))?;
         }
-        std::fs::copy(e.path(), dst.join(&name)).map_err(|err| Error::io(e.path(), err))?;
     }
     Ok(())
 }

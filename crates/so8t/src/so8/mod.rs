@@ -7,3 +7,4 @@ pub mod adapter;
 pub mod gates;
 pub mod convert;
 pub mod validate;
+pub mod bake;

@@ -37,7 +37,21 @@ pub fn validate(path: &Path) -> Vec<Check> {
     }
     let model_cfg = base.as_ref().unwrap().config.clone();
     if !is_so8t_dir(path) {
-        out.push(check("so8t", true, "no so8t_config.json: a plain model, nothing SO8T to check"));
+        if path.is_dir() && path.join(super::bake::HEADS_FILE).exists() {
+            let heads = super::bake::read_heads(path).and_then(|(h, c)| {
+                crate::load::check_heads(&h, model_cfg.hidden_size, &path.join(super::bake::HEADS_FILE)).map(|_| c)
+            });
+            match heads {
+                Ok(c) => out.push(check(
+                    "baked_heads",
+                    true,
+                    format!("baked SO8T model: heads {}; gates of sites {:?} folded into the weights", if c.heads_trained { "trained" } else { "untrained" }, c.sites),
+                )),
+                Err(e) => out.push(check("baked_heads", false, e.to_string())),
+            }
+        } else {
+            out.push(check("so8t", true, "no so8t_config.json: a plain model, nothing SO8T to check"));
+        }
         return out;
     }
     let cfg = match So8tConfig::read(path) {

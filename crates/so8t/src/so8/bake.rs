@@ -1,0 +1,199 @@
+//! `bake`: fold every gate into its projection (spec §4) and write a plain HF directory of
+//! the base architecture, plus `so8t_heads.safetensors` with the heads and the SO8T config
+//! in its metadata. Output sites (q, k, v): W' = R·W, b' = R·b. Input sites (o, mlp):
+//! W' = W·R (for mlp, both gate_proj and up_proj). Products are computed in f64.
+
+use super::adapter::{base_checksum, Adapter, Heads, So8tConfig, ADAPTER_FILE};
+use super::gates::{site_rotation, SiteShape};
+use crate::config::ModelConfig;
+use crate::error::{Error, InFile, Result};
+use crate::formats::safetensors::SafetensorsStore;
+use crate::formats::WeightStore;
+use crate::model::Site;
+use crate::staging::StagingDir;
+use candle_core::{DType, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+pub const HEADS_FILE: &str = "so8t_heads.safetensors";
+/// Metadata key in the heads file holding `so8t_config.json` as it was at bake time.
+pub const CONFIG_KEY: &str = "so8t.config";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutDType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl OutDType {
+    fn dtype(self) -> DType {
+        match self {
+            OutDType::F32 => DType::F32,
+            OutDType::F16 => DType::F16,
+            OutDType::BF16 => DType::BF16,
+        }
+    }
+
+    fn torch_name(self) -> &'static str {
+        match self {
+            OutDType::F32 => "float32",
+            OutDType::F16 => "float16",
+            OutDType::BF16 => "bfloat16",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct BakeOptions {
+    /// Output dtype; default: the base's (bf16 for an FP8 base).
+    pub dtype: Option<OutDType>,
+    pub force: bool,
+}
+
+/// Which gate acts on a base tensor, and from which side.
+fn gate_of(name: &str) -> Option<(usize, Site, bool)> {
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (site, output_side) = match rest {
+        "self_attn.q_proj.weight" | "self_attn.q_proj.bias" => (Site::Q, true),
+        "self_attn.k_proj.weight" | "self_attn.k_proj.bias" => (Site::K, true),
+        "self_attn.v_proj.weight" | "self_attn.v_proj.bias" => (Site::V, true),
+        "self_attn.o_proj.weight" => (Site::O, false),
+        "mlp.gate_proj.weight" | "mlp.up_proj.weight" => (Site::Mlp, false),
+        _ => return None,
+    };
+    Some((layer, site, output_side))
+}
+
+/// `r`: `[units, 8, 8]` f64. Output side: rows of `t` (or a bias) in 8-blocks; input side: columns.
+fn fold(t: &Tensor, r: &Tensor, output_side: bool) -> candle_core::Result<Tensor> {
+    let units = r.dim(0)?;
+    let t = t.to_dtype(DType::F64)?;
+    if output_side {
+        let dims = t.dims().to_vec();
+        let cols = t.elem_count() / (units * 8);
+        r.matmul(&t.reshape((units, 8, cols))?)?.reshape(dims)
+    } else {
+        let (rows, cols) = t.dims2()?;
+        let w = t.reshape((rows, units, 8))?.transpose(0, 1)?.contiguous()?;
+        w.matmul(r)?.transpose(0, 1)?.contiguous()?.reshape((rows, cols))
+    }
+}
+
+pub fn bake(src: &Path, out: &Path, opts: &BakeOptions) -> Result<()> {
+    let cfg = So8tConfig::read(src)?;
+    let sum = base_checksum(src)?;
+    if sum != cfg.base.sha256 {
+        return Err(Error::format(
+            src,
+            format!("the base model changed since conversion (sha256 {sum}, so8t_config.json records {}); refusing to bake", cfg.base.sha256),
+        ));
+    }
+    let cfg_path = src.join("config.json");
+    let cfg_text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let model_cfg = ModelConfig::from_hf_json(&cfg_text, &cfg_path)?;
+    let adapter = Adapter::read(src)?;
+    adapter.check_shapes(&model_cfg, &cfg, &src.join(ADAPTER_FILE))?;
+    let mut raw: serde_json::Value = serde_json::from_str(&cfg_text).in_file(&cfg_path)?;
+    let fp8 = raw["quantization_config"]["weight_block_size"].as_array().and_then(|b| {
+        Some((b.first()?.as_u64()? as usize, b.get(1)?.as_u64()? as usize))
+    });
+    let store = SafetensorsStore::open(src, fp8)?;
+    // The base's dtype is its projections' (norms are often kept in f32).
+    let out_dtype = opts.dtype.unwrap_or_else(|| match store.dtype("model.layers.0.self_attn.q_proj.weight") {
+        Some(safetensors::Dtype::F32) => OutDType::F32,
+        Some(safetensors::Dtype::F16) => OutDType::F16,
+        _ => OutDType::BF16,
+    });
+
+    let mut rotations: HashMap<(usize, Site), Tensor> = HashMap::new();
+    for l in 0..model_cfg.num_layers {
+        for &site in &cfg.sites {
+            let shape = SiteShape::of(&model_cfg, site)?;
+            let factors: Vec<Tensor> =
+                cfg.factors.iter().map(|f| adapter.generators[&super::adapter::generator_name(l, site, f)].clone()).collect();
+            let r = site_rotation(&factors, shape, site, cfg.granularity)?.matrices()?;
+            rotations.insert((l, site), r.to_dtype(DType::F64)?);
+        }
+    }
+
+    let staging = StagingDir::new(out, opts.force)?;
+    let dir = staging.path();
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for name in store.tensor_names() {
+        if name.ends_with("_scale_inv") {
+            continue; // FP8 scales are folded into the dequantised weights
+        }
+        let mut t = store.load_f32(&name)?;
+        if let Some((l, site, output_side)) = gate_of(&name) {
+            if let Some(r) = rotations.get(&(l, site)) {
+                t = fold(&t, r, output_side)?;
+            }
+        }
+        tensors.push((name, t.to_dtype(out_dtype.dtype())?));
+    }
+    let st = dir.join("model.safetensors");
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta), &st)
+        .map_err(|e| Error::format(&st, e.to_string()))?;
+    drop(tensors);
+
+    // config.json: the base's, in the output dtype and without FP8 quantisation.
+    if let Some(o) = raw.as_object_mut() {
+        o.remove("quantization_config");
+        o.insert("torch_dtype".into(), out_dtype.torch_name().into());
+        if o.contains_key("dtype") {
+            o.insert("dtype".into(), out_dtype.torch_name().into());
+        }
+    }
+    let out_cfg = dir.join("config.json");
+    std::fs::write(&out_cfg, serde_json::to_string_pretty(&raw).unwrap()).map_err(|e| Error::io(&out_cfg, e))?;
+    for e in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
+        let e = e.map_err(|e| Error::io(src, e))?;
+        let n = e.file_name().to_string_lossy().to_string();
+        if e.path().is_file() && n != "config.json" && super::convert::is_hf_model_file(&n, false) {
+            std::fs::copy(e.path(), dir.join(&n)).map_err(|err| Error::io(e.path(), err))?;
+        }
+    }
+    write_heads(&adapter.heads, &cfg, &dir.join(HEADS_FILE))?;
+    staging.commit()
+}
+
+fn write_heads(h: &Heads, cfg: &So8tConfig, path: &Path) -> Result<()> {
+    let tensors = [
+        ("heads.safety.weight", &h.safety_w),
+        ("heads.safety.bias", &h.safety_b),
+        ("heads.authority.weight", &h.authority_w),
+        ("heads.authority.bias", &h.authority_b),
+    ];
+    let meta = HashMap::from([(CONFIG_KEY.to_string(), serde_json::to_string(cfg).unwrap())]);
+    safetensors::serialize_to_file(tensors, Some(meta), path).map_err(|e| Error::format(path, e.to_string()))
+}
+
+/// Heads and the SO8T config of a baked directory.
+pub fn read_heads(dir: &Path) -> Result<(Heads, So8tConfig)> {
+    let path = dir.join(HEADS_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::format(&path, format!("not a valid safetensors file: {e}")))?;
+    let cfg_json = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(CONFIG_KEY))
+        .ok_or_else(|| Error::format(&path, format!("metadata `{CONFIG_KEY}` missing")))?;
+    let cfg: So8tConfig = serde_json::from_str(cfg_json).in_file(&path)?;
+    let t = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu).in_file(&path)?;
+    let get = |n: &str| -> Result<Tensor> {
+        Ok(t.get(n).ok_or_else(|| Error::format(&path, format!("missing tensor `{n}`")))?.to_dtype(DType::F32)?)
+    };
+    Ok((
+        Heads {
+            safety_w: get("heads.safety.weight")?,
+            safety_b: get("heads.safety.bias")?,
+            authority_w: get("heads.authority.weight")?,
+            authority_b: get("heads.authority.bias")?,
+        },
+        cfg,
+    ))
+}
