@@ -3,6 +3,7 @@
 mod bake;
 mod bench;
 mod convert;
+mod export;
 mod inspect;
 mod run;
 mod validate;
@@ -32,6 +33,8 @@ enum Command {
     Convert(convert::Args),
     /// Fold the gates into the weights: a plain HF directory plus so8t_heads.safetensors.
     Bake(bake::Args),
+    /// Write a GGUF v3 file that llama.cpp loads (an SO8T directory is baked on the fly).
+    Export(export::Args),
     /// Check an SO8T directory: rotations, triality, shapes, NaN/Inf, base checksum.
     Validate(validate::Args),
 }
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         Command::Convert(a) => convert::main(a),
         Command::Validate(a) => validate::main(a),
         Command::Bake(a) => bake::main(a),
+        Command::Export(a) => export::main(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

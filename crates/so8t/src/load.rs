@@ -117,6 +117,11 @@ impl Model {
             adapter.check_shapes(&m.config, &config, &path.join(ADAPTER_FILE))?;
             adapter.install(&mut m.decoder, &config)?;
             m.so8t = Some(So8tState { config, heads: adapter.heads, baked: false });
+        } else if m.kind == SourceKind::Gguf {
+            let g = GgufFile::open(path)?;
+            if let Some((heads, config)) = crate::so8::export::read_gguf_heads(&g, m.config.hidden_size)? {
+                m.so8t = Some(So8tState { config, heads, baked: true });
+            }
         } else if path.is_dir() && path.join(HEADS_FILE).exists() {
             let (heads, config) = read_heads(path)?;
             check_heads(&heads, m.config.hidden_size, &path.join(HEADS_FILE))?;

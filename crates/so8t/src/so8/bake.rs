@@ -52,7 +52,7 @@ pub struct BakeOptions {
 }
 
 /// Which gate acts on a base tensor, and from which side.
-fn gate_of(name: &str) -> Option<(usize, Site, bool)> {
+pub(crate) fn gate_of(name: &str) -> Option<(usize, Site, bool)> {
     let rest = name.strip_prefix("model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
@@ -68,7 +68,7 @@ fn gate_of(name: &str) -> Option<(usize, Site, bool)> {
 }
 
 /// `r`: `[units, 8, 8]` f64. Output side: rows of `t` (or a bias) in 8-blocks; input side: columns.
-fn fold(t: &Tensor, r: &Tensor, output_side: bool) -> candle_core::Result<Tensor> {
+pub(crate) fn fold(t: &Tensor, r: &Tensor, output_side: bool) -> candle_core::Result<Tensor> {
     let units = r.dim(0)?;
     let t = t.to_dtype(DType::F64)?;
     if output_side {

@@ -8,3 +8,5 @@ pub mod gates;
 pub mod convert;
 pub mod validate;
 pub mod bake;
+pub mod export;
+pub mod export_tokenizer;

@@ -1,0 +1,50 @@
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+use so8t::so8::export::{export, parse_quant};
+use std::io::Read;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// HF directory, baked directory, SO8T directory or GGUF file.
+    path: PathBuf,
+    /// The .gguf file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Weight type: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q2_k q3_k q4_k q5_k q6_k.
+    #[arg(long, default_value = "f16")]
+    quant: String,
+    /// Replace --out if it exists.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn main(a: Args) -> Result<()> {
+    let quant = parse_quant(&a.quant)?;
+    if a.out.exists() && !a.force {
+        anyhow::bail!("{}: already exists (use --force to replace it)", a.out.display());
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tensors, {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let report = export(&a.path, &a.out, quant, |done, total, bytes| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_message(format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64));
+    })?;
+    bar.finish_and_clear();
+    let mut h = Sha256::new();
+    let mut f = std::fs::File::open(&a.out).with_context(|| a.out.display().to_string())?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    println!("{:x}  {}", h.finalize(), a.out.display());
+    eprintln!("{} tensors, {:.1} MiB of tensor data ({})", report.tensors, report.bytes as f64 / (1 << 20) as f64, a.quant);
+    Ok(())
+}

@@ -1,0 +1,170 @@
+//! A GGUF v3 writer that streams: the header is planned from the tensors' sizes, then each
+//! tensor is produced, written and dropped in turn, so peak memory is about one tensor.
+//! The file is written under a temporary name beside the target and renamed when complete.
+
+use crate::error::{Error, Result};
+use candle_core::quantized::GgmlDType;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+pub const ALIGNMENT: u64 = 32;
+
+pub enum Meta {
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    Bool(bool),
+    Str(String),
+    StrArray(Vec<String>),
+    I32Array(Vec<i32>),
+    F32Array(Vec<f32>),
+}
+
+pub struct PlannedTensor {
+    pub name: String,
+    /// HF order, `[rows, cols]` (written reversed, as ggml's `ne`).
+    pub dims: Vec<usize>,
+    pub dtype: GgmlDType,
+}
+
+pub fn ggml_type_id(t: GgmlDType) -> u32 {
+    match t {
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        GgmlDType::Q4_0 => 2,
+        GgmlDType::Q4_1 => 3,
+        GgmlDType::Q5_0 => 6,
+        GgmlDType::Q5_1 => 7,
+        GgmlDType::Q8_0 => 8,
+        GgmlDType::Q8_1 => 9,
+        GgmlDType::Q2K => 10,
+        GgmlDType::Q3K => 11,
+        GgmlDType::Q4K => 12,
+        GgmlDType::Q5K => 13,
+        GgmlDType::Q6K => 14,
+        GgmlDType::Q8K => 15,
+        GgmlDType::BF16 => 30,
+    }
+}
+
+impl PlannedTensor {
+    pub fn nbytes(&self) -> u64 {
+        let n: usize = self.dims.iter().product();
+        (n / self.dtype.block_size() * self.dtype.type_size()) as u64
+    }
+}
+
+fn w_str(w: &mut impl Write, s: &str) -> std::io::Result<()> {
+    w.write_all(&(s.len() as u64).to_le_bytes())?;
+    w.write_all(s.as_bytes())
+}
+
+fn w_meta(w: &mut impl Write, key: &str, v: &Meta) -> std::io::Result<()> {
+    w_str(w, key)?;
+    match v {
+        Meta::U32(x) => {
+            w.write_all(&4u32.to_le_bytes())?;
+            w.write_all(&x.to_le_bytes())
+        }
+        Meta::I32(x) => {
+            w.write_all(&5u32.to_le_bytes())?;
+            w.write_all(&x.to_le_bytes())
+        }
+        Meta::F32(x) => {
+            w.write_all(&6u32.to_le_bytes())?;
+            w.write_all(&x.to_le_bytes())
+        }
+        Meta::Bool(x) => {
+            w.write_all(&7u32.to_le_bytes())?;
+            w.write_all(&[*x as u8])
+        }
+        Meta::Str(s) => {
+            w.write_all(&8u32.to_le_bytes())?;
+            w_str(w, s)
+        }
+        Meta::StrArray(a) => {
+            w.write_all(&9u32.to_le_bytes())?;
+            w.write_all(&8u32.to_le_bytes())?;
+            w.write_all(&(a.len() as u64).to_le_bytes())?;
+            a.iter().try_for_each(|s| w_str(w, s))
+        }
+        Meta::I32Array(a) => {
+            w.write_all(&9u32.to_le_bytes())?;
+            w.write_all(&5u32.to_le_bytes())?;
+            w.write_all(&(a.len() as u64).to_le_bytes())?;
+            a.iter().try_for_each(|x| w.write_all(&x.to_le_bytes()))
+        }
+        Meta::F32Array(a) => {
+            w.write_all(&9u32.to_le_bytes())?;
+            w.write_all(&6u32.to_le_bytes())?;
+            w.write_all(&(a.len() as u64).to_le_bytes())?;
+            a.iter().try_for_each(|x| w.write_all(&x.to_le_bytes()))
+        }
+    }
+}
+
+fn pad(w: &mut impl Write, written: u64) -> std::io::Result<u64> {
+    let p = (ALIGNMENT - written % ALIGNMENT) % ALIGNMENT;
+    w.write_all(&vec![0u8; p as usize])?;
+    Ok(p)
+}
+
+/// Writes `path`; `produce(i)` returns tensor i's bytes (exactly its planned size) and is
+/// called once per tensor, in order. `progress(i, bytes)` after each tensor.
+pub fn write(
+    path: &Path,
+    metadata: &[(String, Meta)],
+    tensors: &[PlannedTensor],
+    mut produce: impl FnMut(usize) -> Result<Vec<u8>>,
+    mut progress: impl FnMut(usize, u64),
+) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| Error::format(path, "not a file name"))?.to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| -> Result<()> {
+        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        let io = |e| Error::io(&tmp, e);
+        let mut head = Vec::new();
+        head.extend_from_slice(&0x4655_4747u32.to_le_bytes());
+        head.extend_from_slice(&3u32.to_le_bytes());
+        head.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+        head.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+        for (k, v) in metadata {
+            w_meta(&mut head, k, v).map_err(io)?;
+        }
+        let mut offset = 0u64;
+        for t in tensors {
+            w_str(&mut head, &t.name).map_err(io)?;
+            head.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+            for d in t.dims.iter().rev() {
+                head.extend_from_slice(&(*d as u64).to_le_bytes());
+            }
+            head.extend_from_slice(&ggml_type_id(t.dtype).to_le_bytes());
+            head.extend_from_slice(&offset.to_le_bytes());
+            offset += t.nbytes();
+            offset += (ALIGNMENT - offset % ALIGNMENT) % ALIGNMENT;
+        }
+        w.write_all(&head).map_err(io)?;
+        pad(&mut w, head.len() as u64).map_err(io)?;
+        for (i, t) in tensors.iter().enumerate() {
+            let bytes = produce(i)?;
+            if bytes.len() as u64 != t.nbytes() {
+                return Err(Error::Invalid(format!("tensor `{}`: produced {} bytes, planned {}", t.name, bytes.len(), t.nbytes())));
+            }
+            w.write_all(&bytes).map_err(io)?;
+            pad(&mut w, bytes.len() as u64).map_err(io)?;
+            progress(i, bytes.len() as u64);
+        }
+        let file = w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}

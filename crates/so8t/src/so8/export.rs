@@ -1,0 +1,312 @@
+//! `export`: any model path → a GGUF v3 file that llama.cpp loads as it is. An SO8T
+//! directory is baked on the fly (each projection folded as it is read); the heads and the
+//! SO8T config travel as `so8t.*` metadata (spec §7), which llama.cpp ignores.
+
+use super::adapter::{base_checksum, generator_name, Adapter, Heads, So8tConfig};
+use super::bake::read_heads;
+use super::gates::{site_rotation, SiteShape};
+use crate::config::{Arch, ModelConfig, RopeScaling};
+use crate::error::{Error, InFile, Result};
+use crate::formats::gguf::{gguf_name, GgufFile, GgufStore};
+use crate::formats::gguf_write::{write, Meta, PlannedTensor};
+use crate::formats::safetensors::SafetensorsStore;
+use crate::formats::WeightStore;
+use crate::load::{open_source, Source};
+use crate::model::Site;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The `--quant` types: every tensor of two or more dimensions in that type (1-D tensors
+/// stay f32), as llama.cpp's converter does for its `--outtype`.
+pub const QUANT_TYPES: [&str; 13] = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"];
+
+pub fn parse_quant(s: &str) -> Result<GgmlDType> {
+    Ok(match s {
+        "f32" => GgmlDType::F32,
+        "f16" => GgmlDType::F16,
+        "bf16" => GgmlDType::BF16,
+        "q8_0" => GgmlDType::Q8_0,
+        "q4_0" => GgmlDType::Q4_0,
+        "q4_1" => GgmlDType::Q4_1,
+        "q5_0" => GgmlDType::Q5_0,
+        "q5_1" => GgmlDType::Q5_1,
+        "q2_k" => GgmlDType::Q2K,
+        "q3_k" => GgmlDType::Q3K,
+        "q4_k" => GgmlDType::Q4K,
+        "q5_k" => GgmlDType::Q5K,
+        "q6_k" => GgmlDType::Q6K,
+        "q4_k_m" | "q5_k_m" | "q4_k_s" => {
+            return Err(Error::Invalid(format!("quant type `{s}`: llama.cpp's mixes are not implemented yet; use one of {}", QUANT_TYPES.join(", "))))
+        }
+        _ => return Err(Error::Invalid(format!("unknown quant type `{s}` (expected one of {})", QUANT_TYPES.join(", ")))),
+    })
+}
+
+/// llama.cpp's `llama_ftype` for a file whose weights are all `t`.
+fn file_type(t: GgmlDType) -> u32 {
+    match t {
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        GgmlDType::Q4_0 => 2,
+        GgmlDType::Q4_1 => 3,
+        GgmlDType::Q8_0 => 7,
+        GgmlDType::Q5_0 => 8,
+        GgmlDType::Q5_1 => 9,
+        GgmlDType::Q2K => 10,
+        GgmlDType::Q3K => 11,
+        GgmlDType::Q4K => 14,
+        GgmlDType::Q5K => 16,
+        GgmlDType::Q6K => 18,
+        GgmlDType::BF16 => 32,
+        _ => 0,
+    }
+}
+
+/// llama.cpp's fallback when a row is not a whole number of blocks (llama-quant.cpp).
+fn fit(t: GgmlDType, cols: usize) -> GgmlDType {
+    if cols % t.block_size() == 0 {
+        return t;
+    }
+    let f = match t {
+        GgmlDType::Q2K | GgmlDType::Q3K => GgmlDType::Q4_0,
+        GgmlDType::Q4K => GgmlDType::Q5_0,
+        GgmlDType::Q5K => GgmlDType::Q5_1,
+        GgmlDType::Q6K => GgmlDType::Q8_0,
+        _ => GgmlDType::F16,
+    };
+    if cols % f.block_size() == 0 {
+        f
+    } else {
+        GgmlDType::F16
+    }
+}
+
+struct Input {
+    config: ModelConfig,
+    store: Box<dyn WeightStore>,
+    rotations: HashMap<(usize, Site), Tensor>,
+    heads: Option<(Heads, So8tConfig)>,
+    tokenizer: Vec<(String, Meta)>,
+}
+
+pub struct ExportReport {
+    pub tensors: usize,
+    pub bytes: u64,
+}
+
+pub fn export(src: &Path, out: &Path, quant: GgmlDType, mut progress: impl FnMut(usize, usize, u64)) -> Result<ExportReport> {
+    let mut input = open_input(src)?;
+    let cfg = &input.config;
+    let mut planned: Vec<PlannedTensor> = Vec::new();
+    let mut sources: Vec<Option<String>> = Vec::new();
+    if let Some(f) = rope_factors(cfg) {
+        planned.push(PlannedTensor { name: "rope_freqs.weight".into(), dims: vec![f.len()], dtype: GgmlDType::F32 });
+        sources.push(None);
+    }
+    for (name, dims) in cfg.hf_tensors() {
+        let g = gguf_name(&name).ok_or_else(|| Error::Invalid(format!("no GGUF name for `{name}`")))?;
+        let dtype = if dims.len() == 1 { GgmlDType::F32 } else { fit(quant, dims[1]) };
+        planned.push(PlannedTensor { name: g, dims, dtype });
+        sources.push(Some(name));
+    }
+    let name = src.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let mut meta = model_metadata(cfg, quant, &name);
+    meta.extend(std::mem::take(&mut input.tokenizer));
+    if let Some((h, c)) = &input.heads {
+        meta.extend(so8t_metadata(h, c)?);
+    }
+    let total = planned.len();
+    let mut bytes = 0u64;
+    write(
+        out,
+        &meta,
+        &planned,
+        |i| {
+            let t = match &sources[i] {
+                None => Tensor::new(rope_factors(cfg).unwrap(), &candle_core::Device::Cpu)?,
+                Some(name) => prepare(&input, name, &planned[i].dims)?,
+            };
+            Ok(QTensor::quantize(&t, planned[i].dtype)?.data()?.into_owned())
+        },
+        |i, b| {
+            bytes += b;
+            progress(i + 1, total, bytes)
+        },
+    )?;
+    Ok(ExportReport { tensors: total, bytes })
+}
+
+/// A tensor as f32 in the GGUF's layout: gates folded, llama q/k rows permuted.
+fn prepare(input: &Input, name: &str, dims: &[usize]) -> Result<Tensor> {
+    let mut t = input.store.dense(name, dims)?;
+    if let Some((l, site, output_side)) = super::bake::gate_of(name) {
+        if let Some(r) = input.rotations.get(&(l, site)) {
+            t = super::bake::fold(&t, r, output_side)?.to_dtype(DType::F32)?;
+        }
+    }
+    let cfg = &input.config;
+    if cfg.arch == Arch::Llama && name.ends_with("_proj.weight") {
+        let heads = if name.ends_with("self_attn.q_proj.weight") {
+            Some(cfg.num_heads)
+        } else if name.ends_with("self_attn.k_proj.weight") {
+            Some(cfg.num_kv_heads)
+        } else {
+            None
+        };
+        if let Some(h) = heads {
+            // llama.cpp's converter: reshape(h, 2, hd/2, cols).swapaxes(1, 2)
+            let (rows, cols) = t.dims2()?;
+            t = t.reshape((h, 2, rows / h / 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?;
+        }
+    }
+    Ok(t)
+}
+
+fn rope_factors(cfg: &ModelConfig) -> Option<Vec<f32>> {
+    match &cfg.rope_scaling {
+        RopeScaling::None => None,
+        RopeScaling::Divisors(d) => Some(d.clone()),
+        RopeScaling::Llama3 { .. } => {
+            let plain = ModelConfig { rope_scaling: RopeScaling::None, ..cfg.clone() }.rope_inv_freq();
+            Some(plain.iter().zip(cfg.rope_inv_freq()).map(|(p, s)| p / s).collect())
+        }
+    }
+}
+
+fn model_metadata(cfg: &ModelConfig, quant: GgmlDType, name: &str) -> Vec<(String, Meta)> {
+    let a = cfg.arch.name();
+    let k = |s: &str| format!("{a}.{s}");
+    let mut m = vec![
+        ("general.architecture".to_string(), Meta::Str(a.into())),
+        ("general.type".into(), Meta::Str("model".into())),
+        ("general.name".into(), Meta::Str(name.into())),
+        ("general.alignment".into(), Meta::U32(crate::formats::gguf_write::ALIGNMENT as u32)),
+        (k("block_count"), Meta::U32(cfg.num_layers as u32)),
+        (k("context_length"), Meta::U32(cfg.max_position_embeddings as u32)),
+        (k("embedding_length"), Meta::U32(cfg.hidden_size as u32)),
+        (k("feed_forward_length"), Meta::U32(cfg.intermediate_size as u32)),
+        (k("attention.head_count"), Meta::U32(cfg.num_heads as u32)),
+        (k("attention.head_count_kv"), Meta::U32(cfg.num_kv_heads as u32)),
+        (k("rope.freq_base"), Meta::F32(cfg.rope_theta)),
+        (k("attention.layer_norm_rms_epsilon"), Meta::F32(cfg.rms_norm_eps as f32)),
+        ("general.file_type".into(), Meta::U32(file_type(quant))),
+        ("general.quantization_version".into(), Meta::U32(2)),
+    ];
+    if cfg.arch != Arch::Qwen2 {
+        m.push((k("attention.key_length"), Meta::U32(cfg.head_dim as u32)));
+        m.push((k("attention.value_length"), Meta::U32(cfg.head_dim as u32)));
+    }
+    if cfg.arch == Arch::Llama {
+        m.push((k("vocab_size"), Meta::U32(cfg.vocab_size as u32)));
+        m.push((k("rope.dimension_count"), Meta::U32(cfg.head_dim as u32)));
+    }
+    m
+}
+
+fn so8t_metadata(h: &Heads, c: &So8tConfig) -> Result<Vec<(String, Meta)>> {
+    let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+    Ok(vec![
+        ("so8t.version".to_string(), Meta::U32(c.version)),
+        ("so8t.rotation_dim".into(), Meta::U32(8)),
+        ("so8t.sites".into(), Meta::StrArray(c.sites.iter().map(|s| s.name().to_string()).collect())),
+        ("so8t.baked".into(), Meta::Bool(true)),
+        ("so8t.heads_trained".into(), Meta::Bool(c.heads_trained)),
+        ("so8t.threshold.unsafe".into(), Meta::F32(c.thresholds.unsafe_)),
+        ("so8t.threshold.escalate".into(), Meta::F32(c.thresholds.escalate)),
+        ("so8t.head.safety.weight".into(), Meta::F32Array(flat(&h.safety_w)?)),
+        ("so8t.head.safety.bias".into(), Meta::F32Array(flat(&h.safety_b)?)),
+        ("so8t.head.safety.labels".into(), Meta::StrArray(c.labels.safety.to_vec())),
+        ("so8t.head.authority.weight".into(), Meta::F32Array(flat(&h.authority_w)?)),
+        ("so8t.head.authority.bias".into(), Meta::F32Array(flat(&h.authority_b)?)),
+        ("so8t.head.authority.labels".into(), Meta::StrArray(c.labels.authority.to_vec())),
+        ("so8t.config".into(), Meta::Str(serde_json::to_string(c).unwrap())),
+    ])
+}
+
+/// Heads and SO8T config from an exported GGUF's `so8t.*` metadata, if any.
+pub fn read_gguf_heads(g: &GgufFile, hidden: usize) -> Result<Option<(Heads, So8tConfig)>> {
+    let Some(cfg_json) = g.opt_str("so8t.config") else { return Ok(None) };
+    let cfg: So8tConfig = serde_json::from_str(cfg_json).in_file(&g.path)?;
+    let arr = |key: &str, len: usize| -> Result<Tensor> {
+        let v = g.f32_array(key).ok_or_else(|| Error::format(&g.path, format!("metadata `{key}` missing or not f32")))?;
+        if v.len() != len {
+            return Err(Error::format(&g.path, format!("metadata `{key}` has {} values, expected {len}", v.len())));
+        }
+        Ok(Tensor::from_vec(v, len, &candle_core::Device::Cpu)?)
+    };
+    let heads = Heads {
+        safety_w: arr("so8t.head.safety.weight", 2 * hidden)?.reshape((2, hidden))?,
+        safety_b: arr("so8t.head.safety.bias", 2)?,
+        authority_w: arr("so8t.head.authority.weight", 2 * hidden)?.reshape((2, hidden))?,
+        authority_b: arr("so8t.head.authority.bias", 2)?,
+    };
+    Ok(Some((heads, cfg)))
+}
+
+fn open_input(src: &Path) -> Result<Input> {
+    match open_source(src)? {
+        Source::Gguf(file) => {
+            let config = file.config()?;
+            let heads = read_gguf_heads(&file, config.hidden_size)?;
+            // The vocabulary as it is: every tokenizer.* key of the source, verbatim.
+            let mut tokenizer = Vec::new();
+            let mut keys: Vec<&String> = file.content.metadata.keys().filter(|k| k.starts_with("tokenizer.")).collect();
+            keys.sort();
+            for k in keys {
+                if let Some(v) = meta_from_value(&file.content.metadata[k]) {
+                    tokenizer.push((k.clone(), v));
+                }
+            }
+            let store = GgufStore::new(file.clone(), &config);
+            Ok(Input { config, store: Box::new(store), rotations: HashMap::new(), heads, tokenizer })
+        }
+        Source::Hf { dir, config, fp8_block } => {
+            let store = SafetensorsStore::open(&dir, fp8_block)?;
+            let mut rotations = HashMap::new();
+            let mut heads = None;
+            if super::adapter::is_so8t_dir(&dir) {
+                let c = So8tConfig::read(&dir)?;
+                let sum = base_checksum(&dir)?;
+                if sum != c.base.sha256 {
+                    return Err(Error::format(&dir, format!("the base model changed since conversion (sha256 {sum}, so8t_config.json records {})", c.base.sha256)));
+                }
+                let adapter = Adapter::read(&dir)?;
+                adapter.check_shapes(&config, &c, &dir.join(super::adapter::ADAPTER_FILE))?;
+                for l in 0..config.num_layers {
+                    for &site in &c.sites {
+                        let factors: Vec<Tensor> = c.factors.iter().map(|f| adapter.generators[&generator_name(l, site, f)].clone()).collect();
+                        let r = site_rotation(&factors, SiteShape::of(&config, site)?, site, c.granularity)?.matrices()?;
+                        rotations.insert((l, site), r.to_dtype(DType::F64)?);
+                    }
+                }
+                heads = Some((adapter.heads, c));
+            } else if dir.join(super::bake::HEADS_FILE).exists() {
+                heads = Some(read_heads(&dir)?);
+            }
+            let tokenizer = super::export_tokenizer::from_hf_dir(&dir, config.vocab_size)?;
+            Ok(Input { config, store: Box::new(store), rotations, heads, tokenizer })
+        }
+    }
+}
+
+fn meta_from_value(v: &candle_core::quantized::gguf_file::Value) -> Option<Meta> {
+    use candle_core::quantized::gguf_file::Value as V;
+    Some(match v {
+        V::U8(x) => Meta::U32(*x as u32),
+        V::U16(x) => Meta::U32(*x as u32),
+        V::U32(x) => Meta::U32(*x),
+        V::I32(x) => Meta::I32(*x),
+        V::F32(x) => Meta::F32(*x),
+        V::Bool(x) => Meta::Bool(*x),
+        V::String(s) => Meta::Str(s.clone()),
+        V::Array(a) => match a.first() {
+            Some(V::String(_)) => Meta::StrArray(a.iter().filter_map(|x| if let V::String(s) = x { Some(s.clone()) } else { None }).collect()),
+            Some(V::I32(_)) => Meta::I32Array(a.iter().filter_map(|x| if let V::I32(s) = x { Some(*s) } else { None }).collect()),
+            Some(V::F32(_)) => Meta::F32Array(a.iter().filter_map(|x| if let V::F32(s) = x { Some(*s) } else { None }).collect()),
+            _ => return None,
+        },
+        _ => return None,
+    })
+}
