@@ -11,7 +11,8 @@ pub struct Args {
     /// The .gguf file to write.
     #[arg(long)]
     out: PathBuf,
-    /// Weight type: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q2_k q3_k q4_k q5_k q6_k.
+    /// Weight type: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q2_k q3_k q4_k q5_k q6_k, or a
+    /// llama.cpp mix: q4_k_m q5_k_m q4_k_s.
     #[arg(long, default_value = "f16")]
     quant: String,
     /// Replace --out if it exists.

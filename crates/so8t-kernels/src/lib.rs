@@ -13,6 +13,7 @@
 
 mod blocks;
 mod dot;
+pub mod quantize;
 
 pub use blocks::QType;
 use rayon::prelude::*;

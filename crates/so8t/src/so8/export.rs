@@ -18,11 +18,30 @@ use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// The `--quant` types: every tensor of two or more dimensions in that type (1-D tensors
-/// stay f32), as llama.cpp's converter does for its `--outtype`.
-pub const QUANT_TYPES: [&str; 13] = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"];
+/// The `--quant` types. A plain type puts every tensor of two or more dimensions in that
+/// type (1-D tensors stay f32), as llama.cpp's converter does for its `--outtype`; the
+/// mixes choose per tensor as `llama-quantize` does.
+pub const QUANT_TYPES: [&str; 16] =
+    ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_k_m", "q5_k_m", "q4_k_s"];
 
-pub fn parse_quant(s: &str) -> Result<GgmlDType> {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quant {
+    Plain(GgmlDType),
+    Q4KM,
+    Q5KM,
+    Q4KS,
+}
+
+pub fn parse_quant(s: &str) -> Result<Quant> {
+    Ok(match s {
+        "q4_k_m" => Quant::Q4KM,
+        "q5_k_m" => Quant::Q5KM,
+        "q4_k_s" => Quant::Q4KS,
+        _ => Quant::Plain(parse_plain(s)?),
+    })
+}
+
+fn parse_plain(s: &str) -> Result<GgmlDType> {
     Ok(match s {
         "f32" => GgmlDType::F32,
         "f16" => GgmlDType::F16,
@@ -37,15 +56,18 @@ pub fn parse_quant(s: &str) -> Result<GgmlDType> {
         "q4_k" => GgmlDType::Q4K,
         "q5_k" => GgmlDType::Q5K,
         "q6_k" => GgmlDType::Q6K,
-        "q4_k_m" | "q5_k_m" | "q4_k_s" => {
-            return Err(Error::Invalid(format!("quant type `{s}`: llama.cpp's mixes are not implemented yet; use one of {}", QUANT_TYPES.join(", "))))
-        }
         _ => return Err(Error::Invalid(format!("unknown quant type `{s}` (expected one of {})", QUANT_TYPES.join(", ")))),
     })
 }
 
-/// llama.cpp's `llama_ftype` for a file whose weights are all `t`.
-fn file_type(t: GgmlDType) -> u32 {
+/// llama.cpp's `llama_ftype`.
+fn file_type(q: Quant) -> u32 {
+    let t = match q {
+        Quant::Q4KM => return 15,
+        Quant::Q5KM => return 17,
+        Quant::Q4KS => return 14,
+        Quant::Plain(t) => t,
+    };
     match t {
         GgmlDType::F32 => 0,
         GgmlDType::F16 => 1,
@@ -62,6 +84,51 @@ fn file_type(t: GgmlDType) -> u32 {
         GgmlDType::BF16 => 32,
         _ => 0,
     }
+}
+
+/// llama-quantize's `use_more_bits`: the first and last eighth of the layers and every
+/// third layer between get more bits in the mixes.
+fn use_more_bits(i: usize, n: usize) -> bool {
+    i < n / 8 || i >= 7 * n / 8 || (i as i64 - (n / 8) as i64).rem_euclid(3) == 2
+}
+
+/// The type of one tensor: llama-quantize's `llama_tensor_get_type` for the mixes
+/// (without experts or an importance matrix), then its block-size fallback.
+fn tensor_type(q: Quant, gguf: &str, dims: &[usize], n_layers: usize, tied: bool) -> GgmlDType {
+    if dims.len() < 2 {
+        return GgmlDType::F32;
+    }
+    let cols = dims[1];
+    let base = match q {
+        Quant::Plain(t) => return fit(t, cols),
+        Quant::Q4KM | Quant::Q4KS => GgmlDType::Q4K,
+        Quant::Q5KM => GgmlDType::Q5K,
+    };
+    let layer = gguf.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok());
+    let t = if gguf == "output.weight" || (tied && gguf == "token_embd.weight") {
+        if cols % 256 != 0 {
+            GgmlDType::Q8_0
+        } else {
+            GgmlDType::Q6K
+        }
+    } else if gguf.ends_with(".attn_v.weight") {
+        let l = layer.unwrap_or(0);
+        match q {
+            Quant::Q4KM | Quant::Q5KM if use_more_bits(l, n_layers) => GgmlDType::Q6K,
+            Quant::Q4KS if l < 4 => GgmlDType::Q5K,
+            _ => base,
+        }
+    } else if gguf.ends_with(".ffn_down.weight") {
+        let l = layer.unwrap_or(0);
+        match q {
+            Quant::Q4KM | Quant::Q5KM if use_more_bits(l, n_layers) => GgmlDType::Q6K,
+            Quant::Q4KS if l < n_layers / 8 => GgmlDType::Q5K,
+            _ => base,
+        }
+    } else {
+        base
+    };
+    fit(t, cols)
 }
 
 /// llama.cpp's fallback when a row is not a whole number of blocks (llama-quant.cpp).
@@ -96,7 +163,7 @@ pub struct ExportReport {
     pub bytes: u64,
 }
 
-pub fn export(src: &Path, out: &Path, quant: GgmlDType, mut progress: impl FnMut(usize, usize, u64)) -> Result<ExportReport> {
+pub fn export(src: &Path, out: &Path, quant: Quant, mut progress: impl FnMut(usize, usize, u64)) -> Result<ExportReport> {
     let mut input = open_input(src)?;
     let cfg = &input.config;
     let mut planned: Vec<PlannedTensor> = Vec::new();
@@ -107,7 +174,7 @@ pub fn export(src: &Path, out: &Path, quant: GgmlDType, mut progress: impl FnMut
     }
     for (name, dims) in cfg.hf_tensors() {
         let g = gguf_name(&name).ok_or_else(|| Error::Invalid(format!("no GGUF name for `{name}`")))?;
-        let dtype = if dims.len() == 1 { GgmlDType::F32 } else { fit(quant, dims[1]) };
+        let dtype = tensor_type(quant, &g, &dims, cfg.num_layers, cfg.tie_word_embeddings);
         planned.push(PlannedTensor { name: g, dims, dtype });
         sources.push(Some(name));
     }
@@ -128,7 +195,7 @@ pub fn export(src: &Path, out: &Path, quant: GgmlDType, mut progress: impl FnMut
                 None => Tensor::new(rope_factors(cfg).unwrap(), &candle_core::Device::Cpu)?,
                 Some(name) => prepare(&input, name, &planned[i].dims)?,
             };
-            Ok(QTensor::quantize(&t, planned[i].dtype)?.data()?.into_owned())
+            encode(&t, planned[i].dtype)
         },
         |i, b| {
             bytes += b;
@@ -136,6 +203,23 @@ pub fn export(src: &Path, out: &Path, quant: GgmlDType, mut progress: impl FnMut
         },
     )?;
     Ok(ExportReport { tensors: total, bytes })
+}
+
+/// ggml blocks for a tensor: our ggml-exact quantisers where candle's differ from ggml's
+/// current ones (Q4_K, Q6_K), candle's block encoders otherwise.
+pub fn encode(t: &Tensor, dtype: GgmlDType) -> Result<Vec<u8>> {
+    let ours = match dtype {
+        GgmlDType::Q4K => Some(so8t_kernels::QType::Q4K),
+        GgmlDType::Q6K => Some(so8t_kernels::QType::Q6K),
+        _ => None,
+    };
+    if let (Some(ty), Ok((_, cols))) = (ours, t.dims2()) {
+        let data = t.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(b) = so8t_kernels::quantize::quantize_rows(ty, &data, cols) {
+            return Ok(b);
+        }
+    }
+    Ok(QTensor::quantize(t, dtype)?.data()?.into_owned())
 }
 
 /// A tensor as f32 in the GGUF's layout: gates folded, llama q/k rows permuted.
@@ -175,7 +259,7 @@ fn rope_factors(cfg: &ModelConfig) -> Option<Vec<f32>> {
     }
 }
 
-fn model_metadata(cfg: &ModelConfig, quant: GgmlDType, name: &str) -> Vec<(String, Meta)> {
+fn model_metadata(cfg: &ModelConfig, quant: Quant, name: &str) -> Vec<(String, Meta)> {
     let a = cfg.arch.name();
     let k = |s: &str| format!("{a}.{s}");
     let mut m = vec![
