@@ -5,6 +5,7 @@ mod bench;
 mod convert;
 mod export;
 mod inspect;
+mod modelfile;
 mod run;
 mod validate;
 
@@ -35,6 +36,8 @@ enum Command {
     Bake(bake::Args),
     /// Write a GGUF v3 file that llama.cpp loads (an SO8T directory is baked on the fly).
     Export(export::Args),
+    /// Write an Ollama Modelfile for a GGUF.
+    Modelfile(modelfile::Args),
     /// Check an SO8T directory: rotations, triality, shapes, NaN/Inf, base checksum.
     Validate(validate::Args),
 }
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
         Command::Validate(a) => validate::main(a),
         Command::Bake(a) => bake::main(a),
         Command::Export(a) => export::main(a),
+        Command::Modelfile(a) => modelfile::main(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -109,3 +109,39 @@ fn stop_strings_end_generation_before_them() {
     assert_eq!(cut["finish_reason"], "stop");
     assert_eq!(got, &text[..text.find(&stop).unwrap()], "text ends right before the stop string {stop:?}");
 }
+
+/// A killed export leaves no file at the target name (the file is written under a
+/// temporary name and renamed when complete).
+#[test]
+fn killed_export_leaves_no_file_at_the_target() {
+    let cache = std::env::var_os("SO8T_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/so8t"));
+    let model = cache.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !model.exists() {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-models.sh");
+        let ok = Command::new("bash").arg(script).arg("smollm2").status().map(|s| s.success()).unwrap_or(false);
+        if !ok || !model.exists() {
+            eprintln!("SKIPPED: SmolLM2 could not be fetched");
+            return;
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m.gguf");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_so8t"))
+        .args(["export", model.to_str().unwrap(), "--out", out.to_str().unwrap(), "--quant", "q4_k"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // wait until the temporary file exists, then kill mid-write
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_dir(tmp.path()).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with(".m.gguf.tmp"))
+        && t0.elapsed().as_secs() < 30
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "export finished before it could be killed");
+    assert!(!out.exists(), "a killed export must not leave a file at the target name");
+}

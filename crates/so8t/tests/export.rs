@@ -103,6 +103,8 @@ fn unknown_quant_types_are_refused() {
     let e = parse_quant("q7_x").unwrap_err().to_string();
     assert!(e.contains("unknown quant type `q7_x`"), "{e}");
     assert!(parse_quant("q4_k_m").is_ok());
+    let e = parse_quant("iq2_xxs").unwrap_err().to_string();
+    assert!(e.contains("needs an importance matrix"), "{e}");
 }
 
 /// Block bytes against ggml's own quantisers (fixtures/quant, from
@@ -130,4 +132,63 @@ fn quantised_bytes_equal_ggml_for_every_required_type() {
         }
     }
     eprintln!("{}", report.join(", "));
+}
+
+/// The Go TEMPLATE of the Modelfile, evaluated for the constructs it uses (`if .System`,
+/// `range .Messages`, `.Role`, `.Content`), gives the same prompt as the model's Jinja
+/// template rendered by minijinja.
+#[test]
+fn modelfile_template_renders_like_the_chat_template() {
+    use so8t::chat::{ChatTemplate, Message};
+    let gguf = fixtures().join("tiny-qwen2/model-f16.gguf");
+    let mf = so8t::so8::modelfile::modelfile(&gguf, &so8t::so8::modelfile::ModelfileOptions {
+        from: "./model.gguf",
+        system: None,
+        generation: Default::default(),
+    })
+    .unwrap();
+    assert!(mf.starts_with("FROM ./model.gguf\n"));
+    assert!(mf.contains("PARAMETER stop \"<|im_end|>\""));
+    let go = mf.split("TEMPLATE \"\"\"").nth(1).unwrap().split("\"\"\"").next().unwrap();
+    let msgs = [Message::new("system", "Be brief."), Message::new("user", "Hi"), Message::new("assistant", "Hello"), Message::new("user", "Bye")];
+    // Go side: .System is the system message, .Messages the rest
+    let (sys, rest) = (&msgs[0].content, &msgs[1..]);
+    let (if_open, if_end) = ("{{ if .System }}", "{{ end }}");
+    let a = go.find(if_open).unwrap();
+    let b = a + go[a..].find(if_end).unwrap();
+    let mut out = go[..a].to_string() + &go[a + if_open.len()..b].replace("{{ .System }}", sys);
+    let tail = &go[b + if_end.len()..];
+    let (r_open, r_end) = ("{{ range .Messages }}", "{{ end }}");
+    let c = tail.find(r_open).unwrap();
+    let d = c + tail[c..].find(r_end).unwrap();
+    out += &tail[..c];
+    for m in rest {
+        out += &tail[c + r_open.len()..d].replace("{{ .Role }}", &m.role).replace("{{ .Content }}", &m.content);
+    }
+    out += &tail[d + r_end.len()..];
+    let tok = so8t::tokenizer::TextTokenizer::from_hf_dir(&fixtures().join("tiny-qwen2"), &[]).unwrap();
+    let jinja = ChatTemplate::new(tok.chat_template.as_ref().unwrap(), "", "").unwrap().render(&msgs, true).unwrap();
+    assert_eq!(out, jinja);
+}
+
+#[test]
+fn exported_so8t_gguf_carries_heads_and_validates() {
+    use so8t::so8::convert::{convert, ConvertOptions, Init};
+    let tmp = tempfile::tempdir().unwrap();
+    let s = tmp.path().join("s");
+    convert(&fixtures().join("tiny-qwen3"), &s, &ConvertOptions { init: Init::Random { seed: 9, scale: 0.3 }, ..Default::default() }).unwrap();
+    let out = tmp.path().join("m.gguf");
+    export(&s, &out, parse_quant("f32").unwrap(), |_, _, _| {}).unwrap();
+    let g = read(&out);
+    for k in ["so8t.version", "so8t.rotation_dim", "so8t.sites", "so8t.baked", "so8t.head.safety.weight", "so8t.head.safety.labels", "so8t.head.authority.bias"] {
+        assert!(g.content.metadata.contains_key(k), "{k}");
+    }
+    assert!(g.content.tensor_infos.keys().all(|n| !n.contains("so8t")), "no SO8T tensor: llama.cpp rejects unknown tensors");
+    let checks = so8t::so8::validate::validate(&out);
+    assert!(checks.iter().all(|c| c.ok) && checks.iter().any(|c| c.name == "baked_heads"), "{checks:?}");
+    // gated (SO8T dir) and exported (baked GGUF) give the same logits
+    let ids = &expected("tiny-qwen3").inputs[0];
+    let a = so8t::Model::open(&s).unwrap().decoder.forward_all(ids).unwrap();
+    let b = so8t::Model::open(&out).unwrap().decoder.forward_all(ids).unwrap();
+    assert!(max_abs_diff(&a, &b) <= 1e-4);
 }

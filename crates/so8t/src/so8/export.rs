@@ -56,6 +56,11 @@ fn parse_plain(s: &str) -> Result<GgmlDType> {
         "q4_k" => GgmlDType::Q4K,
         "q5_k" => GgmlDType::Q5K,
         "q6_k" => GgmlDType::Q6K,
+        "iq1_s" | "iq1_m" | "iq2_xxs" | "iq2_xs" | "iq2_s" | "iq2_m" | "q2_k_s" => {
+            return Err(Error::Invalid(format!(
+                "quant type `{s}` needs an importance matrix (llama-quantize --imatrix), which so8t export does not compute"
+            )))
+        }
         _ => return Err(Error::Invalid(format!("unknown quant type `{s}` (expected one of {})", QUANT_TYPES.join(", ")))),
     })
 }

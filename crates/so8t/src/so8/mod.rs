@@ -10,3 +10,4 @@ pub mod validate;
 pub mod bake;
 pub mod export;
 pub mod export_tokenizer;
+pub mod modelfile;

@@ -37,7 +37,22 @@ pub fn validate(path: &Path) -> Vec<Check> {
     }
     let model_cfg = base.as_ref().unwrap().config.clone();
     if !is_so8t_dir(path) {
-        if path.is_dir() && path.join(super::bake::HEADS_FILE).exists() {
+        if path.is_file() {
+            let heads = crate::formats::gguf::GgufFile::open(path)
+                .and_then(|g| super::export::read_gguf_heads(&g, model_cfg.hidden_size));
+            match heads {
+                Ok(Some((h, c))) => match crate::load::check_heads(&h, model_cfg.hidden_size, path) {
+                    Ok(()) => out.push(check(
+                        "baked_heads",
+                        true,
+                        format!("GGUF with SO8T heads ({}) in so8t.* metadata; sites {:?} baked", if c.heads_trained { "trained" } else { "untrained" }, c.sites),
+                    )),
+                    Err(e) => out.push(check("baked_heads", false, e.to_string())),
+                },
+                Ok(None) => out.push(check("so8t", true, "no so8t.* metadata: a plain GGUF, nothing SO8T to check")),
+                Err(e) => out.push(check("baked_heads", false, e.to_string())),
+            }
+        } else if path.is_dir() && path.join(super::bake::HEADS_FILE).exists() {
             let heads = super::bake::read_heads(path).and_then(|(h, c)| {
                 crate::load::check_heads(&h, model_cfg.hidden_size, &path.join(super::bake::HEADS_FILE)).map(|_| c)
             });
