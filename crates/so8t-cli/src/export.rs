@@ -1,7 +1,5 @@
-use anyhow::{Context, Result};
-use sha2::{Digest, Sha256};
+use anyhow::Result;
 use so8t::so8::export::{export, parse_quant};
-use std::io::Read;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -35,17 +33,7 @@ pub fn main(a: Args) -> Result<()> {
         bar.set_message(format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64));
     })?;
     bar.finish_and_clear();
-    let mut h = Sha256::new();
-    let mut f = std::fs::File::open(&a.out).with_context(|| a.out.display().to_string())?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    println!("{:x}  {}", h.finalize(), a.out.display());
+    println!("{}  {}", report.sha256, a.out.display());
     eprintln!("{} tensors, {:.1} MiB of tensor data ({})", report.tensors, report.bytes as f64 / (1 << 20) as f64, a.quant);
     Ok(())
 }

@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use candle_core::quantized::GgmlDType;
+use sha2::{Digest, Sha256};
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
@@ -109,21 +110,40 @@ fn pad(w: &mut impl Write, written: u64) -> std::io::Result<u64> {
     Ok(p)
 }
 
+/// A writer that hashes what passes through it, so the file's sha256 needs no second read.
+struct Hashing<W: Write> {
+    inner: W,
+    hash: Sha256,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Writes `path`; `produce(i)` returns tensor i's bytes (exactly its planned size) and is
-/// called once per tensor, in order. `progress(i, bytes)` after each tensor.
+/// called once per tensor, in order. `progress(i, bytes)` after each tensor. Returns the
+/// file's sha256 (hex).
 pub fn write(
     path: &Path,
     metadata: &[(String, Meta)],
     tensors: &[PlannedTensor],
     mut produce: impl FnMut(usize) -> Result<Vec<u8>>,
     mut progress: impl FnMut(usize, u64),
-) -> Result<()> {
+) -> Result<String> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| Error::format(path, "not a file name"))?.to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| -> Result<()> {
+    let result = (|| -> Result<String> {
         let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let mut w = BufWriter::with_capacity(1 << 20, file);
+        let mut w = Hashing { inner: BufWriter::with_capacity(1 << 20, file), hash: Sha256::new() };
         let io = |e| Error::io(&tmp, e);
         let mut head = Vec::new();
         head.extend_from_slice(&0x4655_4747u32.to_le_bytes());
@@ -156,12 +176,16 @@ pub fn write(
             pad(&mut w, bytes.len() as u64).map_err(io)?;
             progress(i, bytes.len() as u64);
         }
-        let file = w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
+        let sha = format!("{:x}", w.hash.finalize());
+        let file = w.inner.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
         file.sync_all().map_err(io)?;
-        Ok(())
+        Ok(sha)
     })();
     match result {
-        Ok(()) => std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)),
+        Ok(sha) => {
+            std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+            Ok(sha)
+        }
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
             Err(e)

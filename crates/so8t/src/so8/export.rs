@@ -166,6 +166,7 @@ struct Input {
 pub struct ExportReport {
     pub tensors: usize,
     pub bytes: u64,
+    pub sha256: String,
 }
 
 pub fn export(src: &Path, out: &Path, quant: Quant, mut progress: impl FnMut(usize, usize, u64)) -> Result<ExportReport> {
@@ -191,7 +192,7 @@ pub fn export(src: &Path, out: &Path, quant: Quant, mut progress: impl FnMut(usi
     }
     let total = planned.len();
     let mut bytes = 0u64;
-    write(
+    let sha256 = write(
         out,
         &meta,
         &planned,
@@ -207,7 +208,7 @@ pub fn export(src: &Path, out: &Path, quant: Quant, mut progress: impl FnMut(usi
             progress(i + 1, total, bytes)
         },
     )?;
-    Ok(ExportReport { tensors: total, bytes })
+    Ok(ExportReport { tensors: total, bytes, sha256 })
 }
 
 /// ggml blocks for a tensor: our ggml-exact quantisers where candle's differ from ggml's
@@ -223,6 +224,28 @@ pub fn encode(t: &Tensor, dtype: GgmlDType) -> Result<Vec<u8>> {
         if let Some(b) = so8t_kernels::quantize::quantize_rows(ty, &data, cols) {
             return Ok(b);
         }
+    }
+    // candle's encoders are single-threaded; blocks never cross rows, so chunks of rows
+    // quantised in parallel and concatenated are the same bytes.
+    let dims = t.dims().to_vec();
+    if dims.len() == 2 && dims[0] >= 64 {
+        use rayon::prelude::*;
+        let rows = dims[0];
+        let chunk = rows.div_ceil(rayon::current_num_threads() * 4).max(16);
+        let parts: Vec<candle_core::Result<Vec<u8>>> = (0..rows.div_ceil(chunk))
+            .into_par_iter()
+            .map(|c| {
+                let n = chunk.min(rows - c * chunk);
+                // own storage: candle's quantize reads a view's storage from its start
+                let part = Tensor::from_vec(t.narrow(0, c * chunk, n)?.flatten_all()?.to_vec1::<f32>()?, (n, dims[1]), t.device())?;
+                Ok(QTensor::quantize(&part, dtype)?.data()?.into_owned())
+            })
+            .collect();
+        let mut out = Vec::new();
+        for p in parts {
+            out.extend(p?);
+        }
+        return Ok(out);
     }
     Ok(QTensor::quantize(t, dtype)?.data()?.into_owned())
 }
