@@ -1,5 +1,5 @@
 //! Weight quantisers that write exactly what ggml's reference quantisers write
-//! (`quantize_row_q4_K_ref`, `quantize_row_q6_K_ref` in ggml-quants.c, which
+//! (`quantize_row_q{4,5,6}_K_ref` in ggml-quants.c, which
 //! `llama-quantize` uses when no importance matrix is given). The f32 arithmetic follows
 //! the C code operation for operation; ggml-base is compiled without FMA contraction, so
 //! plain Rust f32 reproduces it bit for bit.
@@ -142,9 +142,21 @@ fn make_qx_quants(x: &[f32], nmax: i32, l: &mut [i8]) -> f32 {
     scale
 }
 
-/// One row (a multiple of 256 values) as Q4_K blocks.
+/// One row (a multiple of 256 values) as Q4_K blocks (`quantize_row_q4_K_ref`).
 pub fn quantize_q4_k(x: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(x.len() / QK_K * 144);
+    quantize_k45(x, false)
+}
+
+/// One row (a multiple of 256 values) as Q5_K blocks (`quantize_row_q5_K_ref`).
+pub fn quantize_q5_k(x: &[f32]) -> Vec<u8> {
+    quantize_k45(x, true)
+}
+
+/// Q4_K and Q5_K differ only in levels (15 or 31), the search (rmin −1 over 20 steps or
+/// −0.5 over 15) and the fifth bit's packing.
+fn quantize_k45(x: &[f32], five: bool) -> Vec<u8> {
+    let (nmax, rmin, nstep) = if five { (31, -0.5, 15) } else { (15, -1.0, 20) };
+    let mut out = Vec::with_capacity(x.len() / QK_K * if five { 176 } else { 144 });
     for x in x.chunks_exact(QK_K) {
         let mut l = [0u8; QK_K];
         let mut laux = [0u8; 32];
@@ -161,7 +173,7 @@ pub fn quantize_q4_k(x: &[f32]) -> Vec<u8> {
             for (w, &v) in weights.iter_mut().zip(xs) {
                 *w = av_x + v.abs();
             }
-            let (s, m) = make_qkx2_quants(xs, &weights, 15, &mut l[32 * j..32 * j + 32], &mut laux, -1.0, 0.1, 20);
+            let (s, m) = make_qkx2_quants(xs, &weights, nmax, &mut l[32 * j..32 * j + 32], &mut laux, rmin, 0.1, nstep);
             scales[j] = s;
             mins[j] = m;
             if s > max_scale {
@@ -196,15 +208,39 @@ pub fn quantize_q4_k(x: &[f32]) -> Vec<u8> {
             }
             let dm = dmin * m as f32;
             for ii in 0..32 {
-                l[32 * j + ii] = nearest_int((x[32 * j + ii] + dm) / dd).clamp(0, 15) as u8;
+                l[32 * j + ii] = nearest_int((x[32 * j + ii] + dm) / dd).clamp(0, nmax) as u8;
             }
         }
         out.extend_from_slice(&f16_bits(max_scale / 63.0));
         out.extend_from_slice(&f16_bits(max_min / 63.0));
         out.extend_from_slice(&sc);
-        for j in (0..QK_K).step_by(64) {
-            for k in 0..32 {
-                out.push(l[j + k] | (l[j + k + 32] << 4));
+        if five {
+            let mut qh = [0u8; 32];
+            let mut ql = [0u8; 128];
+            let (mut m1, mut m2) = (1u8, 2u8);
+            for (c, n) in (0..QK_K).step_by(64).enumerate() {
+                for j in 0..32 {
+                    let (mut l1, mut l2) = (l[n + j], l[n + j + 32]);
+                    if l1 > 15 {
+                        l1 -= 16;
+                        qh[j] |= m1;
+                    }
+                    if l2 > 15 {
+                        l2 -= 16;
+                        qh[j] |= m2;
+                    }
+                    ql[32 * c + j] = l1 | (l2 << 4);
+                }
+                m1 <<= 2;
+                m2 <<= 2;
+            }
+            out.extend_from_slice(&qh);
+            out.extend_from_slice(&ql);
+        } else {
+            for j in (0..QK_K).step_by(64) {
+                for k in 0..32 {
+                    out.push(l[j + k] | (l[j + k + 32] << 4));
+                }
             }
         }
     }
@@ -268,6 +304,7 @@ pub fn quantize_rows(ty: crate::QType, data: &[f32], cols: usize) -> Option<Vec<
     use rayon::prelude::*;
     let f: fn(&[f32]) -> Vec<u8> = match ty {
         crate::QType::Q4K => quantize_q4_k,
+        crate::QType::Q5K => quantize_q5_k,
         crate::QType::Q6K => quantize_q6_k,
         _ => return None,
     };

@@ -212,10 +212,11 @@ pub fn export(src: &Path, out: &Path, quant: Quant, mut progress: impl FnMut(usi
 }
 
 /// ggml blocks for a tensor: our ggml-exact quantisers where candle's differ from ggml's
-/// current ones (Q4_K, Q6_K), candle's block encoders otherwise.
+/// current ones (Q4_K, Q5_K, Q6_K), candle's block encoders otherwise.
 pub fn encode(t: &Tensor, dtype: GgmlDType) -> Result<Vec<u8>> {
     let ours = match dtype {
         GgmlDType::Q4K => Some(so8t_kernels::QType::Q4K),
+        GgmlDType::Q5K => Some(so8t_kernels::QType::Q5K),
         GgmlDType::Q6K => Some(so8t_kernels::QType::Q6K),
         _ => None,
     };
