@@ -14,7 +14,7 @@ struct Gguf {
     content: Content,
 }
 
-fn read(p: &Path) -> Gguf {
+fn read_gguf(p: &Path) -> Gguf {
     let bytes = std::fs::read(p).unwrap();
     let content = Content::read(&mut Cursor::new(&bytes)).unwrap();
     Gguf { bytes, content }
@@ -76,8 +76,8 @@ fn export_matches_llama_cpp_converter_f32_f16_q8_0() {
         for ty in ["f32", "f16", "q8_0"] {
             let out = tmp.path().join(format!("{arch}-{ty}.gguf"));
             export(&fixtures().join(format!("tiny-{arch}")), &out, parse_quant(ty).unwrap(), |_, _, _| {}).unwrap();
-            let theirs = read(&fixtures().join(format!("tiny-{arch}/model-{ty}.gguf")));
-            compare(&read(&out), &theirs, &format!("{arch} {ty}"), true);
+            let theirs = read_gguf(&fixtures().join(format!("tiny-{arch}/model-{ty}.gguf")));
+            compare(&read_gguf(&out), &theirs, &format!("{arch} {ty}"), true);
         }
     }
 }
@@ -179,7 +179,7 @@ fn exported_so8t_gguf_carries_heads_and_validates() {
     convert(&fixtures().join("tiny-qwen3"), &s, &ConvertOptions { init: Init::Random { seed: 9, scale: 0.3 }, ..Default::default() }).unwrap();
     let out = tmp.path().join("m.gguf");
     export(&s, &out, parse_quant("f32").unwrap(), |_, _, _| {}).unwrap();
-    let g = read(&out);
+    let g = read_gguf(&out);
     for k in ["so8t.version", "so8t.rotation_dim", "so8t.sites", "so8t.baked", "so8t.head.safety.weight", "so8t.head.safety.labels", "so8t.head.authority.bias"] {
         assert!(g.content.metadata.contains_key(k), "{k}");
     }
@@ -191,4 +191,42 @@ fn exported_so8t_gguf_carries_heads_and_validates() {
     let a = so8t::Model::open(&s).unwrap().decoder.forward_all(ids).unwrap();
     let b = so8t::Model::open(&out).unwrap().decoder.forward_all(ids).unwrap();
     assert!(max_abs_diff(&a, &b) <= 1e-4);
+}
+
+/// The python `gguf` package read every export type of the tiny SO8T model
+/// (scripts/reference/gguf_py_fixtures.py): the same export here must give, tensor by
+/// tensor, the type, shape and bytes gguf-py saw, and the same metadata keys.
+#[test]
+fn gguf_py_reads_every_export_type() {
+    use sha2::{Digest, Sha256};
+    use so8t::so8::convert::{convert, ConvertOptions, Init};
+    let read: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("gguf-py/read.json")).unwrap()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let s = tmp.path().join("s");
+    convert(&fixtures().join("tiny-qwen3"), &s, &ConvertOptions { init: Init::Random { seed: 5, scale: 0.3 }, ..Default::default() }).unwrap();
+    let types = read.as_object().unwrap();
+    assert_eq!(types.len(), so8t::so8::export::QUANT_TYPES.len(), "every --quant type was read by gguf-py");
+    for (ty, seen) in types {
+        let out = tmp.path().join(format!("{ty}.gguf"));
+        export(&s, &out, parse_quant(ty).unwrap(), |_, _, _| {}).unwrap();
+        let g = read_gguf(&out);
+        assert_eq!(seen["version"], 3);
+        let mut keys: Vec<&String> = g.content.metadata.keys().collect();
+        keys.sort();
+        let want: Vec<String> = serde_json::from_value(seen["metadata_keys"].clone()).unwrap();
+        assert_eq!(keys, want.iter().collect::<Vec<_>>(), "{ty}: metadata keys");
+        let tensors = seen["tensors"].as_object().unwrap();
+        assert_eq!(tensors.len(), g.content.tensor_infos.len(), "{ty}: tensor count");
+        for (name, t) in tensors {
+            let info = &g.content.tensor_infos[name];
+            let ours_type = format!("{:?}", info.ggml_dtype).replace('K', "_K");
+            assert_eq!(t["type"].as_str().unwrap(), ours_type, "{ty} {name}: type");
+            let mut shape: Vec<u64> = info.shape.dims().iter().map(|&d| d as u64).collect();
+            shape.reverse();
+            assert_eq!(serde_json::to_value(shape).unwrap(), t["shape"], "{ty} {name}: shape (ggml order)");
+            let sha = format!("{:x}", Sha256::digest(g.tensor_bytes(name)));
+            assert_eq!(sha, t["sha256"].as_str().unwrap(), "{ty} {name}: bytes");
+        }
+    }
 }
