@@ -145,3 +145,43 @@ fn killed_export_leaves_no_file_at_the_target() {
     assert!(!status.success(), "export finished before it could be killed");
     assert!(!out.exists(), "a killed export must not leave a file at the target name");
 }
+
+/// A write that fails part-way (as on a full disk: here a file-size limit, `ulimit -f`,
+/// with SIGXFSZ ignored so that the write returns EFBIG) gives one clear error, exit 1,
+/// and nothing at the target name: no partial file, no staging leftovers.
+#[test]
+fn failed_writes_leave_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_so8t");
+    let s = tmp.path().join("s");
+    assert!(Command::new(bin)
+        .args(["convert", fixtures().join("tiny-qwen3").to_str().unwrap(), "--out", s.to_str().unwrap()])
+        .status()
+        .unwrap()
+        .success());
+    for (what, args) in [
+        ("export", vec!["export", s.to_str().unwrap(), "--out", "m.gguf", "--quant", "f32"]),
+        ("bake", vec!["bake", s.to_str().unwrap(), "--out", "baked"]),
+    ] {
+        let out = Command::new("sh")
+            .current_dir(tmp.path())
+            .arg("-c")
+            .arg("trap '' XFSZ; ulimit -f 100; exec \"$@\"")
+            .arg("sh")
+            .arg(bin)
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{what}: {err}");
+        assert!(err.starts_with("error: ") && !err.contains("panicked"), "{what}: {err}");
+        assert!(err.contains("File too large") && !err.contains(".tmp"), "{what}: the error names the target and the cause: {err}");
+        assert_eq!(err.matches("os error").count(), 1, "{what}: the cause once: {err}");
+        let left: Vec<String> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n != "s")
+            .collect();
+        assert!(left.is_empty(), "{what}: left behind {left:?} ({err})");
+    }
+}

@@ -10,12 +10,10 @@ pub enum Error {
     #[error("{}: {what}", path.display())]
     Format { path: PathBuf, what: String },
 
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The message includes the OS error, so it is not chained as a source as well
+    /// (which would print it twice).
+    #[error("{}: {error}", path.display())]
+    Io { path: PathBuf, error: std::io::Error },
 
     /// A request that cannot be served (bad argument, unknown option value).
     #[error("{0}")]
@@ -42,8 +40,8 @@ impl Error {
         Error::Format { path: path.as_ref().to_path_buf(), what: what.into() }
     }
 
-    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
-        Error::Io { path: path.as_ref().to_path_buf(), source }
+    pub fn io(path: impl AsRef<Path>, error: std::io::Error) -> Self {
+        Error::Io { path: path.as_ref().to_path_buf(), error }
     }
 }
 

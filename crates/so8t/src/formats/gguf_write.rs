@@ -142,9 +142,10 @@ pub fn write(
     let name = path.file_name().ok_or_else(|| Error::format(path, "not a file name"))?.to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| -> Result<String> {
-        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        // Errors name the target: the temporary name is an implementation detail.
+        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(path, e))?;
         let mut w = Hashing { inner: BufWriter::with_capacity(1 << 20, file), hash: Sha256::new() };
-        let io = |e| Error::io(&tmp, e);
+        let io = |e| Error::io(path, e);
         let mut head = Vec::new();
         head.extend_from_slice(&0x4655_4747u32.to_le_bytes());
         head.extend_from_slice(&3u32.to_le_bytes());
@@ -177,7 +178,7 @@ pub fn write(
             progress(i, bytes.len() as u64);
         }
         let sha = format!("{:x}", w.hash.finalize());
-        let file = w.inner.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
+        let file = w.inner.into_inner().map_err(|e| Error::io(path, e.into_error()))?;
         file.sync_all().map_err(io)?;
         Ok(sha)
     })();

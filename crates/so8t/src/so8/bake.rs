@@ -137,7 +137,7 @@ pub fn bake(src: &Path, out: &Path, opts: &BakeOptions) -> Result<()> {
     let st = dir.join("model.safetensors");
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta), &st)
-        .map_err(|e| Error::format(&st, e.to_string()))?;
+        .map_err(|e| Error::format(out.join("model.safetensors"), format!("cannot write: {e}")))?;
     drop(tensors);
 
     // config.json: the base's, in the output dtype and without FP8 quantisation.
