@@ -72,23 +72,6 @@ pub fn open_source(path: &Path) -> Result<Source> {
     Ok(Source::Gguf(Arc::new(GgufFile::open(path)?)))
 }
 
-pub fn check_heads(h: &Heads, hidden: usize, path: &Path) -> Result<()> {
-    for (name, t, want) in [
-        ("heads.safety.weight", &h.safety_w, vec![2, hidden]),
-        ("heads.safety.bias", &h.safety_b, vec![2]),
-        ("heads.authority.weight", &h.authority_w, vec![2, hidden]),
-        ("heads.authority.bias", &h.authority_b, vec![2]),
-    ] {
-        if t.dims() != want.as_slice() {
-            return Err(Error::format(path, format!("tensor `{name}` has shape {:?}, expected {want:?}", t.dims())));
-        }
-        if t.flatten_all()?.to_vec1::<f32>()?.iter().any(|v| !v.is_finite()) {
-            return Err(Error::format(path, format!("tensor `{name}` holds NaN or Inf")));
-        }
-    }
-    Ok(())
-}
-
 fn fp8_block_size(config_text: &str, path: &Path) -> Result<Option<(usize, usize)>> {
     let v: serde_json::Value = serde_json::from_str(config_text).in_file(path)?;
     let q = &v["quantization_config"];
@@ -110,21 +93,26 @@ fn fp8_block_size(config_text: &str, path: &Path) -> Result<Option<(usize, usize
 impl Model {
     /// Opens a model; an SO8T directory comes with its gates installed and its heads.
     pub fn open(path: &Path) -> Result<Model> {
-        let mut m = Self::open_base(path)?;
-        if is_so8t_dir(path) {
+        let source = open_source(path)?;
+        // An exported GGUF carries its heads in metadata; read them from the file already parsed.
+        let gguf = match &source {
+            Source::Gguf(f) => Some(f.clone()),
+            Source::Hf { .. } => None,
+        };
+        let mut m = Self::from_source(source)?;
+        if let Some(g) = gguf {
+            if let Some((heads, config)) = crate::so8::export::read_gguf_heads(&g, m.config.hidden_size)? {
+                m.so8t = Some(So8tState { config, heads, baked: true });
+            }
+        } else if is_so8t_dir(path) {
             let config = So8tConfig::read(path)?;
             let adapter = Adapter::read(path)?;
             adapter.check_shapes(&m.config, &config, &path.join(ADAPTER_FILE))?;
             adapter.install(&mut m.decoder, &config)?;
             m.so8t = Some(So8tState { config, heads: adapter.heads, baked: false });
-        } else if m.kind == SourceKind::Gguf {
-            let g = GgufFile::open(path)?;
-            if let Some((heads, config)) = crate::so8::export::read_gguf_heads(&g, m.config.hidden_size)? {
-                m.so8t = Some(So8tState { config, heads, baked: true });
-            }
         } else if path.is_dir() && path.join(HEADS_FILE).exists() {
             let (heads, config) = read_heads(path)?;
-            check_heads(&heads, m.config.hidden_size, &path.join(HEADS_FILE))?;
+            heads.check(m.config.hidden_size, &path.join(HEADS_FILE))?;
             m.so8t = Some(So8tState { config, heads, baked: true });
         }
         Ok(m)
@@ -132,7 +120,11 @@ impl Model {
 
     /// Opens only the base model of a path, ignoring any SO8T adapter beside it.
     pub fn open_base(path: &Path) -> Result<Model> {
-        match open_source(path)? {
+        Self::from_source(open_source(path)?)
+    }
+
+    fn from_source(source: Source) -> Result<Model> {
+        match source {
             Source::Hf { dir, config, fp8_block } => {
                 let weights = SafetensorsStore::open(&dir, fp8_block)?;
                 let decoder = Decoder::load(config.clone(), &weights)?;

@@ -5,13 +5,13 @@ use super::gates::{site_rotation, Granularity, SiteShape};
 use super::algebra::N_GEN;
 use crate::config::ModelConfig;
 use crate::error::{Error, InFile, Result};
-use crate::model::{Decoder, Site};
+use crate::model::{BlockRotation, Decoder, Site};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub const CONFIG_FILE: &str = "so8t_config.json";
 pub const ADAPTER_FILE: &str = "so8t_adapter.safetensors";
@@ -90,6 +90,18 @@ impl So8tConfig {
         }
         Ok(c)
     }
+
+    /// Refuses a directory whose base files no longer hash to what conversion recorded.
+    pub fn check_base(&self, dir: &Path) -> Result<()> {
+        let sum = base_checksum(dir)?;
+        if sum != self.base.sha256 {
+            return Err(Error::format(
+                dir,
+                format!("the base model changed since conversion (sha256 {sum}, so8t_config.json records {})", self.base.sha256),
+            ));
+        }
+        Ok(())
+    }
 }
 
 pub fn generator_name(layer: usize, site: Site, factor: &str) -> String {
@@ -141,6 +153,47 @@ pub struct Verdict {
 }
 
 impl Heads {
+    /// File and metadata names of the four tensors, in a fixed order.
+    pub const NAMES: [&'static str; 4] = ["heads.safety.weight", "heads.safety.bias", "heads.authority.weight", "heads.authority.bias"];
+
+    pub fn tensors(&self) -> [(&'static str, &Tensor); 4] {
+        let [a, b, c, d] = Self::NAMES;
+        [(a, &self.safety_w), (b, &self.safety_b), (c, &self.authority_w), (d, &self.authority_b)]
+    }
+
+    /// Heads from a lookup by name (f32).
+    pub fn from_named(mut get: impl FnMut(&str) -> Result<Tensor>) -> Result<Heads> {
+        let [a, b, c, d] = Self::NAMES;
+        Ok(Heads {
+            safety_w: get(a)?.to_dtype(DType::F32)?,
+            safety_b: get(b)?.to_dtype(DType::F32)?,
+            authority_w: get(c)?.to_dtype(DType::F32)?,
+            authority_b: get(d)?.to_dtype(DType::F32)?,
+        })
+    }
+
+    /// `[2, hidden]` weights and `[2]` biases; names the first mismatch.
+    pub fn check_shapes(&self, hidden: usize, path: &Path) -> Result<()> {
+        for (name, t) in self.tensors() {
+            let want: &[usize] = if name.ends_with(".weight") { &[2, hidden] } else { &[2] };
+            if t.dims() != want {
+                return Err(Error::format(path, format!("tensor `{name}` has shape {:?}, expected {want:?}", t.dims())));
+            }
+        }
+        Ok(())
+    }
+
+    /// Shapes, and no NaN or Inf: what a runtime needs before trusting a verdict.
+    pub fn check(&self, hidden: usize, path: &Path) -> Result<()> {
+        self.check_shapes(hidden, path)?;
+        for (name, t) in self.tensors() {
+            if t.flatten_all()?.to_vec1::<f32>()?.iter().any(|v| !v.is_finite()) {
+                return Err(Error::format(path, format!("tensor `{name}` holds NaN or Inf")));
+            }
+        }
+        Ok(())
+    }
+
     pub fn zeros(hidden: usize) -> Result<Heads> {
         let z = |s: &[usize]| Tensor::zeros(s, DType::F32, &Device::Cpu);
         Ok(Heads { safety_w: z(&[2, hidden])?, safety_b: z(&[2])?, authority_w: z(&[2, hidden])?, authority_b: z(&[2])? })
@@ -194,16 +247,7 @@ impl Adapter {
         }
         let mut t = candle_core::safetensors::load(&path, &Device::Cpu)
             .map_err(|e| Error::format(&path, format!("not a valid safetensors file: {}", crate::error::candle_message(&e))))?;
-        let mut take = |name: &str| -> Result<Tensor> {
-            let v = t.remove(name).ok_or_else(|| Error::format(&path, format!("missing tensor `{name}`")))?;
-            Ok(v.to_dtype(DType::F32)?)
-        };
-        let heads = Heads {
-            safety_w: take("heads.safety.weight")?,
-            safety_b: take("heads.safety.bias")?,
-            authority_w: take("heads.authority.weight")?,
-            authority_b: take("heads.authority.bias")?,
-        };
+        let heads = Heads::from_named(|name| t.remove(name).ok_or_else(|| Error::format(&path, format!("missing tensor `{name}`"))))?;
         let mut generators = HashMap::new();
         for (k, v) in t {
             generators.insert(k, v.to_dtype(DType::F32)?);
@@ -213,26 +257,13 @@ impl Adapter {
 
     pub fn write(&self, path: &Path) -> Result<()> {
         let mut all: HashMap<String, Tensor> = self.generators.clone();
-        all.insert("heads.safety.weight".into(), self.heads.safety_w.clone());
-        all.insert("heads.safety.bias".into(), self.heads.safety_b.clone());
-        all.insert("heads.authority.weight".into(), self.heads.authority_w.clone());
-        all.insert("heads.authority.bias".into(), self.heads.authority_b.clone());
+        all.extend(self.heads.tensors().map(|(n, t)| (n.to_string(), t.clone())));
         candle_core::safetensors::save(&all, path).map_err(|e| Error::format(path, crate::error::candle_message(&e)))
     }
 
     /// Every tensor's shape against the base config; names each mismatch.
     pub fn check_shapes(&self, model: &ModelConfig, cfg: &So8tConfig, path: &Path) -> Result<()> {
-        let h = model.hidden_size;
-        for (name, t, want) in [
-            ("heads.safety.weight", &self.heads.safety_w, vec![2, h]),
-            ("heads.safety.bias", &self.heads.safety_b, vec![2]),
-            ("heads.authority.weight", &self.heads.authority_w, vec![2, h]),
-            ("heads.authority.bias", &self.heads.authority_b, vec![2]),
-        ] {
-            if t.dims() != want.as_slice() {
-                return Err(Error::format(path, format!("tensor `{name}` has shape {:?}, expected {want:?}", t.dims())));
-            }
-        }
+        self.heads.check_shapes(model.hidden_size, path)?;
         let mut expected = 0;
         for l in 0..model.num_layers {
             for &site in &cfg.sites {
@@ -254,25 +285,34 @@ impl Adapter {
         Ok(())
     }
 
+    /// The gate of one site of one layer, its factors composed in the config's order.
+    /// The adapter must have passed `check_shapes`.
+    pub fn rotation(&self, model: &ModelConfig, cfg: &So8tConfig, layer: usize, site: Site) -> Result<BlockRotation> {
+        let factors: Vec<Tensor> = cfg.factors.iter().map(|f| self.generators[&generator_name(layer, site, f)].clone()).collect();
+        Ok(site_rotation(&factors, SiteShape::of(model, site)?, site, cfg.granularity)?)
+    }
+
+    /// Every gate's matrices `[units, 8, 8]` in f64, for folding into weights (bake, export).
+    pub fn fold_rotations(&self, model: &ModelConfig, cfg: &So8tConfig) -> Result<HashMap<(usize, Site), Tensor>> {
+        let mut out = HashMap::new();
+        for l in 0..model.num_layers {
+            for &site in &cfg.sites {
+                out.insert((l, site), self.rotation(model, cfg, l, site)?.matrices()?.to_dtype(DType::F64)?);
+            }
+        }
+        Ok(out)
+    }
+
     /// Puts every site's gate into the decoder.
     pub fn install(&self, decoder: &mut Decoder, cfg: &So8tConfig) -> Result<()> {
         let model = decoder.cfg.clone();
         for l in 0..model.num_layers {
             for &site in &cfg.sites {
-                let shape = SiteShape::of(&model, site)?;
-                let factors: Vec<Tensor> = cfg.factors.iter().map(|f| self.generators[&generator_name(l, site, f)].clone()).collect();
-                *decoder.gates[l].slot(site) = Some(site_rotation(&factors, shape, site, cfg.granularity)?);
+                *decoder.gates[l].slot(site) = Some(self.rotation(&model, cfg, l, site)?);
             }
         }
         Ok(())
     }
-}
-
-/// An SO8T directory: config, adapter and the base it was made for.
-pub struct So8t {
-    pub dir: PathBuf,
-    pub config: So8tConfig,
-    pub adapter: Adapter,
 }
 
 pub fn is_so8t_dir(path: &Path) -> bool {

@@ -3,8 +3,7 @@
 //! in its metadata. Output sites (q, k, v): W' = R·W, b' = R·b. Input sites (o, mlp):
 //! W' = W·R (for mlp, both gate_proj and up_proj). Products are computed in f64.
 
-use super::adapter::{base_checksum, Adapter, Heads, So8tConfig, ADAPTER_FILE};
-use super::gates::{site_rotation, SiteShape};
+use super::adapter::{Adapter, Heads, So8tConfig, ADAPTER_FILE};
 use crate::config::ModelConfig;
 use crate::error::{Error, InFile, Result};
 use crate::formats::safetensors::SafetensorsStore;
@@ -84,13 +83,7 @@ pub(crate) fn fold(t: &Tensor, r: &Tensor, output_side: bool) -> candle_core::Re
 
 pub fn bake(src: &Path, out: &Path, opts: &BakeOptions) -> Result<()> {
     let cfg = So8tConfig::read(src)?;
-    let sum = base_checksum(src)?;
-    if sum != cfg.base.sha256 {
-        return Err(Error::format(
-            src,
-            format!("the base model changed since conversion (sha256 {sum}, so8t_config.json records {}); refusing to bake", cfg.base.sha256),
-        ));
-    }
+    cfg.check_base(src)?;
     let cfg_path = src.join("config.json");
     let cfg_text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let model_cfg = ModelConfig::from_hf_json(&cfg_text, &cfg_path)?;
@@ -108,16 +101,7 @@ pub fn bake(src: &Path, out: &Path, opts: &BakeOptions) -> Result<()> {
         _ => OutDType::BF16,
     });
 
-    let mut rotations: HashMap<(usize, Site), Tensor> = HashMap::new();
-    for l in 0..model_cfg.num_layers {
-        for &site in &cfg.sites {
-            let shape = SiteShape::of(&model_cfg, site)?;
-            let factors: Vec<Tensor> =
-                cfg.factors.iter().map(|f| adapter.generators[&super::adapter::generator_name(l, site, f)].clone()).collect();
-            let r = site_rotation(&factors, shape, site, cfg.granularity)?.matrices()?;
-            rotations.insert((l, site), r.to_dtype(DType::F64)?);
-        }
-    }
+    let rotations = adapter.fold_rotations(&model_cfg, &cfg)?;
 
     let staging = StagingDir::new(out, opts.force)?;
     let dir = staging.path();
@@ -162,12 +146,7 @@ pub fn bake(src: &Path, out: &Path, opts: &BakeOptions) -> Result<()> {
 }
 
 fn write_heads(h: &Heads, cfg: &So8tConfig, path: &Path) -> Result<()> {
-    let tensors = [
-        ("heads.safety.weight", &h.safety_w),
-        ("heads.safety.bias", &h.safety_b),
-        ("heads.authority.weight", &h.authority_w),
-        ("heads.authority.bias", &h.authority_b),
-    ];
+    let tensors = h.tensors();
     let meta = HashMap::from([(CONFIG_KEY.to_string(), serde_json::to_string(cfg).unwrap())]);
     safetensors::serialize_to_file(tensors, Some(meta), path).map_err(|e| Error::format(path, e.to_string()))
 }
@@ -184,16 +163,6 @@ pub fn read_heads(dir: &Path) -> Result<(Heads, So8tConfig)> {
         .ok_or_else(|| Error::format(&path, format!("metadata `{CONFIG_KEY}` missing")))?;
     let cfg: So8tConfig = serde_json::from_str(cfg_json).in_file(&path)?;
     let t = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu).in_file(&path)?;
-    let get = |n: &str| -> Result<Tensor> {
-        Ok(t.get(n).ok_or_else(|| Error::format(&path, format!("missing tensor `{n}`")))?.to_dtype(DType::F32)?)
-    };
-    Ok((
-        Heads {
-            safety_w: get("heads.safety.weight")?,
-            safety_b: get("heads.safety.bias")?,
-            authority_w: get("heads.authority.weight")?,
-            authority_b: get("heads.authority.bias")?,
-        },
-        cfg,
-    ))
+    let heads = Heads::from_named(|n| t.get(n).cloned().ok_or_else(|| Error::format(&path, format!("missing tensor `{n}`"))))?;
+    Ok((heads, cfg))
 }

@@ -2,9 +2,8 @@
 //! directory is baked on the fly (each projection folded as it is read); the heads and the
 //! SO8T config travel as `so8t.*` metadata (spec §7), which llama.cpp ignores.
 
-use super::adapter::{base_checksum, generator_name, Adapter, Heads, So8tConfig};
+use super::adapter::{Adapter, Heads, So8tConfig};
 use super::bake::read_heads;
-use super::gates::{site_rotation, SiteShape};
 use crate::config::{Arch, ModelConfig, RopeScaling};
 use crate::error::{Error, InFile, Result};
 use crate::formats::gguf::{gguf_name, GgufFile, GgufStore};
@@ -174,7 +173,8 @@ pub fn export(src: &Path, out: &Path, quant: Quant, mut progress: impl FnMut(usi
     let cfg = &input.config;
     let mut planned: Vec<PlannedTensor> = Vec::new();
     let mut sources: Vec<Option<String>> = Vec::new();
-    if let Some(f) = rope_factors(cfg) {
+    let rope = rope_factors(cfg);
+    if let Some(f) = &rope {
         planned.push(PlannedTensor { name: "rope_freqs.weight".into(), dims: vec![f.len()], dtype: GgmlDType::F32 });
         sources.push(None);
     }
@@ -198,7 +198,7 @@ pub fn export(src: &Path, out: &Path, quant: Quant, mut progress: impl FnMut(usi
         &planned,
         |i| {
             let t = match &sources[i] {
-                None => Tensor::new(rope_factors(cfg).unwrap(), &candle_core::Device::Cpu)?,
+                None => Tensor::new(rope.as_deref().unwrap_or_default(), &candle_core::Device::Cpu)?,
                 Some(name) => prepare(&input, name, &planned[i].dims)?,
             };
             encode(&t, planned[i].dtype)
@@ -381,19 +381,10 @@ fn open_input(src: &Path) -> Result<Input> {
             let mut heads = None;
             if super::adapter::is_so8t_dir(&dir) {
                 let c = So8tConfig::read(&dir)?;
-                let sum = base_checksum(&dir)?;
-                if sum != c.base.sha256 {
-                    return Err(Error::format(&dir, format!("the base model changed since conversion (sha256 {sum}, so8t_config.json records {})", c.base.sha256)));
-                }
+                c.check_base(&dir)?;
                 let adapter = Adapter::read(&dir)?;
                 adapter.check_shapes(&config, &c, &dir.join(super::adapter::ADAPTER_FILE))?;
-                for l in 0..config.num_layers {
-                    for &site in &c.sites {
-                        let factors: Vec<Tensor> = c.factors.iter().map(|f| adapter.generators[&generator_name(l, site, f)].clone()).collect();
-                        let r = site_rotation(&factors, SiteShape::of(&config, site)?, site, c.granularity)?.matrices()?;
-                        rotations.insert((l, site), r.to_dtype(DType::F64)?);
-                    }
-                }
+                rotations = adapter.fold_rotations(&config, &c)?;
                 heads = Some((adapter.heads, c));
             } else if dir.join(super::bake::HEADS_FILE).exists() {
                 heads = Some(read_heads(&dir)?);

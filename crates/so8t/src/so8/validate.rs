@@ -3,7 +3,6 @@
 
 use super::adapter::{base_checksum, generator_name, is_so8t_dir, Adapter, So8tConfig, ADAPTER_FILE};
 use super::algebra::{det, expm, matvec, orthogonality_error, skew, Mat8, N_GEN};
-use super::gates::SiteShape;
 use super::triality::{family_generator, mul, Family};
 use crate::load::Model;
 use std::path::Path;
@@ -41,7 +40,7 @@ pub fn validate(path: &Path) -> Vec<Check> {
             let heads = crate::formats::gguf::GgufFile::open(path)
                 .and_then(|g| super::export::read_gguf_heads(&g, model_cfg.hidden_size));
             match heads {
-                Ok(Some((h, c))) => match crate::load::check_heads(&h, model_cfg.hidden_size, path) {
+                Ok(Some((h, c))) => match h.check(model_cfg.hidden_size, path) {
                     Ok(()) => out.push(check(
                         "baked_heads",
                         true,
@@ -54,7 +53,7 @@ pub fn validate(path: &Path) -> Vec<Check> {
             }
         } else if path.is_dir() && path.join(super::bake::HEADS_FILE).exists() {
             let heads = super::bake::read_heads(path).and_then(|(h, c)| {
-                crate::load::check_heads(&h, model_cfg.hidden_size, &path.join(super::bake::HEADS_FILE)).map(|_| c)
+                h.check(model_cfg.hidden_size, &path.join(super::bake::HEADS_FILE)).map(|_| c)
             });
             match heads {
                 Ok(c) => out.push(check(
@@ -98,12 +97,7 @@ pub fn validate(path: &Path) -> Vec<Check> {
     }
     let mut bad = Vec::new();
     let mut all: Vec<(String, &candle_core::Tensor)> = adapter.generators.iter().map(|(k, v)| (k.clone(), v)).collect();
-    all.extend([
-        ("heads.safety.weight".to_string(), &adapter.heads.safety_w),
-        ("heads.safety.bias".to_string(), &adapter.heads.safety_b),
-        ("heads.authority.weight".to_string(), &adapter.heads.authority_w),
-        ("heads.authority.bias".to_string(), &adapter.heads.authority_b),
-    ]);
+    all.extend(adapter.heads.tensors().map(|(n, t)| (n.to_string(), t)));
     all.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, t) in &all {
         let v = t.flatten_all().and_then(|t| t.to_vec1::<f32>()).unwrap_or_default();
@@ -122,18 +116,10 @@ pub fn validate(path: &Path) -> Vec<Check> {
     let mut triality_worst = 0f64;
     for l in 0..model_cfg.num_layers {
         for &site in &cfg.sites {
-            let shape = match SiteShape::of(&model_cfg, site) {
-                Ok(s) => s,
-                Err(e) => {
-                    out.push(check("orthogonality", false, e.to_string()));
-                    return out;
-                }
-            };
-            let factors: Vec<candle_core::Tensor> = cfg.factors.iter().map(|f| adapter.generators[&generator_name(l, site, f)].clone()).collect();
-            let r = match super::gates::site_rotation(&factors, shape, site, cfg.granularity).and_then(|r| r.matrices()?.to_vec3::<f32>()) {
+            let r = match adapter.rotation(&model_cfg, &cfg, l, site).and_then(|r| Ok(r.matrices()?.to_vec3::<f32>()?)) {
                 Ok(r) => r,
                 Err(e) => {
-                    out.push(check("orthogonality", false, format!("layer {l} {}: {}", site.name(), crate::error::candle_message(&e))));
+                    out.push(check("orthogonality", false, format!("layer {l} {}: {e}", site.name())));
                     return out;
                 }
             };
