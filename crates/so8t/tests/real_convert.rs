@@ -4,25 +4,9 @@
 //! GGUF (and so llama.cpp) does.
 
 mod common;
-use common::real_model;
-use so8t::sampling::argmax;
+use common::{greedy_with_logits, real_model};
 use so8t::so8::convert::{convert, ConvertOptions};
 use so8t::Model;
-
-fn greedy(m: &mut Model, ids: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
-    m.decoder.clear_cache();
-    let mut h = m.decoder.forward_hidden(ids, 0).unwrap();
-    let (mut toks, mut rows) = (Vec::new(), Vec::new());
-    for _ in 0..n {
-        let last = h.get(h.dim(0).unwrap() - 1).unwrap().unsqueeze(0).unwrap();
-        let l = m.decoder.logits(&last).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
-        let t = argmax(&l);
-        toks.push(t);
-        rows.push(l);
-        h = m.decoder.forward_hidden(&[t], ids.len() + toks.len() - 1).unwrap();
-    }
-    (toks, rows)
-}
 
 fn check(which: &str, file: &str, prompt: &str) {
     let Some(gguf) = real_model(which, file) else { return };
@@ -40,11 +24,11 @@ fn check(which: &str, file: &str, prompt: &str) {
     let t = so8t.tokenizer().unwrap();
     assert!(t.chat_template.is_some() && !t.eog.is_empty(), "{which}: chat template and end-of-generation ids carried over");
 
-    let (a, la) = greedy(&mut so8t, &ids, 12);
-    let (b, lb) = greedy(&mut base, &ids, 12);
+    let (a, la) = greedy_with_logits(&mut so8t, &ids, 12);
+    let (b, lb) = greedy_with_logits(&mut base, &ids, 12);
     assert_eq!(a, b, "{which}: zero-init SO8T greedy tokens equal the base's");
     assert!(la.iter().flatten().zip(lb.iter().flatten()).all(|(x, y)| x.to_bits() == y.to_bits()), "{which}: logits bit-identical");
-    let (c, _) = greedy(&mut original, &ids, 12);
+    let (c, _) = greedy_with_logits(&mut original, &ids, 12);
     let same = a.iter().zip(&c).take_while(|(x, y)| x == y).count();
     eprintln!("{which}: f32 base and original quantised GGUF agree on the first {same} of 12 greedy tokens");
     assert!(same >= 1, "{which}: the dequantised base must predict the GGUF's first token");

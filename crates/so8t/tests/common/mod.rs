@@ -32,17 +32,23 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 /// Greedy continuation straight from the decoder (no end-of-generation stop, as the
 /// reference recorded it).
 pub fn greedy(model: &mut so8t::Model, prompt: &[u32], n: usize) -> Vec<u32> {
+    greedy_with_logits(model, prompt, n).0
+}
+
+/// The greedy tokens and the logits each was chosen from.
+pub fn greedy_with_logits(model: &mut so8t::Model, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
     model.decoder.clear_cache();
-    let mut out = Vec::new();
+    let (mut out, mut rows) = (Vec::new(), Vec::new());
     let mut h = model.decoder.forward_hidden(prompt, 0).unwrap();
     for _ in 0..n {
         let last = h.get(h.dim(0).unwrap() - 1).unwrap().unsqueeze(0).unwrap();
         let logits = model.decoder.logits(&last).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
         let t = so8t::sampling::argmax(&logits);
         out.push(t);
+        rows.push(logits);
         h = model.decoder.forward_hidden(&[t], prompt.len() + out.len() - 1).unwrap();
     }
-    out
+    (out, rows)
 }
 
 /// Argmax at every position of `ids`, from one forward pass.
