@@ -310,7 +310,7 @@ impl WeightStore for GgufStore {
     }
 
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
-        Ok(Matrix::from_qtensor(self.load(name, &[rows, cols])?)?)
+        Ok(Matrix::from_qtensor(Arc::new(self.load(name, &[rows, cols])?))?)
     }
 
     fn vector(&self, name: &str, len: usize) -> Result<Tensor> {

@@ -26,7 +26,7 @@ pub enum Matrix {
 
 impl Matrix {
     /// A quantised tensor as the best matrix for it.
-    pub fn from_qtensor(q: QTensor) -> candle_core::Result<Matrix> {
+    pub fn from_qtensor(q: Arc<QTensor>) -> candle_core::Result<Matrix> {
         let ty = ggml_id(q.dtype()).and_then(QType::from_ggml_id);
         match ty {
             Some(ty) => {
@@ -34,7 +34,7 @@ impl Matrix {
                 let m = QMatrix::new(ty, rows, cols, q.data()?.into_owned()).map_err(candle_core::Error::wrap)?;
                 Ok(Matrix::Quant(Arc::new(m)))
             }
-            None => Ok(match QMatMul::from_qtensor(q)? {
+            None => Ok(match QMatMul::from_arc(q)? {
                 QMatMul::Tensor(t) => Matrix::Dense(t),
                 other => Matrix::Candle(other),
             }),
@@ -103,10 +103,7 @@ impl Embedding {
     pub fn as_matrix(&self) -> candle_core::Result<Matrix> {
         match self {
             Embedding::Dense(t) => Ok(Matrix::Dense(t.clone())),
-            Embedding::Quant(q) => {
-                let storage = candle_core::quantized::QStorage::from_data(q.data()?, &Device::Cpu, q.dtype())?;
-                Matrix::from_qtensor(QTensor::new(storage, q.shape().clone())?)
-            }
+            Embedding::Quant(q) => Matrix::from_qtensor(q.clone()),
         }
     }
 
