@@ -3,10 +3,12 @@
 mod bake;
 mod bench;
 mod convert;
+mod eval;
 mod export;
 mod inspect;
 mod modelfile;
 mod run;
+mod train;
 mod validate;
 
 use clap::{Parser, Subcommand};
@@ -38,6 +40,10 @@ enum Command {
     Export(export::Args),
     /// Write an Ollama Modelfile for a GGUF.
     Modelfile(modelfile::Args),
+    /// Train the heads (and the gates) of an SO8T directory on labelled JSONL.
+    Train(train::Args),
+    /// Measure the heads on labelled JSONL: accuracy, precision, recall, F1, AUROC, FPR.
+    Eval(eval::Args),
     /// Check an SO8T directory: rotations, triality, shapes, NaN/Inf, base checksum.
     Validate(validate::Args),
 }
@@ -61,6 +67,8 @@ fn main() -> ExitCode {
         Command::Bake(a) => bake::main(a),
         Command::Export(a) => export::main(a),
         Command::Modelfile(a) => modelfile::main(a),
+        Command::Train(a) => train::main(a),
+        Command::Eval(a) => eval::main(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,5 +1,5 @@
 use anyhow::{bail, Context, Result};
-use so8t::chat::{split_reasoning, ChatTemplate, Message};
+use so8t::chat::{split_reasoning, Message};
 use so8t::generate::{generate, Control, GenerateRequest};
 use so8t::sampling::SamplingParams;
 use so8t::so8::adapter::Verdict;
@@ -52,20 +52,14 @@ pub fn main(a: Args) -> Result<()> {
     let mut model = Model::open(&a.model)?;
     let prompt_ids = match (&a.prompt_ids, &a.prompt) {
         (Some(ids), _) => ids.clone(),
+        (None, Some(text)) if a.raw => model.tokenizer()?.encode(text, true)?,
         (None, Some(text)) => {
-            let tok = model.tokenizer()?;
-            match (&tok.chat_template, a.raw) {
-                (Some(src), false) => {
-                    let t = ChatTemplate::new(src, &tok.bos_text, &tok.eos_text)?;
-                    let mut msgs = Vec::new();
-                    if let Some(s) = &a.system {
-                        msgs.push(Message::new("system", s));
-                    }
-                    msgs.push(Message::new("user", text));
-                    tok.encode(&t.render(&msgs, true)?, false)?
-                }
-                _ => tok.encode(text, true)?,
+            let mut msgs = Vec::new();
+            if let Some(s) = &a.system {
+                msgs.push(Message::new("system", s));
             }
+            msgs.push(Message::new("user", text));
+            model.prompt_ids(&msgs)?
         }
         (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
     };
@@ -114,17 +108,7 @@ pub fn main(a: Args) -> Result<()> {
                 p_unsafe: verdicts.iter().map(|v| v.p_unsafe).fold(0.0, f32::max),
                 p_escalate: verdicts.iter().map(|v| v.p_escalate).fold(0.0, f32::max),
             };
-            let t = &s.config.thresholds;
-            // Untrained heads sit at p = 0.5 and decide nothing.
-            let decision = if !s.config.heads_trained {
-                None
-            } else if prompt.p_unsafe.max(response.p_unsafe) >= t.unsafe_ {
-                Some("refuse")
-            } else if prompt.p_escalate.max(response.p_escalate) >= t.escalate {
-                Some("escalate")
-            } else {
-                Some("allow")
-            };
+            let decision = s.config.decide(&[prompt, response]);
             Some((prompt, response, decision, s.config.heads_trained))
         }
         _ => None,
@@ -151,7 +135,7 @@ pub fn main(a: Args) -> Result<()> {
             v["prompt_verdict"] = serde_json::to_value(prompt)?;
             v["verdicts"] = serde_json::to_value(&verdicts)?;
             v["response_verdict"] = serde_json::to_value(response)?;
-            v["decision"] = decision.into();
+            v["decision"] = decision.map(|d| d.name()).into();
             v["heads_trained"] = trained.into();
         }
         println!("{}", serde_json::to_string(&v)?);
@@ -165,7 +149,7 @@ pub fn main(a: Args) -> Result<()> {
                 response.p_unsafe,
                 response.p_escalate,
                 match (decision, trained) {
-                    (Some(d), _) => d,
+                    (Some(d), _) => d.name(),
                     (None, _) => "no decision: heads untrained",
                 }
             );

@@ -4,6 +4,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod eval;
 pub mod error;
 pub mod formats;
 pub mod generate;
@@ -13,6 +14,7 @@ pub mod sampling;
 pub mod so8;
 pub mod staging;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use load::Model;

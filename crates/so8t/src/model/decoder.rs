@@ -109,10 +109,9 @@ pub struct Decoder {
     inv_freq: Tensor,
     cache: Vec<Option<(Tensor, Tensor)>>,
     pub gates: Vec<LayerGates>,
-}
-
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
+    /// Use ops that candle can differentiate (training). candle's fused RMSNorm, RoPE and
+    /// softmax kernels have no backward pass: gradients would silently stop at them.
+    pub differentiable: bool,
 }
 
 impl Decoder {
@@ -155,7 +154,33 @@ impl Decoder {
             norm,
             lm_head,
             inv_freq,
+            differentiable: false,
         })
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps as f32;
+        if self.differentiable {
+            candle_nn::ops::rms_norm_slow(x, w, eps)
+        } else {
+            candle_nn::ops::rms_norm(&x.contiguous()?, w, eps)
+        }
+    }
+
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+        if self.differentiable {
+            candle_nn::rotary_emb::rope_slow(x, cos, sin)
+        } else {
+            candle_nn::rotary_emb::rope(x, cos, sin)
+        }
+    }
+
+    fn softmax(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.differentiable {
+            candle_nn::ops::softmax(x, candle_core::D::Minus1)
+        } else {
+            candle_nn::ops::softmax_last_dim(x)
+        }
     }
 
     pub fn clear_cache(&mut self) {
@@ -197,18 +222,18 @@ impl Decoder {
         let mask = if s > 1 { Some(causal_mask(s, pos)?) } else { None };
         for l in 0..self.layers.len() {
             let r = x.clone();
-            let h = rms_norm(&x, &self.layers[l].attn_norm, self.cfg.rms_norm_eps)?;
+            let h = self.rms_norm(&x, &self.layers[l].attn_norm)?;
             let a = self.attention(l, &h, &cos, &sin, mask.as_ref())?;
             x = (r + a)?;
             let r = x.clone();
             let layer = &self.layers[l];
-            let h = rms_norm(&x, &layer.ffn_norm, self.cfg.rms_norm_eps)?;
+            let h = self.rms_norm(&x, &layer.ffn_norm)?;
             let h = gate(&self.gates[l].mlp, h)?;
             let g = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
             let m = layer.down.forward(&(g * layer.up.forward(&h)?)?)?;
             x = (r + m)?;
         }
-        let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
+        let x = self.rms_norm(&x, &self.norm)?;
         Ok(x.squeeze(0)?)
     }
 
@@ -230,11 +255,11 @@ impl Decoder {
         let mut q = q.reshape((b, s, nh, hd))?;
         let mut k = k.reshape((b, s, nkv, hd))?;
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-            q = rms_norm(&q, qn, self.cfg.rms_norm_eps)?;
-            k = rms_norm(&k, kn, self.cfg.rms_norm_eps)?;
+            q = self.rms_norm(&q, qn)?;
+            k = self.rms_norm(&k, kn)?;
         }
-        let q = candle_nn::rotary_emb::rope(&q.transpose(1, 2)?.contiguous()?, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        let q = self.rope(&q.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        let k = self.rope(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
         let v = v.reshape((b, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let (k, v) = match &self.cache[l] {
             Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
@@ -255,7 +280,7 @@ impl Decoder {
         if let Some(m) = mask {
             att = att.broadcast_add(m)?;
         }
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let att = self.softmax(&att)?;
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, s, nh * hd))?;
         let y = gate(&gates.o, y)?;
         Ok(layer.o.forward(&y)?)

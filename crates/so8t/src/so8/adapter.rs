@@ -104,6 +104,43 @@ impl So8tConfig {
     }
 }
 
+/// The policy of spec §5.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    Allow,
+    Refuse,
+    Escalate,
+}
+
+impl Decision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Refuse => "refuse",
+            Decision::Escalate => "escalate",
+        }
+    }
+}
+
+impl So8tConfig {
+    /// `refuse` if any verdict is unsafe, else `escalate` if any escalates, else `allow`;
+    /// `None` while the heads are untrained (they sit at p = 0.5 and mean nothing).
+    pub fn decide(&self, verdicts: &[Verdict]) -> Option<Decision> {
+        if !self.heads_trained {
+            return None;
+        }
+        let t = &self.thresholds;
+        Some(if verdicts.iter().any(|v| v.p_unsafe >= t.unsafe_) {
+            Decision::Refuse
+        } else if verdicts.iter().any(|v| v.p_escalate >= t.escalate) {
+            Decision::Escalate
+        } else {
+            Decision::Allow
+        })
+    }
+}
+
 pub fn generator_name(layer: usize, site: Site, factor: &str) -> String {
     format!("layers.{layer}.{}.{factor}.generators", site.name())
 }

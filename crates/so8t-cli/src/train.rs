@@ -1,0 +1,208 @@
+use anyhow::{bail, Context, Result};
+use so8t::model::Site;
+use so8t::train::data::{read_jsonl, Dataset};
+use so8t::train::gates::{GatesOptions, RunControl, Trainer};
+use so8t::train::{choose_thresholds, fit_heads, prepare_out, so8t_parts, write_atomic, write_result, Features, TRAIN_DIR};
+use so8t::Model;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum Mode {
+    /// Fit both heads on hidden states cached in one pass (logistic regression).
+    Heads,
+    /// Train the gates' generators and the heads by backpropagation (spec §6).
+    Gates,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// SO8T directory (from `so8t convert`).
+    #[arg(short, long)]
+    model: PathBuf,
+    /// Labelled JSONL (README, "Training data").
+    #[arg(long)]
+    data: PathBuf,
+    /// Validation JSONL: picks the heads' weight decay and the decision thresholds.
+    #[arg(long)]
+    val: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    mode: Mode,
+    /// Gates: sites to train (default: all the model has).
+    #[arg(long, value_delimiter = ',')]
+    sites: Option<Vec<String>>,
+    /// Gates: factors to train (default: all the model has).
+    #[arg(long, value_delimiter = ',')]
+    factors: Option<Vec<String>>,
+    /// Gates: factors to keep frozen.
+    #[arg(long, value_delimiter = ',')]
+    freeze: Vec<String>,
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// λ_max of the PET schedule.
+    #[arg(long, default_value_t = 0.1)]
+    pet_max: f64,
+    /// Weight of the safety cross-entropy.
+    #[arg(long, default_value_t = 1.0)]
+    alpha: f64,
+    /// Weight of the authority cross-entropy.
+    #[arg(long, default_value_t = 1.0)]
+    beta: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Heads: L2 weight decay (default: chosen on --val, else 1e-2). Gates: AdamW decay (default 0.01).
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Gates: global gradient-norm cap.
+    #[arg(long, default_value_t = 1.0)]
+    clip: f64,
+    /// False positive rate on the validation split that the thresholds aim at.
+    #[arg(long, default_value_t = 0.05)]
+    target_fpr: f64,
+    /// Write the trained SO8T directory here (default: update --model in place).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Gates: continue from the checkpoint in OUT/so8t_train.
+    #[arg(long)]
+    resume: bool,
+    /// Gates: stop after this step, checkpointed, to continue later with --resume.
+    #[arg(long)]
+    stop_after: Option<usize>,
+    #[arg(long, default_value_t = 50)]
+    checkpoint_every: usize,
+    /// Leave out unreadable rows (reported) instead of stopping.
+    #[arg(long)]
+    skip_bad: bool,
+}
+
+fn bar(len: usize, what: &str) -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new(len as u64);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(&format!("{{bar:30}} {{pos}}/{{len}} {what} {{elapsed}}<{{eta}} {{msg}}"))
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    b
+}
+
+fn read(path: &Path, labels: &so8t::so8::adapter::Labels, skip_bad: bool) -> Result<Dataset> {
+    let d = read_jsonl(path, labels, skip_bad)?;
+    if !d.skipped.is_empty() {
+        eprintln!("{}: skipped {} bad rows (first: line {}: {})", path.display(), d.skipped.len(), d.skipped[0].0, d.skipped[0].1);
+    }
+    Ok(d)
+}
+
+fn features(model: &mut Model, data: &Dataset, what: &str) -> Result<Features> {
+    let b = bar(data.examples.len(), what);
+    let f = Features::compute(model, data, |i| b.set_position(i as u64))?;
+    b.finish_and_clear();
+    Ok(f)
+}
+
+pub fn main(a: Args) -> Result<()> {
+    if !(a.target_fpr >= 0.0 && a.target_fpr < 1.0) {
+        bail!("--target-fpr must be in [0, 1)");
+    }
+    if a.mode == Mode::Heads && (a.resume || a.stop_after.is_some()) {
+        bail!("--resume and --stop-after are for --mode gates (a heads fit takes one pass)");
+    }
+    let t0 = Instant::now();
+    let mut model = Model::open(&a.model)?;
+    let (mut config, mut adapter) = so8t_parts(&model)?;
+    let train = read(&a.data, &config.labels, a.skip_bad)?;
+    let val = a.val.as_deref().map(|p| read(p, &config.labels, a.skip_bad)).transpose()?;
+    let out = prepare_out(&a.model, a.out.as_deref())?;
+    let mut summary = serde_json::json!({ "mode": if a.mode == Mode::Heads { "heads" } else { "gates" }, "train_rows": train.examples.len() });
+    let mut val_features = None;
+    match a.mode {
+        Mode::Heads => {
+            let t = Instant::now();
+            let tf = features(&mut model, &train, "train rows")?;
+            let vf = val.as_ref().map(|v| features(&mut model, v, "val rows")).transpose()?;
+            let feature_seconds = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let (heads, reports) = fit_heads(&tf, vf.as_ref(), a.weight_decay, &adapter.heads)?;
+            if reports.is_empty() {
+                bail!("{}: no head has labels of both classes", a.data.display());
+            }
+            adapter.heads = heads;
+            summary["heads"] = serde_json::to_value(&reports)?;
+            summary["feature_seconds"] = feature_seconds.into();
+            summary["fit_seconds"] = t.elapsed().as_secs_f64().into();
+            val_features = vf;
+        }
+        Mode::Gates => {
+            let pick = |given: &Option<Vec<String>>, all: Vec<String>| given.clone().unwrap_or(all);
+            let mut sites = Vec::new();
+            for s in pick(&a.sites, config.sites.iter().map(|s| s.name().to_string()).collect()) {
+                sites.push(Site::parse(&s).with_context(|| format!("unknown site `{s}` (expected q, k, v, o or mlp)"))?);
+            }
+            let factors: Vec<String> = pick(&a.factors, config.factors.clone()).into_iter().filter(|f| !a.freeze.contains(f)).collect();
+            for f in &a.freeze {
+                if !config.factors.contains(f) {
+                    bail!("--freeze {f}: not one of the model's factors {:?}", config.factors);
+                }
+            }
+            if factors.is_empty() {
+                bail!("every factor is frozen: nothing to train");
+            }
+            let opts = GatesOptions {
+                sites,
+                factors,
+                epochs: a.epochs,
+                lr: a.lr,
+                batch: a.batch,
+                pet_max: a.pet_max,
+                alpha: a.alpha,
+                beta: a.beta,
+                seed: a.seed,
+                weight_decay: a.weight_decay.unwrap_or(0.01),
+                clip: a.clip,
+            };
+            let control = RunControl { stop_after: a.stop_after, checkpoint_every: a.checkpoint_every, resume: a.resume };
+            let mut trainer = Trainer::new(&mut model, config.clone(), adapter, opts.clone(), train.examples.clone(), &a.data, &out)?;
+            let b = bar(trainer.total_steps(), "steps");
+            let finished = trainer.run(&control, |s| {
+                b.set_position(s.step as u64);
+                b.set_message(format!("loss {:.4} lm {:.4} safety {:.4} authority {:.4} pet {:.5} λ {:.3}", s.loss, s.lm, s.safety, s.authority, s.pet, s.lambda));
+            })?;
+            b.finish();
+            let (step, total) = (trainer.step(), trainer.total_steps());
+            if !finished {
+                eprintln!("stopped at step {step} of {total}; checkpoint in {}; continue with --resume", out.join(TRAIN_DIR).display());
+                return Ok(());
+            }
+            let (trained, trained_config) = trainer.result()?;
+            drop(trainer);
+            adapter = trained;
+            config = trained_config;
+            adapter.install(&mut model.decoder, &config)?;
+            summary["gates"] = serde_json::to_value(&opts)?;
+            summary["steps"] = step.into();
+        }
+    }
+    config.heads_trained = true;
+    if let Some(v) = &val {
+        let vf = match val_features {
+            Some(f) => f,
+            None => features(&mut model, v, "val rows")?,
+        };
+        let (t, reports) = choose_thresholds(&adapter.heads, &vf, a.target_fpr, &config.thresholds)?;
+        config.thresholds = t;
+        summary["thresholds"] = serde_json::to_value(&reports)?;
+    } else {
+        eprintln!("no --val: thresholds stay at {:?}", config.thresholds);
+    }
+    write_result(&out, &adapter, &config)?;
+    summary["seconds"] = t0.elapsed().as_secs_f64().into();
+    let dir = out.join(TRAIN_DIR);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_atomic(&dir.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    eprintln!("wrote {} (heads trained, thresholds unsafe {:.4} escalate {:.4})", out.display(), config.thresholds.unsafe_, config.thresholds.escalate);
+    Ok(())
+}
