@@ -1,0 +1,87 @@
+//! The committed training set is what `scripts/data/build_safety_set.py` makes from the
+//! raw data, byte for byte, and its splits share no near duplicates.
+
+mod common;
+
+use so8t::so8::adapter::Labels;
+use so8t::train::data::read_jsonl;
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    common::fixtures().join("..")
+}
+
+fn raw_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("SO8T_SAFETY_RAW").map(PathBuf::from).unwrap_or_else(|| repo().join("../shared/data/safety/raw"));
+    dir.join("SOURCES.md").exists().then_some(dir)
+}
+
+#[test]
+fn build_script_reproduces_the_committed_set() {
+    let Some(raw) = raw_dir() else {
+        eprintln!("SKIPPED: the raw safety data is not here (../shared/data/safety/raw or $SO8T_SAFETY_RAW)");
+        return;
+    };
+    let out = tempfile::tempdir().unwrap();
+    let status = Command::new("python3").arg(repo().join("scripts/data/build_safety_set.py")).arg(&raw).arg(out.path()).output();
+    let output = match status {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("SKIPPED: python3 cannot run here ({e})");
+            return;
+        }
+    };
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    for name in ["train.jsonl", "val.jsonl", "test.jsonl", "stats.json"] {
+        let made = std::fs::read(out.path().join(name)).unwrap();
+        let committed = std::fs::read(repo().join("data/safety").join(name)).unwrap();
+        assert!(made == committed, "data/safety/{name} differs from what the script builds");
+    }
+}
+
+fn shingles(text: &str) -> HashSet<String> {
+    let w: Vec<String> = text
+        .to_lowercase()
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    if w.len() < 3 {
+        return [w.join(" ")].into_iter().collect();
+    }
+    let mut s: HashSet<String> = w.windows(3).map(|x| x.join(" ")).collect();
+    s.extend(w.iter().cloned());
+    s
+}
+
+/// Every validation and test row against every training row, exactly (no MinHash): the
+/// closest pair must stay under the script's near-duplicate bound of Jaccard 0.5, and no
+/// prompt may appear in two splits.
+#[test]
+fn splits_share_no_near_duplicates() {
+    let read = |n: &str| read_jsonl(&repo().join("data/safety").join(n), &Labels::default(), false).unwrap();
+    let train = read("train.jsonl");
+    let train_sets: Vec<HashSet<String>> = train.examples.iter().map(|e| shingles(e.user_text())).collect();
+    for split in ["val.jsonl", "test.jsonl"] {
+        let d = read(split);
+        assert!(d.examples.len() > 400, "{split}: {} rows", d.examples.len());
+        for e in &d.examples {
+            let s = shingles(e.user_text());
+            for (i, t) in train_sets.iter().enumerate() {
+                let inter = s.intersection(t).count();
+                let j = inter as f64 / (s.len() + t.len() - inter) as f64;
+                assert!(j < 0.5, "{split} line {} and train line {} are near duplicates (Jaccard {j:.2}): {:?} / {:?}", e.line, train.examples[i].line, e.user_text(), train.examples[i].user_text());
+            }
+        }
+    }
+    // Both labels of both heads are present in every split.
+    for split in ["train.jsonl", "val.jsonl", "test.jsonl"] {
+        let d = read(split);
+        for head in 0..2 {
+            let labels: Vec<bool> = d.examples.iter().filter_map(|e| e.label(head)).collect();
+            assert!(labels.iter().filter(|&&v| v).count() > 50 && labels.iter().filter(|&&v| !v).count() > 50, "{split} head {head}");
+        }
+    }
+}
