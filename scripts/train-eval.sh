@@ -32,10 +32,10 @@ if [[ $which == smollm2 || $which == all ]]; then
   # seeded random order), 2 epochs of batch 8, all sites and factors.
   head -n 160 $data/train.jsonl > "$work/gates-160.jsonl"
   $so8t train --model "$work/smollm2-135m-heads" --data "$work/gates-160.jsonl" --val $data/val.jsonl \
-    --mode gates --epochs 2 --batch 8 --lr 2e-3 --pet-max 0.1 --seed 1 --out "$work/smollm2-135m-gates" \
+    --mode gates --epochs 2 --batch 8 --lr 5e-4 --head-lr 1e-5 --pet-max 0.1 --seed 1 --out "$work/smollm2-135m-gates" \
     | tee "$work/smollm2-135m-gates.json"
   $so8t eval --model "$work/smollm2-135m-gates" --data $data/test.jsonl --report eval/smollm2-135m-gates \
-    --notes "smollm2-135m from the heads fit above, then \`so8t train --mode gates\` (160 rows, 2 epochs, batch 8, lr 2e-3, λ_max 0.1, all sites and factors); thresholds (5% FPR) chosen on val.jsonl. Made by scripts/train-eval.sh."
+    --notes "smollm2-135m from the heads fit above, then \`so8t train --mode gates\` (160 rows, 2 epochs, batch 8, lr 5e-4, head lr 1e-5, λ_max 0.1, all sites and factors); thresholds (5% FPR) chosen on val.jsonl. Made by scripts/train-eval.sh."
   mkdir -p eval/smollm2-135m/model
   cp "$work/smollm2-135m-gates/so8t_adapter.safetensors" "$work/smollm2-135m-gates/so8t_config.json" eval/smollm2-135m/model/
 fi

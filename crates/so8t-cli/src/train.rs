@@ -41,6 +41,9 @@ pub struct Args {
     epochs: usize,
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
+    /// Gates: learning rate of the heads (Adam moves each of hidden_size weights by about this).
+    #[arg(long, default_value_t = 1e-4)]
+    head_lr: f64,
     #[arg(long, default_value_t = 8)]
     batch: usize,
     /// λ_max of the PET schedule.
@@ -155,6 +158,7 @@ pub fn main(a: Args) -> Result<()> {
                 factors,
                 epochs: a.epochs,
                 lr: a.lr,
+                head_lr: a.head_lr,
                 batch: a.batch,
                 pet_max: a.pet_max,
                 alpha: a.alpha,

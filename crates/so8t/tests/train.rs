@@ -26,6 +26,7 @@ fn options(model: &Model) -> GatesOptions {
         factors: vec!["safe".into(), "cmd".into()],
         epochs: 3,
         lr: 0.01,
+        head_lr: 0.01,
         batch: 4,
         pet_max: 1.0,
         alpha: 1.0,

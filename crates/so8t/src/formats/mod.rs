@@ -120,6 +120,38 @@ pub fn matmul(m: &Matrix, x: &Tensor) -> candle_core::Result<Tensor> {
     m.forward(x)
 }
 
+/// `x·Wᵀ` for a frozen `W`, differentiable in `x` only. candle's own matmul backward also
+/// computes the gradient of the weight, whether anything needs it or not: for gates
+/// training that doubled the work of every step and held a weight-sized gradient for
+/// every projection (16 GB for a SmolLM2 batch). Only dense weights can be trained
+/// through (an SO8T directory's are).
+struct FrozenMatmul(Matrix);
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("frozen-matmul: input must be contiguous".into()))?;
+        let x = Tensor::from_slice(&storage.as_slice::<f32>()?[start..end], layout.shape(), &Device::Cpu)?;
+        let y = self.0.forward(&x)?;
+        Ok((candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), y.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        match &self.0 {
+            Matrix::Dense(w) => Ok(Some(grad.broadcast_matmul(w)?)),
+            _ => candle_core::bail!("training through quantised weights is not supported: convert the model to an f32/bf16 SO8T directory"),
+        }
+    }
+}
+
+/// [`matmul`] that passes gradients to `x` (and never to the weight).
+pub fn matmul_frozen(m: &Matrix, x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(FrozenMatmul(m.clone()))
+}
+
 /// Where the decoder's weights come from.
 pub trait WeightStore: Send + Sync {
     fn path(&self) -> &Path;

@@ -5,7 +5,7 @@
 use super::rotation::BlockRotation;
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::formats::{matmul, Embedding, Matrix, WeightStore};
+use crate::formats::{matmul, matmul_frozen, Embedding, Matrix, WeightStore};
 use candle_core::{DType, Device, Tensor};
 
 /// The places in a layer where a gate can multiply a vector (spec §4).
@@ -77,8 +77,8 @@ impl Projection {
         Ok(Projection { w, b })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = matmul(&self.w, x)?;
+    fn forward(&self, x: &Tensor, differentiable: bool) -> candle_core::Result<Tensor> {
+        let y = if differentiable { matmul_frozen(&self.w, x)? } else { matmul(&self.w, x)? };
         match &self.b {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -229,8 +229,9 @@ impl Decoder {
             let layer = &self.layers[l];
             let h = self.rms_norm(&x, &layer.ffn_norm)?;
             let h = gate(&self.gates[l].mlp, h)?;
-            let g = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
-            let m = layer.down.forward(&(g * layer.up.forward(&h)?)?)?;
+            let d = self.differentiable;
+            let g = candle_nn::ops::silu(&layer.gate.forward(&h, d)?)?;
+            let m = layer.down.forward(&(g * layer.up.forward(&h, d)?)?, d)?;
             x = (r + m)?;
         }
         let x = self.rms_norm(&x, &self.norm)?;
@@ -249,9 +250,10 @@ impl Decoder {
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let layer = &self.layers[l];
         let gates = &self.gates[l];
-        let q = gate(&gates.q, layer.q.forward(h)?)?;
-        let k = gate(&gates.k, layer.k.forward(h)?)?;
-        let v = gate(&gates.v, layer.v.forward(h)?)?;
+        let d = self.differentiable;
+        let q = gate(&gates.q, layer.q.forward(h, d)?)?;
+        let k = gate(&gates.k, layer.k.forward(h, d)?)?;
+        let v = gate(&gates.v, layer.v.forward(h, d)?)?;
         let mut q = q.reshape((b, s, nh, hd))?;
         let mut k = k.reshape((b, s, nkv, hd))?;
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
@@ -283,11 +285,14 @@ impl Decoder {
         let att = self.softmax(&att)?;
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, s, nh * hd))?;
         let y = gate(&gates.o, y)?;
-        Ok(layer.o.forward(&y)?)
+        Ok(layer.o.forward(&y, d)?)
     }
 
     /// Logits `[rows, vocab]` for hidden states `[rows, hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        if self.differentiable {
+            return Ok(matmul_frozen(&self.lm_head, hidden)?);
+        }
         Ok(matmul(&self.lm_head, hidden)?)
     }
 

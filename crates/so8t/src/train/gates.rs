@@ -26,7 +26,13 @@ pub struct GatesOptions {
     /// Factors trained; the others stay frozen.
     pub factors: Vec<String>,
     pub epochs: usize,
+    /// Learning rate of the generators.
     pub lr: f64,
+    /// Learning rate of the heads. Adam moves every coordinate by about the learning rate,
+    /// and a head's logit sums hidden_size coordinates of a hidden state whose entries are
+    /// O(1) with outliers in the hundreds, so the heads need a rate ~100× smaller than
+    /// the generators to move their logits by O(0.1) per step.
+    pub head_lr: f64,
     pub batch: usize,
     pub pet_max: f64,
     pub alpha: f64,
@@ -327,8 +333,9 @@ impl<'a> Trainer<'a> {
             let mhat = (&self.m[i] / (1.0 - b1.powi(t)))?;
             let vhat = (&self.v[i] / (1.0 - b2.powi(t)))?;
             let var = &self.params.vars[i];
+            let lr = if i + 4 >= self.params.vars.len() { self.opts.head_lr } else { self.opts.lr };
             let update = ((mhat / (vhat.sqrt()? + eps)?)? + (var.as_tensor() * self.opts.weight_decay)?)?;
-            var.set(&(var.as_tensor() - (update * self.opts.lr)?)?)?;
+            var.set(&(var.as_tensor() - (update * lr)?)?)?;
         }
         self.step += 1;
         let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_scalar::<f32>()? as f64) };
