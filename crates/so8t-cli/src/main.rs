@@ -51,9 +51,12 @@ enum Command {
 /// Training and evaluation build a fresh graph of tensors for every example, and candle
 /// allocates a new buffer for every op. glibc serves buffers over 128 KiB with mmap and
 /// gives them back at once, so each step page-faults its whole working set again: on a
-/// SmolLM2 gates step that was 2/3 of the time. Keeping freed memory in the heap (up to
-/// 1 GiB) halves the step time (BENCHMARKS.md).
+/// SmolLM2 gates step most of its system time. Keeping freed memory in the heap (up to
+/// 1 GiB) avoids that (BENCHMARKS.md; `SO8T_NO_HEAP_TUNING=1` turns it off to measure).
 fn keep_freed_memory() {
+    if std::env::var_os("SO8T_NO_HEAP_TUNING").is_some() {
+        return;
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
