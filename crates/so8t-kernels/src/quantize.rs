@@ -1,5 +1,5 @@
 //! Weight quantisers that write exactly what ggml's reference quantisers write
-//! (`quantize_row_q{4,5,6}_K_ref` in ggml-quants.c, which
+//! (`quantize_row_q8_0_ref`, `quantize_row_q{4,5,6}_K_ref` in ggml-quants.c, which
 //! `llama-quantize` uses when no importance matrix is given). The f32 arithmetic follows
 //! the C code operation for operation; ggml-base is compiled without FMA contraction, so
 //! plain Rust f32 reproduces it bit for bit.
@@ -300,16 +300,34 @@ pub fn quantize_q6_k(x: &[f32]) -> Vec<u8> {
 
 /// Rows of `cols` values → ggml blocks, rows in parallel. `None` for types these
 /// quantisers do not cover.
+/// Q8_0: per 32 values, d = amax/127 stored as f16 and q = round(x/d), half away from
+/// zero (C `roundf`).
+pub fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(x.len() / 32 * 34);
+    for b in x.chunks_exact(32) {
+        let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
+        out.extend(b.iter().map(|v| (v * id).round() as i8 as u8));
+    }
+    out
+}
+
 pub fn quantize_rows(ty: crate::QType, data: &[f32], cols: usize) -> Option<Vec<u8>> {
     use rayon::prelude::*;
-    let f: fn(&[f32]) -> Vec<u8> = match ty {
-        crate::QType::Q4K => quantize_q4_k,
-        crate::QType::Q5K => quantize_q5_k,
-        crate::QType::Q6K => quantize_q6_k,
+    let (f, block): (fn(&[f32]) -> Vec<u8>, usize) = match ty {
+        crate::QType::Q8_0 => (quantize_q8_0, 32),
+        crate::QType::Q4K => (quantize_q4_k, QK_K),
+        crate::QType::Q5K => (quantize_q5_k, QK_K),
+        crate::QType::Q6K => (quantize_q6_k, QK_K),
         _ => return None,
     };
-    if cols == 0 || cols % QK_K != 0 || data.len() % cols != 0 {
+    if cols == 0 || cols % block != 0 || data.len() % cols != 0 {
         return None;
     }
-    Some(data.par_chunks(cols).map(f).collect::<Vec<_>>().concat())
+    let row_bytes = f(&data[..cols]).len();
+    let mut out = vec![0u8; data.len() / cols * row_bytes];
+    out.par_chunks_mut(row_bytes).zip(data.par_chunks(cols)).for_each(|(o, x)| o.copy_from_slice(&f(x)));
+    Some(out)
 }

@@ -163,6 +163,10 @@ pub trait WeightStore: Send + Sync {
     fn embedding(&self, name: &str, rows: usize, cols: usize) -> Result<Embedding>;
     /// Any tensor as dense f32 with its shape checked (dequantised exactly; HF layout).
     fn dense(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
+    /// The same values as a plain vector, row-major (export quantises from this).
+    fn dense_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        Ok(self.dense(name, shape)?.flatten_all()?.to_vec1::<f32>()?)
+    }
     /// Tensor counts by storage type, for `inspect`.
     fn dtype_counts(&self) -> Vec<(String, usize)>;
     fn tensor_names(&self) -> Vec<String>;

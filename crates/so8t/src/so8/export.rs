@@ -197,11 +197,11 @@ pub fn export(src: &Path, out: &Path, quant: Quant, mut progress: impl FnMut(usi
         &meta,
         &planned,
         |i| {
-            let t = match &sources[i] {
-                None => Tensor::new(rope.as_deref().unwrap_or_default(), &candle_core::Device::Cpu)?,
+            let data = match &sources[i] {
+                None => rope.clone().unwrap_or_default(),
                 Some(name) => prepare(&input, name, &planned[i].dims)?,
             };
-            encode(&t, planned[i].dtype)
+            encode(&data, &planned[i].dims, planned[i].dtype)
         },
         |i, b| {
             bytes += b;
@@ -211,70 +211,80 @@ pub fn export(src: &Path, out: &Path, quant: Quant, mut progress: impl FnMut(usi
     Ok(ExportReport { tensors: total, bytes, sha256 })
 }
 
-/// ggml blocks for a tensor: our ggml-exact quantisers where candle's differ from ggml's
-/// current ones (Q4_K, Q5_K, Q6_K), candle's block encoders otherwise.
-pub fn encode(t: &Tensor, dtype: GgmlDType) -> Result<Vec<u8>> {
+/// ggml blocks for a row-major f32 tensor of shape `dims`: our ggml-exact quantisers
+/// (Q8_0, Q4_K, Q5_K, Q6_K) and parallel f16/bf16 conversion, candle's block encoders for
+/// the other types.
+pub fn encode(data: &[f32], dims: &[usize], dtype: GgmlDType) -> Result<Vec<u8>> {
+    use rayon::prelude::*;
+    let cols = *dims.last().unwrap_or(&1);
     let ours = match dtype {
+        GgmlDType::Q8_0 => Some(so8t_kernels::QType::Q8_0),
         GgmlDType::Q4K => Some(so8t_kernels::QType::Q4K),
         GgmlDType::Q5K => Some(so8t_kernels::QType::Q5K),
         GgmlDType::Q6K => Some(so8t_kernels::QType::Q6K),
         _ => None,
     };
-    if let (Some(ty), Ok((_, cols))) = (ours, t.dims2()) {
-        let data = t.flatten_all()?.to_vec1::<f32>()?;
-        if let Some(b) = so8t_kernels::quantize::quantize_rows(ty, &data, cols) {
+    if let Some(ty) = ours {
+        if let Some(b) = so8t_kernels::quantize::quantize_rows(ty, data, cols) {
             return Ok(b);
         }
     }
+    const CHUNK: usize = 1 << 16;
+    let convert = |width: usize, f: fn(f32, &mut [u8])| {
+        let mut out = vec![0u8; data.len() * width];
+        out.par_chunks_mut(CHUNK * width).zip(data.par_chunks(CHUNK)).for_each(|(o, x)| {
+            for (b, &v) in o.chunks_exact_mut(width).zip(x) {
+                f(v, b);
+            }
+        });
+        out
+    };
+    match dtype {
+        GgmlDType::F32 => return Ok(convert(4, |v, b| b.copy_from_slice(&v.to_le_bytes()))),
+        GgmlDType::F16 => return Ok(convert(2, |v, b| b.copy_from_slice(&half::f16::from_f32(v).to_le_bytes()))),
+        GgmlDType::BF16 => return Ok(convert(2, |v, b| b.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()))),
+        _ => {}
+    }
     // candle's encoders are single-threaded; blocks never cross rows, so chunks of rows
     // quantised in parallel and concatenated are the same bytes.
-    let dims = t.dims().to_vec();
-    if dims.len() == 2 && dims[0] >= 64 {
-        use rayon::prelude::*;
-        let rows = dims[0];
-        let chunk = rows.div_ceil(rayon::current_num_threads() * 4).max(16);
-        let parts: Vec<candle_core::Result<Vec<u8>>> = (0..rows.div_ceil(chunk))
-            .into_par_iter()
-            .map(|c| {
-                let n = chunk.min(rows - c * chunk);
-                // own storage: candle's quantize reads a view's storage from its start
-                let part = Tensor::from_vec(t.narrow(0, c * chunk, n)?.flatten_all()?.to_vec1::<f32>()?, (n, dims[1]), t.device())?;
-                Ok(QTensor::quantize(&part, dtype)?.data()?.into_owned())
-            })
-            .collect();
-        let mut out = Vec::new();
-        for p in parts {
-            out.extend(p?);
-        }
-        return Ok(out);
+    let rows = data.len() / cols.max(1);
+    let chunk = rows.div_ceil(rayon::current_num_threads() * 4).max(16);
+    let parts: Vec<candle_core::Result<Vec<u8>>> = data
+        .par_chunks(chunk * cols.max(1))
+        .map(|part| {
+            let t = Tensor::from_slice(part, (part.len() / cols.max(1), cols), &candle_core::Device::Cpu)?;
+            Ok(QTensor::quantize(&t, dtype)?.data()?.into_owned())
+        })
+        .collect();
+    let mut out = Vec::new();
+    for p in parts {
+        out.extend(p?);
     }
-    Ok(QTensor::quantize(t, dtype)?.data()?.into_owned())
+    Ok(out)
 }
 
-/// A tensor as f32 in the GGUF's layout: gates folded, llama q/k rows permuted.
-fn prepare(input: &Input, name: &str, dims: &[usize]) -> Result<Tensor> {
-    let mut t = input.store.dense(name, dims)?;
-    if let Some((l, site, output_side)) = super::bake::gate_of(name) {
-        if let Some(r) = input.rotations.get(&(l, site)) {
-            t = super::bake::fold(&t, r, output_side)?.to_dtype(DType::F32)?;
-        }
-    }
+/// A tensor as row-major f32 in the GGUF's layout: gates folded, llama q/k rows permuted.
+fn prepare(input: &Input, name: &str, dims: &[usize]) -> Result<Vec<f32>> {
+    let rotation = super::bake::gate_of(name).and_then(|(l, site, output_side)| input.rotations.get(&(l, site)).map(|r| (r, output_side)));
     let cfg = &input.config;
-    if cfg.arch == Arch::Llama && name.ends_with("_proj.weight") {
-        let heads = if name.ends_with("self_attn.q_proj.weight") {
-            Some(cfg.num_heads)
-        } else if name.ends_with("self_attn.k_proj.weight") {
-            Some(cfg.num_kv_heads)
-        } else {
-            None
-        };
-        if let Some(h) = heads {
-            // llama.cpp's converter: reshape(h, 2, hd/2, cols).swapaxes(1, 2)
-            let (rows, cols) = t.dims2()?;
-            t = t.reshape((h, 2, rows / h / 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?;
-        }
+    let permute_heads = match cfg.arch {
+        Arch::Llama if name.ends_with("self_attn.q_proj.weight") => Some(cfg.num_heads),
+        Arch::Llama if name.ends_with("self_attn.k_proj.weight") => Some(cfg.num_kv_heads),
+        _ => None,
+    };
+    if rotation.is_none() && permute_heads.is_none() {
+        return input.store.dense_f32(name, dims);
     }
-    Ok(t)
+    let mut t = input.store.dense(name, dims)?;
+    if let Some((r, output_side)) = rotation {
+        t = super::bake::fold(&t, r, output_side)?.to_dtype(DType::F32)?;
+    }
+    if let Some(h) = permute_heads {
+        // llama.cpp's converter: reshape(h, 2, hd/2, cols).swapaxes(1, 2)
+        let (rows, cols) = t.dims2()?;
+        t = t.reshape((h, 2, rows / h / 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?;
+    }
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
 
 fn rope_factors(cfg: &ModelConfig) -> Option<Vec<f32>> {
