@@ -1,5 +1,5 @@
 //! Weight quantisers that write exactly what ggml's reference quantisers write
-//! (`quantize_row_q8_0_ref`, `quantize_row_q{4,5,6}_K_ref` in ggml-quants.c, which
+//! (`quantize_row_q{8,5}_0_ref`, `quantize_row_q{4,5,6}_K_ref` in ggml-quants.c, which
 //! `llama-quantize` uses when no importance matrix is given). The f32 arithmetic follows
 //! the C code operation for operation; ggml-base is compiled without FMA contraction, so
 //! plain Rust f32 reproduces it bit for bit.
@@ -45,7 +45,7 @@ fn make_qkx2_quants(x: &[f32], weights: &[f32], nmax: i32, l: &mut [u8], laux: &
         l[..n].fill(0);
         return (0.0, -min);
     }
-    let mut iscale = nmax as f32 / (max - min);
+    let iscale = nmax as f32 / (max - min);
     let mut scale = 1.0 / iscale;
     let mut best_error = 0f32;
     for i in 0..n {
@@ -57,40 +57,201 @@ fn make_qkx2_quants(x: &[f32], weights: &[f32], nmax: i32, l: &mut [u8], laux: &
     if nstep < 1 {
         return (scale, -min);
     }
-    for is in 0..=nstep {
-        iscale = (rmin + rdelta * is as f32 + nmax as f32) / (max - min);
-        let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
-        for i in 0..n {
-            let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
-            laux[i] = q as u8;
-            let w = weights[i];
-            let lf = q as f32;
-            sum_l += w * lf;
-            sum_l2 += w * lf * lf;
-            sum_xl += w * lf * x[i];
-        }
-        let d = sum_w * sum_l2 - sum_l * sum_l;
-        if d > 0.0 {
-            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / d;
-            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d;
-            if this_min > 0.0 {
-                this_min = 0.0;
-                this_scale = sum_xl / sum_l2;
-            }
-            let mut cur_error = 0f32;
-            for i in 0..n {
-                let diff = this_scale * laux[i] as f32 + this_min - x[i];
-                cur_error += weights[i] * (diff * diff);
-            }
-            if cur_error < best_error {
-                l[..n].copy_from_slice(&laux[..n]);
-                best_error = cur_error;
-                scale = this_scale;
-                min = this_min;
+    // ggml walks the candidate scales in order, and an accepted candidate changes `min`,
+    // which the later candidates use. Here all remaining candidates are evaluated at once
+    // for the current `min` (each one's sums still run over i in order, so every value is
+    // ggml's f32 value, while the candidates fill the vector lanes); the walk stops at an
+    // acceptance and the rest are evaluated again with the new `min`. Few candidates are
+    // accepted, so this is about one pass.
+    let _ = laux;
+    let nc = nstep as usize + 1;
+    let mut start = 0;
+    while start < nc {
+        // Lane j holds candidate start + j.
+        let c = candidates(x, weights, nmax, rmin, rdelta, start, nc, min, max, sum_w, sum_x);
+        let mut restart = nc;
+        for k in start..nc {
+            let j = k - start;
+            if c.valid[j] && c.error[j] < best_error {
+                for i in 0..n {
+                    l[i] = c.q[i][j];
+                }
+                best_error = c.error[j];
+                scale = c.scale[j];
+                let changed = c.min[j] != min;
+                min = c.min[j];
+                if changed {
+                    restart = k + 1;
+                    break;
+                }
             }
         }
+        start = restart;
     }
     (scale, -min)
+}
+
+const LANES: usize = 32;
+
+struct Candidates {
+    q: [[u8; LANES]; 32],
+    scale: [f32; LANES],
+    min: [f32; LANES],
+    error: [f32; LANES],
+    valid: [bool; LANES],
+}
+
+/// The search step of `make_qkx2_quants` for every candidate scale at once, at one `min`,
+/// compiled for the widest vectors the CPU has (no FMA contraction: Rust never fuses).
+#[allow(clippy::too_many_arguments)]
+fn candidates(x: &[f32], weights: &[f32], nmax: i32, rmin: f32, rdelta: f32, start: usize, nc: usize, min: f32, max: f32, sum_w: f32, sum_x: f32) -> Candidates {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl") {
+            // SAFETY: the features were just detected.
+            return unsafe { candidates_avx512(x, weights, nmax, rmin, rdelta, start, nc, min, max, sum_w, sum_x) };
+        }
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { candidates_avx2(x, weights, nmax, rmin, rdelta, start, nc, min, max, sum_w, sum_x) };
+        }
+    }
+    candidates_sized(x, weights, nmax, rmin, rdelta, start, nc, min, max, sum_w, sum_x)
+}
+
+/// Half the lanes when at most 16 candidates remain (after a restart, usually).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn candidates_sized(x: &[f32], weights: &[f32], nmax: i32, rmin: f32, rdelta: f32, start: usize, nc: usize, min: f32, max: f32, sum_w: f32, sum_x: f32) -> Candidates {
+    if nc - start <= 16 {
+        candidates_body::<16>(x, weights, nmax, rmin, rdelta, start, nc, min, max, sum_w, sum_x)
+    } else {
+        candidates_body::<LANES>(x, weights, nmax, rmin, rdelta, start, nc, min, max, sum_w, sum_x)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+unsafe fn candidates_avx512(x: &[f32], weights: &[f32], nmax: i32, rmin: f32, rdelta: f32, start: usize, nc: usize, min: f32, max: f32, sum_w: f32, sum_x: f32) -> Candidates {
+    candidates_sized(x, weights, nmax, rmin, rdelta, start, nc, min, max, sum_w, sum_x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2")]
+unsafe fn candidates_avx2(x: &[f32], weights: &[f32], nmax: i32, rmin: f32, rdelta: f32, start: usize, nc: usize, min: f32, max: f32, sum_w: f32, sum_x: f32) -> Candidates {
+    candidates_sized(x, weights, nmax, rmin, rdelta, start, nc, min, max, sum_w, sum_x)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn candidates_body<const N: usize>(x: &[f32], weights: &[f32], nmax: i32, rmin: f32, rdelta: f32, start: usize, nc: usize, min: f32, max: f32, sum_w: f32, sum_x: f32) -> Candidates {
+    let n = x.len();
+    assert!(nc <= LANES && n <= 32 && start < nc);
+    let mut isc = [0f32; N];
+    for (j, v) in isc.iter_mut().enumerate() {
+        *v = (rmin + rdelta * (start + j).min(nc - 1) as f32 + nmax as f32) / (max - min);
+    }
+    let mut q = [[0u8; N]; 32];
+    let (mut sum_l, mut sum_l2, mut sum_xl) = ([0f32; N], [0f32; N], [0f32; N]);
+    for i in 0..n {
+        let (xi, w) = (x[i], weights[i]);
+        let row = &mut q[i];
+        for c in 0..N {
+            let qi = nearest_int(isc[c] * (xi - min)).clamp(0, nmax);
+            row[c] = qi as u8;
+            let lf = qi as f32;
+            sum_l[c] += w * lf;
+            sum_l2[c] += w * lf * lf;
+            sum_xl[c] += w * lf * xi;
+        }
+    }
+    let mut out = Candidates { q: [[0; LANES]; 32], scale: [0.0; LANES], min: [0.0; LANES], error: [0.0; LANES], valid: [false; LANES] };
+    let (mut scale, mut mins) = ([0f32; N], [0f32; N]);
+    for c in 0..N {
+        let d = sum_w * sum_l2[c] - sum_l[c] * sum_l[c];
+        out.valid[c] = d > 0.0;
+        let mut this_scale = (sum_w * sum_xl[c] - sum_x * sum_l[c]) / d;
+        let mut this_min = (sum_l2[c] * sum_x - sum_l[c] * sum_xl[c]) / d;
+        if this_min > 0.0 {
+            this_min = 0.0;
+            this_scale = sum_xl[c] / sum_l2[c];
+        }
+        scale[c] = this_scale;
+        mins[c] = this_min;
+    }
+    let mut error = [0f32; N];
+    for i in 0..n {
+        let (xi, w) = (x[i], weights[i]);
+        for c in 0..N {
+            let diff = scale[c] * q[i][c] as f32 + mins[c] - xi;
+            error[c] += w * (diff * diff);
+        }
+    }
+    for i in 0..n {
+        out.q[i][..N].copy_from_slice(&q[i]);
+    }
+    out.scale[..N].copy_from_slice(&scale);
+    out.min[..N].copy_from_slice(&mins);
+    out.error[..N].copy_from_slice(&error);
+    out
+}
+
+struct QxCandidates {
+    q: [[i8; 32]; 16],
+    sumlx: [f32; 32],
+    suml2: [f32; 32],
+}
+
+/// The scale search of `make_qx_quants` for the 18 candidates −9…9 (without 0) at once.
+fn qx_candidates(x: &[f32], nmax: i32, max: f32) -> QxCandidates {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl") {
+            // SAFETY: the features were just detected.
+            return unsafe { qx_candidates_avx512(x, nmax, max) };
+        }
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { qx_candidates_avx2(x, nmax, max) };
+        }
+    }
+    qx_candidates_body(x, nmax, max)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+unsafe fn qx_candidates_avx512(x: &[f32], nmax: i32, max: f32) -> QxCandidates {
+    qx_candidates_body(x, nmax, max)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn qx_candidates_avx2(x: &[f32], nmax: i32, max: f32) -> QxCandidates {
+    qx_candidates_body(x, nmax, max)
+}
+
+#[inline(always)]
+fn qx_candidates_body(x: &[f32], nmax: i32, max: f32) -> QxCandidates {
+    assert!(x.len() <= 16);
+    let mut iscale = [0f32; 32];
+    for (k, v) in iscale.iter_mut().enumerate() {
+        let k = k.min(17) as i32;
+        let is = if k < 9 { k - 9 } else { k - 8 };
+        *v = -(nmax as f32 + 0.1 * is as f32) / max;
+    }
+    let mut out = QxCandidates { q: [[0; 32]; 16], sumlx: [0.0; 32], suml2: [0.0; 32] };
+    for (i, &v) in x.iter().enumerate() {
+        let w = v * v;
+        for k in 0..32 {
+            let q = nearest_int(iscale[k] * v).clamp(-nmax, nmax - 1);
+            out.q[i][k] = q as i8;
+            out.sumlx[k] += w * v * q as f32;
+            out.suml2[k] += w * q as f32 * q as f32;
+        }
+    }
+    out
 }
 
 /// `make_qx_quants` with `rmse_type = 1` and no importance weights (w = x²).
@@ -107,7 +268,7 @@ fn make_qx_quants(x: &[f32], nmax: i32, l: &mut [i8]) -> f32 {
         l[..n].fill(0);
         return 0.0;
     }
-    let mut iscale = -(nmax as f32) / max;
+    let iscale = -(nmax as f32) / max;
     let (mut sumlx, mut suml2) = (0f32, 0f32);
     for i in 0..n {
         let q = nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1);
@@ -118,25 +279,18 @@ fn make_qx_quants(x: &[f32], nmax: i32, l: &mut [i8]) -> f32 {
     }
     let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
     let mut best = scale * sumlx;
-    for is in -9i32..=9 {
-        if is == 0 {
-            continue;
-        }
-        iscale = -(nmax as f32 + 0.1 * is as f32) / max;
-        sumlx = 0.0;
-        suml2 = 0.0;
-        for &v in x {
-            let q = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
-            let w = v * v;
-            sumlx += w * v * q as f32;
-            suml2 += w * q as f32 * q as f32;
-        }
-        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
+    // The 18 candidate scales do not depend on each other (unlike make_qkx2_quants), so
+    // all are evaluated at once, each sum over i in ggml's order, and then chosen in
+    // ggml's order.
+    let c = qx_candidates(x, nmax, max);
+    for (k, is) in (-9i32..=9).filter(|&is| is != 0).enumerate() {
+        let _ = is;
+        if c.suml2[k] > 0.0 && c.sumlx[k] * c.sumlx[k] > best * c.suml2[k] {
             for i in 0..n {
-                l[i] = (nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1) + nmax) as i8;
+                l[i] = (c.q[i][k] as i32 + nmax) as i8;
             }
-            scale = sumlx / suml2;
-            best = scale * sumlx;
+            scale = c.sumlx[k] / c.suml2[k];
+            best = scale * c.sumlx[k];
         }
     }
     scale
@@ -314,10 +468,60 @@ pub fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
     out
 }
 
+/// Q5_0 (`quantize_row_q5_0_ref`): per 32 values, d = −max/16 for the value of largest
+/// magnitude, 5-bit q = min(31, trunc(x/d + 16.5)); low nibbles in `qs`, fifth bits in `qh`.
+pub fn quantize_q5_0(x: &[f32]) -> Vec<u8> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl") {
+            // SAFETY: the features were just detected.
+            return unsafe { quantize_q5_0_avx512(x) };
+        }
+    }
+    quantize_q5_0_body(x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+unsafe fn quantize_q5_0_avx512(x: &[f32]) -> Vec<u8> {
+    quantize_q5_0_body(x)
+}
+
+#[inline(always)]
+fn quantize_q5_0_body(x: &[f32]) -> Vec<u8> {
+    let mut out = vec![0u8; x.len() / 32 * 22];
+    for (b, o) in x.chunks_exact(32).zip(out.chunks_exact_mut(22)) {
+        // ggml keeps the first value of largest magnitude; max() is exact, so find it after.
+        let mut amax = 0f32;
+        for v in b {
+            // Not f32::max: its NaN rule keeps the loop scalar.
+            amax = if v.abs() > amax { v.abs() } else { amax };
+        }
+        let max = if amax == 0.0 { 0.0 } else { b.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0) };
+        let d = max / -16.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut xi = [0u8; 32];
+        for (q, &v) in xi.iter_mut().zip(b) {
+            // In [0.5, 32.5] (|v·id| ≤ 16): truncation to i32 is C's (int8_t) cast here.
+            *q = ((v * id + 16.5) as i32).min(31) as u8;
+        }
+        let mut qh = 0u32;
+        for j in 0..16 {
+            o[6 + j] = (xi[j] & 0x0f) | ((xi[16 + j] & 0x0f) << 4);
+            qh |= (((xi[j] & 0x10) >> 4) as u32) << j;
+            qh |= (((xi[16 + j] & 0x10) >> 4) as u32) << (j + 16);
+        }
+        o[..2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
+        o[2..6].copy_from_slice(&qh.to_le_bytes());
+    }
+    out
+}
+
 pub fn quantize_rows(ty: crate::QType, data: &[f32], cols: usize) -> Option<Vec<u8>> {
     use rayon::prelude::*;
     let (f, block): (fn(&[f32]) -> Vec<u8>, usize) = match ty {
         crate::QType::Q8_0 => (quantize_q8_0, 32),
+        crate::QType::Q5_0 => (quantize_q5_0, 32),
         crate::QType::Q4K => (quantize_q4_k, QK_K),
         crate::QType::Q5K => (quantize_q5_k, QK_K),
         crate::QType::Q6K => (quantize_q6_k, QK_K),

@@ -168,15 +168,30 @@ pub fn write(
         }
         w.write_all(&head).map_err(io)?;
         pad(&mut w, head.len() as u64).map_err(io)?;
-        for (i, t) in tensors.iter().enumerate() {
-            let bytes = produce(i)?;
-            if bytes.len() as u64 != t.nbytes() {
-                return Err(Error::Invalid(format!("tensor `{}`: produced {} bytes, planned {}", t.name, bytes.len(), t.nbytes())));
+        // Tensor i is written and hashed on a second thread while tensor i+1 is produced.
+        let w = std::thread::scope(|scope| -> Result<Hashing<BufWriter<std::fs::File>>> {
+            let (send, recv) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
+            let writer = scope.spawn(move || -> std::io::Result<Hashing<BufWriter<std::fs::File>>> {
+                for bytes in recv {
+                    w.write_all(&bytes)?;
+                    pad(&mut w, bytes.len() as u64)?;
+                }
+                Ok(w)
+            });
+            for (i, t) in tensors.iter().enumerate() {
+                let bytes = produce(i)?;
+                if bytes.len() as u64 != t.nbytes() {
+                    return Err(Error::Invalid(format!("tensor `{}`: produced {} bytes, planned {}", t.name, bytes.len(), t.nbytes())));
+                }
+                let n = bytes.len() as u64;
+                if send.send(bytes).is_err() {
+                    break; // the writer failed; its error is reported below
+                }
+                progress(i, n);
             }
-            w.write_all(&bytes).map_err(io)?;
-            pad(&mut w, bytes.len() as u64).map_err(io)?;
-            progress(i, bytes.len() as u64);
-        }
+            drop(send);
+            writer.join().map_err(|_| Error::Invalid("GGUF writer thread panicked".into()))?.map_err(io)
+        })?;
         let sha = format!("{:x}", w.hash.finalize());
         let file = w.inner.into_inner().map_err(|e| Error::io(path, e.into_error()))?;
         file.sync_all().map_err(io)?;

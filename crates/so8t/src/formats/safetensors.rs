@@ -151,6 +151,18 @@ impl SafetensorsStore {
     }
 }
 
+/// Little-endian values of `W` bytes into f32, in parallel chunks (generic, so the
+/// conversion inlines into the loop).
+fn convert_into<const W: usize>(out: &mut [f32], bytes: &[u8], f: impl Fn([u8; W]) -> f32 + Sync) {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    out.par_chunks_mut(CHUNK).zip(bytes.par_chunks(CHUNK * W)).for_each(|(o, b)| {
+        for (v, x) in o.iter_mut().zip(b.chunks_exact(W)) {
+            *v = f(x.try_into().expect("chunk of W bytes"));
+        }
+    });
+}
+
 /// All 256 e4m3fn values (1 sign, 4 exponent bits with bias 7, 3 mantissa bits, no
 /// infinities, 0x7f/0xff are NaN).
 pub fn fp8_e4m3_table() -> [f32; 256] {
@@ -198,30 +210,26 @@ impl WeightStore for SafetensorsStore {
     /// Straight from the mapped bytes into one f32 vector, in parallel: no intermediate
     /// tensors (export of a 0.5B model spent most of its time copying them).
     fn dense_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        use rayon::prelude::*;
         let e = self.entry(name)?;
         if e.shape != shape {
             return Err(shape_error(self.file_of(e), name, shape, &e.shape));
         }
         let bytes = &self.files[e.file].1[e.start..e.end];
-        let convert: fn(&[u8]) -> f32 = match e.dtype {
-            Dtype::F32 => |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-            Dtype::F16 => |b| half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
-            Dtype::BF16 => |b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+        let width = match e.dtype {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
             _ => return Ok(self.checked(name, shape)?.flatten_all()?.to_vec1::<f32>()?),
         };
-        let width = e.dtype.bitsize() / 8;
         let n: usize = shape.iter().product();
         if bytes.len() != n * width {
             return Err(Error::format(self.file_of(e), format!("tensor `{name}` holds {} bytes, expected {}", bytes.len(), n * width)));
         }
         let mut out = vec![0f32; n];
-        const CHUNK: usize = 1 << 16;
-        out.par_chunks_mut(CHUNK).zip(bytes.par_chunks(CHUNK * width)).for_each(|(o, b)| {
-            for (v, x) in o.iter_mut().zip(b.chunks_exact(width)) {
-                *v = convert(x);
-            }
-        });
+        match e.dtype {
+            Dtype::F32 => convert_into(&mut out, bytes, |b: [u8; 4]| f32::from_le_bytes(b)),
+            Dtype::F16 => convert_into(&mut out, bytes, |b: [u8; 2]| half::f16::from_le_bytes(b).to_f32()),
+            _ => convert_into(&mut out, bytes, |b: [u8; 2]| half::bf16::from_le_bytes(b).to_f32()),
+        }
         Ok(out)
     }
 

@@ -212,13 +212,14 @@ pub fn export(src: &Path, out: &Path, quant: Quant, mut progress: impl FnMut(usi
 }
 
 /// ggml blocks for a row-major f32 tensor of shape `dims`: our ggml-exact quantisers
-/// (Q8_0, Q4_K, Q5_K, Q6_K) and parallel f16/bf16 conversion, candle's block encoders for
+/// (Q8_0, Q5_0, Q4_K, Q5_K, Q6_K) and parallel f16/bf16 conversion, candle's block encoders for
 /// the other types.
 pub fn encode(data: &[f32], dims: &[usize], dtype: GgmlDType) -> Result<Vec<u8>> {
     use rayon::prelude::*;
     let cols = *dims.last().unwrap_or(&1);
     let ours = match dtype {
         GgmlDType::Q8_0 => Some(so8t_kernels::QType::Q8_0),
+        GgmlDType::Q5_0 => Some(so8t_kernels::QType::Q5_0),
         GgmlDType::Q4K => Some(so8t_kernels::QType::Q4K),
         GgmlDType::Q5K => Some(so8t_kernels::QType::Q5K),
         GgmlDType::Q6K => Some(so8t_kernels::QType::Q6K),
