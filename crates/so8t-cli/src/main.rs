@@ -48,23 +48,6 @@ enum Command {
     Validate(validate::Args),
 }
 
-/// Training and evaluation build a fresh graph of tensors for every example, and candle
-/// allocates a new buffer for every op. glibc serves buffers over 128 KiB with mmap and
-/// gives them back at once, so each step page-faults its whole working set again: on a
-/// SmolLM2 gates step most of its system time. Keeping freed memory in the heap (up to
-/// 1 GiB) avoids that (BENCHMARKS.md; `SO8T_NO_HEAP_TUNING=1` turns it off to measure).
-fn keep_freed_memory() {
-    if std::env::var_os("SO8T_NO_HEAP_TUNING").is_some() {
-        return;
-    }
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(t) = cli.threads {
@@ -84,14 +67,8 @@ fn main() -> ExitCode {
         Command::Bake(a) => bake::main(a),
         Command::Export(a) => export::main(a),
         Command::Modelfile(a) => modelfile::main(a),
-        Command::Train(a) => {
-            keep_freed_memory();
-            train::main(a)
-        }
-        Command::Eval(a) => {
-            keep_freed_memory();
-            eval::main(a)
-        }
+        Command::Train(a) => train::main(a),
+        Command::Eval(a) => eval::main(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
