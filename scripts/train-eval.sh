@@ -41,4 +41,12 @@ if [[ $which == smollm2 || $which == all ]]; then
 fi
 if [[ $which == qwen25coder || $which == all ]]; then
   heads qwen2.5-coder-0.5b qwen2.5-coder-0.5b-instruct-q4_k_m.gguf qwen25coder
+  head -n 160 $data/train.jsonl > "$work/gates-160.jsonl"
+  # Qwen's final hidden states are larger: its L_PET starts near 200 (SmolLM2's near 10),
+  # so λ_max is scaled down to keep the PET term of the same size as the other terms.
+  $so8t train --model "$work/qwen2.5-coder-0.5b-heads" --data "$work/gates-160.jsonl" --val $data/val.jsonl \
+    --mode gates --epochs 2 --batch 8 --lr 5e-4 --head-lr 1e-5 --pet-max 0.005 --seed 1 --out "$work/qwen2.5-coder-0.5b-gates" \
+    | tee "$work/qwen2.5-coder-0.5b-gates.json"
+  $so8t eval --model "$work/qwen2.5-coder-0.5b-gates" --data $data/test.jsonl --report eval/qwen2.5-coder-0.5b-gates \
+    --notes "qwen2.5-coder-0.5b from the heads fit above, then \`so8t train --mode gates\` (160 rows, 2 epochs, batch 8, lr 5e-4, head lr 1e-5, λ_max 0.005: Qwen's L_PET is ~20× SmolLM2's, all sites and factors); thresholds (5% FPR) chosen on val.jsonl. Made by scripts/train-eval.sh."
 fi
