@@ -22,7 +22,7 @@ fn f16_round(x: f32) -> f32 {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn make_qkx2_quants(x: &[f32], weights: &[f32], nmax: i32, l: &mut [u8], laux: &mut [u8], rmin: f32, rdelta: f32, nstep: i32) -> (f32, f32) {
+fn make_qkx2_quants(x: &[f32], weights: &[f32], nmax: i32, l: &mut [u8], rmin: f32, rdelta: f32, nstep: i32) -> (f32, f32) {
     let n = x.len();
     let (mut min, mut max) = (x[0], x[0]);
     let mut sum_w = weights[0];
@@ -63,7 +63,6 @@ fn make_qkx2_quants(x: &[f32], weights: &[f32], nmax: i32, l: &mut [u8], laux: &
     // ggml's f32 value, while the candidates fill the vector lanes); the walk stops at an
     // acceptance and the rest are evaluated again with the new `min`. Few candidates are
     // accepted, so this is about one pass.
-    let _ = laux;
     let nc = nstep as usize + 1;
     let mut start = 0;
     while start < nc {
@@ -283,8 +282,8 @@ fn make_qx_quants(x: &[f32], nmax: i32, l: &mut [i8]) -> f32 {
     // all are evaluated at once, each sum over i in ggml's order, and then chosen in
     // ggml's order.
     let c = qx_candidates(x, nmax, max);
-    for (k, is) in (-9i32..=9).filter(|&is| is != 0).enumerate() {
-        let _ = is;
+    // Lane k is candidate is = k − 9 for k < 9, k − 8 after (−9…−1, 1…9, ggml's order).
+    for k in 0..18 {
         if c.suml2[k] > 0.0 && c.sumlx[k] * c.sumlx[k] > best * c.suml2[k] {
             for i in 0..n {
                 l[i] = (c.q[i][k] as i32 + nmax) as i8;
@@ -313,7 +312,6 @@ fn quantize_k45(x: &[f32], five: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(x.len() / QK_K * if five { 176 } else { 144 });
     for x in x.chunks_exact(QK_K) {
         let mut l = [0u8; QK_K];
-        let mut laux = [0u8; 32];
         let mut weights = [0f32; 32];
         let (mut mins, mut scales) = ([0f32; 8], [0f32; 8]);
         let (mut max_scale, mut max_min) = (0f32, 0f32);
@@ -327,7 +325,7 @@ fn quantize_k45(x: &[f32], five: bool) -> Vec<u8> {
             for (w, &v) in weights.iter_mut().zip(xs) {
                 *w = av_x + v.abs();
             }
-            let (s, m) = make_qkx2_quants(xs, &weights, nmax, &mut l[32 * j..32 * j + 32], &mut laux, rmin, 0.1, nstep);
+            let (s, m) = make_qkx2_quants(xs, &weights, nmax, &mut l[32 * j..32 * j + 32], rmin, 0.1, nstep);
             scales[j] = s;
             mins[j] = m;
             if s > max_scale {
