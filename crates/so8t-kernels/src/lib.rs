@@ -11,6 +11,39 @@
 //! process, no per-call spawning); the integer loops are compiled once per instruction set
 //! (AVX-512, AVX2, baseline) and chosen at run time.
 
+/// `fn $name(args) -> T` that runs `$body(args)` compiled for the widest instruction set
+/// [`dot::Isa::detect`] finds (AVX-512, AVX2, baseline): `$body` is `#[inline(always)]`
+/// plain Rust, so LLVM vectorises it once per set. No FMA contraction follows from the
+/// features: Rust never fuses a multiply and an add on its own, so f32 results stay
+/// bit for bit what the baseline computes.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty = $body:ident) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[allow(clippy::too_many_arguments)]
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                #[allow(clippy::too_many_arguments)]
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                match $crate::dot::Isa::detect() {
+                    // SAFETY: `Isa::detect` found these features on this CPU.
+                    $crate::dot::Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                    $crate::dot::Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::dot::Isa::Base => {}
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
 mod blocks;
 mod dot;
 pub mod quantize;

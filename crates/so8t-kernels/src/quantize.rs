@@ -100,25 +100,13 @@ struct Candidates {
     valid: [bool; LANES],
 }
 
-/// The search step of `make_qkx2_quants` for every candidate scale at once, at one `min`,
-/// compiled for the widest vectors the CPU has (no FMA contraction: Rust never fuses).
-#[allow(clippy::too_many_arguments)]
-fn candidates(x: &[f32], weights: &[f32], nmax: i32, rmin: f32, rdelta: f32, start: usize, nc: usize, min: f32, max: f32, sum_w: f32, sum_x: f32) -> Candidates {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl") {
-            // SAFETY: the features were just detected.
-            return unsafe { candidates_avx512(x, weights, nmax, rmin, rdelta, start, nc, min, max, sum_w, sum_x) };
-        }
-        if is_x86_feature_detected!("avx2") {
-            // SAFETY: as above.
-            return unsafe { candidates_avx2(x, weights, nmax, rmin, rdelta, start, nc, min, max, sum_w, sum_x) };
-        }
-    }
-    candidates_sized(x, weights, nmax, rmin, rdelta, start, nc, min, max, sum_w, sum_x)
+multiversion! {
+    /// The search step of `make_qkx2_quants` for every candidate scale at once, at one
+    /// `min`; half the lanes when at most 16 candidates remain (after a restart, usually).
+    #[allow(clippy::too_many_arguments)]
+    fn candidates(x: &[f32], weights: &[f32], nmax: i32, rmin: f32, rdelta: f32, start: usize, nc: usize, min: f32, max: f32, sum_w: f32, sum_x: f32) -> Candidates = candidates_sized
 }
 
-/// Half the lanes when at most 16 candidates remain (after a restart, usually).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn candidates_sized(x: &[f32], weights: &[f32], nmax: i32, rmin: f32, rdelta: f32, start: usize, nc: usize, min: f32, max: f32, sum_w: f32, sum_x: f32) -> Candidates {
@@ -127,20 +115,6 @@ fn candidates_sized(x: &[f32], weights: &[f32], nmax: i32, rmin: f32, rdelta: f3
     } else {
         candidates_body::<LANES>(x, weights, nmax, rmin, rdelta, start, nc, min, max, sum_w, sum_x)
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
-unsafe fn candidates_avx512(x: &[f32], weights: &[f32], nmax: i32, rmin: f32, rdelta: f32, start: usize, nc: usize, min: f32, max: f32, sum_w: f32, sum_x: f32) -> Candidates {
-    candidates_sized(x, weights, nmax, rmin, rdelta, start, nc, min, max, sum_w, sum_x)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx2")]
-unsafe fn candidates_avx2(x: &[f32], weights: &[f32], nmax: i32, rmin: f32, rdelta: f32, start: usize, nc: usize, min: f32, max: f32, sum_w: f32, sum_x: f32) -> Candidates {
-    candidates_sized(x, weights, nmax, rmin, rdelta, start, nc, min, max, sum_w, sum_x)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -203,32 +177,9 @@ struct QxCandidates {
     suml2: [f32; 32],
 }
 
-/// The scale search of `make_qx_quants` for the 18 candidates −9…9 (without 0) at once.
-fn qx_candidates(x: &[f32], nmax: i32, max: f32) -> QxCandidates {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl") {
-            // SAFETY: the features were just detected.
-            return unsafe { qx_candidates_avx512(x, nmax, max) };
-        }
-        if is_x86_feature_detected!("avx2") {
-            // SAFETY: as above.
-            return unsafe { qx_candidates_avx2(x, nmax, max) };
-        }
-    }
-    qx_candidates_body(x, nmax, max)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
-unsafe fn qx_candidates_avx512(x: &[f32], nmax: i32, max: f32) -> QxCandidates {
-    qx_candidates_body(x, nmax, max)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn qx_candidates_avx2(x: &[f32], nmax: i32, max: f32) -> QxCandidates {
-    qx_candidates_body(x, nmax, max)
+multiversion! {
+    /// The scale search of `make_qx_quants` for the 18 candidates −9…9 (without 0) at once.
+    fn qx_candidates(x: &[f32], nmax: i32, max: f32) -> QxCandidates = qx_candidates_body
 }
 
 #[inline(always)]
@@ -450,8 +401,6 @@ pub fn quantize_q6_k(x: &[f32]) -> Vec<u8> {
     out
 }
 
-/// Rows of `cols` values → ggml blocks, rows in parallel. `None` for types these
-/// quantisers do not cover.
 /// Q8_0: per 32 values, d = amax/127 stored as f16 and q = round(x/d), half away from
 /// zero (C `roundf`).
 pub fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
@@ -466,23 +415,10 @@ pub fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
     out
 }
 
-/// Q5_0 (`quantize_row_q5_0_ref`): per 32 values, d = −max/16 for the value of largest
-/// magnitude, 5-bit q = min(31, trunc(x/d + 16.5)); low nibbles in `qs`, fifth bits in `qh`.
-pub fn quantize_q5_0(x: &[f32]) -> Vec<u8> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl") {
-            // SAFETY: the features were just detected.
-            return unsafe { quantize_q5_0_avx512(x) };
-        }
-    }
-    quantize_q5_0_body(x)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
-unsafe fn quantize_q5_0_avx512(x: &[f32]) -> Vec<u8> {
-    quantize_q5_0_body(x)
+multiversion! {
+    /// Q5_0 (`quantize_row_q5_0_ref`): per 32 values, d = −max/16 for the value of largest
+    /// magnitude, 5-bit q = min(31, trunc(x/d + 16.5)); low nibbles in `qs`, fifth bits in `qh`.
+    pub fn quantize_q5_0(x: &[f32]) -> Vec<u8> = quantize_q5_0_body
 }
 
 #[inline(always)]
@@ -515,6 +451,8 @@ fn quantize_q5_0_body(x: &[f32]) -> Vec<u8> {
     out
 }
 
+/// Rows of `cols` values → ggml blocks, rows in parallel. `None` for types these
+/// quantisers do not cover.
 pub fn quantize_rows(ty: crate::QType, data: &[f32], cols: usize) -> Option<Vec<u8>> {
     use rayon::prelude::*;
     let (f, block): (fn(&[f32]) -> Vec<u8>, usize) = match ty {
