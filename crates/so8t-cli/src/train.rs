@@ -2,7 +2,7 @@ use anyhow::{bail, Context, Result};
 use so8t::model::Site;
 use so8t::train::data::{read_jsonl, Dataset};
 use so8t::train::gates::{GatesOptions, RunControl, Trainer};
-use so8t::train::{choose_thresholds, fit_heads, prepare_out, so8t_parts, write_atomic, write_result, Features, TRAIN_DIR};
+use so8t::train::{choose_thresholds, fit_heads, prepare_out, so8t_parts, write_result, Features, TRAIN_DIR};
 use so8t::Model;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -205,7 +205,7 @@ pub fn main(a: Args) -> Result<()> {
     summary["seconds"] = t0.elapsed().as_secs_f64().into();
     let dir = out.join(TRAIN_DIR);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    write_atomic(&dir.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    so8t::staging::write_bytes(&dir.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     eprintln!("wrote {} (heads trained, thresholds unsafe {:.4} escalate {:.4})", out.display(), config.thresholds.unsafe_, config.thresholds.escalate);
     Ok(())

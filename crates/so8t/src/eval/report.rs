@@ -244,6 +244,6 @@ pub fn write(report: &EvalReport, train_log: Option<&[StepLog]>, notes: &str, di
     if let Some(log) = train_log {
         loss_plot(log, &dir.join("loss.png"))?;
     }
-    crate::train::write_atomic(&dir.join("report.json"), serde_json::to_string_pretty(report).unwrap().as_bytes())?;
-    crate::train::write_atomic(&dir.join("report.md"), markdown(report, train_log, notes).as_bytes())
+    crate::staging::write_bytes(&dir.join("report.json"), serde_json::to_string_pretty(report).unwrap().as_bytes())?;
+    crate::staging::write_bytes(&dir.join("report.md"), markdown(report, train_log, notes).as_bytes())
 }

@@ -138,12 +138,8 @@ pub fn write(
     mut produce: impl FnMut(usize) -> Result<Vec<u8>>,
     mut progress: impl FnMut(usize, u64),
 ) -> Result<String> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| Error::format(path, "not a file name"))?.to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| -> Result<String> {
-        // Errors name the target: the temporary name is an implementation detail.
-        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(path, e))?;
+    crate::staging::write_file(path, |tmp| {
+        let file = std::fs::File::create(tmp).map_err(|e| Error::io(path, e))?;
         let mut w = Hashing { inner: BufWriter::with_capacity(1 << 20, file), hash: Sha256::new() };
         let io = |e| Error::io(path, e);
         let mut head = Vec::new();
@@ -196,15 +192,5 @@ pub fn write(
         let file = w.inner.into_inner().map_err(|e| Error::io(path, e.into_error()))?;
         file.sync_all().map_err(io)?;
         Ok(sha)
-    })();
-    match result {
-        Ok(sha) => {
-            std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-            Ok(sha)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
-        }
-    }
+    })
 }

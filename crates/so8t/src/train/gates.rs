@@ -7,7 +7,8 @@
 
 use super::data::Example;
 use super::logistic::balanced_weights;
-use super::{write_atomic, TRAIN_DIR};
+use super::TRAIN_DIR;
+use crate::staging::{write_bytes, write_file};
 use crate::error::{Error, Result};
 use crate::model::Site;
 use crate::so8::adapter::{generator_name, Adapter, Heads, So8tConfig};
@@ -370,9 +371,9 @@ impl<'a> Trainer<'a> {
                 .filter(|l| serde_json::from_str::<StepLog>(l).is_ok_and(|s| s.step <= self.step))
                 .map(|l| format!("{l}\n"))
                 .collect();
-            write_atomic(&log_path, kept.as_bytes())?;
+            write_bytes(&log_path, kept.as_bytes())?;
         } else {
-            write_atomic(&log_path, b"")?;
+            write_bytes(&log_path, b"")?;
         }
         let mut log = std::fs::OpenOptions::new().append(true).open(&log_path).map_err(|e| Error::io(&log_path, e))?;
         let total = self.total_steps();
@@ -406,11 +407,11 @@ impl<'a> Trainer<'a> {
             all.insert(format!("adam_m.{n}"), self.m[i].clone());
             all.insert(format!("adam_v.{n}"), self.v[i].clone());
         }
-        let tmp = self.dir.join(format!(".checkpoint.safetensors.tmp-{}", std::process::id()));
-        candle_core::safetensors::save(&all, &tmp).map_err(|e| Error::format(&tmp, crate::error::candle_message(&e)))?;
-        std::fs::rename(&tmp, &tensors_path).map_err(|e| Error::io(&tensors_path, e))?;
+        write_file(&tensors_path, |tmp| {
+            candle_core::safetensors::save(&all, tmp).map_err(|e| Error::format(&tensors_path, crate::error::candle_message(&e)))
+        })?;
         let meta = serde_json::json!({ "step": self.step, "fingerprint": self.fingerprint() });
-        write_atomic(&meta_path, serde_json::to_string_pretty(&meta).unwrap().as_bytes())
+        write_bytes(&meta_path, serde_json::to_string_pretty(&meta).unwrap().as_bytes())
     }
 
     fn load_checkpoint(&mut self) -> Result<()> {

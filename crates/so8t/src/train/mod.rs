@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::eval::metrics::{binary_metrics, threshold_for_fpr, BinaryMetrics};
 use crate::so8::adapter::{Adapter, Heads, So8tConfig, Thresholds, ADAPTER_FILE, CONFIG_FILE};
 use crate::so8::convert::is_hf_model_file;
+use crate::staging::{write_bytes, write_file};
 use crate::Model;
 use data::{Dataset, Example};
 use serde::Serialize;
@@ -176,12 +177,13 @@ pub fn prepare_out(model_dir: &Path, out: Option<&Path>) -> Result<PathBuf> {
         if same {
             continue;
         }
-        let tmp = out.join(format!(".{name}.tmp-{}", std::process::id()));
-        let _ = std::fs::remove_file(&tmp);
-        if std::fs::hard_link(e.path(), &tmp).is_err() {
-            std::fs::copy(e.path(), &tmp).map_err(|err| Error::io(&tmp, err))?;
-        }
-        std::fs::rename(&tmp, &dst).map_err(|err| Error::io(&dst, err))?;
+        write_file(&dst, |tmp| {
+            let _ = std::fs::remove_file(tmp);
+            if std::fs::hard_link(e.path(), tmp).is_err() {
+                std::fs::copy(e.path(), tmp).map_err(|err| Error::io(&dst, err))?;
+            }
+            Ok(())
+        })?;
     }
     Ok(out)
 }
@@ -195,20 +197,8 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 
 /// Writes the adapter, then the config, each to a temporary name renamed into place.
 pub fn write_result(out: &Path, adapter: &Adapter, config: &So8tConfig) -> Result<()> {
-    let pid = std::process::id();
-    let tmp = out.join(format!(".{ADAPTER_FILE}.tmp-{pid}"));
-    adapter.write(&tmp)?;
-    let dst = out.join(ADAPTER_FILE);
-    std::fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
-    write_atomic(&out.join(CONFIG_FILE), serde_json::to_string_pretty(config).unwrap().as_bytes())
-}
-
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    write_file(&out.join(ADAPTER_FILE), |tmp| adapter.write(tmp))?;
+    write_bytes(&out.join(CONFIG_FILE), serde_json::to_string_pretty(config).unwrap().as_bytes())
 }
 
 /// The model directory's config, checked to belong to a trainable SO8T directory.
