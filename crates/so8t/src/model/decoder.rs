@@ -58,6 +58,15 @@ impl LayerGates {
     }
 }
 
+/// `x·Wᵀ`; in training, through the op that passes gradients to `x` only.
+fn product(w: &Matrix, x: &Tensor, differentiable: bool) -> candle_core::Result<Tensor> {
+    if differentiable {
+        matmul_frozen(w, x)
+    } else {
+        matmul(w, x)
+    }
+}
+
 fn gate(g: &Option<BlockRotation>, x: Tensor) -> candle_core::Result<Tensor> {
     match g {
         Some(r) => r.apply(&x),
@@ -78,7 +87,7 @@ impl Projection {
     }
 
     fn forward(&self, x: &Tensor, differentiable: bool) -> candle_core::Result<Tensor> {
-        let y = if differentiable { matmul_frozen(&self.w, x)? } else { matmul(&self.w, x)? };
+        let y = product(&self.w, x, differentiable)?;
         match &self.b {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -290,10 +299,7 @@ impl Decoder {
 
     /// Logits `[rows, vocab]` for hidden states `[rows, hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        if self.differentiable {
-            return Ok(matmul_frozen(&self.lm_head, hidden)?);
-        }
-        Ok(matmul(&self.lm_head, hidden)?)
+        Ok(product(&self.lm_head, hidden, self.differentiable)?)
     }
 
     /// Convenience for tests and scoring: logits for every position of `ids` from a

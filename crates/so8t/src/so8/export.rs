@@ -230,20 +230,10 @@ pub fn encode(data: &[f32], dims: &[usize], dtype: GgmlDType) -> Result<Vec<u8>>
             return Ok(b);
         }
     }
-    const CHUNK: usize = 1 << 16;
-    let convert = |width: usize, f: fn(f32, &mut [u8])| {
-        let mut out = vec![0u8; data.len() * width];
-        out.par_chunks_mut(CHUNK * width).zip(data.par_chunks(CHUNK)).for_each(|(o, x)| {
-            for (b, &v) in o.chunks_exact_mut(width).zip(x) {
-                f(v, b);
-            }
-        });
-        out
-    };
     match dtype {
-        GgmlDType::F32 => return Ok(convert(4, |v, b| b.copy_from_slice(&v.to_le_bytes()))),
-        GgmlDType::F16 => return Ok(convert(2, |v, b| b.copy_from_slice(&half::f16::from_f32(v).to_le_bytes()))),
-        GgmlDType::BF16 => return Ok(convert(2, |v, b| b.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()))),
+        GgmlDType::F32 => return Ok(to_bytes(data, |v| v.to_le_bytes())),
+        GgmlDType::F16 => return Ok(to_bytes(data, |v| half::f16::from_f32(v).to_le_bytes())),
+        GgmlDType::BF16 => return Ok(to_bytes(data, |v| half::bf16::from_f32(v).to_le_bytes())),
         _ => {}
     }
     // candle's encoders are single-threaded; blocks never cross rows, so chunks of rows
@@ -262,6 +252,20 @@ pub fn encode(data: &[f32], dims: &[usize], dtype: GgmlDType) -> Result<Vec<u8>>
         out.extend(p?);
     }
     Ok(out)
+}
+
+/// Each value as `W` little-endian bytes, in parallel chunks (generic, so the conversion
+/// inlines into the loop; the mirror of the safetensors reader's).
+fn to_bytes<const W: usize>(data: &[f32], f: impl Fn(f32) -> [u8; W] + Sync) -> Vec<u8> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    let mut out = vec![0u8; data.len() * W];
+    out.par_chunks_mut(CHUNK * W).zip(data.par_chunks(CHUNK)).for_each(|(o, x)| {
+        for (b, &v) in o.chunks_exact_mut(W).zip(x) {
+            b.copy_from_slice(&f(v));
+        }
+    });
+    out
 }
 
 /// A tensor as row-major f32 in the GGUF's layout: gates folded, llama q/k rows permuted.
