@@ -1,6 +1,5 @@
 use anyhow::{Context, Result};
 use so8t::eval::{evaluate, report};
-use so8t::train::data::read_jsonl;
 use so8t::train::TRAIN_DIR;
 use so8t::Model;
 use std::path::PathBuf;
@@ -32,11 +31,8 @@ pub struct Args {
 pub fn main(a: Args) -> Result<()> {
     let mut model = Model::open(&a.model)?;
     let labels = model.so8t.as_ref().map(|s| s.config.labels.clone()).unwrap_or_default();
-    let data = read_jsonl(&a.data, &labels, a.skip_bad)?;
-    if !data.skipped.is_empty() {
-        eprintln!("{}: skipped {} bad rows", a.data.display(), data.skipped.len());
-    }
-    let bar = indicatif::ProgressBar::new(data.examples.len() as u64);
+    let data = crate::train::read(&a.data, &labels, a.skip_bad)?;
+    let bar = crate::train::bar(data.examples.len(), "rows");
     let r = evaluate(&mut model, &data, |i| bar.set_position(i as u64))?;
     bar.finish_and_clear();
     if let Some(dir) = &a.report {

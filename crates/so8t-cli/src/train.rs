@@ -82,7 +82,7 @@ pub struct Args {
     skip_bad: bool,
 }
 
-fn bar(len: usize, what: &str) -> indicatif::ProgressBar {
+pub(crate) fn bar(len: usize, what: &str) -> indicatif::ProgressBar {
     let b = indicatif::ProgressBar::new(len as u64);
     b.set_style(
         indicatif::ProgressStyle::with_template(&format!("{{bar:30}} {{pos}}/{{len}} {what} {{elapsed}}<{{eta}} {{msg}}"))
@@ -91,7 +91,8 @@ fn bar(len: usize, what: &str) -> indicatif::ProgressBar {
     b
 }
 
-fn read(path: &Path, labels: &so8t::so8::adapter::Labels, skip_bad: bool) -> Result<Dataset> {
+/// Reads labelled JSONL, saying how many rows `--skip-bad` left out and why the first was.
+pub(crate) fn read(path: &Path, labels: &so8t::so8::adapter::Labels, skip_bad: bool) -> Result<Dataset> {
     let d = read_jsonl(path, labels, skip_bad)?;
     if !d.skipped.is_empty() {
         eprintln!("{}: skipped {} bad rows (first: line {}: {})", path.display(), d.skipped.len(), d.skipped[0].0, d.skipped[0].1);

@@ -5,6 +5,7 @@ pub mod metrics;
 pub mod report;
 
 use crate::error::{Error, Result};
+use crate::so8::adapter::Verdict;
 use crate::train::data::Dataset;
 use crate::train::{head_scores, Features, HEAD_NAMES};
 use crate::Model;
@@ -110,9 +111,8 @@ pub fn evaluate(model: &mut Model, data: &Dataset, progress: impl FnMut(usize)) 
         });
     }
     let mut decisions = BTreeMap::new();
-    let verdicts = heads.verdicts(&candle_core::Tensor::from_vec(features.x.clone(), (data.examples.len(), features.hidden), &candle_core::Device::Cpu)?)?;
-    for v in verdicts {
-        let d = config.decide(&[v]).map_or("undecided (heads untrained)", |d| d.name());
+    for (&p_unsafe, &p_escalate) in all[0].iter().zip(&all[1]) {
+        let d = config.decide(&[Verdict { p_unsafe, p_escalate }]).map_or("undecided (heads untrained)", |d| d.name());
         *decisions.entry(d.to_string()).or_insert(0) += 1;
     }
     Ok(EvalReport {

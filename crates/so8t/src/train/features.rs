@@ -8,28 +8,30 @@ use crate::Model;
 use candle_core::Tensor;
 
 /// Token ids of an example as the runtime sees them: the chat template with the
-/// generation prompt, then the response if there is one.
-pub fn example_ids(model: &Model, ex: &Example) -> Result<Vec<u32>> {
+/// generation prompt, then the response if there is one; and how many of them are the
+/// prompt's.
+pub fn example_ids(model: &Model, ex: &Example) -> Result<(Vec<u32>, usize)> {
     let mut ids = model.prompt_ids(&ex.messages)?;
+    let prompt_len = ids.len();
     if let Some(r) = &ex.response {
         ids.extend(model.tokenizer()?.encode(r, false)?);
     }
-    Ok(ids)
+    Ok((ids, prompt_len))
 }
 
-/// All examples' ids, refusing any row longer than the model's context.
-pub fn dataset_ids(model: &Model, examples: &[Example], path: &std::path::Path) -> Result<Vec<Vec<u32>>> {
+/// All examples' ids and prompt lengths, refusing any row longer than the model's context.
+pub fn dataset_ids(model: &Model, examples: &[Example], path: &std::path::Path) -> Result<(Vec<Vec<u32>>, Vec<usize>)> {
     let limit = model.config.max_position_embeddings;
-    examples
-        .iter()
-        .map(|ex| {
-            let ids = example_ids(model, ex)?;
-            if ids.len() > limit {
-                return Err(Error::format(path, format!("line {}: {} tokens, more than the model's context of {limit}", ex.line, ids.len())));
-            }
-            Ok(ids)
-        })
-        .collect()
+    let (mut all, mut prompt_lens) = (Vec::with_capacity(examples.len()), Vec::with_capacity(examples.len()));
+    for ex in examples {
+        let (ids, prompt_len) = example_ids(model, ex)?;
+        if ids.len() > limit {
+            return Err(Error::format(path, format!("line {}: {} tokens, more than the model's context of {limit}", ex.line, ids.len())));
+        }
+        all.push(ids);
+        prompt_lens.push(prompt_len);
+    }
+    Ok((all, prompt_lens))
 }
 
 /// `[n, hidden]` hidden states at the last token of each id sequence, through the

@@ -123,7 +123,7 @@ pub struct Trainer<'a> {
     step: usize,
     examples: Vec<Example>,
     ids: Vec<Vec<u32>>,
-    /// Tokens before the response (the verdict and LM split), per example.
+    /// Tokens before the response (where the LM loss starts for a row with one).
     prompt_lens: Vec<usize>,
     class_weights: [(f64, f64); 2],
     dir: PathBuf,
@@ -161,12 +161,7 @@ impl<'a> Trainer<'a> {
         }
         let m = vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
         let v = m.clone();
-        let ids = super::features::dataset_ids(model, &examples, data_path)?;
-        let prompt_lens = examples
-            .iter()
-            .zip(&ids)
-            .map(|(e, ids)| if e.response.is_some() { model.prompt_ids(&e.messages).map(|p| p.len()) } else { Ok(ids.len()) })
-            .collect::<Result<Vec<_>>>()?;
+        let (ids, prompt_lens) = super::features::dataset_ids(model, &examples, data_path)?;
         let labels = |h: usize| examples.iter().filter_map(|e| e.label(h)).collect::<Vec<_>>();
         let class_weights = [balanced_weights(&labels(0)), balanced_weights(&labels(1))];
         model.decoder.differentiable = true;
@@ -293,7 +288,12 @@ impl<'a> Trainer<'a> {
     /// Gradients of the batch loss for every parameter, in parameter order.
     pub fn gradients(&mut self, batch: &[usize], lambda: f64) -> Result<Vec<Tensor>> {
         let loss = self.batch_loss(batch, lambda)?;
-        let grads = loss[0].backward()?;
+        self.gradients_of(&loss[0])
+    }
+
+    /// ∂loss/∂parameter for every parameter, in order (zero where the graph does not reach).
+    fn gradients_of(&self, loss: &Tensor) -> Result<Vec<Tensor>> {
+        let grads = loss.backward()?;
         self.params.vars.iter().map(|v| Ok(grads.get(v).cloned().unwrap_or(v.zeros_like()?))).collect()
     }
 
@@ -313,8 +313,7 @@ impl<'a> Trainer<'a> {
         let lambda = pet_lambda(s, total_steps, self.opts.pet_max);
         let batch = self.batch_of(s);
         let terms = self.batch_loss(&batch, lambda)?;
-        let grads = terms[0].backward()?;
-        let grads: Vec<Tensor> = self.params.vars.iter().map(|v| Ok(grads.get(v).cloned().unwrap_or(v.zeros_like()?))).collect::<Result<_>>()?;
+        let grads = self.gradients_of(&terms[0])?;
         let mut sq = 0f64;
         for g in &grads {
             sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;

@@ -33,7 +33,7 @@ pub struct Features {
 
 impl Features {
     pub fn compute(model: &mut Model, data: &Dataset, progress: impl FnMut(usize)) -> Result<Features> {
-        let ids = features::dataset_ids(model, &data.examples, &data.path)?;
+        let (ids, _) = features::dataset_ids(model, &data.examples, &data.path)?;
         let h = features::verdict_hidden(model, &ids, progress)?;
         Ok(Features { x: h.flatten_all()?.to_vec1::<f32>()?, hidden: model.config.hidden_size, examples: data.examples.clone() })
     }
