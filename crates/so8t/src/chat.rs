@@ -70,6 +70,109 @@ pub fn split_reasoning(text: &str) -> (Option<String>, String) {
     }
 }
 
+/// Where a piece of streamed output belongs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Channel {
+    Reasoning,
+    Answer,
+}
+
+/// Splits streamed output into reasoning and answer as it arrives, like
+/// [`split_reasoning`] but token by token: text inside `<think>…</think>` is reasoning,
+/// and text that might be the start of a tag is held back until it is known. A model
+/// whose prompt already opened `<think>` (Qwen3-Thinking) starts in reasoning, and
+/// reasoning that never closes stays reasoning (as llama.cpp's server reports it).
+pub struct ReasoningSplitter {
+    channel: Channel,
+    held: String,
+    /// Whether an opening tag at the very start may still come.
+    at_start: bool,
+    /// The answer after `</think>` starts at its first non-blank character.
+    answer_opened: bool,
+}
+
+const THINK_OPEN: &str = "<think>";
+const THINK_CLOSE: &str = "</think>";
+
+impl ReasoningSplitter {
+    /// `prompt` is the rendered prompt text: if it ends inside an open `<think>`, the
+    /// output starts as reasoning.
+    pub fn new(prompt: &str) -> ReasoningSplitter {
+        let opened = prompt.rfind(THINK_OPEN).is_some_and(|o| prompt[o..].find(THINK_CLOSE).is_none());
+        ReasoningSplitter { channel: if opened { Channel::Reasoning } else { Channel::Answer }, held: String::new(), at_start: !opened, answer_opened: false }
+    }
+
+    /// Takes the next piece of output; returns what can be emitted now.
+    pub fn push(&mut self, piece: &str) -> Vec<(Channel, String)> {
+        self.held.push_str(piece);
+        let mut out = Vec::new();
+        loop {
+            if self.at_start {
+                let t = self.held.trim_start();
+                if t.starts_with(THINK_OPEN) {
+                    self.held = t[THINK_OPEN.len()..].to_string();
+                    self.channel = Channel::Reasoning;
+                    self.at_start = false;
+                    continue;
+                }
+                if THINK_OPEN.starts_with(t) {
+                    return out; // could still become `<think>`
+                }
+                self.at_start = false;
+            }
+            if self.channel == Channel::Reasoning {
+                if let Some(i) = self.held.find(THINK_CLOSE) {
+                    let before = self.held[..i].to_string();
+                    let after = self.held[i + THINK_CLOSE.len()..].to_string();
+                    if !before.is_empty() {
+                        out.push((Channel::Reasoning, before));
+                    }
+                    self.channel = Channel::Answer;
+                    self.answer_opened = true;
+                    self.held = after;
+                    continue;
+                }
+            }
+            if self.answer_opened {
+                self.held = self.held.trim_start().to_string();
+                if self.held.is_empty() {
+                    return out;
+                }
+                self.answer_opened = false;
+            }
+            let keep = if self.channel == Channel::Reasoning { partial_suffix(&self.held, THINK_CLOSE) } else { 0 };
+            let cut = self.held.len() - keep;
+            if cut > 0 {
+                let text: String = self.held.drain(..cut).collect();
+                push_piece(&mut out, self.channel, text);
+            }
+            return out;
+        }
+    }
+
+    /// Flushes whatever was held back at the end of the output.
+    pub fn finish(&mut self) -> Vec<(Channel, String)> {
+        let text = std::mem::take(&mut self.held);
+        let mut out = Vec::new();
+        if !text.is_empty() {
+            push_piece(&mut out, self.channel, text);
+        }
+        out
+    }
+}
+
+fn push_piece(out: &mut Vec<(Channel, String)>, channel: Channel, text: String) {
+    match out.last_mut() {
+        Some((c, t)) if *c == channel => t.push_str(&text),
+        _ => out.push((channel, text)),
+    }
+}
+
+/// Length of the longest suffix of `s` that is a proper prefix of `tag`.
+fn partial_suffix(s: &str, tag: &str) -> usize {
+    (1..tag.len().min(s.len() + 1)).rev().find(|&n| s.is_char_boundary(s.len() - n) && tag.starts_with(&s[s.len() - n..])).unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +190,30 @@ mod tests {
         let src = "{{ messages[0].content.split('</think>')[-1].strip() }}";
         let t = ChatTemplate::new(src, "", "").unwrap();
         assert_eq!(t.render(&[Message::new("assistant", "a</think>  b ")], false).unwrap(), "b");
+    }
+
+    fn split_streamed(prompt: &str, pieces: &[&str]) -> (String, String) {
+        let mut s = ReasoningSplitter::new(prompt);
+        let mut out: Vec<(Channel, String)> = pieces.iter().flat_map(|p| s.push(p)).collect();
+        out.extend(s.finish());
+        let join = |c| out.iter().filter(|(ch, _)| *ch == c).map(|(_, t)| t.as_str()).collect::<String>();
+        (join(Channel::Reasoning), join(Channel::Answer))
+    }
+
+    #[test]
+    fn streamed_reasoning_split_matches_whole_split() {
+        // Tags cut across pieces at every position.
+        let text = "<think>\nplan a b</think>\n\nThe answer.";
+        for cut in 0..text.len() {
+            let (r, a) = split_streamed("", &[&text[..cut], &text[cut..]]);
+            assert_eq!((r.trim(), a.as_str()), ("plan a b", "The answer."), "cut at {cut}");
+        }
+        let chars: Vec<String> = "x y</think>\n\nZ".chars().map(String::from).collect();
+        let pieces: Vec<&str> = chars.iter().map(String::as_str).collect();
+        assert_eq!(split_streamed("<|im_start|>assistant\n<think>\n", &pieces), ("x y".into(), "Z".into()));
+        assert_eq!(split_streamed("", &["plain ", "<thin", "g> text"]), ("".into(), "plain <thing> text".into()));
+        assert_eq!(split_streamed("", &["<", "b>"]), ("".into(), "<b>".into()));
+        assert_eq!(split_streamed("<think>\n", &["never closed </thi"]), ("never closed </thi".into(), "".into()));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use crate::error::Result;
 use crate::load::Model;
+use crate::model::KvCache;
 use crate::sampling::{top_logprobs, Sampler, SamplingParams};
 use candle_core::Tensor;
 use std::time::Instant;
@@ -31,14 +32,16 @@ pub enum FinishReason {
     Cancelled,
 }
 
-pub struct Step<'a> {
+/// One generated token, as a [`Sequence`] hands it out.
+pub struct Step {
     pub index: usize,
     pub id: u32,
-    /// Text this token completes (may be empty while a UTF-8 sequence is incomplete).
-    pub text: &'a str,
-    pub top: &'a [(u32, f32)],
+    /// Text this token completes (may be empty while a UTF-8 sequence is incomplete, or
+    /// when the token belongs to a stop string).
+    pub text: String,
+    pub top: Vec<(u32, f32)>,
     /// Final normed hidden state at this token's position, `[hidden]`, when requested.
-    pub hidden: Option<&'a Tensor>,
+    pub hidden: Option<Tensor>,
 }
 
 pub struct Generation {
@@ -59,100 +62,212 @@ pub enum Control {
     Stop,
 }
 
-pub fn generate(model: &mut Model, req: &GenerateRequest, mut on_step: impl FnMut(&Step) -> Control) -> Result<Generation> {
-    if req.prompt_ids.is_empty() {
-        return Err(crate::Error::Invalid("the prompt is empty".into()));
-    }
-    let vocab = model.config.vocab_size;
-    if let Some(bad) = req.prompt_ids.iter().find(|&&t| t as usize >= vocab) {
-        return Err(crate::Error::Invalid(format!("prompt token id {bad} is outside the vocabulary (size {vocab})")));
-    }
-    let ctx = model.config.max_position_embeddings;
-    if req.prompt_ids.len() >= ctx {
-        return Err(crate::Error::Invalid(format!(
-            "the prompt has {} tokens but the model's context is {ctx}",
-            req.prompt_ids.len()
-        )));
-    }
-    let eog = model.eog_ids();
-    let mut sampler = Sampler::new(req.sampling.clone());
-    let t0 = Instant::now();
-    model.decoder.clear_cache();
-    let hidden = model.decoder.forward_hidden(&req.prompt_ids, 0)?;
-    let prompt_hidden = hidden.get(hidden.dim(0)? - 1)?;
-    let mut logits = model.decoder.logits(&prompt_hidden.unsqueeze(0)?)?.squeeze(0)?.to_vec1::<f32>()?;
-    let prompt_seconds = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
+/// One request's generation as a state machine with its own KV cache, so that several
+/// can take turns on one model (the server interleaves them step by step).
+pub struct Sequence {
+    req: GenerateRequest,
+    sampler: Sampler,
+    cache: KvCache,
+    eog: Vec<u32>,
+    ctx: usize,
+    /// Prompt tokens already in the cache.
+    prefilled: usize,
+    history: Vec<u32>,
+    tokens: Vec<u32>,
+    text: String,
+    emitted: usize,
+    max_stop: usize,
+    /// Logits for the next token; present once the prompt is in and until the last step.
+    logits: Option<Vec<f32>>,
+    prompt_hidden: Option<Tensor>,
+    top_logprobs: Vec<Vec<(u32, f32)>>,
+    finish: Option<FinishReason>,
+    prompt_seconds: f64,
+    generate_seconds: f64,
+}
 
-    let mut history = req.prompt_ids.clone();
-    let mut tokens = Vec::new();
-    let mut all_top = Vec::new();
-    let mut text = String::new();
-    let mut emitted = 0usize;
-    let max_stop = req.stop.iter().map(|s| s.len()).max().unwrap_or(0);
-    let finish = loop {
-        if tokens.len() >= req.max_tokens {
-            break FinishReason::Length;
+impl Sequence {
+    /// Checks the request against the model; nothing runs yet.
+    pub fn new(model: &Model, req: GenerateRequest) -> Result<Sequence> {
+        if req.prompt_ids.is_empty() {
+            return Err(crate::Error::Invalid("the prompt is empty".into()));
         }
-        if history.len() >= ctx {
-            break FinishReason::Length;
+        let vocab = model.config.vocab_size;
+        if let Some(bad) = req.prompt_ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(crate::Error::Invalid(format!("prompt token id {bad} is outside the vocabulary (size {vocab})")));
         }
-        let top = if req.top_logprobs > 0 { top_logprobs(&logits, req.top_logprobs) } else { vec![] };
-        let id = sampler.sample(&logits, &history);
-        if eog.contains(&id) {
-            break FinishReason::Stop;
+        let ctx = model.config.max_position_embeddings;
+        if req.prompt_ids.len() >= ctx {
+            return Err(crate::Error::Invalid(format!(
+                "the prompt has {} tokens but the model's context is {ctx}",
+                req.prompt_ids.len()
+            )));
         }
-        tokens.push(id);
-        history.push(id);
-        all_top.push(top);
+        Ok(Sequence {
+            sampler: Sampler::new(req.sampling.clone()),
+            cache: model.decoder.new_cache(),
+            eog: model.eog_ids(),
+            ctx,
+            prefilled: 0,
+            history: req.prompt_ids.clone(),
+            tokens: Vec::new(),
+            text: String::new(),
+            emitted: 0,
+            max_stop: req.stop.iter().map(|s| s.len()).max().unwrap_or(0),
+            logits: None,
+            prompt_hidden: None,
+            top_logprobs: Vec::new(),
+            finish: None,
+            prompt_seconds: 0.0,
+            generate_seconds: 0.0,
+            req,
+        })
+    }
+
+    /// Runs `f` on the decoder with this sequence's KV cache in place.
+    fn with_cache<T>(&mut self, model: &mut Model, f: impl FnOnce(&mut crate::model::Decoder) -> Result<T>) -> Result<T> {
+        model.decoder.swap_cache(&mut self.cache);
+        let r = f(&mut model.decoder);
+        model.decoder.swap_cache(&mut self.cache);
+        r
+    }
+
+    pub fn prompt_done(&self) -> bool {
+        self.prefilled == self.req.prompt_ids.len()
+    }
+
+    /// Feeds up to `chunk` more prompt tokens; returns whether the whole prompt is in.
+    pub fn prefill(&mut self, model: &mut Model, chunk: usize) -> Result<bool> {
+        if self.prompt_done() {
+            return Ok(true);
+        }
+        let t0 = Instant::now();
+        let (from, to) = (self.prefilled, (self.prefilled + chunk.max(1)).min(self.req.prompt_ids.len()));
+        let ids = self.req.prompt_ids[from..to].to_vec();
+        let hidden = self.with_cache(model, |d| d.forward_hidden(&ids, from))?;
+        self.prefilled = to;
+        if self.prompt_done() {
+            let last = hidden.get(hidden.dim(0)? - 1)?;
+            self.logits = Some(model.decoder.logits(&last.unsqueeze(0)?)?.squeeze(0)?.to_vec1::<f32>()?);
+            self.prompt_hidden = Some(last);
+        }
+        self.prompt_seconds += t0.elapsed().as_secs_f64();
+        Ok(self.prompt_done())
+    }
+
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    /// Ends the sequence early (a moderation rule, a closed connection).
+    pub fn cancel(&mut self) {
+        self.finish.get_or_insert(FinishReason::Cancelled);
+    }
+
+    pub fn prompt_hidden(&self) -> Option<&Tensor> {
+        self.prompt_hidden.as_ref()
+    }
+
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Picks the next token and feeds it back. `None` when the sequence has ended (then
+    /// [`Sequence::finish_reason`] says why); a returned step may also be the last.
+    pub fn step(&mut self, model: &mut Model) -> Result<Option<Step>> {
+        if self.finish.is_some() {
+            return Ok(None);
+        }
+        if !self.prompt_done() {
+            let n = self.req.prompt_ids.len();
+            self.prefill(model, n)?;
+        }
+        let t0 = Instant::now();
+        let r = self.advance(model);
+        self.generate_seconds += t0.elapsed().as_secs_f64();
+        r
+    }
+
+    fn advance(&mut self, model: &mut Model) -> Result<Option<Step>> {
+        if self.tokens.len() >= self.req.max_tokens || self.history.len() >= self.ctx {
+            self.finish = Some(FinishReason::Length);
+            return Ok(None);
+        }
+        let logits = self.logits.take().expect("logits are present until the sequence ends");
+        let top = if self.req.top_logprobs > 0 { top_logprobs(&logits, self.req.top_logprobs) } else { vec![] };
+        let id = self.sampler.sample(&logits, &self.history);
+        if self.eog.contains(&id) {
+            self.finish = Some(FinishReason::Stop);
+            return Ok(None);
+        }
+        self.tokens.push(id);
+        self.history.push(id);
+        self.top_logprobs.push(top.clone());
 
         let mut stop_hit = false;
         if let Some(tok) = &model.tokenizer {
-            let full = tok.decode(&tokens)?;
+            let full = tok.decode(&self.tokens)?;
             // Hold back text that ends inside an incomplete UTF-8 sequence.
             if !full.ends_with('\u{FFFD}') {
-                text = full;
+                self.text = full;
             }
-            if max_stop > 0 {
-                let from = floor_char_boundary(&text, emitted.saturating_sub(max_stop));
-                if let Some(cut) = req.stop.iter().filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i)).min() {
-                    text.truncate(cut);
+            if self.max_stop > 0 {
+                let text = &self.text;
+                let from = floor_char_boundary(text, self.emitted.saturating_sub(self.max_stop));
+                let cut = self.req.stop.iter().filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i)).min();
+                if let Some(cut) = cut {
+                    self.text.truncate(cut);
                     stop_hit = true;
                 }
             }
         }
-        let piece_start = floor_char_boundary(&text, emitted.min(text.len()));
-        let piece = text[piece_start..].to_string();
-        emitted = text.len();
+        let piece_start = floor_char_boundary(&self.text, self.emitted.min(self.text.len()));
+        let piece = self.text[piece_start..].to_string();
+        self.emitted = self.text.len();
 
-        let last = stop_hit || tokens.len() >= req.max_tokens || history.len() >= ctx;
-        let hidden = if !last || req.hidden_for_every_token {
-            let h = model.decoder.forward_hidden(&[id], history.len() - 1)?.squeeze(0)?;
+        let last = stop_hit || self.tokens.len() >= self.req.max_tokens || self.history.len() >= self.ctx;
+        let hidden = if !last || self.req.hidden_for_every_token {
+            let pos = self.history.len() - 1;
+            let h = self.with_cache(model, |d| Ok(d.forward_hidden(&[id], pos)?.squeeze(0)?))?;
             if !last {
-                logits = model.decoder.logits(&h.unsqueeze(0)?)?.squeeze(0)?.to_vec1::<f32>()?;
+                self.logits = Some(model.decoder.logits(&h.unsqueeze(0)?)?.squeeze(0)?.to_vec1::<f32>()?);
             }
             Some(h)
         } else {
             None
         };
-        let step = Step { index: tokens.len() - 1, id, text: &piece, top: all_top.last().unwrap(), hidden: hidden.as_ref() };
+        if last {
+            self.finish = Some(if stop_hit { FinishReason::Stop } else { FinishReason::Length });
+        }
+        Ok(Some(Step { index: self.tokens.len() - 1, id, text: piece, top, hidden }))
+    }
+
+    /// The finished generation (the prompt must be in).
+    pub fn into_generation(self) -> Result<Generation> {
+        let prompt_hidden =
+            self.prompt_hidden.ok_or_else(|| crate::Error::Invalid("the sequence ended before its prompt was read".into()))?;
+        Ok(Generation {
+            prompt_tokens: self.req.prompt_ids,
+            tokens: self.tokens,
+            text: self.text,
+            finish_reason: self.finish.unwrap_or(FinishReason::Cancelled),
+            top_logprobs: self.top_logprobs,
+            prompt_hidden,
+            prompt_seconds: self.prompt_seconds,
+            generate_seconds: self.generate_seconds,
+        })
+    }
+}
+
+/// Generates to the end in one go, handing each step to `on_step`.
+pub fn generate(model: &mut Model, req: &GenerateRequest, mut on_step: impl FnMut(&Step) -> Control) -> Result<Generation> {
+    let mut seq = Sequence::new(model, req.clone())?;
+    while let Some(step) = seq.step(model)? {
         if let Control::Stop = on_step(&step) {
-            break FinishReason::Cancelled;
+            seq.cancel();
         }
-        if stop_hit {
-            break FinishReason::Stop;
-        }
-    };
-    Ok(Generation {
-        prompt_tokens: req.prompt_ids.clone(),
-        tokens,
-        text,
-        finish_reason: finish,
-        top_logprobs: all_top,
-        prompt_hidden,
-        prompt_seconds,
-        generate_seconds: t1.elapsed().as_secs_f64(),
-    })
+    }
+    seq.into_generation()
 }
 
 fn floor_char_boundary(s: &str, mut i: usize) -> usize {

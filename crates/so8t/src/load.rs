@@ -175,18 +175,10 @@ impl Model {
             .ok_or_else(|| Error::format(&self.path, "the model has no tokenizer (tokenizer.json or tokenizer.ggml.*); use --prompt-ids"))
     }
 
-    /// The token ids of a conversation as the model sees it before answering: the chat
-    /// template with the generation prompt (the assistant header), or, for a model without
-    /// a template, the last message's text with the tokenizer's special tokens.
+    /// The token ids of a conversation before the assistant answers
+    /// ([`TextTokenizer::chat_ids`]).
     pub fn prompt_ids(&self, messages: &[crate::chat::Message]) -> Result<Vec<u32>> {
-        let tok = self.tokenizer()?;
-        match &tok.chat_template {
-            Some(src) => {
-                let t = crate::chat::ChatTemplate::new(src, &tok.bos_text, &tok.eos_text)?;
-                tok.encode(&t.render(messages, true)?, false)
-            }
-            None => tok.encode(messages.last().map_or("", |m| m.content.as_str()), true),
-        }
+        self.tokenizer()?.chat_ids(messages)
     }
 
     /// Ids that end generation: the tokenizer's, or the config's when there is none.

@@ -12,6 +12,7 @@ const EOG_TEXTS: &[&str] = &[
     "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>", "<|end_of_text|>",
 ];
 
+#[derive(Clone)]
 pub struct TextTokenizer {
     pub inner: tokenizers::Tokenizer,
     pub bos: Option<u32>,
@@ -32,6 +33,19 @@ impl TextTokenizer {
             .encode(text, add_special)
             .map_err(|e| Error::Invalid(format!("tokenizer: cannot encode prompt: {e}")))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// The token ids of a conversation as the model sees it before answering: the chat
+    /// template with the generation prompt (the assistant header), or, without a
+    /// template, the last message's text with the tokenizer's special tokens.
+    pub fn chat_ids(&self, messages: &[crate::chat::Message]) -> Result<Vec<u32>> {
+        match &self.chat_template {
+            Some(src) => {
+                let t = crate::chat::ChatTemplate::new(src, &self.bos_text, &self.eos_text)?;
+                self.encode(&t.render(messages, true)?, false)
+            }
+            None => self.encode(messages.last().map_or("", |m| m.content.as_str()), true),
+        }
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {

@@ -109,6 +109,10 @@ struct Layer {
     down: Projection,
 }
 
+/// Keys and values of the positions seen so far, per layer, `[1, kv_heads, len, head_dim]`.
+#[derive(Clone, Default)]
+pub struct KvCache(Vec<Option<(Tensor, Tensor)>>);
+
 pub struct Decoder {
     pub cfg: ModelConfig,
     embed: Embedding,
@@ -116,7 +120,7 @@ pub struct Decoder {
     norm: Tensor,
     lm_head: Matrix,
     inv_freq: Tensor,
-    cache: Vec<Option<(Tensor, Tensor)>>,
+    cache: KvCache,
     pub gates: Vec<LayerGates>,
     /// Use ops that candle can differentiate (training). candle's fused RMSNorm, RoPE and
     /// softmax kernels have no backward pass: gradients would silently stop at them.
@@ -155,7 +159,7 @@ impl Decoder {
         };
         let inv_freq = Tensor::new(cfg.rope_inv_freq(), &Device::Cpu)?;
         Ok(Decoder {
-            cache: vec![None; cfg.num_layers],
+            cache: KvCache(vec![None; cfg.num_layers]),
             gates: vec![LayerGates::default(); cfg.num_layers],
             cfg,
             embed,
@@ -193,17 +197,28 @@ impl Decoder {
     }
 
     pub fn clear_cache(&mut self) {
-        self.cache.iter_mut().for_each(|c| *c = None);
+        self.cache.0.iter_mut().for_each(|c| *c = None);
+    }
+
+    /// Swaps the KV cache for `other` (several sequences take turns on one decoder);
+    /// cheap, the tensors are reference-counted.
+    pub fn swap_cache(&mut self, other: &mut KvCache) {
+        std::mem::swap(&mut self.cache, other);
+    }
+
+    /// An empty cache for this decoder, to hand to [`Decoder::swap_cache`].
+    pub fn new_cache(&self) -> KvCache {
+        KvCache(vec![None; self.layers.len()])
     }
 
     /// Tokens already in the KV cache.
     pub fn cached_len(&self) -> usize {
-        self.cache[0].as_ref().map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+        self.cache.0[0].as_ref().map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
     }
 
     /// Drops cached positions from `len` on (e.g. to reuse a shared prompt prefix).
     pub fn truncate_cache(&mut self, len: usize) -> Result<()> {
-        for c in self.cache.iter_mut() {
+        for c in self.cache.0.iter_mut() {
             if let Some((k, v)) = c {
                 if len == 0 {
                     *c = None;
@@ -272,11 +287,11 @@ impl Decoder {
         let q = self.rope(&q.transpose(1, 2)?.contiguous()?, cos, sin)?;
         let k = self.rope(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
         let v = v.reshape((b, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let (k, v) = match &self.cache[l] {
+        let (k, v) = match &self.cache.0[l] {
             Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
             None => (k, v),
         };
-        self.cache[l] = Some((k.clone(), v.clone()));
+        self.cache.0[l] = Some((k.clone(), v.clone()));
         let rep = nh / nkv;
         let total = k.dim(2)?;
         let expand = |t: &Tensor| -> candle_core::Result<Tensor> {

@@ -1,5 +1,5 @@
 pub mod decoder;
 pub mod rotation;
 
-pub use decoder::{Decoder, Site};
+pub use decoder::{Decoder, KvCache, Site};
 pub use rotation::BlockRotation;
