@@ -30,7 +30,17 @@ pub fn main(a: Args) -> Result<()> {
         DTypeArg::F16 => OutDType::F16,
         DTypeArg::Bf16 => OutDType::BF16,
     });
-    bake(&a.so8t_dir, &a.out, &BakeOptions { dtype, force: a.force })?;
-    eprintln!("wrote {} (gates folded into the weights; heads in so8t_heads.safetensors)", a.out.display());
+    bake(
+        &a.so8t_dir,
+        &a.out,
+        &BakeOptions {
+            dtype,
+            force: a.force,
+        },
+    )?;
+    eprintln!(
+        "wrote {} (gates folded into the weights; heads in so8t_heads.safetensors)",
+        a.out.display()
+    );
     Ok(())
 }

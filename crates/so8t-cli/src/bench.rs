@@ -15,10 +15,20 @@ pub struct Args {
     #[arg(short, long)]
     model: PathBuf,
     /// Prompt lengths to test (comma-separated; 0 to skip).
-    #[arg(short = 'p', long = "n-prompt", value_delimiter = ',', default_value = "64")]
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        value_delimiter = ',',
+        default_value = "64"
+    )]
     n_prompt: Vec<usize>,
     /// Generated tokens to test (comma-separated; 0 to skip).
-    #[arg(short = 'n', long = "n-gen", value_delimiter = ',', default_value = "32")]
+    #[arg(
+        short = 'n',
+        long = "n-gen",
+        value_delimiter = ',',
+        default_value = "32"
+    )]
     n_gen: Vec<usize>,
     #[arg(short = 'r', long, default_value_t = 5)]
     repetitions: usize,
@@ -62,7 +72,11 @@ pub fn main(a: Args) -> Result<()> {
                 samples.push(n as f64 / t.elapsed().as_secs_f64());
             }
         }
-        rows.push(Row { test: format!("pp{n}"), n, samples });
+        rows.push(Row {
+            test: format!("pp{n}"),
+            n,
+            samples,
+        });
     }
     for &n in a.n_gen.iter().filter(|&&n| n > 0) {
         let mut samples = Vec::new();
@@ -78,10 +92,18 @@ pub fn main(a: Args) -> Result<()> {
                 samples.push(n as f64 / t.elapsed().as_secs_f64());
             }
         }
-        rows.push(Row { test: format!("tg{n}"), n, samples });
+        rows.push(Row {
+            test: format!("tg{n}"),
+            n,
+            samples,
+        });
     }
     let (params, bytes) = model.weights.size();
-    let name = model.path.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let name = model
+        .path
+        .file_name()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
     if a.json {
         let v: Vec<serde_json::Value> = rows
             .iter()

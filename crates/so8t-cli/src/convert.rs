@@ -65,7 +65,10 @@ pub fn main(a: Args) -> Result<()> {
         factors: a.factors.clone(),
         init: match a.init {
             InitArg::Zero => Init::Zero,
-            InitArg::Random => Init::Random { seed: a.seed, scale: a.scale },
+            InitArg::Random => Init::Random {
+                seed: a.seed,
+                scale: a.scale,
+            },
         },
         force: a.force,
     };

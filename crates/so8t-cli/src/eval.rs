@@ -30,32 +30,56 @@ pub struct Args {
 
 pub fn main(a: Args) -> Result<()> {
     let mut model = Model::open(&a.model)?;
-    let labels = model.so8t.as_ref().map(|s| s.config.labels.clone()).unwrap_or_default();
+    let labels = model
+        .so8t
+        .as_ref()
+        .map(|s| s.config.labels.clone())
+        .unwrap_or_default();
     let data = crate::train::read(&a.data, &labels, a.skip_bad)?;
     let bar = crate::train::bar(data.examples.len(), "rows");
     let r = evaluate(&mut model, &data, |i| bar.set_position(i as u64))?;
     bar.finish_and_clear();
     if let Some(dir) = &a.report {
-        let log_path = a.train_log.clone().or_else(|| Some(a.model.join(TRAIN_DIR).join("log.jsonl")).filter(|p| p.exists()));
+        let log_path = a
+            .train_log
+            .clone()
+            .or_else(|| Some(a.model.join(TRAIN_DIR).join("log.jsonl")).filter(|p| p.exists()));
         let log = log_path.as_deref().map(report::read_log).transpose()?;
-        report::write(&r, log.as_deref(), &a.notes, dir).with_context(|| format!("writing the report to {}", dir.display()))?;
+        report::write(&r, log.as_deref(), &a.notes, dir)
+            .with_context(|| format!("writing the report to {}", dir.display()))?;
         eprintln!("wrote {}", dir.join("report.md").display());
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
-    println!("{} on {} ({} rows, {:.1} s)", r.model, r.data, r.rows, r.seconds);
-    println!("{:<10} {:>6} {:>9} {:>8} {:>9} {:>7} {:>6} {:>7} {:>7}", "head", "rows", "threshold", "accuracy", "precision", "recall", "F1", "FPR", "AUROC");
+    println!(
+        "{} on {} ({} rows, {:.1} s)",
+        r.model, r.data, r.rows, r.seconds
+    );
+    println!(
+        "{:<10} {:>6} {:>9} {:>8} {:>9} {:>7} {:>6} {:>7} {:>7}",
+        "head", "rows", "threshold", "accuracy", "precision", "recall", "F1", "FPR", "AUROC"
+    );
     for h in &r.heads {
         let m = &h.metrics;
         println!(
             "{:<10} {:>6} {:>9.4} {:>8.3} {:>9.3} {:>7.3} {:>6.3} {:>7.3} {:>7.4}",
             h.head, m.n, m.threshold, m.accuracy, m.precision, m.recall, m.f1, m.fpr, m.auroc
         );
-        println!("           confusion: TP {} FP {} TN {} FN {}", m.tp, m.fp, m.tn, m.fn_);
+        println!(
+            "           confusion: TP {} FP {} TN {} FN {}",
+            m.tp, m.fp, m.tn, m.fn_
+        );
     }
-    println!("decisions: {}", r.decisions.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));
+    println!(
+        "decisions: {}",
+        r.decisions
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     if !r.heads_trained {
         println!("note: the heads are untrained (p = 0.5 everywhere); run `so8t train` first");
     }

@@ -21,11 +21,15 @@ pub struct Args {
 pub fn main(a: Args) -> Result<()> {
     let quant = parse_quant(&a.quant)?;
     if a.out.exists() && !a.force {
-        anyhow::bail!("{}: already exists (use --force to replace it)", a.out.display());
+        anyhow::bail!(
+            "{}: already exists (use --force to replace it)",
+            a.out.display()
+        );
     }
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tensors, {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tensors, {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let report = export(&a.path, &a.out, quant, |done, total, bytes| {
         bar.set_length(total as u64);
@@ -34,6 +38,11 @@ pub fn main(a: Args) -> Result<()> {
     })?;
     bar.finish_and_clear();
     println!("{}  {}", report.sha256, a.out.display());
-    eprintln!("{} tensors, {:.1} MiB of tensor data ({})", report.tensors, report.bytes as f64 / (1 << 20) as f64, a.quant);
+    eprintln!(
+        "{} tensors, {:.1} MiB of tensor data ({})",
+        report.tensors,
+        report.bytes as f64 / (1 << 20) as f64,
+        a.quant
+    );
     Ok(())
 }

@@ -36,23 +36,49 @@ pub fn main(a: Args) -> Result<()> {
     println!("format:        {:?}", model.kind);
     println!("architecture:  {}", c.arch.name());
     println!("layers:        {}", c.num_layers);
-    println!("hidden:        {} (intermediate {})", c.hidden_size, c.intermediate_size);
-    println!("heads:         {} query, {} key/value, head_dim {}", c.num_heads, c.num_kv_heads, c.head_dim);
+    println!(
+        "hidden:        {} (intermediate {})",
+        c.hidden_size, c.intermediate_size
+    );
+    println!(
+        "heads:         {} query, {} key/value, head_dim {}",
+        c.num_heads, c.num_kv_heads, c.head_dim
+    );
     println!("vocab:         {}", c.vocab_size);
     println!("context:       {}", c.max_position_embeddings);
-    println!("rope:          theta {} scaling {:?}", c.rope_theta, match &c.rope_scaling {
-        so8t::config::RopeScaling::None => "none",
-        so8t::config::RopeScaling::Llama3 { .. } => "llama3",
-        so8t::config::RopeScaling::Divisors(_) => "per-frequency factors",
-    });
-    println!("flags:         qkv_bias={} qk_norm={} tied_embeddings={}", c.qkv_bias, c.qk_norm, c.tie_word_embeddings);
-    let types: Vec<String> = model.weights.dtype_counts().iter().map(|(t, n)| format!("{t}×{n}")).collect();
-    println!("tensors:       {} ({})", model.weights.tensor_names().len(), types.join(", "));
+    println!(
+        "rope:          theta {} scaling {:?}",
+        c.rope_theta,
+        match &c.rope_scaling {
+            so8t::config::RopeScaling::None => "none",
+            so8t::config::RopeScaling::Llama3 { .. } => "llama3",
+            so8t::config::RopeScaling::Divisors(_) => "per-frequency factors",
+        }
+    );
+    println!(
+        "flags:         qkv_bias={} qk_norm={} tied_embeddings={}",
+        c.qkv_bias, c.qk_norm, c.tie_word_embeddings
+    );
+    let types: Vec<String> = model
+        .weights
+        .dtype_counts()
+        .iter()
+        .map(|(t, n)| format!("{t}×{n}"))
+        .collect();
+    println!(
+        "tensors:       {} ({})",
+        model.weights.tensor_names().len(),
+        types.join(", ")
+    );
     match tok {
         Some(t) => println!(
             "tokenizer:     {} tokens, chat template {}",
             t.vocab_size(),
-            if t.chat_template.is_some() { "present" } else { "absent" }
+            if t.chat_template.is_some() {
+                "present"
+            } else {
+                "absent"
+            }
         ),
         None => println!("tokenizer:     absent"),
     }

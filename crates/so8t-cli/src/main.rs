@@ -1,5 +1,6 @@
-//! `so8t`: convert, run, inspect and benchmark SO8T models.
+//! `so8t`: convert, train, bake, export, run and serve SO8T models.
 
+mod audit;
 mod bake;
 mod bench;
 mod convert;
@@ -8,6 +9,7 @@ mod export;
 mod inspect;
 mod modelfile;
 mod run;
+mod serve;
 mod train;
 mod validate;
 
@@ -15,7 +17,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "so8t", version, about = "SO8T: Llama-family models with SO(8) rotation gates and triality heads")]
+#[command(
+    name = "so8t",
+    version,
+    about = "SO8T: Llama-family models with SO(8) rotation gates and triality heads"
+)]
 struct Cli {
     /// Worker threads for tensor ops (default: all cores).
     #[arg(short = 't', long, global = true)]
@@ -44,6 +50,10 @@ enum Command {
     Train(train::Args),
     /// Measure the heads on labelled JSONL: accuracy, precision, recall, F1, AUROC, FPR.
     Eval(eval::Args),
+    /// Serve the model over an OpenAI-compatible HTTP API, with a chat page at /.
+    Serve(serve::Args),
+    /// Query the audit log that `serve --audit` writes.
+    Audit(audit::Args),
     /// Check an SO8T directory: rotations, triality, shapes, NaN/Inf, base checksum.
     Validate(validate::Args),
 }
@@ -69,6 +79,8 @@ fn main() -> ExitCode {
         Command::Modelfile(a) => modelfile::main(a),
         Command::Train(a) => train::main(a),
         Command::Eval(a) => eval::main(a),
+        Command::Serve(a) => serve::main(a),
+        Command::Audit(a) => audit::main(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

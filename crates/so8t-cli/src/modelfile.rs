@@ -24,8 +24,10 @@ pub fn main(a: Args) -> Result<()> {
         p.exists().then_some(p)
     });
     let generation: GenerationDefaults = match &gc {
-        Some(p) => serde_json::from_str(&std::fs::read_to_string(p).with_context(|| p.display().to_string())?)
-            .with_context(|| p.display().to_string())?,
+        Some(p) => serde_json::from_str(
+            &std::fs::read_to_string(p).with_context(|| p.display().to_string())?,
+        )
+        .with_context(|| p.display().to_string())?,
         None => GenerationDefaults::default(),
     };
     let from = match &a.out {
@@ -33,7 +35,14 @@ pub fn main(a: Args) -> Result<()> {
         Some(out) => pathdiff(&a.gguf, out.parent().unwrap_or(std::path::Path::new("."))),
         None => a.gguf.display().to_string(),
     };
-    let text = modelfile(&a.gguf, &ModelfileOptions { from: &from, system: a.system.as_deref(), generation })?;
+    let text = modelfile(
+        &a.gguf,
+        &ModelfileOptions {
+            from: &from,
+            system: a.system.as_deref(),
+            generation,
+        },
+    )?;
     match &a.out {
         Some(p) => std::fs::write(p, text).with_context(|| p.display().to_string())?,
         None => print!("{text}"),

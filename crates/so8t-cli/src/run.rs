@@ -72,7 +72,10 @@ pub fn main(a: Args) -> Result<()> {
         repeat_penalty: a.repeat_penalty.or(g.repetition_penalty).unwrap_or(1.0),
         repeat_last_n: 64,
         seed: a.seed.unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
         }),
     };
     let req = GenerateRequest {
@@ -88,7 +91,7 @@ pub fn main(a: Args) -> Result<()> {
     let heads = model.so8t.as_ref().map(|s| s.heads.clone());
     let mut verdicts = Vec::new();
     let gen = generate(&mut model, &req, |step| {
-        if let (Some(h), Some(hidden)) = (&heads, step.hidden) {
+        if let (Some(h), Some(hidden)) = (&heads, &step.hidden) {
             if let Ok(v) = h.verdicts(hidden) {
                 verdicts.extend(v);
             }
@@ -117,7 +120,11 @@ pub fn main(a: Args) -> Result<()> {
         let top: Vec<Vec<serde_json::Value>> = gen
             .top_logprobs
             .iter()
-            .map(|step| step.iter().map(|(id, lp)| serde_json::json!({"id": id, "logprob": lp})).collect())
+            .map(|step| {
+                step.iter()
+                    .map(|(id, lp)| serde_json::json!({"id": id, "logprob": lp}))
+                    .collect()
+            })
             .collect();
         let mut v = serde_json::json!({
             "prompt_tokens": gen.prompt_tokens,

@@ -2,7 +2,9 @@ use anyhow::{bail, Context, Result};
 use so8t::model::Site;
 use so8t::train::data::{read_jsonl, Dataset};
 use so8t::train::gates::{GatesOptions, RunControl, Trainer};
-use so8t::train::{choose_thresholds, fit_heads, prepare_out, so8t_parts, write_result, Features, TRAIN_DIR};
+use so8t::train::{
+    choose_thresholds, fit_heads, prepare_out, so8t_parts, write_result, Features, TRAIN_DIR,
+};
 use so8t::Model;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -85,17 +87,29 @@ pub struct Args {
 pub(crate) fn bar(len: usize, what: &str) -> indicatif::ProgressBar {
     let b = indicatif::ProgressBar::new(len as u64);
     b.set_style(
-        indicatif::ProgressStyle::with_template(&format!("{{bar:30}} {{pos}}/{{len}} {what} {{elapsed}}<{{eta}} {{msg}}"))
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{bar:30}} {{pos}}/{{len}} {what} {{elapsed}}<{{eta}} {{msg}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     b
 }
 
 /// Reads labelled JSONL, saying how many rows `--skip-bad` left out and why the first was.
-pub(crate) fn read(path: &Path, labels: &so8t::so8::adapter::Labels, skip_bad: bool) -> Result<Dataset> {
+pub(crate) fn read(
+    path: &Path,
+    labels: &so8t::so8::adapter::Labels,
+    skip_bad: bool,
+) -> Result<Dataset> {
     let d = read_jsonl(path, labels, skip_bad)?;
     if !d.skipped.is_empty() {
-        eprintln!("{}: skipped {} bad rows (first: line {}: {})", path.display(), d.skipped.len(), d.skipped[0].0, d.skipped[0].1);
+        eprintln!(
+            "{}: skipped {} bad rows (first: line {}: {})",
+            path.display(),
+            d.skipped.len(),
+            d.skipped[0].0,
+            d.skipped[0].1
+        );
     }
     Ok(d)
 }
@@ -118,7 +132,11 @@ pub fn main(a: Args) -> Result<()> {
     let mut model = Model::open(&a.model)?;
     let (mut config, mut adapter) = so8t_parts(&model)?;
     let train = read(&a.data, &config.labels, a.skip_bad)?;
-    let val = a.val.as_deref().map(|p| read(p, &config.labels, a.skip_bad)).transpose()?;
+    let val = a
+        .val
+        .as_deref()
+        .map(|p| read(p, &config.labels, a.skip_bad))
+        .transpose()?;
     let out = prepare_out(&a.model, a.out.as_deref())?;
     let mut summary = serde_json::json!({ "mode": if a.mode == Mode::Heads { "heads" } else { "gates" }, "train_rows": train.examples.len() });
     let mut val_features = None;
@@ -126,7 +144,10 @@ pub fn main(a: Args) -> Result<()> {
         Mode::Heads => {
             let t = Instant::now();
             let tf = features(&mut model, &train, "train rows")?;
-            let vf = val.as_ref().map(|v| features(&mut model, v, "val rows")).transpose()?;
+            let vf = val
+                .as_ref()
+                .map(|v| features(&mut model, v, "val rows"))
+                .transpose()?;
             let feature_seconds = t.elapsed().as_secs_f64();
             let t = Instant::now();
             let (heads, reports) = fit_heads(&tf, vf.as_ref(), a.weight_decay, &adapter.heads)?;
@@ -142,13 +163,26 @@ pub fn main(a: Args) -> Result<()> {
         Mode::Gates => {
             let pick = |given: &Option<Vec<String>>, all: Vec<String>| given.clone().unwrap_or(all);
             let mut sites = Vec::new();
-            for s in pick(&a.sites, config.sites.iter().map(|s| s.name().to_string()).collect()) {
-                sites.push(Site::parse(&s).with_context(|| format!("unknown site `{s}` (expected q, k, v, o or mlp)"))?);
+            for s in pick(
+                &a.sites,
+                config.sites.iter().map(|s| s.name().to_string()).collect(),
+            ) {
+                sites.push(
+                    Site::parse(&s).with_context(|| {
+                        format!("unknown site `{s}` (expected q, k, v, o or mlp)")
+                    })?,
+                );
             }
-            let factors: Vec<String> = pick(&a.factors, config.factors.clone()).into_iter().filter(|f| !a.freeze.contains(f)).collect();
+            let factors: Vec<String> = pick(&a.factors, config.factors.clone())
+                .into_iter()
+                .filter(|f| !a.freeze.contains(f))
+                .collect();
             for f in &a.freeze {
                 if !config.factors.contains(f) {
-                    bail!("--freeze {f}: not one of the model's factors {:?}", config.factors);
+                    bail!(
+                        "--freeze {f}: not one of the model's factors {:?}",
+                        config.factors
+                    );
                 }
             }
             if factors.is_empty() {
@@ -168,17 +202,35 @@ pub fn main(a: Args) -> Result<()> {
                 weight_decay: a.weight_decay.unwrap_or(0.01),
                 clip: a.clip,
             };
-            let control = RunControl { stop_after: a.stop_after, checkpoint_every: a.checkpoint_every, resume: a.resume };
-            let mut trainer = Trainer::new(&mut model, config.clone(), adapter, opts.clone(), train.examples.clone(), &a.data, &out)?;
+            let control = RunControl {
+                stop_after: a.stop_after,
+                checkpoint_every: a.checkpoint_every,
+                resume: a.resume,
+            };
+            let mut trainer = Trainer::new(
+                &mut model,
+                config.clone(),
+                adapter,
+                opts.clone(),
+                train.examples.clone(),
+                &a.data,
+                &out,
+            )?;
             let b = bar(trainer.total_steps(), "steps");
             let finished = trainer.run(&control, |s| {
                 b.set_position(s.step as u64);
-                b.set_message(format!("loss {:.4} lm {:.4} safety {:.4} authority {:.4} pet {:.5} λ {:.3}", s.loss, s.lm, s.safety, s.authority, s.pet, s.lambda));
+                b.set_message(format!(
+                    "loss {:.4} lm {:.4} safety {:.4} authority {:.4} pet {:.5} λ {:.3}",
+                    s.loss, s.lm, s.safety, s.authority, s.pet, s.lambda
+                ));
             })?;
             b.finish();
             let (step, total) = (trainer.step(), trainer.total_steps());
             if !finished {
-                eprintln!("stopped at step {step} of {total}; checkpoint in {}; continue with --resume", out.join(TRAIN_DIR).display());
+                eprintln!(
+                    "stopped at step {step} of {total}; checkpoint in {}; continue with --resume",
+                    out.join(TRAIN_DIR).display()
+                );
                 return Ok(());
             }
             let (trained, trained_config) = trainer.result()?;
@@ -196,7 +248,8 @@ pub fn main(a: Args) -> Result<()> {
             Some(f) => f,
             None => features(&mut model, v, "val rows")?,
         };
-        let (t, reports) = choose_thresholds(&adapter.heads, &vf, a.target_fpr, &config.thresholds)?;
+        let (t, reports) =
+            choose_thresholds(&adapter.heads, &vf, a.target_fpr, &config.thresholds)?;
         config.thresholds = t;
         summary["thresholds"] = serde_json::to_value(&reports)?;
     } else {
@@ -206,8 +259,16 @@ pub fn main(a: Args) -> Result<()> {
     summary["seconds"] = t0.elapsed().as_secs_f64().into();
     let dir = out.join(TRAIN_DIR);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    so8t::staging::write_bytes(&dir.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    so8t::staging::write_bytes(
+        &dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
-    eprintln!("wrote {} (heads trained, thresholds unsafe {:.4} escalate {:.4})", out.display(), config.thresholds.unsafe_, config.thresholds.escalate);
+    eprintln!(
+        "wrote {} (heads trained, thresholds unsafe {:.4} escalate {:.4})",
+        out.display(),
+        config.thresholds.unsafe_,
+        config.thresholds.escalate
+    );
     Ok(())
 }

@@ -13,17 +13,29 @@ pub struct Args {
 pub fn main(a: Args) -> Result<()> {
     let checks = validate(&a.path);
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({
-            "path": a.path, "ok": checks.iter().all(|c| c.ok), "checks": checks,
-        }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "path": a.path, "ok": checks.iter().all(|c| c.ok), "checks": checks,
+            }))?
+        );
     } else {
         for c in &checks {
-            println!("{} {:<15} {}", if c.ok { "ok  " } else { "FAIL" }, c.name, c.detail);
+            println!(
+                "{} {:<15} {}",
+                if c.ok { "ok  " } else { "FAIL" },
+                c.name,
+                c.detail
+            );
         }
     }
     let failed: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.name).collect();
     if !failed.is_empty() {
-        bail!("{}: failed check(s): {}", a.path.display(), failed.join(", "));
+        bail!(
+            "{}: failed check(s): {}",
+            a.path.display(),
+            failed.join(", ")
+        );
     }
     Ok(())
 }

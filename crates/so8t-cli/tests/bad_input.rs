@@ -19,7 +19,11 @@ fn inspect_fails(path: &Path, expect: &[&str]) {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure for {}, got success", path.display());
+    assert!(
+        !out.status.success(),
+        "expected failure for {}, got success",
+        path.display()
+    );
     assert_eq!(out.status.code(), Some(1), "exit code; stderr: {err}");
     assert!(!err.contains("panicked"), "panic: {err}");
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -40,7 +44,8 @@ fn copy_dir(src: &Path, dst: &Path) {
 }
 
 fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     f(&mut v);
     std::fs::write(path, serde_json::to_string(&v).unwrap()).unwrap();
 }
@@ -53,7 +58,10 @@ fn tiny_copy(tmp: &tempfile::TempDir) -> PathBuf {
 
 #[test]
 fn missing_path() {
-    inspect_fails(Path::new("/nonexistent/model.gguf"), &["/nonexistent/model.gguf", "no such file"]);
+    inspect_fails(
+        Path::new("/nonexistent/model.gguf"),
+        &["/nonexistent/model.gguf", "no such file"],
+    );
 }
 
 #[test]
@@ -68,7 +76,12 @@ fn truncated_safetensors() {
     let d = tiny_copy(&tmp);
     let f = d.join("model.safetensors");
     let len = std::fs::metadata(&f).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len / 2).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
     inspect_fails(&d, &["model.safetensors", "not a valid safetensors file"]);
 }
 
@@ -125,7 +138,9 @@ fn not_a_gguf_file() {
 fn unknown_model_type() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tiny_copy(&tmp);
-    edit_json(&d.join("config.json"), |v| v["model_type"] = "gpt_neox".into());
+    edit_json(&d.join("config.json"), |v| {
+        v["model_type"] = "gpt_neox".into()
+    });
     inspect_fails(&d, &["config.json", "unsupported model_type `gpt_neox`"]);
 }
 
@@ -143,15 +158,22 @@ fn missing_config_field() {
 fn wrong_tensor_shape() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tiny_copy(&tmp);
-    edit_json(&d.join("config.json"), |v| v["intermediate_size"] = 256.into());
-    inspect_fails(&d, &["tensor `model.layers.0.mlp.gate_proj.weight` has shape [128, 64], expected [256, 64]"]);
+    edit_json(&d.join("config.json"), |v| {
+        v["intermediate_size"] = 256.into()
+    });
+    inspect_fails(
+        &d,
+        &["tensor `model.layers.0.mlp.gate_proj.weight` has shape [128, 64], expected [256, 64]"],
+    );
 }
 
 #[test]
 fn implausible_config_size_is_refused_before_allocating() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tiny_copy(&tmp);
-    edit_json(&d.join("config.json"), |v| v["num_hidden_layers"] = 1_000_000_000u64.into());
+    edit_json(&d.join("config.json"), |v| {
+        v["num_hidden_layers"] = 1_000_000_000u64.into()
+    });
     inspect_fails(&d, &["config.json", "num_hidden_layers"]);
 }
 
@@ -165,7 +187,14 @@ fn tokenizer_larger_than_the_vocab() {
             "normalized": false, "special": true
         }));
     });
-    inspect_fails(&d, &["tokenizer.json", "vocab_size is 448", "tokenizer does not match the model"]);
+    inspect_fails(
+        &d,
+        &[
+            "tokenizer.json",
+            "vocab_size is 448",
+            "tokenizer does not match the model",
+        ],
+    );
 }
 
 #[test]

@@ -8,8 +8,15 @@ fn fixtures() -> PathBuf {
 }
 
 fn so8t(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_so8t")).args(args).output().unwrap();
-    assert!(out.status.success(), "so8t {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_so8t"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "so8t {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -20,8 +27,23 @@ fn run_json_has_the_contract_fields_and_matches_transformers_greedy() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let prompt: Vec<u32> = serde_json::from_value(expected["inputs"][1].clone()).unwrap();
     let greedy: Vec<u32> = serde_json::from_value(expected["greedy"][1].clone()).unwrap();
-    let ids = prompt.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
-    let v = so8t(&["run", "--model", dir.to_str().unwrap(), "--prompt-ids", &ids, "--temperature", "0", "-n", "8", "--json"]);
+    let ids = prompt
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let v = so8t(&[
+        "run",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        &ids,
+        "--temperature",
+        "0",
+        "-n",
+        "8",
+        "--json",
+    ]);
     assert_eq!(v["prompt_tokens"], serde_json::json!(prompt));
     let tokens: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();
     // generation stops at the end-of-turn token; up to there it is transformers' greedy path
@@ -32,7 +54,11 @@ fn run_json_has_the_contract_fields_and_matches_transformers_greedy() {
     for (step, t) in top.iter().zip(&tokens) {
         let alts = step.as_array().unwrap();
         assert_eq!(alts.len(), 5);
-        assert_eq!(alts[0]["id"].as_u64().unwrap() as u32, *t, "greedy token is the most likely");
+        assert_eq!(
+            alts[0]["id"].as_u64().unwrap() as u32,
+            *t,
+            "greedy token is the most likely"
+        );
         assert!(alts[0]["logprob"].as_f64().unwrap() <= 0.0);
     }
     assert!(v["text"].is_string());
@@ -42,16 +68,49 @@ fn run_json_has_the_contract_fields_and_matches_transformers_greedy() {
 #[test]
 fn run_applies_the_chat_template_unless_raw() {
     let dir = fixtures().join("tiny-qwen3");
-    let chat = so8t(&["run", "-m", dir.to_str().unwrap(), "-p", "Hello", "--temperature", "0", "-n", "1", "--json"]);
-    let raw = so8t(&["run", "-m", dir.to_str().unwrap(), "-p", "Hello", "--raw", "--temperature", "0", "-n", "1", "--json"]);
+    let chat = so8t(&[
+        "run",
+        "-m",
+        dir.to_str().unwrap(),
+        "-p",
+        "Hello",
+        "--temperature",
+        "0",
+        "-n",
+        "1",
+        "--json",
+    ]);
+    let raw = so8t(&[
+        "run",
+        "-m",
+        dir.to_str().unwrap(),
+        "-p",
+        "Hello",
+        "--raw",
+        "--temperature",
+        "0",
+        "-n",
+        "1",
+        "--json",
+    ]);
     let chat_ids = chat["prompt_tokens"].as_array().unwrap();
     let raw_ids = raw["prompt_tokens"].as_array().unwrap();
-    assert!(chat_ids.len() > raw_ids.len() + 4, "template adds role markers: {chat_ids:?} vs {raw_ids:?}");
+    assert!(
+        chat_ids.len() > raw_ids.len() + 4,
+        "template adds role markers: {chat_ids:?} vs {raw_ids:?}"
+    );
 }
 
 #[test]
 fn inspect_json_describes_the_model() {
-    let v = so8t(&["inspect", fixtures().join("tiny-qwen3/model-q8_0.gguf").to_str().unwrap(), "--json"]);
+    let v = so8t(&[
+        "inspect",
+        fixtures()
+            .join("tiny-qwen3/model-q8_0.gguf")
+            .to_str()
+            .unwrap(),
+        "--json",
+    ]);
     assert_eq!(v["architecture"], "qwen3");
     assert_eq!(v["format"], "gguf");
     assert_eq!(v["config"]["head_dim"], 32);
@@ -66,29 +125,69 @@ fn convert_validate_and_run_an_so8t_model() {
     let out = tmp.path().join("s");
     let bin = env!("CARGO_BIN_EXE_so8t");
     let st = Command::new(bin)
-        .args(["convert", fixtures().join("tiny-llama").to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .args([
+            "convert",
+            fixtures().join("tiny-llama").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
         .args(["--init", "random", "--seed", "5", "--scale", "0.2"])
         .status()
         .unwrap();
     assert!(st.success());
     let v = so8t(&["validate", out.to_str().unwrap(), "--json"]);
     assert_eq!(v["ok"], true, "{v}");
-    let names: Vec<&str> = v["checks"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
-    for want in ["base_checksum", "adapter_shapes", "finite", "orthogonality", "determinant", "triality", "heads"] {
+    let names: Vec<&str> = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    for want in [
+        "base_checksum",
+        "adapter_shapes",
+        "finite",
+        "orthogonality",
+        "determinant",
+        "triality",
+        "heads",
+    ] {
         assert!(names.contains(&want), "{want} in {names:?}");
     }
 
-    let r = so8t(&["run", "-m", out.to_str().unwrap(), "-p", "Hello", "--temperature", "0", "-n", "3", "--json"]);
+    let r = so8t(&[
+        "run",
+        "-m",
+        out.to_str().unwrap(),
+        "-p",
+        "Hello",
+        "--temperature",
+        "0",
+        "-n",
+        "3",
+        "--json",
+    ]);
     let n = r["tokens"].as_array().unwrap().len();
-    assert_eq!(r["verdicts"].as_array().unwrap().len(), n, "one verdict per generated token");
+    assert_eq!(
+        r["verdicts"].as_array().unwrap().len(),
+        n,
+        "one verdict per generated token"
+    );
     let p = r["prompt_verdict"]["p_unsafe"].as_f64().unwrap();
     assert!((p - 0.5).abs() < 1e-6, "untrained heads give p = 0.5");
     assert_eq!(r["heads_trained"], false);
     assert!(r["decision"].is_null(), "untrained heads decide nothing");
 
     // a changed base: validate fails, names the check, exits non-zero
-    std::fs::write(out.join("config.json"), std::fs::read_to_string(out.join("config.json")).unwrap() + " ").unwrap();
-    let o = Command::new(bin).args(["validate", out.to_str().unwrap()]).output().unwrap();
+    std::fs::write(
+        out.join("config.json"),
+        std::fs::read_to_string(out.join("config.json")).unwrap() + " ",
+    )
+    .unwrap();
+    let o = Command::new(bin)
+        .args(["validate", out.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("failed check(s): base_checksum"));
     assert!(String::from_utf8_lossy(&o.stdout).contains("FAIL base_checksum"));
@@ -98,16 +197,44 @@ fn convert_validate_and_run_an_so8t_model() {
 fn stop_strings_end_generation_before_them() {
     let m = fixtures().join("tiny-llama");
     let ids = "57,74,261,316";
-    let free = so8t(&["run", "-m", m.to_str().unwrap(), "--prompt-ids", ids, "--temperature", "0", "-n", "12", "--json"]);
+    let free = so8t(&[
+        "run",
+        "-m",
+        m.to_str().unwrap(),
+        "--prompt-ids",
+        ids,
+        "--temperature",
+        "0",
+        "-n",
+        "12",
+        "--json",
+    ]);
     let text = free["text"].as_str().unwrap().to_string();
     // a stop string taken from the middle of the free-running output
     let chars: Vec<char> = text.chars().collect();
     assert!(chars.len() >= 6, "need some output to cut: {text:?}");
     let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
-    let cut = so8t(&["run", "-m", m.to_str().unwrap(), "--prompt-ids", ids, "--temperature", "0", "-n", "12", "--stop", &stop, "--json"]);
+    let cut = so8t(&[
+        "run",
+        "-m",
+        m.to_str().unwrap(),
+        "--prompt-ids",
+        ids,
+        "--temperature",
+        "0",
+        "-n",
+        "12",
+        "--stop",
+        &stop,
+        "--json",
+    ]);
     let got = cut["text"].as_str().unwrap();
     assert_eq!(cut["finish_reason"], "stop");
-    assert_eq!(got, &text[..text.find(&stop).unwrap()], "text ends right before the stop string {stop:?}");
+    assert_eq!(
+        got,
+        &text[..text.find(&stop).unwrap()],
+        "text ends right before the stop string {stop:?}"
+    );
 }
 
 /// A killed export leaves no file at the target name (the file is written under a
@@ -119,8 +246,14 @@ fn killed_export_leaves_no_file_at_the_target() {
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/so8t"));
     let model = cache.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     if !model.exists() {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-models.sh");
-        let ok = Command::new("bash").arg(script).arg("smollm2").status().map(|s| s.success()).unwrap_or(false);
+        let script =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-models.sh");
+        let ok = Command::new("bash")
+            .arg(script)
+            .arg("smollm2")
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
         if !ok || !model.exists() {
             eprintln!("SKIPPED: SmolLM2 could not be fetched");
             return;
@@ -129,21 +262,38 @@ fn killed_export_leaves_no_file_at_the_target() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("m.gguf");
     let mut child = Command::new(env!("CARGO_BIN_EXE_so8t"))
-        .args(["export", model.to_str().unwrap(), "--out", out.to_str().unwrap(), "--quant", "q4_k"])
+        .args([
+            "export",
+            model.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--quant",
+            "q4_k",
+        ])
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     // wait until the temporary file exists, then kill mid-write
     let t0 = std::time::Instant::now();
-    while !std::fs::read_dir(tmp.path()).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with(".m.gguf.tmp"))
-        && t0.elapsed().as_secs() < 30
+    while !std::fs::read_dir(tmp.path()).unwrap().any(|e| {
+        e.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".m.gguf.tmp")
+    }) && t0.elapsed().as_secs() < 30
     {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     child.kill().unwrap();
     let status = child.wait().unwrap();
-    assert!(!status.success(), "export finished before it could be killed");
-    assert!(!out.exists(), "a killed export must not leave a file at the target name");
+    assert!(
+        !status.success(),
+        "export finished before it could be killed"
+    );
+    assert!(
+        !out.exists(),
+        "a killed export must not leave a file at the target name"
+    );
 }
 
 /// A write that fails part-way (as on a full disk: here a file-size limit, `ulimit -f`,
@@ -155,12 +305,27 @@ fn failed_writes_leave_nothing_behind() {
     let bin = env!("CARGO_BIN_EXE_so8t");
     let s = tmp.path().join("s");
     assert!(Command::new(bin)
-        .args(["convert", fixtures().join("tiny-qwen3").to_str().unwrap(), "--out", s.to_str().unwrap()])
+        .args([
+            "convert",
+            fixtures().join("tiny-qwen3").to_str().unwrap(),
+            "--out",
+            s.to_str().unwrap()
+        ])
         .status()
         .unwrap()
         .success());
     for (what, args) in [
-        ("export", vec!["export", s.to_str().unwrap(), "--out", "m.gguf", "--quant", "f32"]),
+        (
+            "export",
+            vec![
+                "export",
+                s.to_str().unwrap(),
+                "--out",
+                "m.gguf",
+                "--quant",
+                "f32",
+            ],
+        ),
         ("bake", vec!["bake", s.to_str().unwrap(), "--out", "baked"]),
     ] {
         let out = Command::new("sh")
@@ -174,9 +339,19 @@ fn failed_writes_leave_nothing_behind() {
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{what}: {err}");
-        assert!(err.starts_with("error: ") && !err.contains("panicked"), "{what}: {err}");
-        assert!(err.contains("File too large") && !err.contains(".tmp"), "{what}: the error names the target and the cause: {err}");
-        assert_eq!(err.matches("os error").count(), 1, "{what}: the cause once: {err}");
+        assert!(
+            err.starts_with("error: ") && !err.contains("panicked"),
+            "{what}: {err}"
+        );
+        assert!(
+            err.contains("File too large") && !err.contains(".tmp"),
+            "{what}: the error names the target and the cause: {err}"
+        );
+        assert_eq!(
+            err.matches("os error").count(),
+            1,
+            "{what}: the cause once: {err}"
+        );
         let left: Vec<String> = std::fs::read_dir(tmp.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().to_string())

@@ -19,7 +19,16 @@ pub const QK: usize = 32;
 pub const QK_K: usize = 256;
 
 impl QType {
-    pub const ALL: [QType; 8] = [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::Q8_0, QType::Q4K, QType::Q5K, QType::Q6K];
+    pub const ALL: [QType; 8] = [
+        QType::Q4_0,
+        QType::Q4_1,
+        QType::Q5_0,
+        QType::Q5_1,
+        QType::Q8_0,
+        QType::Q4K,
+        QType::Q5K,
+        QType::Q6K,
+    ];
 
     /// ggml's type id (`enum ggml_type`).
     pub fn from_ggml_id(id: u32) -> Option<QType> {
@@ -59,7 +68,11 @@ impl QType {
 
 fn f16_table() -> &'static [f32] {
     static T: OnceLock<Vec<f32>> = OnceLock::new();
-    T.get_or_init(|| (0..=u16::MAX).map(|b| half::f16::from_bits(b).to_f32()).collect())
+    T.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|b| half::f16::from_bits(b).to_f32())
+            .collect()
+    })
 }
 
 #[inline(always)]
@@ -117,7 +130,11 @@ fn quantize_q8(x: &[f32]) -> Q8Block {
         *q = (v * id).round_ties_even() as i8;
         sum += *q as i32;
     }
-    Q8Block { d: round_f16(d), s: round_f16(d * sum as f32), qs }
+    Q8Block {
+        d: round_f16(d),
+        s: round_f16(d * sum as f32),
+        qs,
+    }
 }
 
 /// ggml `quantize_row_q8_K_ref`.
@@ -129,7 +146,11 @@ fn quantize_q8k(x: &[f32]) -> Q8KBlock {
             max = v;
         }
     }
-    let mut b = Q8KBlock { d: 0.0, qs: [0; QK_K], bsums: [0; QK_K / 16] };
+    let mut b = Q8KBlock {
+        d: 0.0,
+        qs: [0; QK_K],
+        bsums: [0; QK_K / 16],
+    };
     if amax == 0.0 {
         return b;
     }
@@ -154,11 +175,21 @@ pub fn quantize_activations(ty: QType, x: &[f32], n: usize, cols: usize) -> Acti
     match ty {
         QType::Q4K | QType::Q5K | QType::Q6K => {
             let per = cols / QK_K;
-            Activations::Q8K((0..n * per).map(|b| quantize_q8k(&x[b * QK_K..(b + 1) * QK_K])).collect(), per)
+            Activations::Q8K(
+                (0..n * per)
+                    .map(|b| quantize_q8k(&x[b * QK_K..(b + 1) * QK_K]))
+                    .collect(),
+                per,
+            )
         }
         _ => {
             let per = cols / QK;
-            Activations::Q8((0..n * per).map(|b| quantize_q8(&x[b * QK..(b + 1) * QK])).collect(), per)
+            Activations::Q8(
+                (0..n * per)
+                    .map(|b| quantize_q8(&x[b * QK..(b + 1) * QK]))
+                    .collect(),
+                per,
+            )
         }
     }
 }
@@ -169,7 +200,10 @@ pub fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 
@@ -193,7 +227,11 @@ pub fn dequantize(ty: QType, row: &[u8], out: &mut [f32]) {
         match ty {
             QType::Q4_0 | QType::Q4_1 => {
                 let d = f16_at(blk, 0);
-                let (m, qs, off) = if ty == QType::Q4_1 { (f16_at(blk, 2), &blk[4..20], 0.0) } else { (0.0, &blk[2..18], 8.0) };
+                let (m, qs, off) = if ty == QType::Q4_1 {
+                    (f16_at(blk, 2), &blk[4..20], 0.0)
+                } else {
+                    (0.0, &blk[2..18], 8.0)
+                };
                 for j in 0..16 {
                     y[j] = ((qs[j] & 0xF) as f32 - off) * d + m;
                     y[j + 16] = ((qs[j] >> 4) as f32 - off) * d + m;
@@ -201,7 +239,11 @@ pub fn dequantize(ty: QType, row: &[u8], out: &mut [f32]) {
             }
             QType::Q5_0 | QType::Q5_1 => {
                 let d = f16_at(blk, 0);
-                let (m, rest, off) = if ty == QType::Q5_1 { (f16_at(blk, 2), &blk[4..], 0.0) } else { (0.0, &blk[2..], 16.0) };
+                let (m, rest, off) = if ty == QType::Q5_1 {
+                    (f16_at(blk, 2), &blk[4..], 0.0)
+                } else {
+                    (0.0, &blk[2..], 16.0)
+                };
                 let qh = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
                 let qs = &rest[4..20];
                 for j in 0..16 {
@@ -221,18 +263,27 @@ pub fn dequantize(ty: QType, row: &[u8], out: &mut [f32]) {
                 let d = f16_at(blk, 0);
                 let dmin = f16_at(blk, 2);
                 let scales = &blk[4..16];
-                let (qh, ql) = if ty == QType::Q5K { (Some(&blk[16..48]), &blk[48..176]) } else { (None, &blk[16..144]) };
+                let (qh, ql) = if ty == QType::Q5K {
+                    (Some(&blk[16..48]), &blk[48..176])
+                } else {
+                    (None, &blk[16..144])
+                };
                 for c in 0..4 {
                     let (s1, m1) = scale_min_k4(2 * c, scales);
                     let (s2, m2) = scale_min_k4(2 * c + 1, scales);
                     let q = &ql[32 * c..32 * c + 32];
                     for l in 0..32 {
                         let (h1, h2) = match qh {
-                            Some(h) => (((h[l] >> (2 * c)) & 1) as u32 * 16, ((h[l] >> (2 * c + 1)) & 1) as u32 * 16),
+                            Some(h) => (
+                                ((h[l] >> (2 * c)) & 1) as u32 * 16,
+                                ((h[l] >> (2 * c + 1)) & 1) as u32 * 16,
+                            ),
                             None => (0, 0),
                         };
-                        y[64 * c + l] = d * s1 as f32 * ((q[l] & 0xF) as u32 + h1) as f32 - dmin * m1 as f32;
-                        y[64 * c + 32 + l] = d * s2 as f32 * ((q[l] >> 4) as u32 + h2) as f32 - dmin * m2 as f32;
+                        y[64 * c + l] =
+                            d * s1 as f32 * ((q[l] & 0xF) as u32 + h1) as f32 - dmin * m1 as f32;
+                        y[64 * c + 32 + l] =
+                            d * s2 as f32 * ((q[l] >> 4) as u32 + h2) as f32 - dmin * m2 as f32;
                     }
                 }
             }

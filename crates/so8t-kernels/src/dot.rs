@@ -15,7 +15,10 @@ impl Isa {
     pub fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl") {
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+            {
                 return Isa::Avx512;
             }
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
@@ -74,7 +77,8 @@ fn dot_q4(w: &[u8], a: &[Q8Block], with_min: bool) -> f32 {
         let qs = &blk[ts - 16..ts];
         let mut s = 0i32;
         for j in 0..16 {
-            s += ((qs[j] & 0xF) as i32 - off) * y.qs[j] as i32 + ((qs[j] >> 4) as i32 - off) * y.qs[j + 16] as i32;
+            s += ((qs[j] & 0xF) as i32 - off) * y.qs[j] as i32
+                + ((qs[j] >> 4) as i32 - off) * y.qs[j + 16] as i32;
         }
         sumf += f16_at(blk, 0) * y.d * s as f32;
         if with_min {
@@ -97,7 +101,8 @@ fn dot_q5(w: &[u8], a: &[Q8Block], with_min: bool) -> f32 {
         for j in 0..16 {
             let h0 = (((qh >> j) << 4) & 0x10) as i32;
             let h1 = ((qh >> (j + 12)) & 0x10) as i32;
-            s += (((qs[j] & 0xF) as i32 | h0) - off) * y.qs[j] as i32 + (((qs[j] >> 4) as i32 | h1) - off) * y.qs[j + 16] as i32;
+            s += (((qs[j] & 0xF) as i32 | h0) - off) * y.qs[j] as i32
+                + (((qs[j] >> 4) as i32 | h1) - off) * y.qs[j + 16] as i32;
         }
         sumf += f16_at(blk, 0) * y.d * s as f32;
         if with_min {
@@ -129,7 +134,11 @@ fn dot_qk45(w: &[u8], a: &[Q8KBlock], five: bool) -> f32 {
     let mut sumf = 0f32;
     for (blk, y) in w.chunks_exact(ts).zip(a) {
         let scales = &blk[4..16];
-        let (qh, ql) = if five { (&blk[16..48], &blk[48..176]) } else { (&blk[0..0], &blk[16..144]) };
+        let (qh, ql) = if five {
+            (&blk[16..48], &blk[48..176])
+        } else {
+            (&blk[0..0], &blk[16..144])
+        };
         let mut isum = 0i32;
         let mut msum = 0i32;
         for c in 0..4 {
@@ -140,7 +149,10 @@ fn dot_qk45(w: &[u8], a: &[Q8KBlock], five: bool) -> f32 {
             let (mut d1, mut d2) = (0i32, 0i32);
             for l in 0..32 {
                 let (h1, h2) = if five {
-                    ((((qh[l] >> (2 * c)) & 1) << 4) as i32, (((qh[l] >> (2 * c + 1)) & 1) << 4) as i32)
+                    (
+                        (((qh[l] >> (2 * c)) & 1) << 4) as i32,
+                        (((qh[l] >> (2 * c + 1)) & 1) << 4) as i32,
+                    )
                 } else {
                     (0, 0)
                 };
@@ -163,7 +175,11 @@ fn dot_q6k(w: &[u8], a: &[Q8KBlock]) -> f32 {
         let (ql, qh, sc) = (&blk[0..128], &blk[128..192], &blk[192..208]);
         let mut isum = 0i32;
         for half in 0..2 {
-            let (ql, qh, sc) = (&ql[64 * half..64 * half + 64], &qh[32 * half..32 * half + 32], &sc[8 * half..8 * half + 8]);
+            let (ql, qh, sc) = (
+                &ql[64 * half..64 * half + 64],
+                &qh[32 * half..32 * half + 32],
+                &sc[8 * half..8 * half + 8],
+            );
             let q8 = &y.qs[128 * half..128 * half + 128];
             let mut part = [0i32; 8];
             for l in 0..32 {

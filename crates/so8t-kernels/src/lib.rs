@@ -73,13 +73,24 @@ impl std::error::Error for ShapeError {}
 impl QMatrix {
     pub fn new(ty: QType, rows: usize, cols: usize, data: Vec<u8>) -> Result<QMatrix, ShapeError> {
         if cols % ty.block_size() != 0 {
-            return Err(ShapeError(format!("{cols} columns is not a multiple of the {ty:?} block size {}", ty.block_size())));
+            return Err(ShapeError(format!(
+                "{cols} columns is not a multiple of the {ty:?} block size {}",
+                ty.block_size()
+            )));
         }
         let want = rows * (cols / ty.block_size()) * ty.type_size();
         if data.len() != want {
-            return Err(ShapeError(format!("{ty:?} [{rows}, {cols}] needs {want} bytes, got {}", data.len())));
+            return Err(ShapeError(format!(
+                "{ty:?} [{rows}, {cols}] needs {want} bytes, got {}",
+                data.len()
+            )));
         }
-        Ok(QMatrix { ty, rows, cols, data })
+        Ok(QMatrix {
+            ty,
+            rows,
+            cols,
+            data,
+        })
     }
 
     pub fn qtype(&self) -> QType {

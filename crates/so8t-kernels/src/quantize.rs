@@ -22,7 +22,15 @@ fn f16_round(x: f32) -> f32 {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn make_qkx2_quants(x: &[f32], weights: &[f32], nmax: i32, l: &mut [u8], rmin: f32, rdelta: f32, nstep: i32) -> (f32, f32) {
+fn make_qkx2_quants(
+    x: &[f32],
+    weights: &[f32],
+    nmax: i32,
+    l: &mut [u8],
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+) -> (f32, f32) {
     let n = x.len();
     let (mut min, mut max) = (x[0], x[0]);
     let mut sum_w = weights[0];
@@ -67,7 +75,9 @@ fn make_qkx2_quants(x: &[f32], weights: &[f32], nmax: i32, l: &mut [u8], rmin: f
     let mut start = 0;
     while start < nc {
         // Lane j holds candidate start + j.
-        let c = candidates(x, weights, nmax, rmin, rdelta, start, nc, min, max, sum_w, sum_x);
+        let c = candidates(
+            x, weights, nmax, rmin, rdelta, start, nc, min, max, sum_w, sum_x,
+        );
         let mut restart = nc;
         for k in start..nc {
             let j = k - start;
@@ -109,17 +119,45 @@ multiversion! {
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn candidates_sized(x: &[f32], weights: &[f32], nmax: i32, rmin: f32, rdelta: f32, start: usize, nc: usize, min: f32, max: f32, sum_w: f32, sum_x: f32) -> Candidates {
+fn candidates_sized(
+    x: &[f32],
+    weights: &[f32],
+    nmax: i32,
+    rmin: f32,
+    rdelta: f32,
+    start: usize,
+    nc: usize,
+    min: f32,
+    max: f32,
+    sum_w: f32,
+    sum_x: f32,
+) -> Candidates {
     if nc - start <= 16 {
-        candidates_body::<16>(x, weights, nmax, rmin, rdelta, start, nc, min, max, sum_w, sum_x)
+        candidates_body::<16>(
+            x, weights, nmax, rmin, rdelta, start, nc, min, max, sum_w, sum_x,
+        )
     } else {
-        candidates_body::<LANES>(x, weights, nmax, rmin, rdelta, start, nc, min, max, sum_w, sum_x)
+        candidates_body::<LANES>(
+            x, weights, nmax, rmin, rdelta, start, nc, min, max, sum_w, sum_x,
+        )
     }
 }
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn candidates_body<const N: usize>(x: &[f32], weights: &[f32], nmax: i32, rmin: f32, rdelta: f32, start: usize, nc: usize, min: f32, max: f32, sum_w: f32, sum_x: f32) -> Candidates {
+fn candidates_body<const N: usize>(
+    x: &[f32],
+    weights: &[f32],
+    nmax: i32,
+    rmin: f32,
+    rdelta: f32,
+    start: usize,
+    nc: usize,
+    min: f32,
+    max: f32,
+    sum_w: f32,
+    sum_x: f32,
+) -> Candidates {
     let n = x.len();
     assert!(nc <= LANES && n <= 32 && start < nc);
     let mut isc = [0f32; N];
@@ -140,7 +178,13 @@ fn candidates_body<const N: usize>(x: &[f32], weights: &[f32], nmax: i32, rmin: 
             sum_xl[c] += w * lf * xi;
         }
     }
-    let mut out = Candidates { q: [[0; LANES]; 32], scale: [0.0; LANES], min: [0.0; LANES], error: [0.0; LANES], valid: [false; LANES] };
+    let mut out = Candidates {
+        q: [[0; LANES]; 32],
+        scale: [0.0; LANES],
+        min: [0.0; LANES],
+        error: [0.0; LANES],
+        valid: [false; LANES],
+    };
     let (mut scale, mut mins) = ([0f32; N], [0f32; N]);
     for c in 0..N {
         let d = sum_w * sum_l2[c] - sum_l[c] * sum_l[c];
@@ -191,7 +235,11 @@ fn qx_candidates_body(x: &[f32], nmax: i32, max: f32) -> QxCandidates {
         let is = if k < 9 { k - 9 } else { k - 8 };
         *v = -(nmax as f32 + 0.1 * is as f32) / max;
     }
-    let mut out = QxCandidates { q: [[0; 32]; 16], sumlx: [0.0; 32], suml2: [0.0; 32] };
+    let mut out = QxCandidates {
+        q: [[0; 32]; 16],
+        sumlx: [0.0; 32],
+        suml2: [0.0; 32],
+    };
     for (i, &v) in x.iter().enumerate() {
         let w = v * v;
         for k in 0..32 {
@@ -276,7 +324,15 @@ fn quantize_k45(x: &[f32], five: bool) -> Vec<u8> {
             for (w, &v) in weights.iter_mut().zip(xs) {
                 *w = av_x + v.abs();
             }
-            let (s, m) = make_qkx2_quants(xs, &weights, nmax, &mut l[32 * j..32 * j + 32], rmin, 0.1, nstep);
+            let (s, m) = make_qkx2_quants(
+                xs,
+                &weights,
+                nmax,
+                &mut l[32 * j..32 * j + 32],
+                rmin,
+                0.1,
+                nstep,
+            );
             scales[j] = s;
             mins[j] = m;
             if s > max_scale {
@@ -286,7 +342,11 @@ fn quantize_k45(x: &[f32], five: bool) -> Vec<u8> {
                 max_min = m;
             }
         }
-        let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+        let inv_scale = if max_scale > 0.0 {
+            63.0 / max_scale
+        } else {
+            0.0
+        };
         let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
         let mut sc = [0u8; 12];
         for j in 0..8 {
@@ -390,7 +450,8 @@ pub fn quantize_q6_k(x: &[f32]) -> Vec<u8> {
                 let q = |o: usize| l[j + k + o] as u8;
                 ql[64 * h + k] = (q(0) & 0xF) | ((q(64) & 0xF) << 4);
                 ql[64 * h + k + 32] = (q(32) & 0xF) | ((q(96) & 0xF) << 4);
-                qh[32 * h + k] = (q(0) >> 4) | ((q(32) >> 4) << 2) | ((q(64) >> 4) << 4) | ((q(96) >> 4) << 6);
+                qh[32 * h + k] =
+                    (q(0) >> 4) | ((q(32) >> 4) << 2) | ((q(64) >> 4) << 4) | ((q(96) >> 4) << 6);
             }
         }
         out.extend_from_slice(&ql);
@@ -431,7 +492,11 @@ fn quantize_q5_0_body(x: &[f32]) -> Vec<u8> {
             // Not f32::max: its NaN rule keeps the loop scalar.
             amax = if v.abs() > amax { v.abs() } else { amax };
         }
-        let max = if amax == 0.0 { 0.0 } else { b.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0) };
+        let max = if amax == 0.0 {
+            0.0
+        } else {
+            b.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0)
+        };
         let d = max / -16.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let mut xi = [0u8; 32];
@@ -468,6 +533,8 @@ pub fn quantize_rows(ty: crate::QType, data: &[f32], cols: usize) -> Option<Vec<
     }
     let row_bytes = f(&data[..cols]).len();
     let mut out = vec![0u8; data.len() / cols * row_bytes];
-    out.par_chunks_mut(row_bytes).zip(data.par_chunks(cols)).for_each(|(o, x)| o.copy_from_slice(&f(x)));
+    out.par_chunks_mut(row_bytes)
+        .zip(data.par_chunks(cols))
+        .for_each(|(o, x)| o.copy_from_slice(&f(x)));
     Some(out)
 }

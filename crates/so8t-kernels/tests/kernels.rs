@@ -34,7 +34,9 @@ fn every_kernel_matches_dequantise_then_multiply() {
     for ty in QType::ALL {
         let (rows, cols, n) = (37, 512, 3);
         let m = random_matrix(ty, rows, cols, &mut rng);
-        let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        let x: Vec<f32> = (0..n * cols)
+            .map(|_| rng.random_range(-2.0f32..2.0))
+            .collect();
         let mut out = vec![0f32; n * rows];
         m.matmul(&x, n, &mut out);
         let mut w = vec![0f32; cols];
@@ -56,7 +58,10 @@ fn every_kernel_matches_dequantise_then_multiply() {
                     * 1.01
                     + 1e-4;
                 let got = out[i * rows + r] as f64;
-                assert!((got - exact).abs() <= bound, "{ty:?} row {r} act {i}: {got} vs {exact} (bound {bound})");
+                assert!(
+                    (got - exact).abs() <= bound,
+                    "{ty:?} row {r} act {i}: {got} vs {exact} (bound {bound})"
+                );
                 worst = worst.max((got - exact).abs() / bound);
             }
         }
@@ -70,7 +75,9 @@ fn batched_rows_equal_one_at_a_time() {
     for ty in QType::ALL {
         let (rows, cols, n) = (300, 256, 4);
         let m = random_matrix(ty, rows, cols, &mut rng);
-        let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let x: Vec<f32> = (0..n * cols)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
         let mut all = vec![0f32; n * rows];
         m.matmul(&x, n, &mut all);
         for i in 0..n {

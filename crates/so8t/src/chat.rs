@@ -15,7 +15,10 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: &str, content: &str) -> Message {
-        Message { role: role.to_string(), content: content.to_string() }
+        Message {
+            role: role.to_string(),
+            content: content.to_string(),
+        }
     }
 }
 
@@ -31,9 +34,15 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<Value, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         env.add_function("strftime_now", |fmt: String| -> String {
             // Templates use this for "today's date" in system prompts; a fixed clock keeps
             // prompts reproducible, and only %d %b %Y style formats are common.
@@ -42,11 +51,18 @@ impl ChatTemplate {
         });
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| Error::Invalid(format!("chat template does not parse: {e}")))?;
-        Ok(ChatTemplate { env, bos: bos.to_string(), eos: eos.to_string() })
+        Ok(ChatTemplate {
+            env,
+            bos: bos.to_string(),
+            eos: eos.to_string(),
+        })
     }
 
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let tmpl = self.env.get_template("chat").map_err(|e| Error::Invalid(e.to_string()))?;
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| Error::Invalid(e.to_string()))?;
         tmpl.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -63,8 +79,15 @@ pub fn split_reasoning(text: &str) -> (Option<String>, String) {
     match text.find("</think>") {
         Some(end) => {
             let before = &text[..end];
-            let reasoning = before.strip_prefix("<think>").unwrap_or(before).trim().to_string();
-            (Some(reasoning), text[end + "</think>".len()..].trim_start().to_string())
+            let reasoning = before
+                .strip_prefix("<think>")
+                .unwrap_or(before)
+                .trim()
+                .to_string();
+            (
+                Some(reasoning),
+                text[end + "</think>".len()..].trim_start().to_string(),
+            )
         }
         None => (None, text.to_string()),
     }
@@ -98,8 +121,19 @@ impl ReasoningSplitter {
     /// `prompt` is the rendered prompt text: if it ends inside an open `<think>`, the
     /// output starts as reasoning.
     pub fn new(prompt: &str) -> ReasoningSplitter {
-        let opened = prompt.rfind(THINK_OPEN).is_some_and(|o| prompt[o..].find(THINK_CLOSE).is_none());
-        ReasoningSplitter { channel: if opened { Channel::Reasoning } else { Channel::Answer }, held: String::new(), at_start: !opened, answer_opened: false }
+        let opened = prompt
+            .rfind(THINK_OPEN)
+            .is_some_and(|o| prompt[o..].find(THINK_CLOSE).is_none());
+        ReasoningSplitter {
+            channel: if opened {
+                Channel::Reasoning
+            } else {
+                Channel::Answer
+            },
+            held: String::new(),
+            at_start: !opened,
+            answer_opened: false,
+        }
     }
 
     /// Takes the next piece of output; returns what can be emitted now.
@@ -140,7 +174,11 @@ impl ReasoningSplitter {
                 }
                 self.answer_opened = false;
             }
-            let keep = if self.channel == Channel::Reasoning { partial_suffix(&self.held, THINK_CLOSE) } else { 0 };
+            let keep = if self.channel == Channel::Reasoning {
+                partial_suffix(&self.held, THINK_CLOSE)
+            } else {
+                0
+            };
             let cut = self.held.len() - keep;
             if cut > 0 {
                 let text: String = self.held.drain(..cut).collect();
@@ -170,7 +208,10 @@ fn push_piece(out: &mut Vec<(Channel, String)>, channel: Channel, text: String) 
 
 /// Length of the longest suffix of `s` that is a proper prefix of `tag`.
 fn partial_suffix(s: &str, tag: &str) -> usize {
-    (1..tag.len().min(s.len() + 1)).rev().find(|&n| s.is_char_boundary(s.len() - n) && tag.starts_with(&s[s.len() - n..])).unwrap_or(0)
+    (1..tag.len().min(s.len() + 1))
+        .rev()
+        .find(|&n| s.is_char_boundary(s.len() - n) && tag.starts_with(&s[s.len() - n..]))
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -182,21 +223,33 @@ mod tests {
         let src = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
         let t = ChatTemplate::new(src, "", "<|im_end|>").unwrap();
         let out = t.render(&[Message::new("user", "Hi")], true).unwrap();
-        assert_eq!(out, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            out,
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]
     fn python_string_methods_work() {
         let src = "{{ messages[0].content.split('</think>')[-1].strip() }}";
         let t = ChatTemplate::new(src, "", "").unwrap();
-        assert_eq!(t.render(&[Message::new("assistant", "a</think>  b ")], false).unwrap(), "b");
+        assert_eq!(
+            t.render(&[Message::new("assistant", "a</think>  b ")], false)
+                .unwrap(),
+            "b"
+        );
     }
 
     fn split_streamed(prompt: &str, pieces: &[&str]) -> (String, String) {
         let mut s = ReasoningSplitter::new(prompt);
         let mut out: Vec<(Channel, String)> = pieces.iter().flat_map(|p| s.push(p)).collect();
         out.extend(s.finish());
-        let join = |c| out.iter().filter(|(ch, _)| *ch == c).map(|(_, t)| t.as_str()).collect::<String>();
+        let join = |c| {
+            out.iter()
+                .filter(|(ch, _)| *ch == c)
+                .map(|(_, t)| t.as_str())
+                .collect::<String>()
+        };
         (join(Channel::Reasoning), join(Channel::Answer))
     }
 
@@ -206,20 +259,39 @@ mod tests {
         let text = "<think>\nplan a b</think>\n\nThe answer.";
         for cut in 0..text.len() {
             let (r, a) = split_streamed("", &[&text[..cut], &text[cut..]]);
-            assert_eq!((r.trim(), a.as_str()), ("plan a b", "The answer."), "cut at {cut}");
+            assert_eq!(
+                (r.trim(), a.as_str()),
+                ("plan a b", "The answer."),
+                "cut at {cut}"
+            );
         }
         let chars: Vec<String> = "x y</think>\n\nZ".chars().map(String::from).collect();
         let pieces: Vec<&str> = chars.iter().map(String::as_str).collect();
-        assert_eq!(split_streamed("<|im_start|>assistant\n<think>\n", &pieces), ("x y".into(), "Z".into()));
-        assert_eq!(split_streamed("", &["plain ", "<thin", "g> text"]), ("".into(), "plain <thing> text".into()));
+        assert_eq!(
+            split_streamed("<|im_start|>assistant\n<think>\n", &pieces),
+            ("x y".into(), "Z".into())
+        );
+        assert_eq!(
+            split_streamed("", &["plain ", "<thin", "g> text"]),
+            ("".into(), "plain <thing> text".into())
+        );
         assert_eq!(split_streamed("", &["<", "b>"]), ("".into(), "<b>".into()));
-        assert_eq!(split_streamed("<think>\n", &["never closed </thi"]), ("never closed </thi".into(), "".into()));
+        assert_eq!(
+            split_streamed("<think>\n", &["never closed </thi"]),
+            ("never closed </thi".into(), "".into())
+        );
     }
 
     #[test]
     fn reasoning_split() {
-        assert_eq!(split_reasoning("x\n</think>\n\nY"), (Some("x".into()), "Y".into()));
-        assert_eq!(split_reasoning("<think>x</think>Y"), (Some("x".into()), "Y".into()));
+        assert_eq!(
+            split_reasoning("x\n</think>\n\nY"),
+            (Some("x".into()), "Y".into())
+        );
+        assert_eq!(
+            split_reasoning("<think>x</think>Y"),
+            (Some("x".into()), "Y".into())
+        );
         assert_eq!(split_reasoning("just text"), (None, "just text".into()));
     }
 }

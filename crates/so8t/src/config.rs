@@ -37,7 +37,12 @@ impl Arch {
 pub enum RopeScaling {
     None,
     /// Llama 3.x frequency-dependent scaling, as transformers' `_compute_llama3_parameters`.
-    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position: f32 },
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position: f32,
+    },
     /// Per-frequency divisors, as llama.cpp stores them in a `rope_freqs.weight` tensor.
     Divisors(Vec<f32>),
 }
@@ -77,7 +82,12 @@ impl ModelConfig {
         match &self.rope_scaling {
             RopeScaling::None => base,
             RopeScaling::Divisors(d) => base.iter().zip(d).map(|(f, d)| f / d).collect(),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position,
+            } => {
                 let low_wavelen = original_max_position / low_freq_factor;
                 let high_wavelen = original_max_position / high_freq_factor;
                 base.iter()
@@ -102,7 +112,10 @@ impl ModelConfig {
     pub fn hf_tensors(&self) -> Vec<(String, Vec<usize>)> {
         let (h, hd, i) = (self.hidden_size, self.head_dim, self.intermediate_size);
         let (q, kv) = (self.num_heads * hd, self.num_kv_heads * hd);
-        let mut v = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab_size, h])];
+        let mut v = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![self.vocab_size, h],
+        )];
         for l in 0..self.num_layers {
             let p = format!("model.layers.{l}");
             v.push((format!("{p}.input_layernorm.weight"), vec![h]));
@@ -197,7 +210,10 @@ impl ModelConfig {
             }
         }
         if self.num_layers > 1024 {
-            return bad(format!("field `num_hidden_layers` = {} is implausibly large", self.num_layers));
+            return bad(format!(
+                "field `num_hidden_layers` = {} is implausibly large",
+                self.num_layers
+            ));
         }
         if self.num_heads % self.num_kv_heads != 0 {
             return bad(format!(
@@ -206,11 +222,18 @@ impl ModelConfig {
             ));
         }
         if self.head_dim % 2 != 0 {
-            return bad(format!("head_dim must be even for RoPE, got {}", self.head_dim));
+            return bad(format!(
+                "head_dim must be even for RoPE, got {}",
+                self.head_dim
+            ));
         }
         if let RopeScaling::Divisors(d) = &self.rope_scaling {
             if d.len() != self.head_dim / 2 {
-                return bad(format!("rope_freqs has {} entries, expected head_dim/2 = {}", d.len(), self.head_dim / 2));
+                return bad(format!(
+                    "rope_freqs has {} entries, expected head_dim/2 = {}",
+                    d.len(),
+                    self.head_dim / 2
+                ));
             }
         }
         Ok(())
@@ -226,7 +249,10 @@ impl ModelConfig {
         let arch = Arch::parse(&raw.model_type).ok_or_else(|| {
             Error::format(
                 path,
-                format!("unsupported model_type `{}` (expected llama, qwen2 or qwen3)", raw.model_type),
+                format!(
+                    "unsupported model_type `{}` (expected llama, qwen2 or qwen3)",
+                    raw.model_type
+                ),
             )
         })?;
         let need = |v: Option<usize>, name: &str| {
@@ -235,38 +261,43 @@ impl ModelConfig {
         let hidden_size = need(raw.hidden_size, "hidden_size")?;
         let num_heads = need(raw.num_attention_heads, "num_attention_heads")?;
         if num_heads == 0 {
-            return Err(Error::format(path, "field `num_attention_heads` must be positive, got 0"));
+            return Err(Error::format(
+                path,
+                "field `num_attention_heads` must be positive, got 0",
+            ));
         }
         let rope = raw.rope_scaling.as_ref().or(raw.rope_parameters.as_ref());
         let rope_theta = raw
             .rope_theta
             .or_else(|| raw.rope_parameters.as_ref().and_then(|p| p.rope_theta))
             .unwrap_or(10_000.0) as f32;
-        let rope_scaling = match rope.and_then(|r| r.kind()) {
-            None | Some("default") => RopeScaling::None,
-            Some("llama3") => {
-                let r = rope.unwrap();
-                let f = |v: Option<f64>, name: &str| {
-                    v.map(|x| x as f32)
-                        .ok_or_else(|| Error::format(path, format!("rope_scaling: missing field `{name}`")))
-                };
-                RopeScaling::Llama3 {
-                    factor: f(r.factor, "factor")?,
-                    low_freq_factor: f(r.low_freq_factor, "low_freq_factor")?,
-                    high_freq_factor: f(r.high_freq_factor, "high_freq_factor")?,
-                    original_max_position: f(
-                        r.original_max_position_embeddings.map(|v| v as f64),
-                        "original_max_position_embeddings",
-                    )?,
+        let rope_scaling =
+            match rope.and_then(|r| r.kind()) {
+                None | Some("default") => RopeScaling::None,
+                Some("llama3") => {
+                    let r = rope.unwrap();
+                    let f = |v: Option<f64>, name: &str| {
+                        v.map(|x| x as f32).ok_or_else(|| {
+                            Error::format(path, format!("rope_scaling: missing field `{name}`"))
+                        })
+                    };
+                    RopeScaling::Llama3 {
+                        factor: f(r.factor, "factor")?,
+                        low_freq_factor: f(r.low_freq_factor, "low_freq_factor")?,
+                        high_freq_factor: f(r.high_freq_factor, "high_freq_factor")?,
+                        original_max_position: f(
+                            r.original_max_position_embeddings.map(|v| v as f64),
+                            "original_max_position_embeddings",
+                        )?,
+                    }
                 }
-            }
-            Some(other) => {
-                return Err(Error::format(
+                Some(other) => return Err(Error::format(
                     path,
-                    format!("rope_scaling type `{other}` is not supported (expected llama3 or none)"),
-                ))
-            }
-        };
+                    format!(
+                        "rope_scaling type `{other}` is not supported (expected llama3 or none)"
+                    ),
+                )),
+            };
         let eos_token_ids = match raw.eos_token_id {
             None => vec![],
             Some(OneOrMany::One(v)) => vec![v],

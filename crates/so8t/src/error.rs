@@ -13,7 +13,10 @@ pub enum Error {
     /// The message includes the OS error, so it is not chained as a source as well
     /// (which would print it twice).
     #[error("{}: {error}", path.display())]
-    Io { path: PathBuf, error: std::io::Error },
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
 
     /// A request that cannot be served (bad argument, unknown option value).
     #[error("{0}")]
@@ -37,11 +40,17 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn format(path: impl AsRef<Path>, what: impl Into<String>) -> Self {
-        Error::Format { path: path.as_ref().to_path_buf(), what: what.into() }
+        Error::Format {
+            path: path.as_ref().to_path_buf(),
+            what: what.into(),
+        }
     }
 
     pub fn io(path: impl AsRef<Path>, error: std::io::Error) -> Self {
-        Error::Io { path: path.as_ref().to_path_buf(), error }
+        Error::Io {
+            path: path.as_ref().to_path_buf(),
+            error,
+        }
     }
 }
 

@@ -94,7 +94,9 @@ impl Sequence {
         }
         let vocab = model.config.vocab_size;
         if let Some(bad) = req.prompt_ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(crate::Error::Invalid(format!("prompt token id {bad} is outside the vocabulary (size {vocab})")));
+            return Err(crate::Error::Invalid(format!(
+                "prompt token id {bad} is outside the vocabulary (size {vocab})"
+            )));
         }
         let ctx = model.config.max_position_embeddings;
         if req.prompt_ids.len() >= ctx {
@@ -125,7 +127,11 @@ impl Sequence {
     }
 
     /// Runs `f` on the decoder with this sequence's KV cache in place.
-    fn with_cache<T>(&mut self, model: &mut Model, f: impl FnOnce(&mut crate::model::Decoder) -> Result<T>) -> Result<T> {
+    fn with_cache<T>(
+        &mut self,
+        model: &mut Model,
+        f: impl FnOnce(&mut crate::model::Decoder) -> Result<T>,
+    ) -> Result<T> {
         model.decoder.swap_cache(&mut self.cache);
         let r = f(&mut model.decoder);
         model.decoder.swap_cache(&mut self.cache);
@@ -142,13 +148,22 @@ impl Sequence {
             return Ok(true);
         }
         let t0 = Instant::now();
-        let (from, to) = (self.prefilled, (self.prefilled + chunk.max(1)).min(self.req.prompt_ids.len()));
+        let (from, to) = (
+            self.prefilled,
+            (self.prefilled + chunk.max(1)).min(self.req.prompt_ids.len()),
+        );
         let ids = self.req.prompt_ids[from..to].to_vec();
         let hidden = self.with_cache(model, |d| d.forward_hidden(&ids, from))?;
         self.prefilled = to;
         if self.prompt_done() {
             let last = hidden.get(hidden.dim(0)? - 1)?;
-            self.logits = Some(model.decoder.logits(&last.unsqueeze(0)?)?.squeeze(0)?.to_vec1::<f32>()?);
+            self.logits = Some(
+                model
+                    .decoder
+                    .logits(&last.unsqueeze(0)?)?
+                    .squeeze(0)?
+                    .to_vec1::<f32>()?,
+            );
             self.prompt_hidden = Some(last);
         }
         self.prompt_seconds += t0.elapsed().as_secs_f64();
@@ -166,6 +181,11 @@ impl Sequence {
 
     pub fn prompt_hidden(&self) -> Option<&Tensor> {
         self.prompt_hidden.as_ref()
+    }
+
+    /// Seconds spent so far reading the prompt and generating.
+    pub fn seconds(&self) -> (f64, f64) {
+        (self.prompt_seconds, self.generate_seconds)
     }
 
     pub fn tokens(&self) -> &[u32] {
@@ -193,8 +213,15 @@ impl Sequence {
             self.finish = Some(FinishReason::Length);
             return Ok(None);
         }
-        let logits = self.logits.take().expect("logits are present until the sequence ends");
-        let top = if self.req.top_logprobs > 0 { top_logprobs(&logits, self.req.top_logprobs) } else { vec![] };
+        let logits = self
+            .logits
+            .take()
+            .expect("logits are present until the sequence ends");
+        let top = if self.req.top_logprobs > 0 {
+            top_logprobs(&logits, self.req.top_logprobs)
+        } else {
+            vec![]
+        };
         let id = self.sampler.sample(&logits, &self.history);
         if self.eog.contains(&id) {
             self.finish = Some(FinishReason::Stop);
@@ -214,7 +241,12 @@ impl Sequence {
             if self.max_stop > 0 {
                 let text = &self.text;
                 let from = floor_char_boundary(text, self.emitted.saturating_sub(self.max_stop));
-                let cut = self.req.stop.iter().filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i)).min();
+                let cut = self
+                    .req
+                    .stop
+                    .iter()
+                    .filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i))
+                    .min();
                 if let Some(cut) = cut {
                     self.text.truncate(cut);
                     stop_hit = true;
@@ -225,27 +257,45 @@ impl Sequence {
         let piece = self.text[piece_start..].to_string();
         self.emitted = self.text.len();
 
-        let last = stop_hit || self.tokens.len() >= self.req.max_tokens || self.history.len() >= self.ctx;
+        let last =
+            stop_hit || self.tokens.len() >= self.req.max_tokens || self.history.len() >= self.ctx;
         let hidden = if !last || self.req.hidden_for_every_token {
             let pos = self.history.len() - 1;
             let h = self.with_cache(model, |d| Ok(d.forward_hidden(&[id], pos)?.squeeze(0)?))?;
             if !last {
-                self.logits = Some(model.decoder.logits(&h.unsqueeze(0)?)?.squeeze(0)?.to_vec1::<f32>()?);
+                self.logits = Some(
+                    model
+                        .decoder
+                        .logits(&h.unsqueeze(0)?)?
+                        .squeeze(0)?
+                        .to_vec1::<f32>()?,
+                );
             }
             Some(h)
         } else {
             None
         };
         if last {
-            self.finish = Some(if stop_hit { FinishReason::Stop } else { FinishReason::Length });
+            self.finish = Some(if stop_hit {
+                FinishReason::Stop
+            } else {
+                FinishReason::Length
+            });
         }
-        Ok(Some(Step { index: self.tokens.len() - 1, id, text: piece, top, hidden }))
+        Ok(Some(Step {
+            index: self.tokens.len() - 1,
+            id,
+            text: piece,
+            top,
+            hidden,
+        }))
     }
 
     /// The finished generation (the prompt must be in).
     pub fn into_generation(self) -> Result<Generation> {
-        let prompt_hidden =
-            self.prompt_hidden.ok_or_else(|| crate::Error::Invalid("the sequence ended before its prompt was read".into()))?;
+        let prompt_hidden = self.prompt_hidden.ok_or_else(|| {
+            crate::Error::Invalid("the sequence ended before its prompt was read".into())
+        })?;
         Ok(Generation {
             prompt_tokens: self.req.prompt_ids,
             tokens: self.tokens,
@@ -260,7 +310,11 @@ impl Sequence {
 }
 
 /// Generates to the end in one go, handing each step to `on_step`.
-pub fn generate(model: &mut Model, req: &GenerateRequest, mut on_step: impl FnMut(&Step) -> Control) -> Result<Generation> {
+pub fn generate(
+    model: &mut Model,
+    req: &GenerateRequest,
+    mut on_step: impl FnMut(&Step) -> Control,
+) -> Result<Generation> {
     let mut seq = Sequence::new(model, req.clone())?;
     while let Some(step) = seq.step(model)? {
         if let Control::Stop = on_step(&step) {

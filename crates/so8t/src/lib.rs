@@ -4,8 +4,8 @@
 
 pub mod chat;
 pub mod config;
-pub mod eval;
 pub mod error;
+pub mod eval;
 pub mod formats;
 pub mod generate;
 pub mod load;

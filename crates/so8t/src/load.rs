@@ -50,7 +50,11 @@ pub struct So8tState {
 }
 
 pub enum Source {
-    Hf { dir: PathBuf, config: ModelConfig, fp8_block: Option<(usize, usize)> },
+    Hf {
+        dir: PathBuf,
+        config: ModelConfig,
+        fp8_block: Option<(usize, usize)>,
+    },
     Gguf(Arc<GgufFile>),
 }
 
@@ -62,12 +66,19 @@ pub fn open_source(path: &Path) -> Result<Source> {
     if path.is_dir() {
         let cfg_path = path.join("config.json");
         if !cfg_path.exists() {
-            return Err(Error::format(path, "not a model directory: config.json is missing"));
+            return Err(Error::format(
+                path,
+                "not a model directory: config.json is missing",
+            ));
         }
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
         let config = ModelConfig::from_hf_json(&text, &cfg_path)?;
         let fp8_block = fp8_block_size(&text, &cfg_path)?;
-        return Ok(Source::Hf { dir: path.to_path_buf(), config, fp8_block });
+        return Ok(Source::Hf {
+            dir: path.to_path_buf(),
+            config,
+            fp8_block,
+        });
     }
     Ok(Source::Gguf(Arc::new(GgufFile::open(path)?)))
 }
@@ -80,13 +91,22 @@ fn fp8_block_size(config_text: &str, path: &Path) -> Result<Option<(usize, usize
     }
     let method = q["quant_method"].as_str().unwrap_or("");
     if method != "fp8" {
-        return Err(Error::format(path, format!("quantization_config.quant_method `{method}` is not supported (expected fp8)")));
+        return Err(Error::format(
+            path,
+            format!("quantization_config.quant_method `{method}` is not supported (expected fp8)"),
+        ));
     }
-    match q["weight_block_size"].as_array().map(|a| a.iter().map(|x| x.as_u64()).collect::<Vec<_>>()) {
+    match q["weight_block_size"]
+        .as_array()
+        .map(|a| a.iter().map(|x| x.as_u64()).collect::<Vec<_>>())
+    {
         Some(b) if b.len() == 2 && b.iter().all(|x| x.is_some_and(|x| x > 0)) => {
             Ok(Some((b[0].unwrap() as usize, b[1].unwrap() as usize)))
         }
-        _ => Err(Error::format(path, "quantization_config.weight_block_size must be two positive integers")),
+        _ => Err(Error::format(
+            path,
+            "quantization_config.weight_block_size must be two positive integers",
+        )),
     }
 }
 
@@ -101,19 +121,33 @@ impl Model {
         };
         let mut m = Self::from_source(source)?;
         if let Some(g) = gguf {
-            if let Some((heads, config)) = crate::so8::export::read_gguf_heads(&g, m.config.hidden_size)? {
-                m.so8t = Some(So8tState { config, heads, baked: true });
+            if let Some((heads, config)) =
+                crate::so8::export::read_gguf_heads(&g, m.config.hidden_size)?
+            {
+                m.so8t = Some(So8tState {
+                    config,
+                    heads,
+                    baked: true,
+                });
             }
         } else if is_so8t_dir(path) {
             let config = So8tConfig::read(path)?;
             let adapter = Adapter::read(path)?;
             adapter.check_shapes(&m.config, &config, &path.join(ADAPTER_FILE))?;
             adapter.install(&mut m.decoder, &config)?;
-            m.so8t = Some(So8tState { config, heads: adapter.heads, baked: false });
+            m.so8t = Some(So8tState {
+                config,
+                heads: adapter.heads,
+                baked: false,
+            });
         } else if path.is_dir() && path.join(HEADS_FILE).exists() {
             let (heads, config) = read_heads(path)?;
             heads.check(m.config.hidden_size, &path.join(HEADS_FILE))?;
-            m.so8t = Some(So8tState { config, heads, baked: true });
+            m.so8t = Some(So8tState {
+                config,
+                heads,
+                baked: true,
+            });
         }
         Ok(m)
     }
@@ -125,7 +159,11 @@ impl Model {
 
     fn from_source(source: Source) -> Result<Model> {
         match source {
-            Source::Hf { dir, config, fp8_block } => {
+            Source::Hf {
+                dir,
+                config,
+                fp8_block,
+            } => {
                 let weights = SafetensorsStore::open(&dir, fp8_block)?;
                 let decoder = Decoder::load(config.clone(), &weights)?;
                 let tokenizer = if dir.join("tokenizer.json").exists() {
@@ -137,12 +175,22 @@ impl Model {
                 };
                 let gen_path = dir.join("generation_config.json");
                 let generation = if gen_path.exists() {
-                    let text = std::fs::read_to_string(&gen_path).map_err(|e| Error::io(&gen_path, e))?;
+                    let text =
+                        std::fs::read_to_string(&gen_path).map_err(|e| Error::io(&gen_path, e))?;
                     serde_json::from_str(&text).in_file(&gen_path)?
                 } else {
                     GenerationDefaults::default()
                 };
-                Ok(Model { path: dir, kind: SourceKind::Hf, config, decoder, tokenizer, generation, weights: Box::new(weights), so8t: None })
+                Ok(Model {
+                    path: dir,
+                    kind: SourceKind::Hf,
+                    config,
+                    decoder,
+                    tokenizer,
+                    generation,
+                    weights: Box::new(weights),
+                    so8t: None,
+                })
             }
             Source::Gguf(file) => {
                 let config = file.config()?;
@@ -170,9 +218,12 @@ impl Model {
     }
 
     pub fn tokenizer(&self) -> Result<&TextTokenizer> {
-        self.tokenizer
-            .as_ref()
-            .ok_or_else(|| Error::format(&self.path, "the model has no tokenizer (tokenizer.json or tokenizer.ggml.*); use --prompt-ids"))
+        self.tokenizer.as_ref().ok_or_else(|| {
+            Error::format(
+                &self.path,
+                "the model has no tokenizer (tokenizer.json or tokenizer.ggml.*); use --prompt-ids",
+            )
+        })
     }
 
     /// The token ids of a conversation before the assistant answers

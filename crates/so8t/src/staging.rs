@@ -15,18 +15,26 @@ impl StagingDir {
     /// Refuses an existing target unless `force`.
     pub fn new(target: &Path, force: bool) -> Result<StagingDir> {
         if target.exists() && !force {
-            return Err(Error::format(target, "already exists (use --force to replace it)"));
+            return Err(Error::format(
+                target,
+                "already exists (use --force to replace it)",
+            ));
         }
         let path = temp_path(target)?;
         let parent = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir(&path).map_err(|e| Error::io(&path, e))?;
-        Ok(StagingDir { path: Some(path), target: target.to_path_buf() })
+        Ok(StagingDir {
+            path: Some(path),
+            target: target.to_path_buf(),
+        })
     }
 
     pub fn path(&self) -> &Path {
-        self.path.as_deref().expect("staging directory already committed")
+        self.path
+            .as_deref()
+            .expect("staging directory already committed")
     }
 
     pub fn commit(mut self) -> Result<()> {
@@ -48,8 +56,14 @@ impl Drop for StagingDir {
 
 /// The hidden sibling a target is written under before it is renamed into place.
 pub fn temp_path(target: &Path) -> Result<PathBuf> {
-    let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = target.file_name().ok_or_else(|| Error::format(target, "not a file or directory name"))?.to_string_lossy();
+    let parent = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = target
+        .file_name()
+        .ok_or_else(|| Error::format(target, "not a file or directory name"))?
+        .to_string_lossy();
     Ok(parent.join(format!(".{name}.tmp-{}", std::process::id())))
 }
 
@@ -72,5 +86,7 @@ pub fn write_file<T>(target: &Path, write: impl FnOnce(&Path) -> Result<T>) -> R
 
 /// [`write_file`] of bytes.
 pub fn write_bytes(target: &Path, bytes: &[u8]) -> Result<()> {
-    write_file(target, |tmp| std::fs::write(tmp, bytes).map_err(|e| Error::io(target, e)))
+    write_file(target, |tmp| {
+        std::fs::write(tmp, bytes).map_err(|e| Error::io(target, e))
+    })
 }

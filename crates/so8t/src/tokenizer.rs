@@ -9,7 +9,14 @@ use std::path::Path;
 
 /// Token texts that llama.cpp treats as end-of-generation whatever their id.
 const EOG_TEXTS: &[&str] = &[
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>", "<|end_of_text|>",
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+    "<|end_of_text|>",
 ];
 
 #[derive(Clone)]
@@ -35,21 +42,36 @@ impl TextTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
-    /// The token ids of a conversation as the model sees it before answering: the chat
+    /// The text of a conversation as the model sees it before answering: the chat
     /// template with the generation prompt (the assistant header), or, without a
-    /// template, the last message's text with the tokenizer's special tokens.
-    pub fn chat_ids(&self, messages: &[crate::chat::Message]) -> Result<Vec<u32>> {
+    /// template, the last message's text. The flag says whether encoding it should add
+    /// the tokenizer's special tokens (a rendered template carries its own).
+    pub fn chat_text(&self, messages: &[crate::chat::Message]) -> Result<(String, bool)> {
         match &self.chat_template {
             Some(src) => {
                 let t = crate::chat::ChatTemplate::new(src, &self.bos_text, &self.eos_text)?;
-                self.encode(&t.render(messages, true)?, false)
+                Ok((t.render(messages, true)?, false))
             }
-            None => self.encode(messages.last().map_or("", |m| m.content.as_str()), true),
+            None => Ok((
+                messages
+                    .last()
+                    .map_or("", |m| m.content.as_str())
+                    .to_string(),
+                true,
+            )),
         }
     }
 
+    /// The token ids of [`TextTokenizer::chat_text`].
+    pub fn chat_ids(&self, messages: &[crate::chat::Message]) -> Result<Vec<u32>> {
+        let (text, add_special) = self.chat_text(messages)?;
+        self.encode(&text, add_special)
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| Error::Invalid(format!("tokenizer: cannot decode: {e}")))
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| Error::Invalid(format!("tokenizer: cannot decode: {e}")))
     }
 
     pub fn token_text(&self, id: u32) -> Option<String> {
@@ -62,7 +84,13 @@ impl TextTokenizer {
 
     /// The tokenizer must not produce ids the model has no embedding for.
     pub fn check_vocab(&self, model_vocab: usize, path: &Path) -> Result<()> {
-        let max_id = self.inner.get_vocab(true).values().copied().max().unwrap_or(0) as usize;
+        let max_id = self
+            .inner
+            .get_vocab(true)
+            .values()
+            .copied()
+            .max()
+            .unwrap_or(0) as usize;
         if max_id >= model_vocab {
             return Err(Error::format(
                 path,
@@ -86,7 +114,11 @@ impl TextTokenizer {
         let token_str = |key: &str| -> String {
             match &cfg[key] {
                 Value::String(s) => s.clone(),
-                Value::Object(o) => o.get("content").and_then(|c| c.as_str()).unwrap_or("").to_string(),
+                Value::Object(o) => o
+                    .get("content")
+                    .and_then(|c| c.as_str())
+                    .unwrap_or("")
+                    .to_string(),
                 _ => String::new(),
             }
         };
@@ -102,7 +134,8 @@ impl TextTokenizer {
         };
         let jinja = dir.join("chat_template.jinja");
         if chat_template.is_none() && jinja.exists() {
-            chat_template = Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
+            chat_template =
+                Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
         }
         let bos_text = token_str("bos_token");
         let eos_text = token_str("eos_token");
@@ -115,7 +148,14 @@ impl TextTokenizer {
                 }
             }
         }
-        Ok(TextTokenizer { inner, bos, bos_text, eos_text, chat_template, eog })
+        Ok(TextTokenizer {
+            inner,
+            bos,
+            bos_text,
+            eos_text,
+            chat_template,
+            eog,
+        })
     }
 
     pub fn from_gguf(g: &GgufFile) -> Result<TextTokenizer> {
@@ -132,7 +172,11 @@ impl TextTokenizer {
         if !types.is_empty() && types.len() != tokens.len() {
             return Err(Error::format(
                 &g.path,
-                format!("tokenizer.ggml.token_type has {} entries but tokenizer.ggml.tokens has {}", types.len(), tokens.len()),
+                format!(
+                    "tokenizer.ggml.token_type has {} entries but tokenizer.ggml.tokens has {}",
+                    types.len(),
+                    tokens.len()
+                ),
             ));
         }
         let pre = g.opt_str("tokenizer.ggml.pre").unwrap_or("default");
@@ -156,8 +200,12 @@ impl TextTokenizer {
             .map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}))
             .collect();
         pretok.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}));
-        let bos = g.opt_usize("tokenizer.ggml.bos_token_id").and_then(|id| tokens.get(id).map(|t| (id as u32, t.to_string())));
-        let add_bos = g.opt_bool("tokenizer.ggml.add_bos_token").unwrap_or(pre_add_bos);
+        let bos = g
+            .opt_usize("tokenizer.ggml.bos_token_id")
+            .and_then(|id| tokens.get(id).map(|t| (id as u32, t.to_string())));
+        let add_bos = g
+            .opt_bool("tokenizer.ggml.add_bos_token")
+            .unwrap_or(pre_add_bos);
         // BOS as transformers adds it, in the post-processor, so that the tokenizer saved
         // as tokenizer.json (convert) behaves the same.
         let post = match (&bos, add_bos) {
@@ -184,13 +232,23 @@ impl TextTokenizer {
                       "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges},
         });
         let inner: tokenizers::Tokenizer = serde_json::from_value::<tokenizers::Tokenizer>(spec)
-            .map_err(|e| Error::format(&g.path, format!("cannot build tokenizer from tokenizer.ggml.*: {e}")))?;
+            .map_err(|e| {
+                Error::format(
+                    &g.path,
+                    format!("cannot build tokenizer from tokenizer.ggml.*: {e}"),
+                )
+            })?;
         let id_text = |key: &str| {
-            g.opt_usize(key).and_then(|id| tokens.get(id).map(|t| (id as u32, t.to_string())))
+            g.opt_usize(key)
+                .and_then(|id| tokens.get(id).map(|t| (id as u32, t.to_string())))
         };
         let eos = id_text("tokenizer.ggml.eos_token_id");
         let mut eog: Vec<u32> = Vec::new();
-        for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+        for key in [
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id",
+        ] {
             if let Some((id, _)) = id_text(key) {
                 eog.push(id);
             }
@@ -221,7 +279,11 @@ fn pre_tokenizer(pre: &str) -> Option<(Vec<&'static str>, bool, bool)> {
     const DEFAULT: &str = r"[\p{P}\$\+<=>\^~\|]+";
     match pre {
         "gpt-2" | "phi-2" => Some((vec![GPT2], false, false)),
-        "default" => Some((vec![DEFAULT, GPT2, r"\p{N}+", "[0-9][0-9][0-9]"], false, false)),
+        "default" => Some((
+            vec![DEFAULT, GPT2, r"\p{N}+", "[0-9][0-9][0-9]"],
+            false,
+            false,
+        )),
         "llama3" | "llama-v3" | "llama-bpe" => Some((vec![LLAMA3], true, true)),
         "qwen2" | "deepseek-r1-qwen" => Some((vec![QWEN2], false, false)),
         "smollm" => Some((vec![r"\p{N}", GPT2], false, false)),

@@ -39,13 +39,23 @@ const IGNORED: [&str; 3] = ["general.name", "general.size_label", "general.align
 
 fn compare(ours: &Gguf, theirs: &Gguf, what: &str, exact_bytes: bool) {
     let keys = |g: &Gguf| {
-        let mut k: Vec<String> = g.content.metadata.keys().filter(|k| !IGNORED.contains(&k.as_str())).cloned().collect();
+        let mut k: Vec<String> = g
+            .content
+            .metadata
+            .keys()
+            .filter(|k| !IGNORED.contains(&k.as_str()))
+            .cloned()
+            .collect();
         k.sort();
         k
     };
     assert_eq!(keys(ours), keys(theirs), "{what}: metadata keys");
     for k in keys(ours) {
-        assert_eq!(value_string(&ours.content.metadata[&k]), value_string(&theirs.content.metadata[&k]), "{what}: metadata `{k}`");
+        assert_eq!(
+            value_string(&ours.content.metadata[&k]),
+            value_string(&theirs.content.metadata[&k]),
+            "{what}: metadata `{k}`"
+        );
     }
     let mut names: Vec<&String> = theirs.content.tensor_infos.keys().collect();
     names.sort();
@@ -54,19 +64,38 @@ fn compare(ours: &Gguf, theirs: &Gguf, what: &str, exact_bytes: bool) {
     assert_eq!(ours_names, names, "{what}: tensor names");
     let mut differing = Vec::new();
     for n in names {
-        let (a, b) = (&ours.content.tensor_infos[n], &theirs.content.tensor_infos[n]);
-        assert_eq!((a.ggml_dtype, a.shape.dims()), (b.ggml_dtype, b.shape.dims()), "{what}: tensor `{n}` type and shape");
+        let (a, b) = (
+            &ours.content.tensor_infos[n],
+            &theirs.content.tensor_infos[n],
+        );
+        assert_eq!(
+            (a.ggml_dtype, a.shape.dims()),
+            (b.ggml_dtype, b.shape.dims()),
+            "{what}: tensor `{n}` type and shape"
+        );
         if ours.tensor_bytes(n) != theirs.tensor_bytes(n) {
             differing.push(n.clone());
         }
     }
     if exact_bytes {
-        assert!(differing.is_empty(), "{what}: tensors with different bytes: {differing:?}");
+        assert!(
+            differing.is_empty(),
+            "{what}: tensors with different bytes: {differing:?}"
+        );
     } else if !differing.is_empty() {
-        eprintln!("{what}: {} tensors differ in bytes: {differing:?}", differing.len());
+        eprintln!(
+            "{what}: {} tensors differ in bytes: {differing:?}",
+            differing.len()
+        );
     }
-    assert_eq!(ours.content.magic, candle_core::quantized::gguf_file::VersionedMagic::GgufV3);
-    assert_eq!(ours.content.metadata["general.alignment"].to_u32().unwrap(), 32);
+    assert_eq!(
+        ours.content.magic,
+        candle_core::quantized::gguf_file::VersionedMagic::GgufV3
+    );
+    assert_eq!(
+        ours.content.metadata["general.alignment"].to_u32().unwrap(),
+        32
+    );
 }
 
 #[test]
@@ -75,7 +104,13 @@ fn export_matches_llama_cpp_converter_f32_f16_q8_0() {
     for arch in ["llama", "qwen2", "qwen3"] {
         for ty in ["f32", "f16", "q8_0"] {
             let out = tmp.path().join(format!("{arch}-{ty}.gguf"));
-            export(&fixtures().join(format!("tiny-{arch}")), &out, parse_quant(ty).unwrap(), |_, _, _| {}).unwrap();
+            export(
+                &fixtures().join(format!("tiny-{arch}")),
+                &out,
+                parse_quant(ty).unwrap(),
+                |_, _, _| {},
+            )
+            .unwrap();
             let theirs = read_gguf(&fixtures().join(format!("tiny-{arch}/model-{ty}.gguf")));
             compare(&read_gguf(&out), &theirs, &format!("{arch} {ty}"), true);
         }
@@ -88,11 +123,20 @@ fn exported_gguf_round_trips_through_the_runtime() {
     let tmp = tempfile::tempdir().unwrap();
     for arch in ["llama", "qwen2", "qwen3"] {
         let out = tmp.path().join(format!("{arch}.gguf"));
-        export(&fixtures().join(format!("tiny-{arch}")), &out, parse_quant("f32").unwrap(), |_, _, _| {}).unwrap();
+        export(
+            &fixtures().join(format!("tiny-{arch}")),
+            &out,
+            parse_quant("f32").unwrap(),
+            |_, _, _| {},
+        )
+        .unwrap();
         let exp = expected(&format!("tiny-{arch}"));
         let mut m = so8t::Model::open(&out).unwrap();
         for (i, ids) in exp.inputs.iter().enumerate() {
-            let d = max_abs_diff(&m.decoder.forward_all(ids).unwrap(), &exp.logits[&format!("logits.{i}")]);
+            let d = max_abs_diff(
+                &m.decoder.forward_all(ids).unwrap(),
+                &exp.logits[&format!("logits.{i}")],
+            );
             assert!(d <= 1e-4, "{arch}: {d}");
         }
     }
@@ -114,10 +158,18 @@ fn unknown_quant_types_are_refused() {
 fn quantised_bytes_equal_ggml_for_every_required_type() {
     let dir = fixtures().join("quant");
     let raw = std::fs::read(dir.join("input.f32")).unwrap();
-    let x: Vec<f32> = raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-    let required = ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q3_k", "q4_k", "q5_k", "q6_k"];
+    let x: Vec<f32> = raw
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let required = [
+        "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q3_k", "q4_k", "q5_k", "q6_k",
+    ];
     let mut report = Vec::new();
-    for ty in ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"] {
+    for ty in [
+        "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k",
+        "q6_k",
+    ] {
         let dtype = match parse_quant(ty).unwrap() {
             so8t::so8::export::Quant::Plain(d) => d,
             q => panic!("{q:?}"),
@@ -125,7 +177,10 @@ fn quantised_bytes_equal_ggml_for_every_required_type() {
         let ours = so8t::so8::export::encode(&x, &[8, 1024], dtype).unwrap();
         let theirs = std::fs::read(dir.join(format!("{ty}.bin"))).unwrap();
         let same = ours == theirs;
-        report.push(format!("{ty}: {}", if same { "identical" } else { "differs" }));
+        report.push(format!(
+            "{ty}: {}",
+            if same { "identical" } else { "differs" }
+        ));
         if required.contains(&ty) {
             assert!(same, "{ty}: bytes differ from ggml's quantiser");
         }
@@ -140,16 +195,30 @@ fn quantised_bytes_equal_ggml_for_every_required_type() {
 fn modelfile_template_renders_like_the_chat_template() {
     use so8t::chat::{ChatTemplate, Message};
     let gguf = fixtures().join("tiny-qwen2/model-f16.gguf");
-    let mf = so8t::so8::modelfile::modelfile(&gguf, &so8t::so8::modelfile::ModelfileOptions {
-        from: "./model.gguf",
-        system: None,
-        generation: Default::default(),
-    })
+    let mf = so8t::so8::modelfile::modelfile(
+        &gguf,
+        &so8t::so8::modelfile::ModelfileOptions {
+            from: "./model.gguf",
+            system: None,
+            generation: Default::default(),
+        },
+    )
     .unwrap();
     assert!(mf.starts_with("FROM ./model.gguf\n"));
     assert!(mf.contains("PARAMETER stop \"<|im_end|>\""));
-    let go = mf.split("TEMPLATE \"\"\"").nth(1).unwrap().split("\"\"\"").next().unwrap();
-    let msgs = [Message::new("system", "Be brief."), Message::new("user", "Hi"), Message::new("assistant", "Hello"), Message::new("user", "Bye")];
+    let go = mf
+        .split("TEMPLATE \"\"\"")
+        .nth(1)
+        .unwrap()
+        .split("\"\"\"")
+        .next()
+        .unwrap();
+    let msgs = [
+        Message::new("system", "Be brief."),
+        Message::new("user", "Hi"),
+        Message::new("assistant", "Hello"),
+        Message::new("user", "Bye"),
+    ];
     // Go side: .System is the system message, .Messages the rest
     let (sys, rest) = (&msgs[0].content, &msgs[1..]);
     let (if_open, if_end) = ("{{ if .System }}", "{{ end }}");
@@ -162,11 +231,17 @@ fn modelfile_template_renders_like_the_chat_template() {
     let d = c + tail[c..].find(r_end).unwrap();
     out += &tail[..c];
     for m in rest {
-        out += &tail[c + r_open.len()..d].replace("{{ .Role }}", &m.role).replace("{{ .Content }}", &m.content);
+        out += &tail[c + r_open.len()..d]
+            .replace("{{ .Role }}", &m.role)
+            .replace("{{ .Content }}", &m.content);
     }
     out += &tail[d + r_end.len()..];
-    let tok = so8t::tokenizer::TextTokenizer::from_hf_dir(&fixtures().join("tiny-qwen2"), &[]).unwrap();
-    let jinja = ChatTemplate::new(tok.chat_template.as_ref().unwrap(), "", "").unwrap().render(&msgs, true).unwrap();
+    let tok =
+        so8t::tokenizer::TextTokenizer::from_hf_dir(&fixtures().join("tiny-qwen2"), &[]).unwrap();
+    let jinja = ChatTemplate::new(tok.chat_template.as_ref().unwrap(), "", "")
+        .unwrap()
+        .render(&msgs, true)
+        .unwrap();
     assert_eq!(out, jinja);
 }
 
@@ -175,20 +250,53 @@ fn exported_so8t_gguf_carries_heads_and_validates() {
     use so8t::so8::convert::{convert, ConvertOptions, Init};
     let tmp = tempfile::tempdir().unwrap();
     let s = tmp.path().join("s");
-    convert(&fixtures().join("tiny-qwen3"), &s, &ConvertOptions { init: Init::Random { seed: 9, scale: 0.3 }, ..Default::default() }).unwrap();
+    convert(
+        &fixtures().join("tiny-qwen3"),
+        &s,
+        &ConvertOptions {
+            init: Init::Random {
+                seed: 9,
+                scale: 0.3,
+            },
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let out = tmp.path().join("m.gguf");
     export(&s, &out, parse_quant("f32").unwrap(), |_, _, _| {}).unwrap();
     let g = read_gguf(&out);
-    for k in ["so8t.version", "so8t.rotation_dim", "so8t.sites", "so8t.baked", "so8t.head.safety.weight", "so8t.head.safety.labels", "so8t.head.authority.bias"] {
+    for k in [
+        "so8t.version",
+        "so8t.rotation_dim",
+        "so8t.sites",
+        "so8t.baked",
+        "so8t.head.safety.weight",
+        "so8t.head.safety.labels",
+        "so8t.head.authority.bias",
+    ] {
         assert!(g.content.metadata.contains_key(k), "{k}");
     }
-    assert!(g.content.tensor_infos.keys().all(|n| !n.contains("so8t")), "no SO8T tensor: llama.cpp rejects unknown tensors");
+    assert!(
+        g.content.tensor_infos.keys().all(|n| !n.contains("so8t")),
+        "no SO8T tensor: llama.cpp rejects unknown tensors"
+    );
     let checks = so8t::so8::validate::validate(&out);
-    assert!(checks.iter().all(|c| c.ok) && checks.iter().any(|c| c.name == "baked_heads"), "{checks:?}");
+    assert!(
+        checks.iter().all(|c| c.ok) && checks.iter().any(|c| c.name == "baked_heads"),
+        "{checks:?}"
+    );
     // gated (SO8T dir) and exported (baked GGUF) give the same logits
     let ids = &expected("tiny-qwen3").inputs[0];
-    let a = so8t::Model::open(&s).unwrap().decoder.forward_all(ids).unwrap();
-    let b = so8t::Model::open(&out).unwrap().decoder.forward_all(ids).unwrap();
+    let a = so8t::Model::open(&s)
+        .unwrap()
+        .decoder
+        .forward_all(ids)
+        .unwrap();
+    let b = so8t::Model::open(&out)
+        .unwrap()
+        .decoder
+        .forward_all(ids)
+        .unwrap();
     assert!(max_abs_diff(&a, &b) <= 1e-4);
 }
 
@@ -199,13 +307,30 @@ fn exported_so8t_gguf_carries_heads_and_validates() {
 fn gguf_py_reads_every_export_type() {
     use sha2::{Digest, Sha256};
     use so8t::so8::convert::{convert, ConvertOptions, Init};
-    let read: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("gguf-py/read.json")).unwrap()).unwrap();
+    let read: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("gguf-py/read.json")).unwrap(),
+    )
+    .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let s = tmp.path().join("s");
-    convert(&fixtures().join("tiny-qwen3"), &s, &ConvertOptions { init: Init::Random { seed: 5, scale: 0.3 }, ..Default::default() }).unwrap();
+    convert(
+        &fixtures().join("tiny-qwen3"),
+        &s,
+        &ConvertOptions {
+            init: Init::Random {
+                seed: 5,
+                scale: 0.3,
+            },
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let types = read.as_object().unwrap();
-    assert_eq!(types.len(), so8t::so8::export::QUANT_TYPES.len(), "every --quant type was read by gguf-py");
+    assert_eq!(
+        types.len(),
+        so8t::so8::export::QUANT_TYPES.len(),
+        "every --quant type was read by gguf-py"
+    );
     for (ty, seen) in types {
         let out = tmp.path().join(format!("{ty}.gguf"));
         export(&s, &out, parse_quant(ty).unwrap(), |_, _, _| {}).unwrap();
@@ -216,14 +341,22 @@ fn gguf_py_reads_every_export_type() {
         let want: Vec<String> = serde_json::from_value(seen["metadata_keys"].clone()).unwrap();
         assert_eq!(keys, want.iter().collect::<Vec<_>>(), "{ty}: metadata keys");
         let tensors = seen["tensors"].as_object().unwrap();
-        assert_eq!(tensors.len(), g.content.tensor_infos.len(), "{ty}: tensor count");
+        assert_eq!(
+            tensors.len(),
+            g.content.tensor_infos.len(),
+            "{ty}: tensor count"
+        );
         for (name, t) in tensors {
             let info = &g.content.tensor_infos[name];
             let ours_type = format!("{:?}", info.ggml_dtype).replace('K', "_K");
             assert_eq!(t["type"].as_str().unwrap(), ours_type, "{ty} {name}: type");
             let mut shape: Vec<u64> = info.shape.dims().iter().map(|&d| d as u64).collect();
             shape.reverse();
-            assert_eq!(serde_json::to_value(shape).unwrap(), t["shape"], "{ty} {name}: shape (ggml order)");
+            assert_eq!(
+                serde_json::to_value(shape).unwrap(),
+                t["shape"],
+                "{ty} {name}: shape (ggml order)"
+            );
             let sha = format!("{:x}", Sha256::digest(g.tensor_bytes(name)));
             assert_eq!(sha, t["sha256"].as_str().unwrap(), "{ty} {name}: bytes");
         }

@@ -8,9 +8,13 @@ use common::{check_against_llama_cpp, fixtures, real_model};
 use so8t::Model;
 
 fn check_model(which: &str) {
-    let fixture: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join(format!("llama-cpp/{which}.json"))).unwrap()).unwrap();
-    let Some(path) = real_model(which, fixture["model"].as_str().unwrap()) else { return };
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(format!("llama-cpp/{which}.json"))).unwrap(),
+    )
+    .unwrap();
+    let Some(path) = real_model(which, fixture["model"].as_str().unwrap()) else {
+        return;
+    };
     let mut model = Model::open(&path).unwrap();
     let n = fixture["n_tokens"].as_u64().unwrap() as usize;
     check_against_llama_cpp(which, &mut model, fixture["cases"].as_array().unwrap(), n);

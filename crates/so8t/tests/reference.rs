@@ -18,7 +18,11 @@ fn check_against_transformers(name: &str) {
         let logits = model.decoder.forward_all(ids).unwrap();
         let d = max_abs_diff(&logits, &exp.logits[&format!("logits.{i}")]);
         assert!(d <= LOGIT_TOL, "{name} input {i}: max |Δlogit| = {d}");
-        assert_eq!(greedy(&mut model, ids, exp.greedy[i].len()), exp.greedy[i], "{name} input {i}: greedy tokens");
+        assert_eq!(
+            greedy(&mut model, ids, exp.greedy[i].len()),
+            exp.greedy[i],
+            "{name} input {i}: greedy tokens"
+        );
     }
 }
 
@@ -53,7 +57,11 @@ fn gguf_f32_and_f16_give_the_same_greedy_tokens() {
         for ty in ["f32", "f16"] {
             let mut m = Model::open(&gguf_path(arch, ty)).unwrap();
             for (i, ids) in exp.inputs.iter().enumerate() {
-                assert_eq!(greedy(&mut m, ids, exp.greedy[i].len()), exp.greedy[i], "{arch} {ty} input {i}");
+                assert_eq!(
+                    greedy(&mut m, ids, exp.greedy[i].len()),
+                    exp.greedy[i],
+                    "{arch} {ty} input {i}"
+                );
             }
         }
     }
@@ -67,8 +75,14 @@ fn gguf_f32_logits_match_transformers() {
         let exp = expected(&format!("tiny-{arch}"));
         let mut m = Model::open(&gguf_path(arch, "f32")).unwrap();
         for (i, ids) in exp.inputs.iter().enumerate() {
-            let d = max_abs_diff(&m.decoder.forward_all(ids).unwrap(), &exp.logits[&format!("logits.{i}")]);
-            assert!(d <= LOGIT_TOL, "{arch} f32 gguf input {i}: max |Δlogit| = {d}");
+            let d = max_abs_diff(
+                &m.decoder.forward_all(ids).unwrap(),
+                &exp.logits[&format!("logits.{i}")],
+            );
+            assert!(
+                d <= LOGIT_TOL,
+                "{arch} f32 gguf input {i}: max |Δlogit| = {d}"
+            );
         }
     }
 }
@@ -89,26 +103,56 @@ fn gguf_q8_0_agrees_on_top1_for_95_percent_of_steps() {
             total += a.len();
         }
         let share = same as f64 / total as f64;
-        assert!(share >= 0.95, "{arch} q8_0: top-1 agreement {same}/{total} = {share:.3}");
+        assert!(
+            share >= 0.95,
+            "{arch} q8_0: top-1 agreement {same}/{total} = {share:.3}"
+        );
     }
 }
 
 #[test]
 fn tokenizers_from_json_and_from_gguf_metadata_agree_with_transformers() {
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tokenizer/expected.json")).unwrap()).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("tokenizer/expected.json")).unwrap(),
+    )
+    .unwrap();
     let texts: Vec<String> = serde_json::from_value(meta["texts"].clone()).unwrap();
     let ids: Vec<Vec<u32>> = serde_json::from_value(meta["ids"].clone()).unwrap();
     let hf = Model::open(&fixtures().join("tiny-qwen2")).unwrap();
     let gg = Model::open(&gguf_path("qwen2", "f16")).unwrap();
     for (t, want) in texts.iter().zip(&ids) {
-        assert_eq!(&hf.tokenizer().unwrap().encode(t, true).unwrap(), want, "tokenizer.json: {t:?}");
-        assert_eq!(&gg.tokenizer().unwrap().encode(t, true).unwrap(), want, "GGUF tokenizer: {t:?}");
+        assert_eq!(
+            &hf.tokenizer().unwrap().encode(t, true).unwrap(),
+            want,
+            "tokenizer.json: {t:?}"
+        );
+        assert_eq!(
+            &gg.tokenizer().unwrap().encode(t, true).unwrap(),
+            want,
+            "GGUF tokenizer: {t:?}"
+        );
         assert_eq!(&gg.tokenizer().unwrap().decode(want).unwrap(), t);
     }
     // Special tokens in text are matched whole, as llama.cpp does with special parsing on.
-    let chat = gg.tokenizer().unwrap().encode("<|im_start|>user\nhi<|im_end|>", true).unwrap();
-    assert_eq!(chat[0], gg.tokenizer().unwrap().inner.token_to_id("<|im_start|>").unwrap());
-    assert_eq!(*chat.last().unwrap(), gg.tokenizer().unwrap().inner.token_to_id("<|im_end|>").unwrap());
+    let chat = gg
+        .tokenizer()
+        .unwrap()
+        .encode("<|im_start|>user\nhi<|im_end|>", true)
+        .unwrap();
+    assert_eq!(
+        chat[0],
+        gg.tokenizer()
+            .unwrap()
+            .inner
+            .token_to_id("<|im_start|>")
+            .unwrap()
+    );
+    assert_eq!(
+        *chat.last().unwrap(),
+        gg.tokenizer()
+            .unwrap()
+            .inner
+            .token_to_id("<|im_end|>")
+            .unwrap()
+    );
 }
-

@@ -21,7 +21,10 @@ fn converted(arch: &str, tmp: &tempfile::TempDir, opts: &ConvertOptions) -> Path
 }
 
 fn random(seed: u64) -> ConvertOptions {
-    ConvertOptions { init: Init::Random { seed, scale: 0.3 }, ..Default::default() }
+    ConvertOptions {
+        init: Init::Random { seed, scale: 0.3 },
+        ..Default::default()
+    }
 }
 
 fn logits(path: &Path, ids: &[u32]) -> Tensor {
@@ -34,11 +37,25 @@ fn zero_init_is_bit_identical_to_the_base() {
     for arch in ARCHS {
         let dir = converted(arch, &tmp, &ConvertOptions::default());
         let m = Model::open(&dir).unwrap();
-        assert!(m.so8t.is_some() && m.decoder.gates[0].q.is_some(), "{arch}: gates installed");
+        assert!(
+            m.so8t.is_some() && m.decoder.gates[0].q.is_some(),
+            "{arch}: gates installed"
+        );
         for ids in expected(&format!("tiny-{arch}")).inputs {
-            let a = logits(&dir, &ids).flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let b = logits(&fixtures().join(format!("tiny-{arch}")), &ids).flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{arch}: zero-init logits differ from the base");
+            let a = logits(&dir, &ids)
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let b = logits(&fixtures().join(format!("tiny-{arch}")), &ids)
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{arch}: zero-init logits differ from the base"
+            );
         }
     }
 }
@@ -51,14 +68,20 @@ fn random_gates_change_the_output_and_their_order_matters() {
         let base = logits(&fixtures().join(format!("tiny-{arch}")), ids);
         let dir = converted(arch, &tmp, &random(7));
         let gated = logits(&dir, ids);
-        assert!(max_abs_diff(&base, &gated) > 1e-2, "{arch}: random gates must change the logits");
+        assert!(
+            max_abs_diff(&base, &gated) > 1e-2,
+            "{arch}: random gates must change the logits"
+        );
 
         // Same generators, factors applied in the other order: R = R_safe · R_cmd.
         let mut cfg = So8tConfig::read(&dir).unwrap();
         cfg.factors.reverse();
         std::fs::write(dir.join(CONFIG_FILE), serde_json::to_string(&cfg).unwrap()).unwrap();
         let swapped = logits(&dir, ids);
-        assert!(max_abs_diff(&gated, &swapped) > 1e-3, "{arch}: SO(8) is not commutative; swapping factors must change the output");
+        assert!(
+            max_abs_diff(&gated, &swapped) > 1e-3,
+            "{arch}: SO(8) is not commutative; swapping factors must change the output"
+        );
     }
 }
 
@@ -88,30 +111,46 @@ fn gates_and_heads_match_the_pytorch_reference() {
     for arch in ARCHS {
         let dir = install_reference(arch, &tmp);
         let refdir = fixtures().join(format!("tiny-{arch}/so8t-random"));
-        let exp = candle_core::safetensors::load(refdir.join("expected.safetensors"), &Device::Cpu).unwrap();
-        let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(refdir.join("expected.json")).unwrap()).unwrap();
+        let exp = candle_core::safetensors::load(refdir.join("expected.safetensors"), &Device::Cpu)
+            .unwrap();
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(refdir.join("expected.json")).unwrap())
+                .unwrap();
         let inputs: Vec<Vec<u32>> = serde_json::from_value(meta["inputs"].clone()).unwrap();
         let mut m = Model::open(&dir).unwrap();
         let heads = m.so8t.as_ref().unwrap().heads.clone();
         for (i, ids) in inputs.iter().enumerate() {
             m.decoder.clear_cache();
             let hidden = m.decoder.forward_hidden(ids, 0).unwrap();
-            let d = max_abs_diff(&m.decoder.logits(&hidden).unwrap(), &exp[&format!("logits.{i}")]);
+            let d = max_abs_diff(
+                &m.decoder.logits(&hidden).unwrap(),
+                &exp[&format!("logits.{i}")],
+            );
             assert!(d <= 1e-4, "{arch} input {i}: max |Δlogit| = {d}");
             let v = heads.verdicts(&hidden).unwrap();
             let pu = exp[&format!("p_unsafe.{i}")].to_vec1::<f32>().unwrap();
             let pe = exp[&format!("p_escalate.{i}")].to_vec1::<f32>().unwrap();
             for (k, vk) in v.iter().enumerate() {
-                assert!((vk.p_unsafe - pu[k]).abs() <= 1e-5 && (vk.p_escalate - pe[k]).abs() <= 1e-5, "{arch} input {i} pos {k}: verdicts");
+                assert!(
+                    (vk.p_unsafe - pu[k]).abs() <= 1e-5 && (vk.p_escalate - pe[k]).abs() <= 1e-5,
+                    "{arch} input {i} pos {k}: verdicts"
+                );
             }
         }
         let bad: Vec<_> = validate(&dir).into_iter().filter(|c| !c.ok).collect();
-        assert!(bad.is_empty(), "{arch}: the reference adapter validates: {bad:?}");
+        assert!(
+            bad.is_empty(),
+            "{arch}: the reference adapter validates: {bad:?}"
+        );
     }
 }
 
 fn failed_checks(dir: &Path) -> Vec<&'static str> {
-    validate(dir).into_iter().filter(|c| !c.ok).map(|c| c.name).collect()
+    validate(dir)
+        .into_iter()
+        .filter(|c| !c.ok)
+        .map(|c| c.name)
+        .collect()
 }
 
 fn edit_adapter(dir: &Path, f: impl FnOnce(&mut Adapter)) {
@@ -131,20 +170,27 @@ fn validate_passes_a_fresh_conversion_and_catches_each_defect() {
     // arise numerically: a generator so large (1e12 → 44 squarings) that exp breaks down.
     edit_adapter(&dir, |a| {
         let g = a.generators[name].clone();
-        a.generators.insert(name.into(), ((g * 0.0).unwrap() + 1.0e12).unwrap());
+        a.generators
+            .insert(name.into(), ((g * 0.0).unwrap() + 1.0e12).unwrap());
     });
     let failed = failed_checks(&dir);
     assert!(failed.contains(&"orthogonality"), "{:?}", validate(&dir));
 
     edit_adapter(&dir, |a| {
-        a.generators.insert(name.into(), Tensor::zeros((3, 28), candle_core::DType::F32, &Device::Cpu).unwrap());
+        a.generators.insert(
+            name.into(),
+            Tensor::zeros((3, 28), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
     });
     assert_eq!(failed_checks(&dir), vec!["adapter_shapes"]);
 
     edit_adapter(&dir, |a| {
         let mut v = vec![0f32; 2 * 28];
         v[5] = f32::NAN;
-        a.generators.insert(name.into(), Tensor::from_vec(v, (2, 28), &Device::Cpu).unwrap());
+        a.generators.insert(
+            name.into(),
+            Tensor::from_vec(v, (2, 28), &Device::Cpu).unwrap(),
+        );
     });
     assert_eq!(failed_checks(&dir), vec!["finite"]);
 
@@ -162,7 +208,10 @@ fn convert_options_are_honoured() {
         sites: vec![Site::Q, Site::Mlp],
         granularity: so8t::so8::gates::Granularity::PerHead,
         factors: vec!["a".into(), "b".into(), "c".into()],
-        init: Init::Random { seed: 1, scale: 0.1 },
+        init: Init::Random {
+            seed: 1,
+            scale: 0.1,
+        },
         force: false,
     };
     let dir = converted("qwen3", &tmp, &opts);
@@ -175,7 +224,9 @@ fn convert_options_are_honoured() {
     assert!(m.decoder.gates[0].q.is_some() && m.decoder.gates[0].k.is_none());
     assert!(failed_checks(&dir).is_empty());
     // an existing target is refused without --force, and nothing is written beside it
-    let err = convert(&fixtures().join("tiny-qwen3"), &dir, &opts).unwrap_err().to_string();
+    let err = convert(&fixtures().join("tiny-qwen3"), &dir, &opts)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("already exists"), "{err}");
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
 }

@@ -14,7 +14,9 @@ fn repo() -> PathBuf {
 }
 
 fn raw_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("SO8T_SAFETY_RAW").map(PathBuf::from).unwrap_or_else(|| repo().join("../shared/data/safety/raw"));
+    let dir = std::env::var_os("SO8T_SAFETY_RAW")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("../shared/data/safety/raw"));
     dir.join("SOURCES.md").exists().then_some(dir)
 }
 
@@ -25,7 +27,11 @@ fn build_script_reproduces_the_committed_set() {
         return;
     };
     let out = tempfile::tempdir().unwrap();
-    let status = Command::new("python3").arg(repo().join("scripts/data/build_safety_set.py")).arg(&raw).arg(out.path()).output();
+    let status = Command::new("python3")
+        .arg(repo().join("scripts/data/build_safety_set.py"))
+        .arg(&raw)
+        .arg(out.path())
+        .output();
     let output = match status {
         Ok(o) => o,
         Err(e) => {
@@ -33,11 +39,18 @@ fn build_script_reproduces_the_committed_set() {
             return;
         }
     };
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     for name in ["train.jsonl", "val.jsonl", "test.jsonl", "stats.json"] {
         let made = std::fs::read(out.path().join(name)).unwrap();
         let committed = std::fs::read(repo().join("data/safety").join(name)).unwrap();
-        assert!(made == committed, "data/safety/{name} differs from what the script builds");
+        assert!(
+            made == committed,
+            "data/safety/{name} differs from what the script builds"
+        );
     }
 }
 
@@ -61,9 +74,20 @@ fn shingles(text: &str) -> HashSet<String> {
 /// prompt may appear in two splits.
 #[test]
 fn splits_share_no_near_duplicates() {
-    let read = |n: &str| read_jsonl(&repo().join("data/safety").join(n), &Labels::default(), false).unwrap();
+    let read = |n: &str| {
+        read_jsonl(
+            &repo().join("data/safety").join(n),
+            &Labels::default(),
+            false,
+        )
+        .unwrap()
+    };
     let train = read("train.jsonl");
-    let train_sets: Vec<HashSet<String>> = train.examples.iter().map(|e| shingles(e.user_text())).collect();
+    let train_sets: Vec<HashSet<String>> = train
+        .examples
+        .iter()
+        .map(|e| shingles(e.user_text()))
+        .collect();
     for split in ["val.jsonl", "test.jsonl"] {
         let d = read(split);
         assert!(d.examples.len() > 400, "{split}: {} rows", d.examples.len());
@@ -81,7 +105,11 @@ fn splits_share_no_near_duplicates() {
         let d = read(split);
         for head in 0..2 {
             let labels: Vec<bool> = d.examples.iter().filter_map(|e| e.label(head)).collect();
-            assert!(labels.iter().filter(|&&v| v).count() > 50 && labels.iter().filter(|&&v| !v).count() > 50, "{split} head {head}");
+            assert!(
+                labels.iter().filter(|&&v| v).count() > 50
+                    && labels.iter().filter(|&&v| !v).count() > 50,
+                "{split} head {head}"
+            );
         }
     }
 }

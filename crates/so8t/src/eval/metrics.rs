@@ -55,7 +55,11 @@ pub fn binary_metrics(scores: &[f32], labels: &[bool], threshold: f32) -> Binary
         accuracy: ratio(tp + tn, labels.len()),
         precision,
         recall,
-        f1: if precision + recall > 0.0 { 2.0 * precision * recall / (precision + recall) } else { 0.0 },
+        f1: if precision + recall > 0.0 {
+            2.0 * precision * recall / (precision + recall)
+        } else {
+            0.0
+        },
         fpr: ratio(fp, fp + tn),
         auroc: auroc(scores, labels),
     }
@@ -111,7 +115,12 @@ pub fn roc_curve(scores: &[f32], labels: &[bool]) -> Vec<(f64, f64)> {
 /// The lowest threshold whose false positive rate on `labels`' negatives is at most
 /// `target`: at most ⌊target·negatives⌋ negatives score at or above it.
 pub fn threshold_for_fpr(scores: &[f32], labels: &[bool], target: f64) -> f32 {
-    let mut neg: Vec<f32> = scores.iter().zip(labels).filter(|(_, &y)| !y).map(|(&s, _)| s).collect();
+    let mut neg: Vec<f32> = scores
+        .iter()
+        .zip(labels)
+        .filter(|(_, &y)| !y)
+        .map(|(&s, _)| s)
+        .collect();
     neg.sort_by(|a, b| b.total_cmp(a));
     let allowed = (target * neg.len() as f64).floor() as usize;
     match neg.get(allowed) {
@@ -155,7 +164,10 @@ mod tests {
         let y: Vec<bool> = (0..100).map(|i| i % 2 == 0).collect();
         for target in [0.0, 0.05, 0.1, 0.5] {
             let t = threshold_for_fpr(&s, &y, target);
-            assert!(binary_metrics(&s, &y, t).fpr <= target + 1e-12, "target {target}");
+            assert!(
+                binary_metrics(&s, &y, t).fpr <= target + 1e-12,
+                "target {target}"
+            );
         }
         // With 50 negatives and a 10% target, exactly 5 negatives may pass.
         assert_eq!(binary_metrics(&s, &y, threshold_for_fpr(&s, &y, 0.1)).fp, 5);

@@ -60,28 +60,53 @@ pub struct EvalReport {
     pub seconds: f64,
 }
 
-pub fn evaluate(model: &mut Model, data: &Dataset, progress: impl FnMut(usize)) -> Result<EvalReport> {
+pub fn evaluate(
+    model: &mut Model,
+    data: &Dataset,
+    progress: impl FnMut(usize),
+) -> Result<EvalReport> {
     let t0 = std::time::Instant::now();
-    let state = model.so8t.as_ref().ok_or_else(|| Error::format(&model.path, "has no SO8T heads (not an SO8T directory, baked directory or SO8T GGUF)"))?;
+    let state = model.so8t.as_ref().ok_or_else(|| {
+        Error::format(
+            &model.path,
+            "has no SO8T heads (not an SO8T directory, baked directory or SO8T GGUF)",
+        )
+    })?;
     let (heads, config, baked) = (state.heads.clone(), state.config.clone(), state.baked);
     let features = Features::compute(model, data, progress)?;
     let all = head_scores(&heads, &features.x, features.hidden)?;
     let thresholds = [config.thresholds.unsafe_, config.thresholds.escalate];
     let mut out = Vec::new();
     for (h, name) in HEAD_NAMES.iter().enumerate() {
-        let rows: Vec<usize> = (0..data.examples.len()).filter(|&i| data.examples[i].label(h).is_some()).collect();
+        let rows: Vec<usize> = (0..data.examples.len())
+            .filter(|&i| data.examples[i].label(h).is_some())
+            .collect();
         let scores: Vec<f32> = rows.iter().map(|&i| all[h][i]).collect();
-        let labels: Vec<bool> = rows.iter().map(|&i| data.examples[i].label(h).unwrap()).collect();
+        let labels: Vec<bool> = rows
+            .iter()
+            .map(|&i| data.examples[i].label(h).unwrap())
+            .collect();
         let t = thresholds[h];
         let mut sources: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (k, &i) in rows.iter().enumerate() {
-            sources.entry(data.examples[i].source.clone().unwrap_or_else(|| "-".into())).or_default().push(k);
+            sources
+                .entry(
+                    data.examples[i]
+                        .source
+                        .clone()
+                        .unwrap_or_else(|| "-".into()),
+                )
+                .or_default()
+                .push(k);
         }
         let by_source = sources
             .into_iter()
             .map(|(source, ks)| {
                 let flagged = ks.iter().filter(|&&k| scores[k] >= t).count();
-                let right = ks.iter().filter(|&&k| (scores[k] >= t) == labels[k]).count();
+                let right = ks
+                    .iter()
+                    .filter(|&&k| (scores[k] >= t) == labels[k])
+                    .count();
                 SourceBreakdown {
                     source,
                     rows: ks.len(),
@@ -93,13 +118,27 @@ pub fn evaluate(model: &mut Model, data: &Dataset, progress: impl FnMut(usize)) 
             .collect();
         let example = |k: usize| {
             let e = &data.examples[rows[k]];
-            ErrorExample { line: e.line, p: scores[k], source: e.source.clone(), category: e.category.clone(), prompt: e.user_text().to_string() }
+            ErrorExample {
+                line: e.line,
+                p: scores[k],
+                source: e.source.clone(),
+                category: e.category.clone(),
+                prompt: e.user_text().to_string(),
+            }
         };
-        let mut fneg: Vec<usize> = (0..rows.len()).filter(|&k| labels[k] && scores[k] < t).collect();
+        let mut fneg: Vec<usize> = (0..rows.len())
+            .filter(|&k| labels[k] && scores[k] < t)
+            .collect();
         fneg.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-        let mut fpos: Vec<usize> = (0..rows.len()).filter(|&k| !labels[k] && scores[k] >= t).collect();
+        let mut fpos: Vec<usize> = (0..rows.len())
+            .filter(|&k| !labels[k] && scores[k] >= t)
+            .collect();
         fpos.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-        let labels_names = if h == 0 { config.labels.safety.clone() } else { config.labels.authority.clone() };
+        let labels_names = if h == 0 {
+            config.labels.safety.clone()
+        } else {
+            config.labels.authority.clone()
+        };
         out.push(HeadEval {
             head: name,
             labels: labels_names,
@@ -112,7 +151,12 @@ pub fn evaluate(model: &mut Model, data: &Dataset, progress: impl FnMut(usize)) 
     }
     let mut decisions = BTreeMap::new();
     for (&p_unsafe, &p_escalate) in all[0].iter().zip(&all[1]) {
-        let d = config.decide(&[Verdict { p_unsafe, p_escalate }]).map_or("undecided (heads untrained)", |d| d.name());
+        let d = config
+            .decide(&[Verdict {
+                p_unsafe,
+                p_escalate,
+            }])
+            .map_or("undecided (heads untrained)", |d| d.name());
         *decisions.entry(d.to_string()).or_insert(0) += 1;
     }
     Ok(EvalReport {

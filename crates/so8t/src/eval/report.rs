@@ -26,7 +26,12 @@ fn ensure_font() {
 }
 
 /// Renders to a temporary name and renames, so a failed plot leaves nothing behind.
-fn render(path: &Path, draw: impl FnOnce(&DrawingArea<BitMapBackend, plotters::coord::Shift>) -> std::result::Result<(), Box<dyn std::error::Error>>) -> Result<()> {
+fn render(
+    path: &Path,
+    draw: impl FnOnce(
+        &DrawingArea<BitMapBackend, plotters::coord::Shift>,
+    ) -> std::result::Result<(), Box<dyn std::error::Error>>,
+) -> Result<()> {
     ensure_font();
     let tmp = path.with_extension("tmp.png");
     {
@@ -46,7 +51,12 @@ fn roc_plot(report: &EvalReport, path: &Path) -> Result<()> {
             .x_label_area_size(48)
             .y_label_area_size(60)
             .build_cartesian_2d(0f64..1f64, 0f64..1f64)?;
-        chart.configure_mesh().x_desc("false positive rate").y_desc("true positive rate").label_style(("sans-serif", 16)).draw()?;
+        chart
+            .configure_mesh()
+            .x_desc("false positive rate")
+            .y_desc("true positive rate")
+            .label_style(("sans-serif", 16))
+            .draw()?;
         chart.draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], BLACK.mix(0.3)))?;
         for (i, h) in report.heads.iter().enumerate() {
             let (s, y): (Vec<f32>, Vec<bool>) = h.scores.iter().cloned().unzip();
@@ -57,11 +67,23 @@ fn roc_plot(report: &EvalReport, path: &Path) -> Result<()> {
             chart
                 .draw_series(LineSeries::new(roc_curve(&s, &y), color.stroke_width(3)))?
                 .label(format!("{} (AUROC {:.3})", h.head, h.metrics.auroc))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+                });
             let m = &h.metrics;
-            chart.draw_series(std::iter::once(Circle::new((m.fpr, m.recall), 7, color.filled())))?;
+            chart.draw_series(std::iter::once(Circle::new(
+                (m.fpr, m.recall),
+                7,
+                color.filled(),
+            )))?;
         }
-        chart.configure_series_labels().position(SeriesLabelPosition::LowerRight).label_font(("sans-serif", 18)).border_style(BLACK).background_style(WHITE.mix(0.9)).draw()?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .label_font(("sans-serif", 18))
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.9))
+            .draw()?;
         Ok(())
     })
 }
@@ -73,9 +95,16 @@ fn histogram_plot(h: &super::HeadEval, path: &Path) -> Result<()> {
         let b = ((s.clamp(0.0, 1.0) * BINS as f32) as usize).min(BINS - 1);
         counts[y as usize][b] += 1;
     }
-    let totals = [counts[0].iter().sum::<usize>().max(1), counts[1].iter().sum::<usize>().max(1)];
+    let totals = [
+        counts[0].iter().sum::<usize>().max(1),
+        counts[1].iter().sum::<usize>().max(1),
+    ];
     let share = |c: usize, b: usize| counts[c][b] as f64 / totals[c] as f64;
-    let top = (0..BINS).flat_map(|b| [share(0, b), share(1, b)]).fold(0.0, f64::max).max(0.01) * 1.1;
+    let top = (0..BINS)
+        .flat_map(|b| [share(0, b), share(1, b)])
+        .fold(0.0, f64::max)
+        .max(0.01)
+        * 1.1;
     let threshold = h.metrics.threshold as f64;
     let title = format!("{} head: p({}) per class (test data)", h.head, h.labels[1]);
     let labels = h.labels.clone();
@@ -86,22 +115,45 @@ fn histogram_plot(h: &super::HeadEval, path: &Path) -> Result<()> {
             .x_label_area_size(48)
             .y_label_area_size(60)
             .build_cartesian_2d(0f64..1f64, 0f64..top)?;
-        chart.configure_mesh().x_desc(format!("p({})", labels[1])).y_desc("share of the class's rows").label_style(("sans-serif", 16)).draw()?;
+        chart
+            .configure_mesh()
+            .x_desc(format!("p({})", labels[1]))
+            .y_desc("share of the class's rows")
+            .label_style(("sans-serif", 16))
+            .draw()?;
         for c in 0..2 {
-            let color = if c == 0 { BLUE.mix(0.45) } else { RED.mix(0.45) };
+            let color = if c == 0 {
+                BLUE.mix(0.45)
+            } else {
+                RED.mix(0.45)
+            };
             chart
                 .draw_series((0..BINS).map(|b| {
                     let x0 = b as f64 / BINS as f64;
-                    Rectangle::new([(x0, 0.0), (x0 + 1.0 / BINS as f64, share(c, b))], color.filled())
+                    Rectangle::new(
+                        [(x0, 0.0), (x0 + 1.0 / BINS as f64, share(c, b))],
+                        color.filled(),
+                    )
                 }))?
                 .label(format!("{} ({} rows)", labels[c], totals[c]))
-                .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], color.filled()));
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 6), (x + 16, y + 6)], color.filled())
+                });
         }
         chart
-            .draw_series(LineSeries::new([(threshold, 0.0), (threshold, top)], BLACK.stroke_width(2)))?
+            .draw_series(LineSeries::new(
+                [(threshold, 0.0), (threshold, top)],
+                BLACK.stroke_width(2),
+            ))?
             .label(format!("threshold {threshold:.3}"))
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(2)));
-        chart.configure_series_labels().position(SeriesLabelPosition::UpperMiddle).label_font(("sans-serif", 18)).border_style(BLACK).background_style(WHITE.mix(0.9)).draw()?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperMiddle)
+            .label_font(("sans-serif", 18))
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.9))
+            .draw()?;
         Ok(())
     })
 }
@@ -120,7 +172,13 @@ pub fn loss_plot(log: &[StepLog], path: &Path) -> Result<()> {
         ("CE authority", |s| s.authority, GREEN),
         ("λ·L_PET", |s| s.pet_term, MAGENTA),
     ];
-    let top = log.iter().flat_map(|s| series.iter().map(move |(_, f, _)| f(s))).filter(|v| v.is_finite()).fold(0.0, f64::max).max(1e-6) * 1.05;
+    let top = log
+        .iter()
+        .flat_map(|s| series.iter().map(move |(_, f, _)| f(s)))
+        .filter(|v| v.is_finite())
+        .fold(0.0, f64::max)
+        .max(1e-6)
+        * 1.05;
     let pet_top = log.iter().map(|s| s.pet).fold(0.0, f64::max).max(1e-9) * 1.05;
     render(path, |root| {
         let mut chart = ChartBuilder::on(root)
@@ -131,19 +189,44 @@ pub fn loss_plot(log: &[StepLog], path: &Path) -> Result<()> {
             .right_y_label_area_size(70)
             .build_cartesian_2d(1f64..last.max(2.0), 0f64..top)?
             .set_secondary_coord(1f64..last.max(2.0), 0f64..pet_top);
-        chart.configure_mesh().x_desc("step").y_desc("loss").label_style(("sans-serif", 16)).draw()?;
-        chart.configure_secondary_axes().y_desc("L_PET (dashed)").label_style(("sans-serif", 16)).draw()?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("loss")
+            .label_style(("sans-serif", 16))
+            .draw()?;
+        chart
+            .configure_secondary_axes()
+            .y_desc("L_PET (dashed)")
+            .label_style(("sans-serif", 16))
+            .draw()?;
         for (name, f, color) in series {
             chart
-                .draw_series(LineSeries::new(log.iter().map(|s| (s.step as f64, f(s))), color.stroke_width(2)))?
+                .draw_series(LineSeries::new(
+                    log.iter().map(|s| (s.step as f64, f(s))),
+                    color.stroke_width(2),
+                ))?
                 .label(name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
         }
         chart
-            .draw_secondary_series(DashedLineSeries::new(log.iter().map(|s| (s.step as f64, s.pet)), 6, 4, MAGENTA.stroke_width(2)))?
+            .draw_secondary_series(DashedLineSeries::new(
+                log.iter().map(|s| (s.step as f64, s.pet)),
+                6,
+                4,
+                MAGENTA.stroke_width(2),
+            ))?
             .label("L_PET (right axis)")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], MAGENTA.stroke_width(1)));
-        chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).label_font(("sans-serif", 16)).border_style(BLACK).background_style(WHITE.mix(0.9)).draw()?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font(("sans-serif", 16))
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.9))
+            .draw()?;
         Ok(())
     })
 }
@@ -153,7 +236,9 @@ pub fn read_log(path: &Path) -> Result<Vec<StepLog>> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| Error::format(path, format!("line {}: {e}", i + 1))))
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| Error::format(path, format!("line {}: {e}", i + 1)))
+        })
         .collect()
 }
 
@@ -162,7 +247,11 @@ fn pct(v: f64) -> String {
 }
 
 fn one_line(s: &str) -> String {
-    let s: String = s.split_whitespace().collect::<Vec<_>>().join(" ").replace('|', "\\|");
+    let s: String = s
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace('|', "\\|");
     if s.chars().count() > 110 {
         format!("{}…", s.chars().take(110).collect::<String>())
     } else {
@@ -173,9 +262,18 @@ fn one_line(s: &str) -> String {
 pub fn markdown(report: &EvalReport, train_log: Option<&[StepLog]>, notes: &str) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# SO8T evaluation\n");
-    let _ = writeln!(md, "- model: `{}`{}", report.model, if report.baked { " (baked)" } else { "" });
+    let _ = writeln!(
+        md,
+        "- model: `{}`{}",
+        report.model,
+        if report.baked { " (baked)" } else { "" }
+    );
     let _ = writeln!(md, "- data: `{}` ({} rows)", report.data, report.rows);
-    let _ = writeln!(md, "- heads trained: {}; time: {:.1} s\n", report.heads_trained, report.seconds);
+    let _ = writeln!(
+        md,
+        "- heads trained: {}; time: {:.1} s\n",
+        report.heads_trained, report.seconds
+    );
     if !notes.is_empty() {
         let _ = writeln!(md, "{notes}\n");
     }
@@ -189,17 +287,47 @@ pub fn markdown(report: &EvalReport, train_log: Option<&[StepLog]>, notes: &str)
             h.head, h.labels[1], m.n, m.positives, m.threshold, pct(m.accuracy), pct(m.precision), pct(m.recall), m.f1, pct(m.fpr), m.auroc, m.tp, m.fp, m.tn, m.fn_
         );
     }
-    let _ = writeln!(md, "\nPolicy decisions on the prompts: {}\n", report.decisions.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));
+    let _ = writeln!(
+        md,
+        "\nPolicy decisions on the prompts: {}\n",
+        report
+            .decisions
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let _ = writeln!(md, "![ROC](roc.png)\n");
     for h in &report.heads {
         let _ = writeln!(md, "## {} head\n", h.head);
         let _ = writeln!(md, "![scores](scores-{}.png)\n", h.head);
-        let _ = writeln!(md, "| source | rows | `{}` rows | flagged `{}` | accuracy |", h.labels[1], h.labels[1]);
+        let _ = writeln!(
+            md,
+            "| source | rows | `{}` rows | flagged `{}` | accuracy |",
+            h.labels[1], h.labels[1]
+        );
         let _ = writeln!(md, "|---|---|---|---|---|");
         for s in &h.by_source {
-            let _ = writeln!(md, "| {} | {} | {} | {} | {} |", s.source, s.rows, s.positives, pct(s.flagged), pct(s.accuracy));
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} |",
+                s.source,
+                s.rows,
+                s.positives,
+                pct(s.flagged),
+                pct(s.accuracy)
+            );
         }
-        for (title, list) in [("missed `".to_string() + &h.labels[1] + "` rows, lowest scores first", &h.worst_false_negatives), ("wrongly flagged `".to_string() + &h.labels[0] + "` rows, highest scores first", &h.worst_false_positives)] {
+        for (title, list) in [
+            (
+                "missed `".to_string() + &h.labels[1] + "` rows, lowest scores first",
+                &h.worst_false_negatives,
+            ),
+            (
+                "wrongly flagged `".to_string() + &h.labels[0] + "` rows, highest scores first",
+                &h.worst_false_positives,
+            ),
+        ] {
             let _ = writeln!(md, "\nWorst errors: {title}\n");
             if list.is_empty() {
                 let _ = writeln!(md, "(none)");
@@ -208,7 +336,15 @@ pub fn markdown(report: &EvalReport, train_log: Option<&[StepLog]>, notes: &str)
             let _ = writeln!(md, "| line | p | source / category | prompt |");
             let _ = writeln!(md, "|---|---|---|---|");
             for e in list {
-                let _ = writeln!(md, "| {} | {:.3} | {} / {} | {} |", e.line, e.p, e.source.as_deref().unwrap_or("-"), e.category.as_deref().unwrap_or("-"), one_line(&e.prompt));
+                let _ = writeln!(
+                    md,
+                    "| {} | {:.3} | {} / {} | {} |",
+                    e.line,
+                    e.p,
+                    e.source.as_deref().unwrap_or("-"),
+                    e.category.as_deref().unwrap_or("-"),
+                    one_line(&e.prompt)
+                );
             }
         }
         let _ = writeln!(md);
@@ -217,7 +353,11 @@ pub fn markdown(report: &EvalReport, train_log: Option<&[StepLog]>, notes: &str)
         let first = &log[0];
         let last = &log[log.len() - 1];
         let _ = writeln!(md, "## Training run\n\n![loss](loss.png)\n");
-        let _ = writeln!(md, "| | step {} | step {} |\n|---|---|---|", first.step, last.step);
+        let _ = writeln!(
+            md,
+            "| | step {} | step {} |\n|---|---|---|",
+            first.step, last.step
+        );
         for (name, a, b) in [
             ("total loss", first.loss, last.loss),
             ("L_LM", first.lm, last.lm),
@@ -235,7 +375,12 @@ pub fn markdown(report: &EvalReport, train_log: Option<&[StepLog]>, notes: &str)
 }
 
 /// Writes `report.md`, `report.json` and the plots into `dir`.
-pub fn write(report: &EvalReport, train_log: Option<&[StepLog]>, notes: &str, dir: &Path) -> Result<()> {
+pub fn write(
+    report: &EvalReport,
+    train_log: Option<&[StepLog]>,
+    notes: &str,
+    dir: &Path,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     roc_plot(report, &dir.join("roc.png"))?;
     for h in &report.heads {
@@ -244,6 +389,12 @@ pub fn write(report: &EvalReport, train_log: Option<&[StepLog]>, notes: &str, di
     if let Some(log) = train_log {
         loss_plot(log, &dir.join("loss.png"))?;
     }
-    crate::staging::write_bytes(&dir.join("report.json"), serde_json::to_string_pretty(report).unwrap().as_bytes())?;
-    crate::staging::write_bytes(&dir.join("report.md"), markdown(report, train_log, notes).as_bytes())
+    crate::staging::write_bytes(
+        &dir.join("report.json"),
+        serde_json::to_string_pretty(report).unwrap().as_bytes(),
+    )?;
+    crate::staging::write_bytes(
+        &dir.join("report.md"),
+        markdown(report, train_log, notes).as_bytes(),
+    )
 }

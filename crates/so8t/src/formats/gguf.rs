@@ -27,9 +27,20 @@ impl GgufFile {
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         // candle's reader bounds every count and length by the bytes left in the file
         // before allocating for it.
-        let content = Content::read(&mut Cursor::new(&mmap[..]))
-            .map_err(|e| Error::format(path, format!("not a valid GGUF file: {}", crate::error::candle_message(&e))))?;
-        let g = GgufFile { path: path.to_path_buf(), mmap, content };
+        let content = Content::read(&mut Cursor::new(&mmap[..])).map_err(|e| {
+            Error::format(
+                path,
+                format!(
+                    "not a valid GGUF file: {}",
+                    crate::error::candle_message(&e)
+                ),
+            )
+        })?;
+        let g = GgufFile {
+            path: path.to_path_buf(),
+            mmap,
+            content,
+        };
         g.check_tensor_bounds()?;
         Ok(g)
     }
@@ -61,8 +72,15 @@ impl GgufFile {
     }
 
     pub fn usize(&self, key: &str) -> Result<usize> {
-        let v = self.get(key).ok_or_else(|| Error::format(&self.path, format!("missing metadata key `{key}`")))?;
-        value_usize(v).ok_or_else(|| Error::format(&self.path, format!("metadata `{key}` must be a non-negative integer")))
+        let v = self
+            .get(key)
+            .ok_or_else(|| Error::format(&self.path, format!("missing metadata key `{key}`")))?;
+        value_usize(v).ok_or_else(|| {
+            Error::format(
+                &self.path,
+                format!("metadata `{key}` must be a non-negative integer"),
+            )
+        })
     }
 
     pub fn opt_usize(&self, key: &str) -> Option<usize> {
@@ -92,7 +110,12 @@ impl GgufFile {
     }
 
     pub fn str_array(&self, key: &str) -> Result<Vec<&str>> {
-        let bad = || Error::format(&self.path, format!("metadata `{key}` must be an array of strings"));
+        let bad = || {
+            Error::format(
+                &self.path,
+                format!("metadata `{key}` must be an array of strings"),
+            )
+        };
         match self.get(key) {
             Some(Value::Array(items)) => items
                 .iter()
@@ -102,30 +125,50 @@ impl GgufFile {
                 })
                 .collect(),
             Some(_) => Err(bad()),
-            None => Err(Error::format(&self.path, format!("missing metadata key `{key}`"))),
+            None => Err(Error::format(
+                &self.path,
+                format!("missing metadata key `{key}`"),
+            )),
         }
     }
 
     pub fn f32_array(&self, key: &str) -> Option<Vec<f32>> {
         match self.get(key)? {
-            Value::Array(items) => items.iter().map(|v| if let Value::F32(x) = v { Some(*x) } else { None }).collect(),
+            Value::Array(items) => items
+                .iter()
+                .map(|v| {
+                    if let Value::F32(x) = v {
+                        Some(*x)
+                    } else {
+                        None
+                    }
+                })
+                .collect(),
             _ => None,
         }
     }
 
     pub fn i32_array(&self, key: &str) -> Option<Vec<i32>> {
         match self.get(key)? {
-            Value::Array(items) => items.iter().map(|v| value_usize(v).map(|x| x as i32)).collect(),
+            Value::Array(items) => items
+                .iter()
+                .map(|v| value_usize(v).map(|x| x as i32))
+                .collect(),
             _ => None,
         }
     }
 
     pub fn architecture(&self) -> Result<Arch> {
-        let name = self
-            .opt_str("general.architecture")
-            .ok_or_else(|| Error::format(&self.path, "missing metadata key `general.architecture`"))?;
+        let name = self.opt_str("general.architecture").ok_or_else(|| {
+            Error::format(&self.path, "missing metadata key `general.architecture`")
+        })?;
         Arch::parse(name).ok_or_else(|| {
-            Error::format(&self.path, format!("unsupported general.architecture `{name}` (expected llama, qwen2 or qwen3)"))
+            Error::format(
+                &self.path,
+                format!(
+                    "unsupported general.architecture `{name}` (expected llama, qwen2 or qwen3)"
+                ),
+            )
         })
     }
 
@@ -136,7 +179,12 @@ impl GgufFile {
     pub fn qtensor(&self, name: &str) -> Result<QTensor> {
         self.content
             .tensor(&mut Cursor::new(&self.mmap[..]), name, &Device::Cpu)
-            .map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {}", crate::error::candle_message(&e))))
+            .map_err(|e| {
+                Error::format(
+                    &self.path,
+                    format!("tensor `{name}`: {}", crate::error::candle_message(&e)),
+                )
+            })
     }
 
     pub fn config(&self) -> Result<ModelConfig> {
@@ -145,21 +193,32 @@ impl GgufFile {
         let hidden = self.usize(&format!("{a}.embedding_length"))?;
         let heads = self.usize(&format!("{a}.attention.head_count"))?;
         if heads == 0 {
-            return Err(Error::format(&self.path, format!("metadata `{a}.attention.head_count` must be positive")));
+            return Err(Error::format(
+                &self.path,
+                format!("metadata `{a}.attention.head_count` must be positive"),
+            ));
         }
         let embd = self
             .tensor_shape("token_embd.weight")
             .ok_or_else(|| Error::format(&self.path, "missing tensor `token_embd.weight`"))?;
         let vocab = embd[0];
-        let head_dim = self.opt_usize(&format!("{a}.attention.key_length")).unwrap_or(hidden / heads);
+        let head_dim = self
+            .opt_usize(&format!("{a}.attention.key_length"))
+            .unwrap_or(hidden / heads);
         let rope_scaling = if self.content.tensor_infos.contains_key("rope_freqs.weight") {
-            let t = self.qtensor("rope_freqs.weight")?.dequantize(&Device::Cpu)?;
+            let t = self
+                .qtensor("rope_freqs.weight")?
+                .dequantize(&Device::Cpu)?;
             RopeScaling::Divisors(t.flatten_all()?.to_vec1::<f32>()?)
         } else {
             RopeScaling::None
         };
         let mut eos = Vec::new();
-        for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+        for key in [
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id",
+        ] {
             if let Some(id) = self.opt_usize(key) {
                 if !eos.contains(&(id as u32)) {
                     eos.push(id as u32);
@@ -173,16 +232,29 @@ impl GgufFile {
             intermediate_size: self.usize(&format!("{a}.feed_forward_length"))?,
             num_layers: self.usize(&format!("{a}.block_count"))?,
             num_heads: heads,
-            num_kv_heads: self.opt_usize(&format!("{a}.attention.head_count_kv")).unwrap_or(heads),
+            num_kv_heads: self
+                .opt_usize(&format!("{a}.attention.head_count_kv"))
+                .unwrap_or(heads),
             head_dim,
-            rms_norm_eps: self.opt_f64(&format!("{a}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-6),
-            rope_theta: self.opt_f64(&format!("{a}.rope.freq_base")).unwrap_or(10_000.0) as f32,
+            rms_norm_eps: self
+                .opt_f64(&format!("{a}.attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-6),
+            rope_theta: self
+                .opt_f64(&format!("{a}.rope.freq_base"))
+                .unwrap_or(10_000.0) as f32,
             rope_scaling,
-            max_position_embeddings: self.opt_usize(&format!("{a}.context_length")).unwrap_or(4096),
+            max_position_embeddings: self
+                .opt_usize(&format!("{a}.context_length"))
+                .unwrap_or(4096),
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             qkv_bias: self.content.tensor_infos.contains_key("blk.0.attn_q.bias"),
-            qk_norm: self.content.tensor_infos.contains_key("blk.0.attn_q_norm.weight"),
-            bos_token_id: self.opt_usize("tokenizer.ggml.bos_token_id").map(|v| v as u32),
+            qk_norm: self
+                .content
+                .tensor_infos
+                .contains_key("blk.0.attn_q_norm.weight"),
+            bos_token_id: self
+                .opt_usize("tokenizer.ggml.bos_token_id")
+                .map(|v| v as u32),
             eos_token_ids: eos,
         };
         cfg.validate(&self.path)?;
@@ -241,7 +313,12 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 fn unpermute_rows(q: QTensor, n_head: usize, path: &Path, name: &str) -> Result<QTensor> {
     let (rows, _) = q.shape().dims2()?;
     if n_head == 0 || rows % n_head != 0 || (rows / n_head) % 2 != 0 {
-        return Err(Error::format(path, format!("tensor `{name}`: {rows} rows cannot be split into {n_head} heads of even size")));
+        return Err(Error::format(
+            path,
+            format!(
+                "tensor `{name}`: {rows} rows cannot be split into {n_head} heads of even size"
+            ),
+        ));
     }
     let data = q.data()?;
     let row_bytes = data.len() / rows;
@@ -270,13 +347,22 @@ pub struct GgufStore {
 
 impl GgufStore {
     pub fn new(file: Arc<GgufFile>, config: &ModelConfig) -> GgufStore {
-        GgufStore { file, arch: config.arch, n_head: config.num_heads, n_kv_head: config.num_kv_heads }
+        GgufStore {
+            file,
+            arch: config.arch,
+            n_head: config.num_heads,
+            n_kv_head: config.num_kv_heads,
+        }
     }
 
     fn resolve(&self, hf: &str) -> Result<String> {
-        let name = gguf_name(hf).ok_or_else(|| Error::Invalid(format!("no GGUF name for tensor `{hf}`")))?;
+        let name = gguf_name(hf)
+            .ok_or_else(|| Error::Invalid(format!("no GGUF name for tensor `{hf}`")))?;
         if !self.file.content.tensor_infos.contains_key(&name) {
-            return Err(Error::format(&self.file.path, format!("missing tensor `{name}`")));
+            return Err(Error::format(
+                &self.file.path,
+                format!("missing tensor `{name}`"),
+            ));
         }
         Ok(name)
     }
@@ -310,7 +396,9 @@ impl WeightStore for GgufStore {
     }
 
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
-        Ok(Matrix::from_qtensor(Arc::new(self.load(name, &[rows, cols])?))?)
+        Ok(Matrix::from_qtensor(Arc::new(
+            self.load(name, &[rows, cols])?,
+        ))?)
     }
 
     fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
@@ -340,9 +428,16 @@ impl WeightStore for GgufStore {
     }
 
     fn size(&self) -> (usize, u64) {
-        self.file.content.tensor_infos.values().fold((0, 0), |(p, b), i| {
-            let n = i.shape.elem_count();
-            (p + n, b + (n / i.ggml_dtype.block_size() * i.ggml_dtype.type_size()) as u64)
-        })
+        self.file
+            .content
+            .tensor_infos
+            .values()
+            .fold((0, 0), |(p, b), i| {
+                let n = i.shape.elem_count();
+                (
+                    p + n,
+                    b + (n / i.ggml_dtype.block_size() * i.ggml_dtype.type_size()) as u64,
+                )
+            })
     }
 }

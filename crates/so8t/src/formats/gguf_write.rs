@@ -140,7 +140,10 @@ pub fn write(
 ) -> Result<String> {
     crate::staging::write_file(path, |tmp| {
         let file = std::fs::File::create(tmp).map_err(|e| Error::io(path, e))?;
-        let mut w = Hashing { inner: BufWriter::with_capacity(1 << 20, file), hash: Sha256::new() };
+        let mut w = Hashing {
+            inner: BufWriter::with_capacity(1 << 20, file),
+            hash: Sha256::new(),
+        };
         let io = |e| Error::io(path, e);
         let mut head = Vec::new();
         head.extend_from_slice(&0x4655_4747u32.to_le_bytes());
@@ -167,17 +170,24 @@ pub fn write(
         // Tensor i is written and hashed on a second thread while tensor i+1 is produced.
         let w = std::thread::scope(|scope| -> Result<Hashing<BufWriter<std::fs::File>>> {
             let (send, recv) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
-            let writer = scope.spawn(move || -> std::io::Result<Hashing<BufWriter<std::fs::File>>> {
-                for bytes in recv {
-                    w.write_all(&bytes)?;
-                    pad(&mut w, bytes.len() as u64)?;
-                }
-                Ok(w)
-            });
+            let writer = scope.spawn(
+                move || -> std::io::Result<Hashing<BufWriter<std::fs::File>>> {
+                    for bytes in recv {
+                        w.write_all(&bytes)?;
+                        pad(&mut w, bytes.len() as u64)?;
+                    }
+                    Ok(w)
+                },
+            );
             for (i, t) in tensors.iter().enumerate() {
                 let bytes = produce(i)?;
                 if bytes.len() as u64 != t.nbytes() {
-                    return Err(Error::Invalid(format!("tensor `{}`: produced {} bytes, planned {}", t.name, bytes.len(), t.nbytes())));
+                    return Err(Error::Invalid(format!(
+                        "tensor `{}`: produced {} bytes, planned {}",
+                        t.name,
+                        bytes.len(),
+                        t.nbytes()
+                    )));
                 }
                 let n = bytes.len() as u64;
                 if send.send(bytes).is_err() {
@@ -186,10 +196,16 @@ pub fn write(
                 progress(i, n);
             }
             drop(send);
-            writer.join().map_err(|_| Error::Invalid("GGUF writer thread panicked".into()))?.map_err(io)
+            writer
+                .join()
+                .map_err(|_| Error::Invalid("GGUF writer thread panicked".into()))?
+                .map_err(io)
         })?;
         let sha = format!("{:x}", w.hash.finalize());
-        let file = w.inner.into_inner().map_err(|e| Error::io(path, e.into_error()))?;
+        let file = w
+            .inner
+            .into_inner()
+            .map_err(|e| Error::io(path, e.into_error()))?;
         file.sync_all().map_err(io)?;
         Ok(sha)
     })

@@ -31,7 +31,8 @@ impl Matrix {
         match ty {
             Some(ty) => {
                 let (rows, cols) = q.shape().dims2()?;
-                let m = QMatrix::new(ty, rows, cols, q.data()?.into_owned()).map_err(candle_core::Error::wrap)?;
+                let m = QMatrix::new(ty, rows, cols, q.data()?.into_owned())
+                    .map_err(candle_core::Error::wrap)?;
                 Ok(Matrix::Quant(Arc::new(m)))
             }
             None => Ok(match QMatMul::from_arc(q)? {
@@ -49,10 +50,16 @@ impl Matrix {
                 let mut dims = x.dims().to_vec();
                 let cols = dims.pop().unwrap_or(0);
                 if cols != m.cols() {
-                    candle_core::bail!("matmul: activations have {cols} features, the matrix {}", m.cols())
+                    candle_core::bail!(
+                        "matmul: activations have {cols} features, the matrix {}",
+                        m.cols()
+                    )
                 }
                 let n = x.elem_count() / cols.max(1);
-                let xs = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let xs = x
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
                 let mut out = vec![0f32; n * m.rows()];
                 m.matmul(&xs, n, &mut out);
                 dims.push(m.rows());
@@ -132,14 +139,32 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         "frozen-matmul"
     }
 
-    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("frozen-matmul: input must be contiguous".into()))?;
-        let x = Tensor::from_slice(&storage.as_slice::<f32>()?[start..end], layout.shape(), &Device::Cpu)?;
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("frozen-matmul: input must be contiguous".into())
+        })?;
+        let x = Tensor::from_slice(
+            &storage.as_slice::<f32>()?[start..end],
+            layout.shape(),
+            &Device::Cpu,
+        )?;
         let y = self.0.forward(&x)?;
-        Ok((candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), y.shape().clone()))
+        Ok((
+            candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
+            y.shape().clone(),
+        ))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         match &self.0 {
             Matrix::Dense(w) => Ok(Some(grad.broadcast_matmul(w)?)),
             _ => candle_core::bail!("training through quantised weights is not supported: convert the model to an f32/bf16 SO8T directory"),
@@ -175,5 +200,8 @@ pub trait WeightStore: Send + Sync {
 }
 
 pub(crate) fn shape_error(path: &Path, name: &str, want: &[usize], got: &[usize]) -> Error {
-    Error::format(path, format!("tensor `{name}` has shape {got:?}, expected {want:?}"))
+    Error::format(
+        path,
+        format!("tensor `{name}` has shape {got:?}, expected {want:?}"),
+    )
 }

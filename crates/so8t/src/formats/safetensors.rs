@@ -45,17 +45,27 @@ impl SafetensorsStore {
             shards.dedup();
             for s in &shards {
                 if s.contains('/') || s.contains("..") {
-                    return Err(Error::format(&index, format!("shard name `{s}` is not a plain file name")));
+                    return Err(Error::format(
+                        &index,
+                        format!("shard name `{s}` is not a plain file name"),
+                    ));
                 }
             }
             shards.into_iter().map(|s| dir.join(s)).collect()
         } else {
-            return Err(Error::format(dir, "no model.safetensors or model.safetensors.index.json"));
+            return Err(Error::format(
+                dir,
+                "no model.safetensors or model.safetensors.index.json",
+            ));
         };
         Self::open_files(dir, names, fp8_block)
     }
 
-    pub fn open_files(dir: &Path, names: Vec<PathBuf>, fp8_block: Option<(usize, usize)>) -> Result<Self> {
+    pub fn open_files(
+        dir: &Path,
+        names: Vec<PathBuf>,
+        fp8_block: Option<(usize, usize)>,
+    ) -> Result<Self> {
         let mut files = Vec::new();
         let mut entries = HashMap::new();
         for (i, path) in names.into_iter().enumerate() {
@@ -72,18 +82,32 @@ impl SafetensorsStore {
                 let start = data.as_ptr() as usize - mmap.as_ptr() as usize;
                 entries.insert(
                     name,
-                    Entry { file: i, dtype: view.dtype(), shape: view.shape().to_vec(), start, end: start + data.len() },
+                    Entry {
+                        file: i,
+                        dtype: view.dtype(),
+                        shape: view.shape().to_vec(),
+                        start,
+                        end: start + data.len(),
+                    },
                 );
             }
             files.push((path, mmap));
         }
-        Ok(SafetensorsStore { dir: dir.to_path_buf(), files, entries, fp8_block })
+        Ok(SafetensorsStore {
+            dir: dir.to_path_buf(),
+            files,
+            entries,
+            fp8_block,
+        })
     }
 
     fn entry(&self, name: &str) -> Result<&Entry> {
-        self.entries
-            .get(name)
-            .ok_or_else(|| Error::format(&self.dir, format!("tensor `{name}` not found in the safetensors files")))
+        self.entries.get(name).ok_or_else(|| {
+            Error::format(
+                &self.dir,
+                format!("tensor `{name}` not found in the safetensors files"),
+            )
+        })
     }
 
     fn file_of(&self, e: &Entry) -> &Path {
@@ -96,15 +120,21 @@ impl SafetensorsStore {
         let e = self.entry(name)?;
         let path = self.file_of(e);
         let bytes = &self.files[e.file].1[e.start..e.end];
-        let t = match e.dtype {
-            Dtype::F32 => Tensor::from_raw_buffer(bytes, DType::F32, &e.shape, &Device::Cpu)?,
-            Dtype::F16 => Tensor::from_raw_buffer(bytes, DType::F16, &e.shape, &Device::Cpu)?.to_dtype(DType::F32)?,
-            Dtype::BF16 => Tensor::from_raw_buffer(bytes, DType::BF16, &e.shape, &Device::Cpu)?.to_dtype(DType::F32)?,
-            Dtype::F8_E4M3 => return self.load_fp8(name, e, bytes),
-            other => {
-                return Err(Error::format(path, format!("tensor `{name}` has dtype {other:?}; expected F32, F16, BF16 or F8_E4M3")))
-            }
-        };
+        let t =
+            match e.dtype {
+                Dtype::F32 => Tensor::from_raw_buffer(bytes, DType::F32, &e.shape, &Device::Cpu)?,
+                Dtype::F16 => Tensor::from_raw_buffer(bytes, DType::F16, &e.shape, &Device::Cpu)?
+                    .to_dtype(DType::F32)?,
+                Dtype::BF16 => Tensor::from_raw_buffer(bytes, DType::BF16, &e.shape, &Device::Cpu)?
+                    .to_dtype(DType::F32)?,
+                Dtype::F8_E4M3 => return self.load_fp8(name, e, bytes),
+                other => return Err(Error::format(
+                    path,
+                    format!(
+                        "tensor `{name}` has dtype {other:?}; expected F32, F16, BF16 or F8_E4M3"
+                    ),
+                )),
+            };
         Ok(t)
     }
 
@@ -112,7 +142,12 @@ impl SafetensorsStore {
         let path = self.file_of(e);
         let (rows, cols) = match e.shape[..] {
             [r, c] => (r, c),
-            _ => return Err(Error::format(path, format!("FP8 tensor `{name}` must be 2-D, has shape {:?}", e.shape))),
+            _ => {
+                return Err(Error::format(
+                    path,
+                    format!("FP8 tensor `{name}` must be 2-D, has shape {:?}", e.shape),
+                ))
+            }
         };
         let (br, bc) = self.fp8_block.ok_or_else(|| {
             Error::format(path, format!("tensor `{name}` is FP8 but config.json has no quantization_config.weight_block_size"))
@@ -121,14 +156,24 @@ impl SafetensorsStore {
         let scale = self.load_f32(&scale_name)?;
         let want = [rows.div_ceil(br), cols.div_ceil(bc)];
         if scale.dims() != want {
-            return Err(shape_error(self.file_of(self.entry(&scale_name)?), &scale_name, &want, scale.dims()));
+            return Err(shape_error(
+                self.file_of(self.entry(&scale_name)?),
+                &scale_name,
+                &want,
+                scale.dims(),
+            ));
         }
         let scale = scale.flatten_all()?.to_vec1::<f32>()?;
         let lut = fp8_e4m3_table();
         let mut out = Vec::with_capacity(rows * cols);
         for i in 0..rows {
             let srow = &scale[(i / br) * want[1]..(i / br + 1) * want[1]];
-            out.extend(bytes[i * cols..(i + 1) * cols].iter().enumerate().map(|(j, &b)| lut[b as usize] * srow[j / bc]));
+            out.extend(
+                bytes[i * cols..(i + 1) * cols]
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &b)| lut[b as usize] * srow[j / bc]),
+            );
         }
         Ok(Tensor::from_vec(out, (rows, cols), &Device::Cpu)?)
     }
@@ -156,11 +201,13 @@ impl SafetensorsStore {
 fn convert_into<const W: usize>(out: &mut [f32], bytes: &[u8], f: impl Fn([u8; W]) -> f32 + Sync) {
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 16;
-    out.par_chunks_mut(CHUNK).zip(bytes.par_chunks(CHUNK * W)).for_each(|(o, b)| {
-        for (v, x) in o.iter_mut().zip(b.chunks_exact(W)) {
-            *v = f(x.try_into().expect("chunk of W bytes"));
-        }
-    });
+    out.par_chunks_mut(CHUNK)
+        .zip(bytes.par_chunks(CHUNK * W))
+        .for_each(|(o, b)| {
+            for (v, x) in o.iter_mut().zip(b.chunks_exact(W)) {
+                *v = f(x.try_into().expect("chunk of W bytes"));
+            }
+        });
 }
 
 /// All 256 e4m3fn values (1 sign, 4 exponent bits with bias 7, 3 mantissa bits, no
@@ -222,13 +269,24 @@ impl WeightStore for SafetensorsStore {
         };
         let n: usize = shape.iter().product();
         if bytes.len() != n * width {
-            return Err(Error::format(self.file_of(e), format!("tensor `{name}` holds {} bytes, expected {}", bytes.len(), n * width)));
+            return Err(Error::format(
+                self.file_of(e),
+                format!(
+                    "tensor `{name}` holds {} bytes, expected {}",
+                    bytes.len(),
+                    n * width
+                ),
+            ));
         }
         let mut out = vec![0f32; n];
         match e.dtype {
             Dtype::F32 => convert_into(&mut out, bytes, |b: [u8; 4]| f32::from_le_bytes(b)),
-            Dtype::F16 => convert_into(&mut out, bytes, |b: [u8; 2]| half::f16::from_le_bytes(b).to_f32()),
-            _ => convert_into(&mut out, bytes, |b: [u8; 2]| half::bf16::from_le_bytes(b).to_f32()),
+            Dtype::F16 => convert_into(&mut out, bytes, |b: [u8; 2]| {
+                half::f16::from_le_bytes(b).to_f32()
+            }),
+            _ => convert_into(&mut out, bytes, |b: [u8; 2]| {
+                half::bf16::from_le_bytes(b).to_f32()
+            }),
         }
         Ok(out)
     }
@@ -248,6 +306,11 @@ impl WeightStore for SafetensorsStore {
     }
 
     fn size(&self) -> (usize, u64) {
-        self.entries.values().fold((0, 0), |(p, b), e| (p + e.shape.iter().product::<usize>(), b + (e.end - e.start) as u64))
+        self.entries.values().fold((0, 0), |(p, b), e| {
+            (
+                p + e.shape.iter().product::<usize>(),
+                b + (e.end - e.start) as u64,
+            )
+        })
     }
 }

@@ -9,7 +9,9 @@ use crate::formats::{matmul, matmul_frozen, Embedding, Matrix, WeightStore};
 use candle_core::{DType, Device, Tensor};
 
 /// The places in a layer where a gate can multiply a vector (spec §4).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Site {
     Q,
@@ -80,9 +82,19 @@ struct Projection {
 }
 
 impl Projection {
-    fn load(ws: &dyn WeightStore, prefix: &str, rows: usize, cols: usize, bias: bool) -> Result<Self> {
+    fn load(
+        ws: &dyn WeightStore,
+        prefix: &str,
+        rows: usize,
+        cols: usize,
+        bias: bool,
+    ) -> Result<Self> {
         let w = ws.matrix(&format!("{prefix}.weight"), rows, cols)?;
-        let b = if bias { Some(ws.vector(&format!("{prefix}.bias"), rows)?) } else { None };
+        let b = if bias {
+            Some(ws.vector(&format!("{prefix}.bias"), rows)?)
+        } else {
+            None
+        };
         Ok(Projection { w, b })
     }
 
@@ -143,12 +155,32 @@ impl Decoder {
                 k: Projection::load(ws, &format!("{a}.k_proj"), nkv * hd, h, cfg.qkv_bias)?,
                 v: Projection::load(ws, &format!("{a}.v_proj"), nkv * hd, h, cfg.qkv_bias)?,
                 o: Projection::load(ws, &format!("{a}.o_proj"), h, nh * hd, false)?,
-                q_norm: if cfg.qk_norm { Some(ws.vector(&format!("{a}.q_norm.weight"), hd)?) } else { None },
-                k_norm: if cfg.qk_norm { Some(ws.vector(&format!("{a}.k_norm.weight"), hd)?) } else { None },
+                q_norm: if cfg.qk_norm {
+                    Some(ws.vector(&format!("{a}.q_norm.weight"), hd)?)
+                } else {
+                    None
+                },
+                k_norm: if cfg.qk_norm {
+                    Some(ws.vector(&format!("{a}.k_norm.weight"), hd)?)
+                } else {
+                    None
+                },
                 ffn_norm: ws.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                gate: Projection::load(ws, &format!("{m}.gate_proj"), cfg.intermediate_size, h, false)?,
+                gate: Projection::load(
+                    ws,
+                    &format!("{m}.gate_proj"),
+                    cfg.intermediate_size,
+                    h,
+                    false,
+                )?,
                 up: Projection::load(ws, &format!("{m}.up_proj"), cfg.intermediate_size, h, false)?,
-                down: Projection::load(ws, &format!("{m}.down_proj"), h, cfg.intermediate_size, false)?,
+                down: Projection::load(
+                    ws,
+                    &format!("{m}.down_proj"),
+                    h,
+                    cfg.intermediate_size,
+                    false,
+                )?,
             });
         }
         let norm = ws.vector("model.norm.weight", h)?;
@@ -213,7 +245,9 @@ impl Decoder {
 
     /// Tokens already in the KV cache.
     pub fn cached_len(&self) -> usize {
-        self.cache.0[0].as_ref().map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+        self.cache.0[0]
+            .as_ref()
+            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
     }
 
     /// Drops cached positions from `len` on (e.g. to reuse a shared prompt prefix).
@@ -231,8 +265,11 @@ impl Decoder {
     }
 
     fn rope_tables(&self, pos: usize, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
-        let positions = Tensor::arange(pos as u32, (pos + len) as u32, &Device::Cpu)?.to_dtype(DType::F32)?;
-        let freqs = positions.unsqueeze(1)?.broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
+        let positions =
+            Tensor::arange(pos as u32, (pos + len) as u32, &Device::Cpu)?.to_dtype(DType::F32)?;
+        let freqs = positions
+            .unsqueeze(1)?
+            .broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
         Ok((freqs.cos()?, freqs.sin()?))
     }
 
@@ -243,7 +280,11 @@ impl Decoder {
         let ids_t = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
         let mut x = self.embed.forward(&ids_t)?;
         let (cos, sin) = self.rope_tables(pos, s)?;
-        let mask = if s > 1 { Some(causal_mask(s, pos)?) } else { None };
+        let mask = if s > 1 {
+            Some(causal_mask(s, pos)?)
+        } else {
+            None
+        };
         for l in 0..self.layers.len() {
             let r = x.clone();
             let h = self.rms_norm(&x, &self.layers[l].attn_norm)?;
@@ -298,7 +339,9 @@ impl Decoder {
             if rep == 1 {
                 return Ok(t.clone());
             }
-            t.unsqueeze(2)?.broadcast_as((b, nkv, rep, total, hd))?.reshape((b, nh, total, hd))
+            t.unsqueeze(2)?
+                .broadcast_as((b, nkv, rep, total, hd))?
+                .reshape((b, nh, total, hd))
         };
         let (k, v) = (expand(&k)?, expand(&v)?);
         let scale = 1.0 / (hd as f64).sqrt();
@@ -337,4 +380,3 @@ fn causal_mask(s: usize, pos: usize) -> candle_core::Result<Tensor> {
         .collect();
     Tensor::from_vec(data, (s, total), &Device::Cpu)
 }
-

@@ -22,7 +22,10 @@ impl BlockRotation {
         if a != BLOCK || b != BLOCK {
             candle_core::bail!("block rotation must be [units, 8, 8], got {:?}", r.dims())
         }
-        Ok(BlockRotation { rt: r.transpose(1, 2)?.contiguous()?, units })
+        Ok(BlockRotation {
+            rt: r.transpose(1, 2)?.contiguous()?,
+            units,
+        })
     }
 
     pub fn units(&self) -> usize {
@@ -39,10 +42,16 @@ impl BlockRotation {
         let dims = x.dims().to_vec();
         let width = *dims.last().unwrap_or(&0);
         if width != self.units * BLOCK {
-            candle_core::bail!("rotation over {} blocks applied to width {width}", self.units)
+            candle_core::bail!(
+                "rotation over {} blocks applied to width {width}",
+                self.units
+            )
         }
         let lead = x.elem_count() / width;
-        let xs = x.reshape((lead, self.units, BLOCK))?.transpose(0, 1)?.contiguous()?;
+        let xs = x
+            .reshape((lead, self.units, BLOCK))?
+            .transpose(0, 1)?
+            .contiguous()?;
         let ys = xs.matmul(&self.rt)?;
         ys.transpose(0, 1)?.contiguous()?.reshape(dims)
     }

@@ -1,8 +1,8 @@
 //! The SO8T checkpoint files (spec §7): `so8t_config.json` and `so8t_adapter.safetensors`
 //! beside an untouched base model, and the triality heads (spec §5).
 
-use super::gates::{site_rotation, Granularity, SiteShape};
 use super::algebra::N_GEN;
+use super::gates::{site_rotation, Granularity, SiteShape};
 use crate::config::ModelConfig;
 use crate::error::{Error, InFile, Result};
 use crate::model::{BlockRotation, Decoder, Site};
@@ -74,7 +74,10 @@ pub struct Thresholds {
 }
 
 fn default_thresholds() -> Thresholds {
-    Thresholds { unsafe_: 0.5, escalate: 0.5 }
+    Thresholds {
+        unsafe_: 0.5,
+        escalate: 0.5,
+    }
 }
 
 impl So8tConfig {
@@ -83,10 +86,19 @@ impl So8tConfig {
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
         let c: So8tConfig = serde_json::from_str(&text).in_file(&path)?;
         if c.version != FORMAT_VERSION {
-            return Err(Error::format(&path, format!("version {} is not supported (expected {FORMAT_VERSION})", c.version)));
+            return Err(Error::format(
+                &path,
+                format!(
+                    "version {} is not supported (expected {FORMAT_VERSION})",
+                    c.version
+                ),
+            ));
         }
         if c.factors.is_empty() {
-            return Err(Error::format(&path, "factors must name at least one factor"));
+            return Err(Error::format(
+                &path,
+                "factors must name at least one factor",
+            ));
         }
         Ok(c)
     }
@@ -191,11 +203,21 @@ pub struct Verdict {
 
 impl Heads {
     /// File and metadata names of the four tensors, in a fixed order.
-    pub const NAMES: [&'static str; 4] = ["heads.safety.weight", "heads.safety.bias", "heads.authority.weight", "heads.authority.bias"];
+    pub const NAMES: [&'static str; 4] = [
+        "heads.safety.weight",
+        "heads.safety.bias",
+        "heads.authority.weight",
+        "heads.authority.bias",
+    ];
 
     pub fn tensors(&self) -> [(&'static str, &Tensor); 4] {
         let [a, b, c, d] = Self::NAMES;
-        [(a, &self.safety_w), (b, &self.safety_b), (c, &self.authority_w), (d, &self.authority_b)]
+        [
+            (a, &self.safety_w),
+            (b, &self.safety_b),
+            (c, &self.authority_w),
+            (d, &self.authority_b),
+        ]
     }
 
     /// Heads from a lookup by name (f32).
@@ -212,9 +234,19 @@ impl Heads {
     /// `[2, hidden]` weights and `[2]` biases; names the first mismatch.
     pub fn check_shapes(&self, hidden: usize, path: &Path) -> Result<()> {
         for (name, t) in self.tensors() {
-            let want: &[usize] = if name.ends_with(".weight") { &[2, hidden] } else { &[2] };
+            let want: &[usize] = if name.ends_with(".weight") {
+                &[2, hidden]
+            } else {
+                &[2]
+            };
             if t.dims() != want {
-                return Err(Error::format(path, format!("tensor `{name}` has shape {:?}, expected {want:?}", t.dims())));
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "tensor `{name}` has shape {:?}, expected {want:?}",
+                        t.dims()
+                    ),
+                ));
             }
         }
         Ok(())
@@ -224,8 +256,15 @@ impl Heads {
     pub fn check(&self, hidden: usize, path: &Path) -> Result<()> {
         self.check_shapes(hidden, path)?;
         for (name, t) in self.tensors() {
-            if t.flatten_all()?.to_vec1::<f32>()?.iter().any(|v| !v.is_finite()) {
-                return Err(Error::format(path, format!("tensor `{name}` holds NaN or Inf")));
+            if t.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .any(|v| !v.is_finite())
+            {
+                return Err(Error::format(
+                    path,
+                    format!("tensor `{name}` holds NaN or Inf"),
+                ));
             }
         }
         Ok(())
@@ -233,19 +272,38 @@ impl Heads {
 
     pub fn zeros(hidden: usize) -> Result<Heads> {
         let z = |s: &[usize]| Tensor::zeros(s, DType::F32, &Device::Cpu);
-        Ok(Heads { safety_w: z(&[2, hidden])?, safety_b: z(&[2])?, authority_w: z(&[2, hidden])?, authority_b: z(&[2])? })
+        Ok(Heads {
+            safety_w: z(&[2, hidden])?,
+            safety_b: z(&[2])?,
+            authority_w: z(&[2, hidden])?,
+            authority_b: z(&[2])?,
+        })
     }
 
     /// p(class 1) of each head for hidden states `[rows, hidden]` (or one `[hidden]`).
     pub fn verdicts(&self, hidden: &Tensor) -> Result<Vec<Verdict>> {
-        let h = if hidden.rank() == 1 { hidden.unsqueeze(0)? } else { hidden.clone() };
+        let h = if hidden.rank() == 1 {
+            hidden.unsqueeze(0)?
+        } else {
+            hidden.clone()
+        };
         let p1 = |w: &Tensor, b: &Tensor| -> candle_core::Result<Vec<f32>> {
             let logits = h.matmul(&w.t()?)?.broadcast_add(b)?;
-            candle_nn::ops::softmax_last_dim(&logits)?.narrow(1, 1, 1)?.squeeze(1)?.to_vec1::<f32>()
+            candle_nn::ops::softmax_last_dim(&logits)?
+                .narrow(1, 1, 1)?
+                .squeeze(1)?
+                .to_vec1::<f32>()
         };
         let unsafe_ = p1(&self.safety_w, &self.safety_b)?;
         let escalate = p1(&self.authority_w, &self.authority_b)?;
-        Ok(unsafe_.into_iter().zip(escalate).map(|(p_unsafe, p_escalate)| Verdict { p_unsafe, p_escalate }).collect())
+        Ok(unsafe_
+            .into_iter()
+            .zip(escalate)
+            .map(|(p_unsafe, p_escalate)| Verdict {
+                p_unsafe,
+                p_escalate,
+            })
+            .collect())
     }
 }
 
@@ -258,7 +316,11 @@ pub struct Adapter {
 impl Adapter {
     /// Generators for every (layer, site, factor) of `cfg`, zero or uniform in
     /// [−scale, scale] from `seed`; heads at zero (p = 0.5, marked untrained).
-    pub fn init(model: &ModelConfig, cfg: &So8tConfig, random: Option<(u64, f64)>) -> Result<Adapter> {
+    pub fn init(
+        model: &ModelConfig,
+        cfg: &So8tConfig,
+        random: Option<(u64, f64)>,
+    ) -> Result<Adapter> {
         use rand::{rngs::StdRng, Rng, SeedableRng};
         let mut rng = random.map(|(seed, _)| StdRng::seed_from_u64(seed));
         let mut generators = HashMap::new();
@@ -267,24 +329,45 @@ impl Adapter {
                 let n = SiteShape::of(model, site)?.generators(site, cfg.granularity);
                 for f in &cfg.factors {
                     let data: Vec<f32> = match (&mut rng, random) {
-                        (Some(r), Some((_, scale))) => (0..n * N_GEN).map(|_| r.random_range(-scale..scale) as f32).collect(),
+                        (Some(r), Some((_, scale))) => (0..n * N_GEN)
+                            .map(|_| r.random_range(-scale..scale) as f32)
+                            .collect(),
                         _ => vec![0.0; n * N_GEN],
                     };
-                    generators.insert(generator_name(l, site, f), Tensor::from_vec(data, (n, N_GEN), &Device::Cpu)?);
+                    generators.insert(
+                        generator_name(l, site, f),
+                        Tensor::from_vec(data, (n, N_GEN), &Device::Cpu)?,
+                    );
                 }
             }
         }
-        Ok(Adapter { generators, heads: Heads::zeros(model.hidden_size)? })
+        Ok(Adapter {
+            generators,
+            heads: Heads::zeros(model.hidden_size)?,
+        })
     }
 
     pub fn read(dir: &Path) -> Result<Adapter> {
         let path = dir.join(ADAPTER_FILE);
         if !path.exists() {
-            return Err(Error::format(&path, "missing (an SO8T directory needs its adapter)"));
+            return Err(Error::format(
+                &path,
+                "missing (an SO8T directory needs its adapter)",
+            ));
         }
-        let mut t = candle_core::safetensors::load(&path, &Device::Cpu)
-            .map_err(|e| Error::format(&path, format!("not a valid safetensors file: {}", crate::error::candle_message(&e))))?;
-        let heads = Heads::from_named(|name| t.remove(name).ok_or_else(|| Error::format(&path, format!("missing tensor `{name}`"))))?;
+        let mut t = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| {
+            Error::format(
+                &path,
+                format!(
+                    "not a valid safetensors file: {}",
+                    crate::error::candle_message(&e)
+                ),
+            )
+        })?;
+        let heads = Heads::from_named(|name| {
+            t.remove(name)
+                .ok_or_else(|| Error::format(&path, format!("missing tensor `{name}`")))
+        })?;
         let mut generators = HashMap::new();
         for (k, v) in t {
             generators.insert(k, v.to_dtype(DType::F32)?);
@@ -294,8 +377,13 @@ impl Adapter {
 
     pub fn write(&self, path: &Path) -> Result<()> {
         let mut all: HashMap<String, Tensor> = self.generators.clone();
-        all.extend(self.heads.tensors().map(|(n, t)| (n.to_string(), t.clone())));
-        candle_core::safetensors::save(&all, path).map_err(|e| Error::format(path, crate::error::candle_message(&e)))
+        all.extend(
+            self.heads
+                .tensors()
+                .map(|(n, t)| (n.to_string(), t.clone())),
+        );
+        candle_core::safetensors::save(&all, path)
+            .map_err(|e| Error::format(path, crate::error::candle_message(&e)))
     }
 
     /// Every tensor's shape against the base config; names each mismatch.
@@ -307,34 +395,78 @@ impl Adapter {
                 let n = SiteShape::of(model, site)?.generators(site, cfg.granularity);
                 for f in &cfg.factors {
                     let name = generator_name(l, site, f);
-                    let t = self.generators.get(&name).ok_or_else(|| Error::format(path, format!("missing tensor `{name}`")))?;
+                    let t = self
+                        .generators
+                        .get(&name)
+                        .ok_or_else(|| Error::format(path, format!("missing tensor `{name}`")))?;
                     if t.dims() != [n, N_GEN] {
-                        return Err(Error::format(path, format!("tensor `{name}` has shape {:?}, expected [{n}, {N_GEN}]", t.dims())));
+                        return Err(Error::format(
+                            path,
+                            format!(
+                                "tensor `{name}` has shape {:?}, expected [{n}, {N_GEN}]",
+                                t.dims()
+                            ),
+                        ));
                     }
                     expected += 1;
                 }
             }
         }
         if self.generators.len() != expected {
-            let extra: Vec<&String> = self.generators.keys().filter(|k| !k.starts_with("layers.")).take(3).collect();
-            return Err(Error::format(path, format!("{} generator tensors, expected {expected} from so8t_config.json {extra:?}", self.generators.len())));
+            let extra: Vec<&String> = self
+                .generators
+                .keys()
+                .filter(|k| !k.starts_with("layers."))
+                .take(3)
+                .collect();
+            return Err(Error::format(
+                path,
+                format!(
+                    "{} generator tensors, expected {expected} from so8t_config.json {extra:?}",
+                    self.generators.len()
+                ),
+            ));
         }
         Ok(())
     }
 
     /// The gate of one site of one layer, its factors composed in the config's order.
     /// The adapter must have passed `check_shapes`.
-    pub fn rotation(&self, model: &ModelConfig, cfg: &So8tConfig, layer: usize, site: Site) -> Result<BlockRotation> {
-        let factors: Vec<Tensor> = cfg.factors.iter().map(|f| self.generators[&generator_name(layer, site, f)].clone()).collect();
-        Ok(site_rotation(&factors, SiteShape::of(model, site)?, site, cfg.granularity)?)
+    pub fn rotation(
+        &self,
+        model: &ModelConfig,
+        cfg: &So8tConfig,
+        layer: usize,
+        site: Site,
+    ) -> Result<BlockRotation> {
+        let factors: Vec<Tensor> = cfg
+            .factors
+            .iter()
+            .map(|f| self.generators[&generator_name(layer, site, f)].clone())
+            .collect();
+        Ok(site_rotation(
+            &factors,
+            SiteShape::of(model, site)?,
+            site,
+            cfg.granularity,
+        )?)
     }
 
     /// Every gate's matrices `[units, 8, 8]` in f64, for folding into weights (bake, export).
-    pub fn fold_rotations(&self, model: &ModelConfig, cfg: &So8tConfig) -> Result<HashMap<(usize, Site), Tensor>> {
+    pub fn fold_rotations(
+        &self,
+        model: &ModelConfig,
+        cfg: &So8tConfig,
+    ) -> Result<HashMap<(usize, Site), Tensor>> {
         let mut out = HashMap::new();
         for l in 0..model.num_layers {
             for &site in &cfg.sites {
-                out.insert((l, site), self.rotation(model, cfg, l, site)?.matrices()?.to_dtype(DType::F64)?);
+                out.insert(
+                    (l, site),
+                    self.rotation(model, cfg, l, site)?
+                        .matrices()?
+                        .to_dtype(DType::F64)?,
+                );
             }
         }
         Ok(out)

@@ -96,7 +96,9 @@ pub fn squarings(norm_inf: f64) -> u32 {
 }
 
 pub fn norm_inf(a: &Mat8) -> f64 {
-    a.iter().map(|r| r.iter().map(|v| v.abs()).sum::<f64>()).fold(0.0, f64::max)
+    a.iter()
+        .map(|r| r.iter().map(|v| v.abs()).sum::<f64>())
+        .fold(0.0, f64::max)
 }
 
 /// `exp(A)`: matrix products only (Horner form of the Taylor polynomial, then squaring),
@@ -145,7 +147,9 @@ pub fn det(m: &Mat8) -> f64 {
     let mut a = *m;
     let mut d = 1.0;
     for c in 0..8 {
-        let p = (c..8).max_by(|&i, &j| a[i][c].abs().total_cmp(&a[j][c].abs())).unwrap();
+        let p = (c..8)
+            .max_by(|&i, &j| a[i][c].abs().total_cmp(&a[j][c].abs()))
+            .unwrap();
         if a[p][c] == 0.0 {
             return 0.0;
         }

@@ -77,7 +77,10 @@ pub(crate) fn fold(t: &Tensor, r: &Tensor, output_side: bool) -> candle_core::Re
     } else {
         let (rows, cols) = t.dims2()?;
         let w = t.reshape((rows, units, 8))?.transpose(0, 1)?.contiguous()?;
-        w.matmul(r)?.transpose(0, 1)?.contiguous()?.reshape((rows, cols))
+        w.matmul(r)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((rows, cols))
     }
 }
 
@@ -90,16 +93,19 @@ pub fn bake(src: &Path, out: &Path, opts: &BakeOptions) -> Result<()> {
     let adapter = Adapter::read(src)?;
     adapter.check_shapes(&model_cfg, &cfg, &src.join(ADAPTER_FILE))?;
     let mut raw: serde_json::Value = serde_json::from_str(&cfg_text).in_file(&cfg_path)?;
-    let fp8 = raw["quantization_config"]["weight_block_size"].as_array().and_then(|b| {
-        Some((b.first()?.as_u64()? as usize, b.get(1)?.as_u64()? as usize))
-    });
+    let fp8 = raw["quantization_config"]["weight_block_size"]
+        .as_array()
+        .and_then(|b| Some((b.first()?.as_u64()? as usize, b.get(1)?.as_u64()? as usize)));
     let store = SafetensorsStore::open(src, fp8)?;
     // The base's dtype is its projections' (norms are often kept in f32).
-    let out_dtype = opts.dtype.unwrap_or_else(|| match store.dtype("model.layers.0.self_attn.q_proj.weight") {
-        Some(safetensors::Dtype::F32) => OutDType::F32,
-        Some(safetensors::Dtype::F16) => OutDType::F16,
-        _ => OutDType::BF16,
-    });
+    let out_dtype =
+        opts.dtype.unwrap_or_else(
+            || match store.dtype("model.layers.0.self_attn.q_proj.weight") {
+                Some(safetensors::Dtype::F32) => OutDType::F32,
+                Some(safetensors::Dtype::F16) => OutDType::F16,
+                _ => OutDType::BF16,
+            },
+        );
 
     let rotations = adapter.fold_rotations(&model_cfg, &cfg)?;
 
@@ -120,8 +126,12 @@ pub fn bake(src: &Path, out: &Path, opts: &BakeOptions) -> Result<()> {
     }
     let st = dir.join("model.safetensors");
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta), &st)
-        .map_err(|e| Error::format(out.join("model.safetensors"), format!("cannot write: {e}")))?;
+    safetensors::serialize_to_file(
+        tensors.iter().map(|(n, t)| (n.as_str(), t)),
+        Some(meta),
+        &st,
+    )
+    .map_err(|e| Error::format(out.join("model.safetensors"), format!("cannot write: {e}")))?;
     drop(tensors);
 
     // config.json: the base's, in the output dtype and without FP8 quantisation.
@@ -133,7 +143,8 @@ pub fn bake(src: &Path, out: &Path, opts: &BakeOptions) -> Result<()> {
         }
     }
     let out_cfg = dir.join("config.json");
-    std::fs::write(&out_cfg, serde_json::to_string_pretty(&raw).unwrap()).map_err(|e| Error::io(&out_cfg, e))?;
+    std::fs::write(&out_cfg, serde_json::to_string_pretty(&raw).unwrap())
+        .map_err(|e| Error::io(&out_cfg, e))?;
     for e in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
         let e = e.map_err(|e| Error::io(src, e))?;
         let n = e.file_name().to_string_lossy().to_string();
@@ -148,21 +159,28 @@ pub fn bake(src: &Path, out: &Path, opts: &BakeOptions) -> Result<()> {
 fn write_heads(h: &Heads, cfg: &So8tConfig, path: &Path) -> Result<()> {
     let tensors = h.tensors();
     let meta = HashMap::from([(CONFIG_KEY.to_string(), serde_json::to_string(cfg).unwrap())]);
-    safetensors::serialize_to_file(tensors, Some(meta), path).map_err(|e| Error::format(path, e.to_string()))
+    safetensors::serialize_to_file(tensors, Some(meta), path)
+        .map_err(|e| Error::format(path, e.to_string()))
 }
 
 /// Heads and the SO8T config of a baked directory.
 pub fn read_heads(dir: &Path) -> Result<(Heads, So8tConfig)> {
     let path = dir.join(HEADS_FILE);
     let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::format(&path, format!("not a valid safetensors file: {e}")))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::format(&path, format!("not a valid safetensors file: {e}")))?;
     let cfg_json = meta
         .metadata()
         .as_ref()
         .and_then(|m| m.get(CONFIG_KEY))
         .ok_or_else(|| Error::format(&path, format!("metadata `{CONFIG_KEY}` missing")))?;
     let cfg: So8tConfig = serde_json::from_str(cfg_json).in_file(&path)?;
-    let t = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu).in_file(&path)?;
-    let heads = Heads::from_named(|n| t.get(n).cloned().ok_or_else(|| Error::format(&path, format!("missing tensor `{n}`"))))?;
+    let t =
+        candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu).in_file(&path)?;
+    let heads = Heads::from_named(|n| {
+        t.get(n)
+            .cloned()
+            .ok_or_else(|| Error::format(&path, format!("missing tensor `{n}`")))
+    })?;
     Ok((heads, cfg))
 }

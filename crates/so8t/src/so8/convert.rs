@@ -3,23 +3,29 @@
 //! fresh adapter and `so8t_config.json`. Everything is written into a temporary directory
 //! beside the target and renamed into place only when complete.
 
-use super::adapter::{base_checksum, Adapter, BaseInfo, InitInfo, Labels, So8tConfig, Thresholds, ADAPTER_FILE, CONFIG_FILE, FORMAT_VERSION};
+use super::adapter::{
+    base_checksum, Adapter, BaseInfo, InitInfo, Labels, So8tConfig, Thresholds, ADAPTER_FILE,
+    CONFIG_FILE, FORMAT_VERSION,
+};
 use super::gates::Granularity;
 use crate::error::{Error, Result};
 use crate::formats::gguf::{GgufFile, GgufStore};
 use crate::formats::WeightStore;
 use crate::load::{open_source, Source};
 use crate::model::Site;
+use crate::staging::StagingDir;
 use crate::tokenizer::TextTokenizer;
 use std::collections::HashMap;
-use crate::staging::StagingDir;
 use std::path::Path;
 
 #[derive(Clone, Debug)]
 pub enum Init {
     Zero,
     /// Generator entries uniform in [−scale, scale], drawn from `seed`.
-    Random { seed: u64, scale: f64 },
+    Random {
+        seed: u64,
+        scale: f64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -45,12 +51,19 @@ impl Default for ConvertOptions {
 
 pub fn convert(base: &Path, out: &Path, opts: &ConvertOptions) -> Result<So8tConfig> {
     if opts.factors.is_empty() || opts.sites.is_empty() {
-        return Err(Error::Invalid("convert needs at least one site and one factor".into()));
+        return Err(Error::Invalid(
+            "convert needs at least one site and one factor".into(),
+        ));
     }
     let mut seen = std::collections::HashSet::new();
     for f in &opts.factors {
-        if f.is_empty() || !f.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || !seen.insert(f) {
-            return Err(Error::Invalid(format!("factor names must be distinct identifiers, got `{f}`")));
+        if f.is_empty()
+            || !f.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            || !seen.insert(f)
+        {
+            return Err(Error::Invalid(format!(
+                "factor names must be distinct identifiers, got `{f}`"
+            )));
         }
     }
     let staging = StagingDir::new(out, opts.force)?;
@@ -66,17 +79,32 @@ pub fn convert(base: &Path, out: &Path, opts: &ConvertOptions) -> Result<So8tCon
     let model_cfg = crate::config::ModelConfig::from_hf_file(&tmp_path.join("config.json"))?;
     let config = So8tConfig {
         version: FORMAT_VERSION,
-        base: BaseInfo { architecture: arch.name().into(), source: base.display().to_string(), sha256: base_checksum(&tmp_path)? },
+        base: BaseInfo {
+            architecture: arch.name().into(),
+            source: base.display().to_string(),
+            sha256: base_checksum(&tmp_path)?,
+        },
         sites: opts.sites.clone(),
         granularity: opts.granularity,
         factors: opts.factors.clone(),
         labels: Labels::default(),
         heads_trained: false,
         init: match opts.init {
-            Init::Zero => InitInfo { kind: "zero".into(), seed: None, scale: None },
-            Init::Random { seed, scale } => InitInfo { kind: "random".into(), seed: Some(seed), scale: Some(scale) },
+            Init::Zero => InitInfo {
+                kind: "zero".into(),
+                seed: None,
+                scale: None,
+            },
+            Init::Random { seed, scale } => InitInfo {
+                kind: "random".into(),
+                seed: Some(seed),
+                scale: Some(scale),
+            },
         },
-        thresholds: Thresholds { unsafe_: 0.5, escalate: 0.5 },
+        thresholds: Thresholds {
+            unsafe_: 0.5,
+            escalate: 0.5,
+        },
     };
     let random = match opts.init {
         Init::Zero => None,
@@ -84,7 +112,8 @@ pub fn convert(base: &Path, out: &Path, opts: &ConvertOptions) -> Result<So8tCon
     };
     Adapter::init(&model_cfg, &config, random)?.write(&tmp_path.join(ADAPTER_FILE))?;
     let cfg_path = tmp_path.join(CONFIG_FILE);
-    std::fs::write(&cfg_path, serde_json::to_string_pretty(&config).unwrap()).map_err(|e| Error::io(&cfg_path, e))?;
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(&config).unwrap())
+        .map_err(|e| Error::io(&cfg_path, e))?;
 
     staging.commit()?;
     Ok(config)
@@ -95,8 +124,16 @@ pub fn convert(base: &Path, out: &Path, opts: &ConvertOptions) -> Result<So8tCon
 /// so that no stale copy of the weights travels with a converted or baked model.
 pub fn is_hf_model_file(name: &str, with_weights: bool) -> bool {
     const FILES: [&str; 10] = [
-        "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-        "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.json",
+        "merges.txt",
+        "added_tokens.json",
+        "chat_template.jinja",
+        "chat_template.json",
     ];
     if name.starts_with("so8t_") || name.starts_with('.') {
         return false;
@@ -128,7 +165,9 @@ fn copy_base_files(src: &Path, dst: &Path) -> Result<()> {
 fn write_hf_from_gguf(file: &std::sync::Arc<GgufFile>, dir: &Path) -> Result<crate::config::Arch> {
     let cfg = file.config()?;
     let hf = cfg.to_hf_json()?;
-    let w = |name: &str, text: String| std::fs::write(dir.join(name), text).map_err(|e| Error::io(dir.join(name), e));
+    let w = |name: &str, text: String| {
+        std::fs::write(dir.join(name), text).map_err(|e| Error::io(dir.join(name), e))
+    };
     w("config.json", serde_json::to_string_pretty(&hf).unwrap())?;
     let store = GgufStore::new(file.clone(), &cfg);
     let mut tensors = HashMap::new();
@@ -136,22 +175,32 @@ fn write_hf_from_gguf(file: &std::sync::Arc<GgufFile>, dir: &Path) -> Result<cra
         tensors.insert(name.clone(), store.dense(&name, &shape)?);
     }
     let st = dir.join("model.safetensors");
-    candle_core::safetensors::save(&tensors, &st).map_err(|e| Error::format(&st, crate::error::candle_message(&e)))?;
+    candle_core::safetensors::save(&tensors, &st)
+        .map_err(|e| Error::format(&st, crate::error::candle_message(&e)))?;
     drop(tensors);
     if file.get("tokenizer.ggml.tokens").is_some() {
         let tok = TextTokenizer::from_gguf(file)?;
         let tj = dir.join("tokenizer.json");
-        tok.inner.save(&tj, false).map_err(|e| Error::format(&tj, e.to_string()))?;
+        tok.inner
+            .save(&tj, false)
+            .map_err(|e| Error::format(&tj, e.to_string()))?;
         let tc = serde_json::json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": if tok.bos_text.is_empty() { serde_json::Value::Null } else { tok.bos_text.clone().into() },
             "eos_token": tok.eos_text,
             "chat_template": tok.chat_template,
         });
-        w("tokenizer_config.json", serde_json::to_string_pretty(&tc).unwrap())?;
-        w("generation_config.json", serde_json::to_string_pretty(&serde_json::json!({
-            "bos_token_id": cfg.bos_token_id, "eos_token_id": tok.eog,
-        })).unwrap())?;
+        w(
+            "tokenizer_config.json",
+            serde_json::to_string_pretty(&tc).unwrap(),
+        )?;
+        w(
+            "generation_config.json",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "bos_token_id": cfg.bos_token_id, "eos_token_id": tok.eog,
+            }))
+            .unwrap(),
+        )?;
     }
     Ok(cfg.arch)
 }

@@ -20,8 +20,10 @@ use std::path::Path;
 /// The `--quant` types. A plain type puts every tensor of two or more dimensions in that
 /// type (1-D tensors stay f32), as llama.cpp's converter does for its `--outtype`; the
 /// mixes choose per tensor as `llama-quantize` does.
-pub const QUANT_TYPES: [&str; 16] =
-    ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_k_m", "q5_k_m", "q4_k_s"];
+pub const QUANT_TYPES: [&str; 16] = [
+    "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k",
+    "q6_k", "q4_k_m", "q5_k_m", "q4_k_s",
+];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Quant {
@@ -108,7 +110,10 @@ fn tensor_type(q: Quant, gguf: &str, dims: &[usize], n_layers: usize, tied: bool
         Quant::Q4KM | Quant::Q4KS => GgmlDType::Q4K,
         Quant::Q5KM => GgmlDType::Q5K,
     };
-    let layer = gguf.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok());
+    let layer = gguf
+        .strip_prefix("blk.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|l| l.parse::<usize>().ok());
     let t = if gguf == "output.weight" || (tied && gguf == "token_embd.weight") {
         if cols % 256 != 0 {
             GgmlDType::Q8_0
@@ -168,23 +173,40 @@ pub struct ExportReport {
     pub sha256: String,
 }
 
-pub fn export(src: &Path, out: &Path, quant: Quant, mut progress: impl FnMut(usize, usize, u64)) -> Result<ExportReport> {
+pub fn export(
+    src: &Path,
+    out: &Path,
+    quant: Quant,
+    mut progress: impl FnMut(usize, usize, u64),
+) -> Result<ExportReport> {
     let mut input = open_input(src)?;
     let cfg = &input.config;
     let mut planned: Vec<PlannedTensor> = Vec::new();
     let mut sources: Vec<Option<String>> = Vec::new();
     let rope = rope_factors(cfg);
     if let Some(f) = &rope {
-        planned.push(PlannedTensor { name: "rope_freqs.weight".into(), dims: vec![f.len()], dtype: GgmlDType::F32 });
+        planned.push(PlannedTensor {
+            name: "rope_freqs.weight".into(),
+            dims: vec![f.len()],
+            dtype: GgmlDType::F32,
+        });
         sources.push(None);
     }
     for (name, dims) in cfg.hf_tensors() {
-        let g = gguf_name(&name).ok_or_else(|| Error::Invalid(format!("no GGUF name for `{name}`")))?;
+        let g =
+            gguf_name(&name).ok_or_else(|| Error::Invalid(format!("no GGUF name for `{name}`")))?;
         let dtype = tensor_type(quant, &g, &dims, cfg.num_layers, cfg.tie_word_embeddings);
-        planned.push(PlannedTensor { name: g, dims, dtype });
+        planned.push(PlannedTensor {
+            name: g,
+            dims,
+            dtype,
+        });
         sources.push(Some(name));
     }
-    let name = src.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let name = src
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
     let mut meta = model_metadata(cfg, quant, &name);
     meta.extend(std::mem::take(&mut input.tokenizer));
     if let Some((h, c)) = &input.heads {
@@ -208,7 +230,11 @@ pub fn export(src: &Path, out: &Path, quant: Quant, mut progress: impl FnMut(usi
             progress(i + 1, total, bytes)
         },
     )?;
-    Ok(ExportReport { tensors: total, bytes, sha256 })
+    Ok(ExportReport {
+        tensors: total,
+        bytes,
+        sha256,
+    })
 }
 
 /// ggml blocks for a row-major f32 tensor of shape `dims`: our ggml-exact quantisers
@@ -243,7 +269,11 @@ pub fn encode(data: &[f32], dims: &[usize], dtype: GgmlDType) -> Result<Vec<u8>>
     let parts: Vec<candle_core::Result<Vec<u8>>> = data
         .par_chunks(chunk * cols.max(1))
         .map(|part| {
-            let t = Tensor::from_slice(part, (part.len() / cols.max(1), cols), &candle_core::Device::Cpu)?;
+            let t = Tensor::from_slice(
+                part,
+                (part.len() / cols.max(1), cols),
+                &candle_core::Device::Cpu,
+            )?;
             Ok(QTensor::quantize(&t, dtype)?.data()?.into_owned())
         })
         .collect();
@@ -260,17 +290,21 @@ fn to_bytes<const W: usize>(data: &[f32], f: impl Fn(f32) -> [u8; W] + Sync) -> 
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 16;
     let mut out = vec![0u8; data.len() * W];
-    out.par_chunks_mut(CHUNK * W).zip(data.par_chunks(CHUNK)).for_each(|(o, x)| {
-        for (b, &v) in o.chunks_exact_mut(W).zip(x) {
-            b.copy_from_slice(&f(v));
-        }
-    });
+    out.par_chunks_mut(CHUNK * W)
+        .zip(data.par_chunks(CHUNK))
+        .for_each(|(o, x)| {
+            for (b, &v) in o.chunks_exact_mut(W).zip(x) {
+                b.copy_from_slice(&f(v));
+            }
+        });
     out
 }
 
 /// A tensor as row-major f32 in the GGUF's layout: gates folded, llama q/k rows permuted.
 fn prepare(input: &Input, name: &str, dims: &[usize]) -> Result<Vec<f32>> {
-    let rotation = super::bake::gate_of(name).and_then(|(l, site, output_side)| input.rotations.get(&(l, site)).map(|r| (r, output_side)));
+    let rotation = super::bake::gate_of(name).and_then(|(l, site, output_side)| {
+        input.rotations.get(&(l, site)).map(|r| (r, output_side))
+    });
     let cfg = &input.config;
     let permute_heads = match cfg.arch {
         Arch::Llama if name.ends_with("self_attn.q_proj.weight") => Some(cfg.num_heads),
@@ -287,7 +321,11 @@ fn prepare(input: &Input, name: &str, dims: &[usize]) -> Result<Vec<f32>> {
     if let Some(h) = permute_heads {
         // llama.cpp's converter: reshape(h, 2, hd/2, cols).swapaxes(1, 2)
         let (rows, cols) = t.dims2()?;
-        t = t.reshape((h, 2, rows / h / 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?;
+        t = t
+            .reshape((h, 2, rows / h / 2, cols))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((rows, cols))?;
     }
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
@@ -297,8 +335,18 @@ fn rope_factors(cfg: &ModelConfig) -> Option<Vec<f32>> {
         RopeScaling::None => None,
         RopeScaling::Divisors(d) => Some(d.clone()),
         RopeScaling::Llama3 { .. } => {
-            let plain = ModelConfig { rope_scaling: RopeScaling::None, ..cfg.clone() }.rope_inv_freq();
-            Some(plain.iter().zip(cfg.rope_inv_freq()).map(|(p, s)| p / s).collect())
+            let plain = ModelConfig {
+                rope_scaling: RopeScaling::None,
+                ..cfg.clone()
+            }
+            .rope_inv_freq();
+            Some(
+                plain
+                    .iter()
+                    .zip(cfg.rope_inv_freq())
+                    .map(|(p, s)| p / s)
+                    .collect(),
+            )
         }
     }
 }
@@ -310,15 +358,30 @@ fn model_metadata(cfg: &ModelConfig, quant: Quant, name: &str) -> Vec<(String, M
         ("general.architecture".to_string(), Meta::Str(a.into())),
         ("general.type".into(), Meta::Str("model".into())),
         ("general.name".into(), Meta::Str(name.into())),
-        ("general.alignment".into(), Meta::U32(crate::formats::gguf_write::ALIGNMENT as u32)),
+        (
+            "general.alignment".into(),
+            Meta::U32(crate::formats::gguf_write::ALIGNMENT as u32),
+        ),
         (k("block_count"), Meta::U32(cfg.num_layers as u32)),
-        (k("context_length"), Meta::U32(cfg.max_position_embeddings as u32)),
+        (
+            k("context_length"),
+            Meta::U32(cfg.max_position_embeddings as u32),
+        ),
         (k("embedding_length"), Meta::U32(cfg.hidden_size as u32)),
-        (k("feed_forward_length"), Meta::U32(cfg.intermediate_size as u32)),
+        (
+            k("feed_forward_length"),
+            Meta::U32(cfg.intermediate_size as u32),
+        ),
         (k("attention.head_count"), Meta::U32(cfg.num_heads as u32)),
-        (k("attention.head_count_kv"), Meta::U32(cfg.num_kv_heads as u32)),
+        (
+            k("attention.head_count_kv"),
+            Meta::U32(cfg.num_kv_heads as u32),
+        ),
         (k("rope.freq_base"), Meta::F32(cfg.rope_theta)),
-        (k("attention.layer_norm_rms_epsilon"), Meta::F32(cfg.rms_norm_eps as f32)),
+        (
+            k("attention.layer_norm_rms_epsilon"),
+            Meta::F32(cfg.rms_norm_eps as f32),
+        ),
         ("general.file_type".into(), Meta::U32(file_type(quant))),
         ("general.quantization_version".into(), Meta::U32(2)),
     ];
@@ -338,29 +401,66 @@ fn so8t_metadata(h: &Heads, c: &So8tConfig) -> Result<Vec<(String, Meta)>> {
     Ok(vec![
         ("so8t.version".to_string(), Meta::U32(c.version)),
         ("so8t.rotation_dim".into(), Meta::U32(8)),
-        ("so8t.sites".into(), Meta::StrArray(c.sites.iter().map(|s| s.name().to_string()).collect())),
+        (
+            "so8t.sites".into(),
+            Meta::StrArray(c.sites.iter().map(|s| s.name().to_string()).collect()),
+        ),
         ("so8t.baked".into(), Meta::Bool(true)),
         ("so8t.heads_trained".into(), Meta::Bool(c.heads_trained)),
-        ("so8t.threshold.unsafe".into(), Meta::F32(c.thresholds.unsafe_)),
-        ("so8t.threshold.escalate".into(), Meta::F32(c.thresholds.escalate)),
-        ("so8t.head.safety.weight".into(), Meta::F32Array(flat(&h.safety_w)?)),
-        ("so8t.head.safety.bias".into(), Meta::F32Array(flat(&h.safety_b)?)),
-        ("so8t.head.safety.labels".into(), Meta::StrArray(c.labels.safety.to_vec())),
-        ("so8t.head.authority.weight".into(), Meta::F32Array(flat(&h.authority_w)?)),
-        ("so8t.head.authority.bias".into(), Meta::F32Array(flat(&h.authority_b)?)),
-        ("so8t.head.authority.labels".into(), Meta::StrArray(c.labels.authority.to_vec())),
-        ("so8t.config".into(), Meta::Str(serde_json::to_string(c).unwrap())),
+        (
+            "so8t.threshold.unsafe".into(),
+            Meta::F32(c.thresholds.unsafe_),
+        ),
+        (
+            "so8t.threshold.escalate".into(),
+            Meta::F32(c.thresholds.escalate),
+        ),
+        (
+            "so8t.head.safety.weight".into(),
+            Meta::F32Array(flat(&h.safety_w)?),
+        ),
+        (
+            "so8t.head.safety.bias".into(),
+            Meta::F32Array(flat(&h.safety_b)?),
+        ),
+        (
+            "so8t.head.safety.labels".into(),
+            Meta::StrArray(c.labels.safety.to_vec()),
+        ),
+        (
+            "so8t.head.authority.weight".into(),
+            Meta::F32Array(flat(&h.authority_w)?),
+        ),
+        (
+            "so8t.head.authority.bias".into(),
+            Meta::F32Array(flat(&h.authority_b)?),
+        ),
+        (
+            "so8t.head.authority.labels".into(),
+            Meta::StrArray(c.labels.authority.to_vec()),
+        ),
+        (
+            "so8t.config".into(),
+            Meta::Str(serde_json::to_string(c).unwrap()),
+        ),
     ])
 }
 
 /// Heads and SO8T config from an exported GGUF's `so8t.*` metadata, if any.
 pub fn read_gguf_heads(g: &GgufFile, hidden: usize) -> Result<Option<(Heads, So8tConfig)>> {
-    let Some(cfg_json) = g.opt_str("so8t.config") else { return Ok(None) };
+    let Some(cfg_json) = g.opt_str("so8t.config") else {
+        return Ok(None);
+    };
     let cfg: So8tConfig = serde_json::from_str(cfg_json).in_file(&g.path)?;
     let arr = |key: &str, len: usize| -> Result<Tensor> {
-        let v = g.f32_array(key).ok_or_else(|| Error::format(&g.path, format!("metadata `{key}` missing or not f32")))?;
+        let v = g.f32_array(key).ok_or_else(|| {
+            Error::format(&g.path, format!("metadata `{key}` missing or not f32"))
+        })?;
         if v.len() != len {
-            return Err(Error::format(&g.path, format!("metadata `{key}` has {} values, expected {len}", v.len())));
+            return Err(Error::format(
+                &g.path,
+                format!("metadata `{key}` has {} values, expected {len}", v.len()),
+            ));
         }
         Ok(Tensor::from_vec(v, len, &candle_core::Device::Cpu)?)
     };
@@ -380,7 +480,12 @@ fn open_input(src: &Path) -> Result<Input> {
             let heads = read_gguf_heads(&file, config.hidden_size)?;
             // The vocabulary as it is: every tokenizer.* key of the source, verbatim.
             let mut tokenizer = Vec::new();
-            let mut keys: Vec<&String> = file.content.metadata.keys().filter(|k| k.starts_with("tokenizer.")).collect();
+            let mut keys: Vec<&String> = file
+                .content
+                .metadata
+                .keys()
+                .filter(|k| k.starts_with("tokenizer."))
+                .collect();
             keys.sort();
             for k in keys {
                 if let Some(v) = meta_from_value(&file.content.metadata[k]) {
@@ -388,9 +493,19 @@ fn open_input(src: &Path) -> Result<Input> {
                 }
             }
             let store = GgufStore::new(file.clone(), &config);
-            Ok(Input { config, store: Box::new(store), rotations: HashMap::new(), heads, tokenizer })
+            Ok(Input {
+                config,
+                store: Box::new(store),
+                rotations: HashMap::new(),
+                heads,
+                tokenizer,
+            })
         }
-        Source::Hf { dir, config, fp8_block } => {
+        Source::Hf {
+            dir,
+            config,
+            fp8_block,
+        } => {
             let store = SafetensorsStore::open(&dir, fp8_block)?;
             let mut rotations = HashMap::new();
             let mut heads = None;
@@ -405,7 +520,13 @@ fn open_input(src: &Path) -> Result<Input> {
                 heads = Some(read_heads(&dir)?);
             }
             let tokenizer = super::export_tokenizer::from_hf_dir(&dir, config.vocab_size)?;
-            Ok(Input { config, store: Box::new(store), rotations, heads, tokenizer })
+            Ok(Input {
+                config,
+                store: Box::new(store),
+                rotations,
+                heads,
+                tokenizer,
+            })
         }
     }
 }
@@ -421,9 +542,27 @@ fn meta_from_value(v: &candle_core::quantized::gguf_file::Value) -> Option<Meta>
         V::Bool(x) => Meta::Bool(*x),
         V::String(s) => Meta::Str(s.clone()),
         V::Array(a) => match a.first() {
-            Some(V::String(_)) => Meta::StrArray(a.iter().filter_map(|x| if let V::String(s) = x { Some(s.clone()) } else { None }).collect()),
-            Some(V::I32(_)) => Meta::I32Array(a.iter().filter_map(|x| if let V::I32(s) = x { Some(*s) } else { None }).collect()),
-            Some(V::F32(_)) => Meta::F32Array(a.iter().filter_map(|x| if let V::F32(s) = x { Some(*s) } else { None }).collect()),
+            Some(V::String(_)) => Meta::StrArray(
+                a.iter()
+                    .filter_map(|x| {
+                        if let V::String(s) = x {
+                            Some(s.clone())
+                        } else {
+                            None
+                        }
+                    })
+                    .collect(),
+            ),
+            Some(V::I32(_)) => Meta::I32Array(
+                a.iter()
+                    .filter_map(|x| if let V::I32(s) = x { Some(*s) } else { None })
+                    .collect(),
+            ),
+            Some(V::F32(_)) => Meta::F32Array(
+                a.iter()
+                    .filter_map(|x| if let V::F32(s) = x { Some(*s) } else { None })
+                    .collect(),
+            ),
             _ => return None,
         },
         _ => return None,

@@ -59,17 +59,29 @@ pub fn from_hf_dir(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Meta)>>
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let tj: Value = serde_json::from_str(&text).in_file(&path)?;
     if tj["model"]["type"] != "BPE" {
-        return Err(Error::format(&path, "only BPE tokenizers can be exported to GGUF (tokenizer.ggml.model = gpt2)"));
+        return Err(Error::format(
+            &path,
+            "only BPE tokenizers can be exported to GGUF (tokenizer.ggml.model = gpt2)",
+        ));
     }
-    let pre = pre_name(&tj["pre_tokenizer"])
-        .ok_or_else(|| Error::format(&path, "pre_tokenizer is not one llama.cpp knows (gpt-2, smollm, qwen2, llama-bpe)"))?;
+    let pre = pre_name(&tj["pre_tokenizer"]).ok_or_else(|| {
+        Error::format(
+            &path,
+            "pre_tokenizer is not one llama.cpp knows (gpt-2, smollm, qwen2, llama-bpe)",
+        )
+    })?;
     let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
     let mut types = vec![UNUSED; vocab_size];
-    let vocab = tj["model"]["vocab"].as_object().ok_or_else(|| Error::format(&path, "model.vocab missing"))?;
+    let vocab = tj["model"]["vocab"]
+        .as_object()
+        .ok_or_else(|| Error::format(&path, "model.vocab missing"))?;
     let mut put = |id: u64, t: &str, ty: i32| -> Result<()> {
         let i = id as usize;
         if i >= vocab_size {
-            return Err(Error::format(&path, format!("token `{t}` has id {i}, beyond the model's vocab_size {vocab_size}")));
+            return Err(Error::format(
+                &path,
+                format!("token `{t}` has id {i}, beyond the model's vocab_size {vocab_size}"),
+            ));
         }
         tokens[i] = Some(t.to_string());
         types[i] = ty;
@@ -80,17 +92,27 @@ pub fn from_hf_dir(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Meta)>>
     }
     for a in tj["added_tokens"].as_array().into_iter().flatten() {
         let t = a["content"].as_str().unwrap_or_default();
-        let ty = if a["special"].as_bool() == Some(true) || looks_special(t) { CONTROL } else { USER_DEFINED };
+        let ty = if a["special"].as_bool() == Some(true) || looks_special(t) {
+            CONTROL
+        } else {
+            USER_DEFINED
+        };
         put(a["id"].as_u64().unwrap_or(u64::MAX), t, ty)?;
     }
-    let tokens: Vec<String> = tokens.into_iter().enumerate().map(|(i, t)| t.unwrap_or_else(|| format!("[PAD{i}]"))).collect();
+    let tokens: Vec<String> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| t.unwrap_or_else(|| format!("[PAD{i}]")))
+        .collect();
     let merges: Vec<String> = tj["model"]["merges"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|m| match m {
             Value::String(s) => Some(s.clone()),
-            Value::Array(p) if p.len() == 2 => Some(format!("{} {}", p[0].as_str()?, p[1].as_str()?)),
+            Value::Array(p) if p.len() == 2 => {
+                Some(format!("{} {}", p[0].as_str()?, p[1].as_str()?))
+            }
             _ => None,
         })
         .collect();
@@ -102,7 +124,10 @@ pub fn from_hf_dir(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Meta)>>
     let token_of = |key: &str| -> Option<String> {
         match &tc[key] {
             Value::String(s) => Some(s.clone()),
-            Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+            Value::Object(o) => o
+                .get("content")
+                .and_then(|c| c.as_str())
+                .map(str::to_string),
             _ => None,
         }
     };
@@ -111,7 +136,11 @@ pub fn from_hf_dir(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Meta)>>
         ("tokenizer.ggml.model".to_string(), Meta::Str("gpt2".into())),
         ("tokenizer.ggml.pre".into(), Meta::Str(pre.into())),
     ];
-    for (key, name) in [("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id")] {
+    for (key, name) in [
+        ("bos_token", "bos_token_id"),
+        ("eos_token", "eos_token_id"),
+        ("pad_token", "padding_token_id"),
+    ] {
         if let Some(id) = token_of(key).as_deref().and_then(id_of) {
             m.push((format!("tokenizer.ggml.{name}"), Meta::U32(id)));
         }

@@ -2,7 +2,7 @@
 //! site, as candle ops made of matrix products only, so that training can differentiate
 //! through them.
 
-use super::algebra::{pack_index, squarings, TAYLOR_DEGREE, N_GEN};
+use super::algebra::{pack_index, squarings, N_GEN, TAYLOR_DEGREE};
 use super::triality::{maps, Family};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -36,9 +36,18 @@ impl SiteShape {
         }
         let bph = cfg.head_dim / 8;
         Ok(match site {
-            Site::Q | Site::O => SiteShape { heads: cfg.num_heads, blocks_per_head: bph },
-            Site::K | Site::V => SiteShape { heads: cfg.num_kv_heads, blocks_per_head: bph },
-            Site::Mlp => SiteShape { heads: cfg.hidden_size / 8, blocks_per_head: 1 },
+            Site::Q | Site::O => SiteShape {
+                heads: cfg.num_heads,
+                blocks_per_head: bph,
+            },
+            Site::K | Site::V => SiteShape {
+                heads: cfg.num_kv_heads,
+                blocks_per_head: bph,
+            },
+            Site::Mlp => SiteShape {
+                heads: cfg.hidden_size / 8,
+                blocks_per_head: 1,
+            },
         })
     }
 
@@ -101,14 +110,28 @@ pub fn expm_batch(gens: &Tensor) -> candle_core::Result<Tensor> {
     let n = gens.dim(0)?;
     let dev = gens.device();
     let dt = gens.dtype();
-    let a = gens.matmul(&skew_basis(dev)?.to_dtype(dt)?)?.reshape((n, 8, 8))?;
-    let norm = if n == 0 { 0.0 } else { a.abs()?.sum(D::Minus1)?.max(D::Minus1)?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()? };
+    let a = gens
+        .matmul(&skew_basis(dev)?.to_dtype(dt)?)?
+        .reshape((n, 8, 8))?;
+    let norm = if n == 0 {
+        0.0
+    } else {
+        a.abs()?
+            .sum(D::Minus1)?
+            .max(D::Minus1)?
+            .max(0)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?
+    };
     if !norm.is_finite() {
         candle_core::bail!("generator is not finite")
     }
     let s = squarings(norm);
     let x = (a * 0.5f64.powi(s as i32))?;
-    let eye = Tensor::eye(8, dt, dev)?.unsqueeze(0)?.broadcast_as((n, 8, 8))?.contiguous()?;
+    let eye = Tensor::eye(8, dt, dev)?
+        .unsqueeze(0)?
+        .broadcast_as((n, 8, 8))?
+        .contiguous()?;
     let mut r = eye.clone();
     for k in (1..=TAYLOR_DEGREE).rev() {
         r = ((x.matmul(&r)? / k as f64)? + &eye)?;
@@ -120,7 +143,12 @@ pub fn expm_batch(gens: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// The rotations of one factor for every unit of a site, `[units, 8, 8]`.
-pub fn factor_rotations(gens: &Tensor, shape: SiteShape, site: Site, g: Granularity) -> candle_core::Result<Tensor> {
+pub fn factor_rotations(
+    gens: &Tensor,
+    shape: SiteShape,
+    site: Site,
+    g: Granularity,
+) -> candle_core::Result<Tensor> {
     let n = gens.dim(0)?;
     let dev = gens.device();
     let mut per_family = Vec::with_capacity(3);
@@ -150,7 +178,12 @@ pub fn factor_rotations(gens: &Tensor, shape: SiteShape, site: Site, g: Granular
 /// (spec default `["safe", "cmd"]`: R = R_cmd · R_safe). The exponentials and the product
 /// are computed in f64 and rounded to f32 once, so that a gate of several factors still
 /// meets the spec's f32 orthogonality bound; the casts keep it differentiable.
-pub fn site_rotation(factors: &[Tensor], shape: SiteShape, site: Site, g: Granularity) -> candle_core::Result<BlockRotation> {
+pub fn site_rotation(
+    factors: &[Tensor],
+    shape: SiteShape,
+    site: Site,
+    g: Granularity,
+) -> candle_core::Result<BlockRotation> {
     let mut total: Option<Tensor> = None;
     for gens in factors {
         let r = factor_rotations(&gens.to_dtype(DType::F64)?, shape, site, g)?;
@@ -161,7 +194,9 @@ pub fn site_rotation(factors: &[Tensor], shape: SiteShape, site: Site, g: Granul
     }
     let total = match total {
         Some(t) => t.to_dtype(DType::F32)?,
-        None => Tensor::eye(8, DType::F32, &Device::Cpu)?.unsqueeze(0)?.repeat((shape.units(), 1, 1))?,
+        None => Tensor::eye(8, DType::F32, &Device::Cpu)?
+            .unsqueeze(0)?
+            .repeat((shape.units(), 1, 1))?,
     };
     BlockRotation::new(&total)
 }
@@ -175,8 +210,15 @@ mod tests {
     #[test]
     fn tensor_exp_matches_f64_exp() {
         let mut rng = StdRng::seed_from_u64(9);
-        let g: Vec<f64> = (0..5 * N_GEN).map(|_| rng.random_range(-0.8..0.8)).collect();
-        let t = Tensor::from_vec(g.iter().map(|&v| v as f32).collect::<Vec<_>>(), (5, N_GEN), &Device::Cpu).unwrap();
+        let g: Vec<f64> = (0..5 * N_GEN)
+            .map(|_| rng.random_range(-0.8..0.8))
+            .collect();
+        let t = Tensor::from_vec(
+            g.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+            (5, N_GEN),
+            &Device::Cpu,
+        )
+        .unwrap();
         let r = expm_batch(&t).unwrap().to_vec3::<f32>().unwrap();
         for b in 0..5 {
             let want = expm(&skew(&g[b * N_GEN..(b + 1) * N_GEN]));
@@ -191,7 +233,12 @@ mod tests {
     #[test]
     fn zero_generators_give_identity_exactly() {
         let r = expm_batch(&Tensor::zeros((3, N_GEN), DType::F32, &Device::Cpu).unwrap()).unwrap();
-        let eye = Tensor::eye(8, DType::F32, &Device::Cpu).unwrap().unsqueeze(0).unwrap().repeat((3, 1, 1)).unwrap();
+        let eye = Tensor::eye(8, DType::F32, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+            .repeat((3, 1, 1))
+            .unwrap();
         assert_eq!(r.to_vec3::<f32>().unwrap(), eye.to_vec3::<f32>().unwrap());
     }
 
@@ -199,10 +246,27 @@ mod tests {
     fn f32_rotations_are_orthogonal_to_1e6() {
         // As the runtime computes them: exp in f64, rounded to f32 once.
         let t = Tensor::rand(-2f32, 2f32, (64, N_GEN), &Device::Cpu).unwrap();
-        let r = expm_batch(&t.to_dtype(DType::F64).unwrap()).unwrap().to_dtype(DType::F32).unwrap();
+        let r = expm_batch(&t.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
         let p = r.transpose(1, 2).unwrap().matmul(&r).unwrap();
-        let eye = Tensor::eye(8, DType::F32, &Device::Cpu).unwrap().unsqueeze(0).unwrap().broadcast_as((64, 8, 8)).unwrap();
-        let err = (p - eye).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let eye = Tensor::eye(8, DType::F32, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+            .broadcast_as((64, 8, 8))
+            .unwrap();
+        let err = (p - eye)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(err <= 1e-6, "‖RᵀR − I‖∞ = {err}");
     }
 }

@@ -21,13 +21,23 @@ pub struct ModelfileOptions<'a> {
 pub fn modelfile(gguf: &Path, opts: &ModelfileOptions) -> Result<String> {
     let g = GgufFile::open(gguf)?;
     let tok = TextTokenizer::from_gguf(&g)?;
-    let src = tok.chat_template.clone().ok_or_else(|| Error::format(gguf, "no tokenizer.chat_template: nothing to translate"))?;
+    let src = tok
+        .chat_template
+        .clone()
+        .ok_or_else(|| Error::format(gguf, "no tokenizer.chat_template: nothing to translate"))?;
     let (go, start, end) = if src.contains("<|im_start|>") {
         (CHATML, "<|im_start|>system\n", "<|im_end|>\n")
     } else if src.contains("<|start_header_id|>") {
-        (LLAMA3, "<|start_header_id|>system<|end_header_id|>\n\n", "<|eot_id|>")
+        (
+            LLAMA3,
+            "<|start_header_id|>system<|end_header_id|>\n\n",
+            "<|eot_id|>",
+        )
     } else {
-        return Err(Error::format(gguf, "chat template is neither ChatML nor Llama 3 style; no Go template equivalent is known"));
+        return Err(Error::format(
+            gguf,
+            "chat template is neither ChatML nor Llama 3 style; no Go template equivalent is known",
+        ));
     };
     // The default system prompt a template adds when the conversation has none (Qwen2.5's
     // "You are Qwen…", SmolLM2's "You are a helpful AI assistant named SmolLM…"): render
@@ -42,7 +52,11 @@ pub fn modelfile(gguf: &Path, opts: &ModelfileOptions) -> Result<String> {
     if let Some(s) = opts.system.map(str::to_string).or(default_system) {
         m += &format!("SYSTEM \"\"\"{s}\"\"\"\n");
     }
-    let mut stops: Vec<String> = tok.eog.iter().filter_map(|&id| tok.token_text(id)).collect();
+    let mut stops: Vec<String> = tok
+        .eog
+        .iter()
+        .filter_map(|&id| tok.token_text(id))
+        .collect();
     stops.sort();
     stops.dedup();
     for s in stops {

@@ -8,7 +8,15 @@ use super::algebra::{expm, matvec, skew, Mat8, N_GEN};
 use std::sync::OnceLock;
 
 /// The spec's Fano-plane triples: e_a·e_b = e_c, cyclically.
-pub const TRIPLES: [[usize; 3]; 7] = [[1, 2, 3], [1, 4, 5], [1, 7, 6], [2, 4, 6], [2, 5, 7], [3, 4, 7], [3, 6, 5]];
+pub const TRIPLES: [[usize; 3]; 7] = [
+    [1, 2, 3],
+    [1, 4, 5],
+    [1, 7, 6],
+    [2, 4, 6],
+    [2, 5, 7],
+    [3, 4, 7],
+    [3, 6, 5],
+];
 
 /// `table()[i][j] = (sign, k)` with e_i·e_j = sign·e_k.
 pub fn table() -> &'static [[(f64, usize); 8]; 8] {
@@ -112,8 +120,13 @@ fn solve() -> TrialityMaps {
         }
     }
     for c in 0..u {
-        let p = (c..u).max_by(|&x, &y| a[x][c].abs().total_cmp(&a[y][c].abs())).unwrap();
-        assert!(a[p][c].abs() > 1e-9, "local triality system is singular (rank < 56)");
+        let p = (c..u)
+            .max_by(|&x, &y| a[x][c].abs().total_cmp(&a[y][c].abs()))
+            .unwrap();
+        assert!(
+            a[p][c].abs() > 1e-9,
+            "local triality system is singular (rank < 56)"
+        );
         a.swap(p, c);
         let piv = a[c][c];
         for v in a[c].iter_mut() {
@@ -133,7 +146,13 @@ fn solve() -> TrialityMaps {
     for n in 0..N_GEN {
         for col in 0..N_GEN {
             // Coefficients are small integers or halves; clean round-off so that σ is exact.
-            let clean = |v: f64| if ((2.0 * v).round() - 2.0 * v).abs() < 1e-9 { (2.0 * v).round() / 2.0 } else { v };
+            let clean = |v: f64| {
+                if ((2.0 * v).round() - 2.0 * v).abs() < 1e-9 {
+                    (2.0 * v).round() / 2.0
+                } else {
+                    v
+                }
+            };
             plus[n][col] = clean(a[n][u + col]);
             minus[n][col] = clean(a[N_GEN + n][u + col]);
         }
@@ -141,11 +160,17 @@ fn solve() -> TrialityMaps {
     let mut residual: f64 = 0.0;
     for r in 0..rows {
         for col in 0..N_GEN {
-            let fit: f64 = (0..N_GEN).map(|n| m[r][n] * plus[n][col] + m[r][N_GEN + n] * minus[n][col]).sum();
+            let fit: f64 = (0..N_GEN)
+                .map(|n| m[r][n] * plus[n][col] + m[r][N_GEN + n] * minus[n][col])
+                .sum();
             residual = residual.max((fit - rhs[r][col]).abs());
         }
     }
-    TrialityMaps { plus, minus, residual }
+    TrialityMaps {
+        plus,
+        minus,
+        residual,
+    }
 }
 
 pub fn apply(sigma: &[[f64; N_GEN]; N_GEN], g: &[f64]) -> [f64; N_GEN] {
@@ -220,12 +245,20 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(3);
         for _ in 0..50 {
             let g = rand_gen(&mut rng);
-            let (v, p, m) = (rho(Family::Vector, &g), rho(Family::SpinorPlus, &g), rho(Family::SpinorMinus, &g));
+            let (v, p, m) = (
+                rho(Family::Vector, &g),
+                rho(Family::SpinorPlus, &g),
+                rho(Family::SpinorMinus, &g),
+            );
             for _ in 0..10 {
                 let (x, y) = (rand8(&mut rng), rand8(&mut rng));
                 let lhs = matvec(&v, &mul(&x, &y));
                 let rhs = mul(&matvec(&p, &x), &matvec(&m, &y));
-                let err = lhs.iter().zip(&rhs).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+                let err = lhs
+                    .iter()
+                    .zip(&rhs)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f64::max);
                 assert!(err < 1e-10, "ρ_v(xy) − (ρ₊x)(ρ₋y) = {err}");
             }
             for r in [v, p, m] {
@@ -242,8 +275,15 @@ mod tests {
             for _ in 0..20 {
                 let (a, b) = (rand_gen(&mut rng), rand_gen(&mut rng));
                 let lhs = apply(sigma, &unskew(&commutator(&skew(&a), &skew(&b))));
-                let rhs = unskew(&commutator(&skew(&apply(sigma, &a)), &skew(&apply(sigma, &b))));
-                let err = lhs.iter().zip(&rhs).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+                let rhs = unskew(&commutator(
+                    &skew(&apply(sigma, &a)),
+                    &skew(&apply(sigma, &b)),
+                ));
+                let err = lhs
+                    .iter()
+                    .zip(&rhs)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0, f64::max);
                 assert!(err < 1e-12, "σ[A,B] − [σA,σB] = {err}");
             }
         }
@@ -256,7 +296,11 @@ mod tests {
             for _ in 0..20 {
                 let a = rand_gen(&mut rng);
                 let twice = apply(sigma, &apply(sigma, &a));
-                let err = twice.iter().zip(&a).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+                let err = twice
+                    .iter()
+                    .zip(&a)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0, f64::max);
                 assert!(err < 1e-12, "σ²A − A = {err}");
             }
         }

@@ -1,7 +1,9 @@
 //! `validate`: the checks an SO8T directory must pass, each named, so that a failure says
 //! which one.
 
-use super::adapter::{base_checksum, generator_name, is_so8t_dir, Adapter, So8tConfig, ADAPTER_FILE};
+use super::adapter::{
+    base_checksum, generator_name, is_so8t_dir, Adapter, So8tConfig, ADAPTER_FILE,
+};
 use super::algebra::{det, expm, matvec, orthogonality_error, skew, Mat8, N_GEN};
 use super::triality::{family_generator, mul, Family};
 use crate::load::Model;
@@ -21,14 +23,26 @@ pub struct Check {
 }
 
 fn check(name: &'static str, ok: bool, detail: impl Into<String>) -> Check {
-    Check { name, ok, detail: detail.into() }
+    Check {
+        name,
+        ok,
+        detail: detail.into(),
+    }
 }
 
 pub fn validate(path: &Path) -> Vec<Check> {
     let mut out = Vec::new();
     let base = Model::open_base(path);
     match &base {
-        Ok(m) => out.push(check("base_loads", true, format!("{} {} layers, tensor shapes match config.json", m.config.arch.name(), m.config.num_layers))),
+        Ok(m) => out.push(check(
+            "base_loads",
+            true,
+            format!(
+                "{} {} layers, tensor shapes match config.json",
+                m.config.arch.name(),
+                m.config.num_layers
+            ),
+        )),
         Err(e) => {
             out.push(check("base_loads", false, e.to_string()));
             return out;
@@ -44,27 +58,52 @@ pub fn validate(path: &Path) -> Vec<Check> {
                     Ok(()) => out.push(check(
                         "baked_heads",
                         true,
-                        format!("GGUF with SO8T heads ({}) in so8t.* metadata; sites {:?} baked", if c.heads_trained { "trained" } else { "untrained" }, c.sites),
+                        format!(
+                            "GGUF with SO8T heads ({}) in so8t.* metadata; sites {:?} baked",
+                            if c.heads_trained {
+                                "trained"
+                            } else {
+                                "untrained"
+                            },
+                            c.sites
+                        ),
                     )),
                     Err(e) => out.push(check("baked_heads", false, e.to_string())),
                 },
-                Ok(None) => out.push(check("so8t", true, "no so8t.* metadata: a plain GGUF, nothing SO8T to check")),
+                Ok(None) => out.push(check(
+                    "so8t",
+                    true,
+                    "no so8t.* metadata: a plain GGUF, nothing SO8T to check",
+                )),
                 Err(e) => out.push(check("baked_heads", false, e.to_string())),
             }
         } else if path.is_dir() && path.join(super::bake::HEADS_FILE).exists() {
             let heads = super::bake::read_heads(path).and_then(|(h, c)| {
-                h.check(model_cfg.hidden_size, &path.join(super::bake::HEADS_FILE)).map(|_| c)
+                h.check(model_cfg.hidden_size, &path.join(super::bake::HEADS_FILE))
+                    .map(|_| c)
             });
             match heads {
                 Ok(c) => out.push(check(
                     "baked_heads",
                     true,
-                    format!("baked SO8T model: heads {}; gates of sites {:?} folded into the weights", if c.heads_trained { "trained" } else { "untrained" }, c.sites),
+                    format!(
+                        "baked SO8T model: heads {}; gates of sites {:?} folded into the weights",
+                        if c.heads_trained {
+                            "trained"
+                        } else {
+                            "untrained"
+                        },
+                        c.sites
+                    ),
                 )),
                 Err(e) => out.push(check("baked_heads", false, e.to_string())),
             }
         } else {
-            out.push(check("so8t", true, "no so8t_config.json: a plain model, nothing SO8T to check"));
+            out.push(check(
+                "so8t",
+                true,
+                "no so8t_config.json: a plain model, nothing SO8T to check",
+            ));
         }
         return out;
     }
@@ -75,10 +114,24 @@ pub fn validate(path: &Path) -> Vec<Check> {
             return out;
         }
     };
-    out.push(check("so8t_config", true, format!("sites {:?}, {:?}, factors {:?}", cfg.sites, cfg.granularity, cfg.factors)));
+    out.push(check(
+        "so8t_config",
+        true,
+        format!(
+            "sites {:?}, {:?}, factors {:?}",
+            cfg.sites, cfg.granularity, cfg.factors
+        ),
+    ));
     match base_checksum(path) {
         Ok(sum) if sum == cfg.base.sha256 => out.push(check("base_checksum", true, sum)),
-        Ok(sum) => out.push(check("base_checksum", false, format!("base files hash to {sum}, so8t_config.json records {} (the base changed)", cfg.base.sha256))),
+        Ok(sum) => out.push(check(
+            "base_checksum",
+            false,
+            format!(
+                "base files hash to {sum}, so8t_config.json records {} (the base changed)",
+                cfg.base.sha256
+            ),
+        )),
         Err(e) => out.push(check("base_checksum", false, e.to_string())),
     }
     let adapter = match Adapter::read(path) {
@@ -89,37 +142,67 @@ pub fn validate(path: &Path) -> Vec<Check> {
         }
     };
     match adapter.check_shapes(&model_cfg, &cfg, &path.join(ADAPTER_FILE)) {
-        Ok(()) => out.push(check("adapter_shapes", true, format!("{} generator tensors and 2 heads match the base config", adapter.generators.len()))),
+        Ok(()) => out.push(check(
+            "adapter_shapes",
+            true,
+            format!(
+                "{} generator tensors and 2 heads match the base config",
+                adapter.generators.len()
+            ),
+        )),
         Err(e) => {
             out.push(check("adapter_shapes", false, e.to_string()));
             return out;
         }
     }
     let mut bad = Vec::new();
-    let mut all: Vec<(String, &candle_core::Tensor)> = adapter.generators.iter().map(|(k, v)| (k.clone(), v)).collect();
+    let mut all: Vec<(String, &candle_core::Tensor)> = adapter
+        .generators
+        .iter()
+        .map(|(k, v)| (k.clone(), v))
+        .collect();
     all.extend(adapter.heads.tensors().map(|(n, t)| (n.to_string(), t)));
     all.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, t) in &all {
-        let v = t.flatten_all().and_then(|t| t.to_vec1::<f32>()).unwrap_or_default();
+        let v = t
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .unwrap_or_default();
         if v.iter().any(|x| !x.is_finite()) {
             bad.push(name.clone());
         }
     }
     let finite = bad.is_empty();
-    out.push(check("finite", finite, if finite { "no NaN or Inf".to_string() } else { format!("NaN or Inf in {}", bad.join(", ")) }));
+    out.push(check(
+        "finite",
+        finite,
+        if finite {
+            "no NaN or Inf".to_string()
+        } else {
+            format!("NaN or Inf in {}", bad.join(", "))
+        },
+    ));
     if !finite {
         return out;
     }
 
     // Rotations as the runtime applies them (f32), per site, factors composed.
-    let (mut worst_orth, mut worst_det, mut where_orth, mut where_det) = (0f64, 0f64, String::new(), String::new());
+    let (mut worst_orth, mut worst_det, mut where_orth, mut where_det) =
+        (0f64, 0f64, String::new(), String::new());
     let mut triality_worst = 0f64;
     for l in 0..model_cfg.num_layers {
         for &site in &cfg.sites {
-            let r = match adapter.rotation(&model_cfg, &cfg, l, site).and_then(|r| Ok(r.matrices()?.to_vec3::<f32>()?)) {
+            let r = match adapter
+                .rotation(&model_cfg, &cfg, l, site)
+                .and_then(|r| Ok(r.matrices()?.to_vec3::<f32>()?))
+            {
                 Ok(r) => r,
                 Err(e) => {
-                    out.push(check("orthogonality", false, format!("layer {l} {}: {e}", site.name())));
+                    out.push(check(
+                        "orthogonality",
+                        false,
+                        format!("layer {l} {}: {e}", site.name()),
+                    ));
                     return out;
                 }
             };
@@ -136,7 +219,9 @@ pub fn validate(path: &Path) -> Vec<Check> {
                 }
             }
             for f in &cfg.factors {
-                let g = adapter.generators[&generator_name(l, site, f)].to_vec2::<f32>().unwrap_or_default();
+                let g = adapter.generators[&generator_name(l, site, f)]
+                    .to_vec2::<f32>()
+                    .unwrap_or_default();
                 for row in &g {
                     let row: Vec<f64> = row.iter().map(|&x| x as f64).collect();
                     triality_worst = triality_worst.max(triality_residual(&row));
@@ -147,15 +232,37 @@ pub fn validate(path: &Path) -> Vec<Check> {
     out.push(check(
         "orthogonality",
         worst_orth <= ORTHOGONALITY_TOL,
-        format!("max ‖RᵀR − I‖∞ = {worst_orth:.2e} (limit {ORTHOGONALITY_TOL:e}){}", if where_orth.is_empty() { String::new() } else { format!(" at {where_orth}") }),
+        format!(
+            "max ‖RᵀR − I‖∞ = {worst_orth:.2e} (limit {ORTHOGONALITY_TOL:e}){}",
+            if where_orth.is_empty() {
+                String::new()
+            } else {
+                format!(" at {where_orth}")
+            }
+        ),
     ));
     out.push(check(
         "determinant",
         worst_det <= DET_TOL,
-        format!("max |det R − 1| = {worst_det:.2e} (limit {DET_TOL:e}){}", if where_det.is_empty() { String::new() } else { format!(" at {where_det}") }),
+        format!(
+            "max |det R − 1| = {worst_det:.2e} (limit {DET_TOL:e}){}",
+            if where_det.is_empty() {
+                String::new()
+            } else {
+                format!(" at {where_det}")
+            }
+        ),
     ));
     out.push(check("triality", triality_worst <= TRIALITY_TOL, format!("max |ρ_v(xy) − (ρ₊x)(ρ₋y)| = {triality_worst:.2e} over basis pairs (limit {TRIALITY_TOL:e})")));
-    out.push(check("heads", true, if cfg.heads_trained { "trained" } else { "untrained (zero weights: p = 0.5)" }));
+    out.push(check(
+        "heads",
+        true,
+        if cfg.heads_trained {
+            "trained"
+        } else {
+            "untrained (zero weights: p = 0.5)"
+        },
+    ));
     out
 }
 

@@ -59,17 +59,26 @@ struct Row {
 }
 
 fn string(v: &serde_json::Value, field: &str) -> std::result::Result<String, String> {
-    v.as_str().map(str::to_string).ok_or_else(|| format!("`{field}` must be a string"))
+    v.as_str()
+        .map(str::to_string)
+        .ok_or_else(|| format!("`{field}` must be a string"))
 }
 
-fn label(v: &Option<serde_json::Value>, field: &str, names: &[String; 2]) -> std::result::Result<Option<bool>, String> {
+fn label(
+    v: &Option<serde_json::Value>,
+    field: &str,
+    names: &[String; 2],
+) -> std::result::Result<Option<bool>, String> {
     match v {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(v) => {
             let s = string(v, field)?;
             match names.iter().position(|n| *n == s) {
                 Some(i) => Ok(Some(i == 1)),
-                None => Err(format!("unknown {field} label `{s}` (expected `{}` or `{}`)", names[0], names[1])),
+                None => Err(format!(
+                    "unknown {field} label `{s}` (expected `{}` or `{}`)",
+                    names[0], names[1]
+                )),
             }
         }
     }
@@ -82,11 +91,26 @@ fn parse_row(text: &str, line: usize, labels: &Labels) -> std::result::Result<Ex
         (None, Some(serde_json::Value::Array(items))) => {
             let mut out = Vec::with_capacity(items.len());
             for (i, m) in items.iter().enumerate() {
-                let role = m.get("role").map(|r| string(r, &format!("messages[{i}].role"))).transpose()?;
-                let content = m.get("content").map(|c| string(c, &format!("messages[{i}].content"))).transpose()?;
+                let role = m
+                    .get("role")
+                    .map(|r| string(r, &format!("messages[{i}].role")))
+                    .transpose()?;
+                let content = m
+                    .get("content")
+                    .map(|c| string(c, &format!("messages[{i}].content")))
+                    .transpose()?;
                 match (role, content) {
-                    (Some(r), Some(c)) if ["system", "user", "assistant"].contains(&r.as_str()) => out.push(Message { role: r, content: c }),
-                    (Some(r), Some(_)) => return Err(format!("messages[{i}].role `{r}` is not system, user or assistant")),
+                    (Some(r), Some(c)) if ["system", "user", "assistant"].contains(&r.as_str()) => {
+                        out.push(Message {
+                            role: r,
+                            content: c,
+                        })
+                    }
+                    (Some(r), Some(_)) => {
+                        return Err(format!(
+                            "messages[{i}].role `{r}` is not system, user or assistant"
+                        ))
+                    }
                     _ => return Err(format!("messages[{i}] needs `role` and `content`")),
                 }
             }
@@ -127,13 +151,25 @@ pub fn read_jsonl(path: &Path, labels: &Labels, skip_bad: bool) -> Result<Datase
         match parse_row(line, i + 1, labels) {
             Ok(e) => examples.push(e),
             Err(why) if skip_bad => skipped.push((i + 1, why)),
-            Err(why) => return Err(Error::format(path, format!("line {}: {why} (use --skip-bad to leave bad rows out)", i + 1))),
+            Err(why) => {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "line {}: {why} (use --skip-bad to leave bad rows out)",
+                        i + 1
+                    ),
+                ))
+            }
         }
     }
     if examples.is_empty() {
         return Err(Error::format(path, "holds no usable rows"));
     }
-    Ok(Dataset { path: path.to_path_buf(), examples, skipped })
+    Ok(Dataset {
+        path: path.to_path_buf(),
+        examples,
+        skipped,
+    })
 }
 
 #[cfg(test)]
@@ -155,21 +191,52 @@ mod tests {
         )
         .unwrap();
         assert_eq!(d.examples.len(), 2);
-        assert_eq!((d.examples[0].safety, d.examples[0].authority), (Some(false), None));
-        assert_eq!((d.examples[1].line, d.examples[1].authority, d.examples[1].messages.len()), (3, Some(true), 2));
+        assert_eq!(
+            (d.examples[0].safety, d.examples[0].authority),
+            (Some(false), None)
+        );
+        assert_eq!(
+            (
+                d.examples[1].line,
+                d.examples[1].authority,
+                d.examples[1].messages.len()
+            ),
+            (3, Some(true), 2)
+        );
         assert_eq!(d.examples[1].response.as_deref(), Some("r"));
     }
 
     #[test]
     fn bad_rows_name_their_line() {
-        let e = read("{\"prompt\":\"a\"}\n{\"prompt\":\"b\",\"safety\":\"harmful\"}\n", false).err().unwrap().to_string();
-        assert!(e.contains("line 2") && e.contains("unknown safety label `harmful`"), "{e}");
-        let e = read("{\"prompt\":\"a\"}\nnot json\n", false).err().unwrap().to_string();
-        assert!(e.contains("line 2") && e.contains("not a JSON object"), "{e}");
+        let e = read(
+            "{\"prompt\":\"a\"}\n{\"prompt\":\"b\",\"safety\":\"harmful\"}\n",
+            false,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            e.contains("line 2") && e.contains("unknown safety label `harmful`"),
+            "{e}"
+        );
+        let e = read("{\"prompt\":\"a\"}\nnot json\n", false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("line 2") && e.contains("not a JSON object"),
+            "{e}"
+        );
         let d = read("{\"prompt\":\"a\"}\nnot json\n{\"prompt\":3}\n", true).unwrap();
         assert_eq!(d.examples.len(), 1);
-        assert_eq!(d.skipped.iter().map(|s| s.0).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(
+            d.skipped.iter().map(|s| s.0).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
         let e = read("{\"messages\":[{\"role\":\"user\",\"content\":\"a\"},{\"role\":\"assistant\",\"content\":\"b\"}]}\n", false).err().unwrap();
-        assert!(e.to_string().contains("last message must be the user's"), "{e}");
+        assert!(
+            e.to_string().contains("last message must be the user's"),
+            "{e}"
+        );
     }
 }

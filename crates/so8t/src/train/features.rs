@@ -20,13 +20,27 @@ pub fn example_ids(model: &Model, ex: &Example) -> Result<(Vec<u32>, usize)> {
 }
 
 /// All examples' ids and prompt lengths, refusing any row longer than the model's context.
-pub fn dataset_ids(model: &Model, examples: &[Example], path: &std::path::Path) -> Result<(Vec<Vec<u32>>, Vec<usize>)> {
+pub fn dataset_ids(
+    model: &Model,
+    examples: &[Example],
+    path: &std::path::Path,
+) -> Result<(Vec<Vec<u32>>, Vec<usize>)> {
     let limit = model.config.max_position_embeddings;
-    let (mut all, mut prompt_lens) = (Vec::with_capacity(examples.len()), Vec::with_capacity(examples.len()));
+    let (mut all, mut prompt_lens) = (
+        Vec::with_capacity(examples.len()),
+        Vec::with_capacity(examples.len()),
+    );
     for ex in examples {
         let (ids, prompt_len) = example_ids(model, ex)?;
         if ids.len() > limit {
-            return Err(Error::format(path, format!("line {}: {} tokens, more than the model's context of {limit}", ex.line, ids.len())));
+            return Err(Error::format(
+                path,
+                format!(
+                    "line {}: {} tokens, more than the model's context of {limit}",
+                    ex.line,
+                    ids.len()
+                ),
+            ));
         }
         all.push(ids);
         prompt_lens.push(prompt_len);
@@ -38,7 +52,11 @@ pub fn dataset_ids(model: &Model, examples: &[Example], path: &std::path::Path) 
 /// model's decoder as it is (gates installed). Consecutive rows share their chat-template
 /// prefix (system prompt, headers), so the KV cache of the common prefix is kept and only
 /// the rest is computed.
-pub fn verdict_hidden(model: &mut Model, ids: &[Vec<u32>], mut progress: impl FnMut(usize)) -> Result<Tensor> {
+pub fn verdict_hidden(
+    model: &mut Model,
+    ids: &[Vec<u32>],
+    mut progress: impl FnMut(usize),
+) -> Result<Tensor> {
     let mut rows = Vec::with_capacity(ids.len());
     let mut prev: &[u32] = &[];
     model.decoder.clear_cache();
@@ -46,7 +64,12 @@ pub fn verdict_hidden(model: &mut Model, ids: &[Vec<u32>], mut progress: impl Fn
         if seq.is_empty() {
             return Err(Error::Invalid(format!("example {i} has no tokens")));
         }
-        let shared = prev.iter().zip(seq).take_while(|(a, b)| a == b).count().min(seq.len() - 1);
+        let shared = prev
+            .iter()
+            .zip(seq)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(seq.len() - 1);
         model.decoder.truncate_cache(shared)?;
         let h = model.decoder.forward_hidden(&seq[shared..], shared)?;
         rows.push(h.get(h.dim(0)? - 1)?);

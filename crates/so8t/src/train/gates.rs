@@ -8,11 +8,11 @@
 use super::data::Example;
 use super::logistic::balanced_weights;
 use super::TRAIN_DIR;
-use crate::staging::{write_bytes, write_file};
 use crate::error::{Error, Result};
 use crate::model::Site;
 use crate::so8::adapter::{generator_name, Adapter, Heads, So8tConfig};
 use crate::so8::gates::{site_rotation, SiteShape};
+use crate::staging::{write_bytes, write_file};
 use crate::Model;
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
@@ -108,7 +108,10 @@ struct Params {
 
 impl Params {
     fn get(&self, name: &str) -> Option<&Var> {
-        self.names.iter().position(|n| n == name).map(|i| &self.vars[i])
+        self.names
+            .iter()
+            .position(|n| n == name)
+            .map(|i| &self.vars[i])
     }
 }
 
@@ -130,18 +133,35 @@ pub struct Trainer<'a> {
 }
 
 impl<'a> Trainer<'a> {
-    pub fn new(model: &'a mut Model, config: So8tConfig, adapter: Adapter, opts: GatesOptions, examples: Vec<Example>, data_path: &Path, out: &Path) -> Result<Trainer<'a>> {
+    pub fn new(
+        model: &'a mut Model,
+        config: So8tConfig,
+        adapter: Adapter,
+        opts: GatesOptions,
+        examples: Vec<Example>,
+        data_path: &Path,
+        out: &Path,
+    ) -> Result<Trainer<'a>> {
         if opts.batch == 0 || opts.epochs == 0 {
-            return Err(Error::Invalid("--batch and --epochs must be at least 1".into()));
+            return Err(Error::Invalid(
+                "--batch and --epochs must be at least 1".into(),
+            ));
         }
         for s in &opts.sites {
             if !config.sites.contains(s) {
-                return Err(Error::Invalid(format!("site `{}` has no gate in this model (its sites: {:?})", s.name(), config.sites.iter().map(|s| s.name()).collect::<Vec<_>>())));
+                return Err(Error::Invalid(format!(
+                    "site `{}` has no gate in this model (its sites: {:?})",
+                    s.name(),
+                    config.sites.iter().map(|s| s.name()).collect::<Vec<_>>()
+                )));
             }
         }
         for f in &opts.factors {
             if !config.factors.contains(f) {
-                return Err(Error::Invalid(format!("factor `{f}` is not one of the model's factors {:?}", config.factors)));
+                return Err(Error::Invalid(format!(
+                    "factor `{f}` is not one of the model's factors {:?}",
+                    config.factors
+                )));
             }
         }
         let mut names = Vec::new();
@@ -159,10 +179,18 @@ impl<'a> Trainer<'a> {
             vars.push(Var::from_tensor(t)?);
             names.push(name.to_string());
         }
-        let m = vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
+        let m = vars
+            .iter()
+            .map(|v| v.zeros_like())
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let v = m.clone();
         let (ids, prompt_lens) = super::features::dataset_ids(model, &examples, data_path)?;
-        let labels = |h: usize| examples.iter().filter_map(|e| e.label(h)).collect::<Vec<_>>();
+        let labels = |h: usize| {
+            examples
+                .iter()
+                .filter_map(|e| e.label(h))
+                .collect::<Vec<_>>()
+        };
         let class_weights = [balanced_weights(&labels(0)), balanced_weights(&labels(1))];
         model.decoder.differentiable = true;
         Ok(Trainer {
@@ -199,7 +227,9 @@ impl<'a> Trainer<'a> {
         let spe = self.steps_per_epoch();
         let epoch = s / spe;
         let mut order: Vec<usize> = (0..self.examples.len()).collect();
-        order.shuffle(&mut StdRng::seed_from_u64(self.opts.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+        order.shuffle(&mut StdRng::seed_from_u64(
+            self.opts.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        ));
         let start = (s % spe) * self.opts.batch;
         order[start..(start + self.opts.batch).min(order.len())].to_vec()
     }
@@ -222,7 +252,12 @@ impl<'a> Trainer<'a> {
                         }
                     })
                     .collect();
-                let r = site_rotation(&factors, SiteShape::of(&cfg, site)?, site, self.config.granularity)?;
+                let r = site_rotation(
+                    &factors,
+                    SiteShape::of(&cfg, site)?,
+                    site,
+                    self.config.granularity,
+                )?;
                 *self.model.decoder.gates[l].slot(site) = Some(r);
             }
         }
@@ -236,7 +271,11 @@ impl<'a> Trainer<'a> {
         let b = self.params.vars[base + 2 * head + 1].as_tensor();
         let z = h_last.unsqueeze(0)?.matmul(&w.t()?)?.broadcast_add(b)?;
         let logp = candle_nn::ops::log_softmax(&z, D::Minus1)?;
-        let cw = if label { self.class_weights[head].1 } else { self.class_weights[head].0 };
+        let cw = if label {
+            self.class_weights[head].1
+        } else {
+            self.class_weights[head].0
+        };
         logp.get(0)?.get(label as usize)?.neg()? * cw
     }
 
@@ -253,9 +292,16 @@ impl<'a> Trainer<'a> {
             self.model.decoder.clear_cache();
             let h = self.model.decoder.forward_hidden(&ids, 0)?;
             // Next-token loss on the response when there is one, else on the prompt.
-            let start = if self.examples[i].response.is_some() { self.prompt_lens[i] - 1 } else { 0 };
+            let start = if self.examples[i].response.is_some() {
+                self.prompt_lens[i] - 1
+            } else {
+                0
+            };
             if len > start + 1 {
-                let logits = self.model.decoder.logits(&h.narrow(0, start, len - 1 - start)?)?;
+                let logits = self
+                    .model
+                    .decoder
+                    .logits(&h.narrow(0, start, len - 1 - start)?)?;
                 let targets = Tensor::new(&ids[start + 1..], &Device::Cpu)?;
                 let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
                 lm = (lm + candle_nn::loss::nll(&logp, &targets)?)?;
@@ -274,9 +320,18 @@ impl<'a> Trainer<'a> {
         let n = batch.len() as f64;
         let lm = (lm / n)?;
         let pet = (pet / n)?;
-        let safety = if ce_weight[0] > 0.0 { (&ce[0] / ce_weight[0])? } else { ce[0].clone() };
-        let authority = if ce_weight[1] > 0.0 { (&ce[1] / ce_weight[1])? } else { ce[1].clone() };
-        let total = ((((&lm + (&safety * self.opts.alpha)?)? + (&authority * self.opts.beta)?)? + (&pet * lambda)?))?;
+        let safety = if ce_weight[0] > 0.0 {
+            (&ce[0] / ce_weight[0])?
+        } else {
+            ce[0].clone()
+        };
+        let authority = if ce_weight[1] > 0.0 {
+            (&ce[1] / ce_weight[1])?
+        } else {
+            ce[1].clone()
+        };
+        let total = (((&lm + (&safety * self.opts.alpha)?)? + (&authority * self.opts.beta)?)?
+            + (&pet * lambda)?)?;
         Ok([total, lm, safety, authority, pet])
     }
 
@@ -294,7 +349,11 @@ impl<'a> Trainer<'a> {
     /// ∂loss/∂parameter for every parameter, in order (zero where the graph does not reach).
     fn gradients_of(&self, loss: &Tensor) -> Result<Vec<Tensor>> {
         let grads = loss.backward()?;
-        self.params.vars.iter().map(|v| Ok(grads.get(v).cloned().unwrap_or(v.zeros_like()?))).collect()
+        self.params
+            .vars
+            .iter()
+            .map(|v| Ok(grads.get(v).cloned().unwrap_or(v.zeros_like()?)))
+            .collect()
     }
 
     pub fn param_names(&self) -> &[String] {
@@ -320,9 +379,16 @@ impl<'a> Trainer<'a> {
         }
         let grad_norm = sq.sqrt();
         if !grad_norm.is_finite() {
-            return Err(Error::Invalid(format!("step {}: gradient is not finite (lower --lr)", s + 1)));
+            return Err(Error::Invalid(format!(
+                "step {}: gradient is not finite (lower --lr)",
+                s + 1
+            )));
         }
-        let clip = if grad_norm > self.opts.clip { self.opts.clip / grad_norm } else { 1.0 };
+        let clip = if grad_norm > self.opts.clip {
+            self.opts.clip / grad_norm
+        } else {
+            1.0
+        };
         // AdamW (decoupled weight decay), β = (0.9, 0.999), ε = 1e-8.
         let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
         let t = (s + 1) as i32;
@@ -333,8 +399,13 @@ impl<'a> Trainer<'a> {
             let mhat = (&self.m[i] / (1.0 - b1.powi(t)))?;
             let vhat = (&self.v[i] / (1.0 - b2.powi(t)))?;
             let var = &self.params.vars[i];
-            let lr = if i + 4 >= self.params.vars.len() { self.opts.head_lr } else { self.opts.lr };
-            let update = ((mhat / (vhat.sqrt()? + eps)?)? + (var.as_tensor() * self.opts.weight_decay)?)?;
+            let lr = if i + 4 >= self.params.vars.len() {
+                self.opts.head_lr
+            } else {
+                self.opts.lr
+            };
+            let update =
+                ((mhat / (vhat.sqrt()? + eps)?)? + (var.as_tensor() * self.opts.weight_decay)?)?;
             var.set(&(var.as_tensor() - (update * lr)?)?)?;
         }
         self.step += 1;
@@ -374,14 +445,21 @@ impl<'a> Trainer<'a> {
         } else {
             write_bytes(&log_path, b"")?;
         }
-        let mut log = std::fs::OpenOptions::new().append(true).open(&log_path).map_err(|e| Error::io(&log_path, e))?;
+        let mut log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| Error::io(&log_path, e))?;
         let total = self.total_steps();
         let end = control.stop_after.map_or(total, |s| s.min(total));
         while self.step < end {
             let line = self.train_step()?;
-            writeln!(log, "{}", serde_json::to_string(&line).unwrap()).map_err(|e| Error::io(&log_path, e))?;
+            writeln!(log, "{}", serde_json::to_string(&line).unwrap())
+                .map_err(|e| Error::io(&log_path, e))?;
             on_step(&line);
-            if control.checkpoint_every > 0 && self.step % control.checkpoint_every == 0 && self.step < end {
+            if control.checkpoint_every > 0
+                && self.step % control.checkpoint_every == 0
+                && self.step < end
+            {
                 self.save_checkpoint()?;
             }
         }
@@ -391,7 +469,10 @@ impl<'a> Trainer<'a> {
     }
 
     fn checkpoint_paths(&self) -> (PathBuf, PathBuf) {
-        (self.dir.join("checkpoint.safetensors"), self.dir.join("checkpoint.json"))
+        (
+            self.dir.join("checkpoint.safetensors"),
+            self.dir.join("checkpoint.json"),
+        )
     }
 
     fn fingerprint(&self) -> serde_json::Value {
@@ -402,32 +483,56 @@ impl<'a> Trainer<'a> {
         let (tensors_path, meta_path) = self.checkpoint_paths();
         let mut all = HashMap::new();
         for (i, n) in self.params.names.iter().enumerate() {
-            all.insert(format!("param.{n}"), self.params.vars[i].as_tensor().clone());
+            all.insert(
+                format!("param.{n}"),
+                self.params.vars[i].as_tensor().clone(),
+            );
             all.insert(format!("adam_m.{n}"), self.m[i].clone());
             all.insert(format!("adam_v.{n}"), self.v[i].clone());
         }
         write_file(&tensors_path, |tmp| {
-            candle_core::safetensors::save(&all, tmp).map_err(|e| Error::format(&tensors_path, crate::error::candle_message(&e)))
+            candle_core::safetensors::save(&all, tmp)
+                .map_err(|e| Error::format(&tensors_path, crate::error::candle_message(&e)))
         })?;
         let meta = serde_json::json!({ "step": self.step, "fingerprint": self.fingerprint() });
-        write_bytes(&meta_path, serde_json::to_string_pretty(&meta).unwrap().as_bytes())
+        write_bytes(
+            &meta_path,
+            serde_json::to_string_pretty(&meta).unwrap().as_bytes(),
+        )
     }
 
     fn load_checkpoint(&mut self) -> Result<()> {
         let (tensors_path, meta_path) = self.checkpoint_paths();
         let text = std::fs::read_to_string(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
-        let meta: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::format(&meta_path, e.to_string()))?;
+        let meta: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::format(&meta_path, e.to_string()))?;
         if meta["fingerprint"] != self.fingerprint() {
-            return Err(Error::format(&meta_path, "was written by a run with other options or data; resume with the same arguments"));
+            return Err(Error::format(
+                &meta_path,
+                "was written by a run with other options or data; resume with the same arguments",
+            ));
         }
-        let step = meta["step"].as_u64().ok_or_else(|| Error::format(&meta_path, "field `step` must be a number"))? as usize;
+        let step = meta["step"]
+            .as_u64()
+            .ok_or_else(|| Error::format(&meta_path, "field `step` must be a number"))?
+            as usize;
         let mut t = candle_core::safetensors::load(&tensors_path, &Device::Cpu)
             .map_err(|e| Error::format(&tensors_path, crate::error::candle_message(&e)))?;
         for (i, n) in self.params.names.iter().enumerate() {
-            let mut take = |k: String| t.remove(&k).ok_or_else(|| Error::format(&tensors_path, format!("missing tensor `{k}`")));
+            let mut take = |k: String| {
+                t.remove(&k)
+                    .ok_or_else(|| Error::format(&tensors_path, format!("missing tensor `{k}`")))
+            };
             let p = take(format!("param.{n}"))?;
             if p.dims() != self.params.vars[i].dims() {
-                return Err(Error::format(&tensors_path, format!("tensor `param.{n}` has shape {:?}, expected {:?}", p.dims(), self.params.vars[i].dims())));
+                return Err(Error::format(
+                    &tensors_path,
+                    format!(
+                        "tensor `param.{n}` has shape {:?}, expected {:?}",
+                        p.dims(),
+                        self.params.vars[i].dims()
+                    ),
+                ));
             }
             self.params.vars[i].set(&p)?;
             self.m[i] = take(format!("adam_m.{n}"))?;
@@ -449,7 +554,11 @@ impl<'a> Trainer<'a> {
                 named.insert(n.clone(), t);
             }
         }
-        let heads = Heads::from_named(|n| named.remove(n).ok_or_else(|| Error::Invalid(format!("head tensor `{n}` missing"))))?;
+        let heads = Heads::from_named(|n| {
+            named
+                .remove(n)
+                .ok_or_else(|| Error::Invalid(format!("head tensor `{n}` missing")))
+        })?;
         let mut config = self.config.clone();
         config.heads_trained = true;
         Ok((Adapter { generators, heads }, config))
@@ -475,11 +584,20 @@ mod tests {
     #[test]
     fn pet_of_a_straight_line_is_zero() {
         // h_t = a + t·b with small integers: every second difference is exactly zero.
-        let rows: Vec<f32> = (0..6).flat_map(|t| (0..4).map(move |j| (j as f32 - 1.0) + t as f32 * (j as f32 + 2.0))).collect();
+        let rows: Vec<f32> = (0..6)
+            .flat_map(|t| (0..4).map(move |j| (j as f32 - 1.0) + t as f32 * (j as f32 + 2.0)))
+            .collect();
         let h = Tensor::from_vec(rows, (6, 4), &Device::Cpu).unwrap();
         assert_eq!(pet_loss(&h).unwrap().to_scalar::<f32>().unwrap(), 0.0);
         // A bend is not: h = t² in one coordinate gives second difference 2 → 4/d.
-        let bent = Tensor::from_vec((0..5).flat_map(|t| [(t * t) as f32, 0.0]).collect::<Vec<_>>(), (5, 2), &Device::Cpu).unwrap();
+        let bent = Tensor::from_vec(
+            (0..5)
+                .flat_map(|t| [(t * t) as f32, 0.0])
+                .collect::<Vec<_>>(),
+            (5, 2),
+            &Device::Cpu,
+        )
+        .unwrap();
         assert_eq!(pet_loss(&bent).unwrap().to_scalar::<f32>().unwrap(), 2.0);
     }
 

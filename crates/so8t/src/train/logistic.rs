@@ -22,7 +22,15 @@ pub struct Fit {
 
 impl Fit {
     pub fn logits(&self, x: &[f32], d: usize) -> Vec<f64> {
-        x.chunks(d).map(|row| row.iter().zip(&self.w).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() + self.b as f64).collect()
+        x.chunks(d)
+            .map(|row| {
+                row.iter()
+                    .zip(&self.w)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum::<f64>()
+                    + self.b as f64
+            })
+            .collect()
     }
 
     /// The `[2, hidden]` weight and `[2]` bias of a softmax head with the same p.
@@ -30,7 +38,10 @@ impl Fit {
         let d = self.w.len();
         let mut w = vec![0f32; 2 * d];
         w[d..].copy_from_slice(&self.w);
-        Ok((Tensor::from_vec(w, (2, d), &Device::Cpu)?, Tensor::new(&[0f32, self.b], &Device::Cpu)?))
+        Ok((
+            Tensor::from_vec(w, (2, d), &Device::Cpu)?,
+            Tensor::new(&[0f32, self.b], &Device::Cpu)?,
+        ))
     }
 }
 
@@ -39,7 +50,10 @@ pub fn balanced_weights(y: &[bool]) -> (f64, f64) {
     let pos = y.iter().filter(|&&v| v).count() as f64;
     let neg = y.len() as f64 - pos;
     let n = y.len() as f64;
-    (if neg > 0.0 { n / (2.0 * neg) } else { 1.0 }, if pos > 0.0 { n / (2.0 * pos) } else { 1.0 })
+    (
+        if neg > 0.0 { n / (2.0 * neg) } else { 1.0 },
+        if pos > 0.0 { n / (2.0 * pos) } else { 1.0 },
+    )
 }
 
 fn sigmoid(z: f64) -> f64 {
@@ -66,7 +80,11 @@ fn nll(z: f64, y: bool) -> f64 {
 pub fn weighted_loss(z: &[f64], y: &[bool], weights: (f64, f64)) -> f64 {
     let c = |v: bool| if v { weights.1 } else { weights.0 };
     let total: f64 = y.iter().map(|&v| c(v)).sum();
-    z.iter().zip(y).map(|(&z, &v)| c(v) * nll(z, v)).sum::<f64>() / total.max(1e-300)
+    z.iter()
+        .zip(y)
+        .map(|(&z, &v)| c(v) * nll(z, v))
+        .sum::<f64>()
+        / total.max(1e-300)
 }
 
 /// Cholesky solve of the symmetric positive definite `a` (`n×n`, row-major) against `b`.
@@ -107,10 +125,15 @@ fn cholesky_solve(mut a: Vec<f64>, b: &[f64]) -> Option<Vec<f64>> {
 pub fn fit(x: &[f32], d: usize, y: &[bool], weight_decay: f64) -> Result<Fit> {
     let n = y.len();
     if n == 0 || x.len() != n * d {
-        return Err(Error::Invalid(format!("logistic fit: {} values for {n} rows of {d}", x.len())));
+        return Err(Error::Invalid(format!(
+            "logistic fit: {} values for {n} rows of {d}",
+            x.len()
+        )));
     }
     if y.iter().all(|&v| v) || y.iter().all(|&v| !v) {
-        return Err(Error::Invalid("logistic fit needs examples of both classes".into()));
+        return Err(Error::Invalid(
+            "logistic fit needs examples of both classes".into(),
+        ));
     }
     // Standardise.
     let mut mean = vec![0f64; d];
@@ -126,7 +149,11 @@ pub fn fit(x: &[f32], d: usize, y: &[bool], weight_decay: f64) -> Result<Fit> {
             *s += (v as f64 - m).powi(2);
         }
     }
-    let scale: Vec<f64> = var.iter().map(|s| (s / n as f64).sqrt()).map(|s| if s > 1e-12 { s } else { 1.0 }).collect();
+    let scale: Vec<f64> = var
+        .iter()
+        .map(|s| (s / n as f64).sqrt())
+        .map(|s| if s > 1e-12 { s } else { 1.0 })
+        .collect();
     // Design matrix with a trailing 1 for the bias, f64.
     let p = d + 1;
     let mut z = vec![0f64; n * p];
@@ -138,10 +165,16 @@ pub fn fit(x: &[f32], d: usize, y: &[bool], weight_decay: f64) -> Result<Fit> {
     }
     let zt = Tensor::from_vec(z.clone(), (n, p), &Device::Cpu)?;
     let weights = balanced_weights(y);
-    let cw: Vec<f64> = y.iter().map(|&v| if v { weights.1 } else { weights.0 }).collect();
+    let cw: Vec<f64> = y
+        .iter()
+        .map(|&v| if v { weights.1 } else { weights.0 })
+        .collect();
     let total: f64 = cw.iter().sum();
     let objective = |beta: &[f64]| -> (Vec<f64>, f64) {
-        let logits: Vec<f64> = z.chunks(p).map(|r| r.iter().zip(beta).map(|(a, b)| a * b).sum()).collect();
+        let logits: Vec<f64> = z
+            .chunks(p)
+            .map(|r| r.iter().zip(beta).map(|(a, b)| a * b).sum())
+            .collect();
         let reg: f64 = beta[..d].iter().map(|b| b * b).sum::<f64>() * weight_decay / 2.0;
         let loss = weighted_loss(&logits, y, weights) + reg;
         (logits, loss)
@@ -163,13 +196,19 @@ pub fn fit(x: &[f32], d: usize, y: &[bool], weight_decay: f64) -> Result<Fit> {
         for j in 0..d {
             grad[j] += weight_decay * beta[j];
         }
-        let s: Vec<f64> = (0..n).map(|i| (cw[i] * probs[i] * (1.0 - probs[i]) / total).sqrt()).collect();
+        let s: Vec<f64> = (0..n)
+            .map(|i| (cw[i] * probs[i] * (1.0 - probs[i]) / total).sqrt())
+            .collect();
         let zs = zt.broadcast_mul(&Tensor::from_vec(s, (n, 1), &Device::Cpu)?)?;
         let mut hess = zs.t()?.matmul(&zs)?.flatten_all()?.to_vec1::<f64>()?;
         for j in 0..p {
             hess[j * p + j] += if j < d { weight_decay } else { 1e-12 };
         }
-        let step = cholesky_solve(hess, &grad).ok_or_else(|| Error::Invalid("logistic fit: Hessian is not positive definite (raise the weight decay)".into()))?;
+        let step = cholesky_solve(hess, &grad).ok_or_else(|| {
+            Error::Invalid(
+                "logistic fit: Hessian is not positive definite (raise the weight decay)".into(),
+            )
+        })?;
         // Damped Newton: halve the step until the objective does not rise.
         let mut t = 1.0;
         let mut accepted = false;
@@ -196,7 +235,13 @@ pub fn fit(x: &[f32], d: usize, y: &[bool], weight_decay: f64) -> Result<Fit> {
     }
     let w: Vec<f32> = (0..d).map(|j| (beta[j] / scale[j]) as f32).collect();
     let b = beta[d] - (0..d).map(|j| beta[j] * mean[j] / scale[j]).sum::<f64>();
-    Ok(Fit { w, b: b as f32, weight_decay, iterations, loss })
+    Ok(Fit {
+        w,
+        b: b as f32,
+        weight_decay,
+        iterations,
+        loss,
+    })
 }
 
 #[cfg(test)]
@@ -211,12 +256,22 @@ mod tests {
     fn recovers_a_known_linear_rule() {
         let (n, d) = (4000, 24);
         let mut rng = StdRng::seed_from_u64(5);
-        let true_w: Vec<f64> = (0..d).map(|j| if j < 6 { rng.random_range(-2.0..2.0) } else { 0.0 }).collect();
+        let true_w: Vec<f64> = (0..d)
+            .map(|j| {
+                if j < 6 {
+                    rng.random_range(-2.0..2.0)
+                } else {
+                    0.0
+                }
+            })
+            .collect();
         let true_b = 0.7;
         let mut x = Vec::with_capacity(n * d);
         let mut y = Vec::with_capacity(n);
         for _ in 0..n {
-            let row: Vec<f64> = (0..d).map(|j| rng.random_range(-1.0..1.0) * if j == 10 { 300.0 } else { 1.0 }).collect();
+            let row: Vec<f64> = (0..d)
+                .map(|j| rng.random_range(-1.0..1.0) * if j == 10 { 300.0 } else { 1.0 })
+                .collect();
             let z: f64 = row.iter().zip(&true_w).map(|(a, b)| a * b).sum::<f64>() + true_b;
             let u: f64 = rng.random_range(1e-12..1.0);
             // y = 1 with probability σ(4z): a sharp but noisy rule.
@@ -226,17 +281,32 @@ mod tests {
         let f = fit(&x, d, &y, 1e-4).unwrap();
         let norm = |v: &[f64]| v.iter().map(|a| a * a).sum::<f64>().sqrt();
         let got: Vec<f64> = f.w.iter().map(|&v| v as f64).collect();
-        let cos = got.iter().zip(&true_w).map(|(a, b)| a * b).sum::<f64>() / (norm(&got) * norm(&true_w));
+        let cos =
+            got.iter().zip(&true_w).map(|(a, b)| a * b).sum::<f64>() / (norm(&got) * norm(&true_w));
         assert!(cos > 0.99, "direction cosine {cos}");
         // The scale is 4× the rule (the noise model): within 15% with 4000 samples.
         let ratio = norm(&got) / (4.0 * norm(&true_w));
         assert!((ratio - 1.0).abs() < 0.15, "scale ratio {ratio}");
-        assert!((f.b as f64 / (4.0 * true_b) - 1.0).abs() < 0.25, "bias {} vs {}", f.b, 4.0 * true_b);
+        assert!(
+            (f.b as f64 / (4.0 * true_b) - 1.0).abs() < 0.25,
+            "bias {} vs {}",
+            f.b,
+            4.0 * true_b
+        );
         // The ignored huge dimension gets (almost) no weight in raw units.
-        assert!((f.w[10] as f64 * 300.0).abs() < 0.2, "weight on the outlier dimension {}", f.w[10]);
+        assert!(
+            (f.w[10] as f64 * 300.0).abs() < 0.2,
+            "weight on the outlier dimension {}",
+            f.w[10]
+        );
         // The head form gives the same probabilities.
         let (w, b) = f.head().unwrap();
-        let h = crate::so8::adapter::Heads { safety_w: w.clone(), safety_b: b.clone(), authority_w: w, authority_b: b };
+        let h = crate::so8::adapter::Heads {
+            safety_w: w.clone(),
+            safety_b: b.clone(),
+            authority_w: w,
+            authority_b: b,
+        };
         let xt = Tensor::from_vec(x[..5 * d].to_vec(), (5, d), &Device::Cpu).unwrap();
         let v = h.verdicts(&xt).unwrap();
         for (i, z) in f.logits(&x[..5 * d], d).iter().enumerate() {

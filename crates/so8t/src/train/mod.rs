@@ -32,10 +32,18 @@ pub struct Features {
 }
 
 impl Features {
-    pub fn compute(model: &mut Model, data: &Dataset, progress: impl FnMut(usize)) -> Result<Features> {
+    pub fn compute(
+        model: &mut Model,
+        data: &Dataset,
+        progress: impl FnMut(usize),
+    ) -> Result<Features> {
         let (ids, _) = features::dataset_ids(model, &data.examples, &data.path)?;
         let h = features::verdict_hidden(model, &ids, progress)?;
-        Ok(Features { x: h.flatten_all()?.to_vec1::<f32>()?, hidden: model.config.hidden_size, examples: data.examples.clone() })
+        Ok(Features {
+            x: h.flatten_all()?.to_vec1::<f32>()?,
+            hidden: model.config.hidden_size,
+            examples: data.examples.clone(),
+        })
     }
 
     /// (features, labels) of the rows labelled for `head`.
@@ -57,7 +65,10 @@ pub fn head_scores(heads: &Heads, x: &[f32], hidden: usize) -> Result<[Vec<f32>;
     let n = x.len() / hidden;
     let t = candle_core::Tensor::from_vec(x.to_vec(), (n, hidden), &candle_core::Device::Cpu)?;
     let v = heads.verdicts(&t)?;
-    Ok([v.iter().map(|v| v.p_unsafe).collect(), v.iter().map(|v| v.p_escalate).collect()])
+    Ok([
+        v.iter().map(|v| v.p_unsafe).collect(),
+        v.iter().map(|v| v.p_escalate).collect(),
+    ])
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -76,7 +87,12 @@ pub const WEIGHT_DECAYS: [f64; 5] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0];
 
 /// The heads-only fit. With `val`, the weight decay is the one of [`WEIGHT_DECAYS`] with
 /// the lowest class-weighted validation loss, unless `weight_decay` fixes it.
-pub fn fit_heads(train: &Features, val: Option<&Features>, weight_decay: Option<f64>, current: &Heads) -> Result<(Heads, Vec<HeadFitReport>)> {
+pub fn fit_heads(
+    train: &Features,
+    val: Option<&Features>,
+    weight_decay: Option<f64>,
+    current: &Heads,
+) -> Result<(Heads, Vec<HeadFitReport>)> {
     let mut heads = current.clone();
     let mut reports = Vec::new();
     for (h, name) in HEAD_NAMES.iter().enumerate() {
@@ -96,7 +112,11 @@ pub fn fit_heads(train: &Features, val: Option<&Features>, weight_decay: Option<
                     let mut best = (f64::INFINITY, 1e-2);
                     for wd in WEIGHT_DECAYS {
                         let f = logistic::fit(&x, train.hidden, &y, wd)?;
-                        let loss = logistic::weighted_loss(&f.logits(&vx, train.hidden), &vy, logistic::balanced_weights(&vy));
+                        let loss = logistic::weighted_loss(
+                            &f.logits(&vx, train.hidden),
+                            &vy,
+                            logistic::balanced_weights(&vy),
+                        );
                         search.push((wd, loss));
                         if loss < best.0 {
                             best = (loss, wd);
@@ -137,7 +157,12 @@ pub struct ThresholdReport {
 
 /// Per head, the lowest threshold whose false positive rate on the validation split is at
 /// most `target_fpr` (safe prompts flagged unsafe; handle requests escalated).
-pub fn choose_thresholds(heads: &Heads, val: &Features, target_fpr: f64, current: &Thresholds) -> Result<(Thresholds, Vec<ThresholdReport>)> {
+pub fn choose_thresholds(
+    heads: &Heads,
+    val: &Features,
+    target_fpr: f64,
+    current: &Thresholds,
+) -> Result<(Thresholds, Vec<ThresholdReport>)> {
     let mut t = current.clone();
     let mut reports = Vec::new();
     for (h, name) in HEAD_NAMES.iter().enumerate() {
@@ -152,7 +177,12 @@ pub fn choose_thresholds(heads: &Heads, val: &Features, target_fpr: f64, current
         } else {
             t.escalate = threshold;
         }
-        reports.push(ThresholdReport { head: name, target_fpr, threshold, validation: binary_metrics(&scores, &y, threshold) });
+        reports.push(ThresholdReport {
+            head: name,
+            target_fpr,
+            threshold,
+            validation: binary_metrics(&scores, &y, threshold),
+        });
     }
     Ok((t, reports))
 }
@@ -173,7 +203,9 @@ pub fn prepare_out(model_dir: &Path, out: Option<&Path>) -> Result<PathBuf> {
             continue;
         }
         let dst = out.join(&name);
-        let same = std::fs::metadata(&dst).ok().is_some_and(|m| Some(m.len()) == e.metadata().ok().map(|m| m.len()));
+        let same = std::fs::metadata(&dst)
+            .ok()
+            .is_some_and(|m| Some(m.len()) == e.metadata().ok().map(|m| m.len()));
         if same {
             continue;
         }
@@ -198,14 +230,23 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 /// Writes the adapter, then the config, each to a temporary name renamed into place.
 pub fn write_result(out: &Path, adapter: &Adapter, config: &So8tConfig) -> Result<()> {
     write_file(&out.join(ADAPTER_FILE), |tmp| adapter.write(tmp))?;
-    write_bytes(&out.join(CONFIG_FILE), serde_json::to_string_pretty(config).unwrap().as_bytes())
+    write_bytes(
+        &out.join(CONFIG_FILE),
+        serde_json::to_string_pretty(config).unwrap().as_bytes(),
+    )
 }
 
 /// The model directory's config, checked to belong to a trainable SO8T directory.
 pub fn so8t_parts(model: &Model) -> Result<(So8tConfig, Adapter)> {
     match &model.so8t {
         Some(s) if !s.baked => Ok((s.config.clone(), Adapter::read(&model.path)?)),
-        Some(_) => Err(Error::format(&model.path, "is baked: train the SO8T directory it was baked from")),
-        None => Err(Error::format(&model.path, "is not an SO8T directory (so8t_config.json missing): run `so8t convert` first")),
+        Some(_) => Err(Error::format(
+            &model.path,
+            "is baked: train the SO8T directory it was baked from",
+        )),
+        None => Err(Error::format(
+            &model.path,
+            "is not an SO8T directory (so8t_config.json missing): run `so8t convert` first",
+        )),
     }
 }

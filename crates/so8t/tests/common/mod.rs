@@ -15,18 +15,29 @@ pub struct Expected {
 
 pub fn expected(name: &str) -> Expected {
     let dir = fixtures().join(name);
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let ids = |k: &str| -> Vec<Vec<u32>> { serde_json::from_value(meta[k].clone()).unwrap() };
     Expected {
         inputs: ids("inputs"),
         greedy: ids("greedy"),
-        logits: candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap(),
+        logits: candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)
+            .unwrap(),
     }
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Greedy continuation straight from the decoder (no end-of-generation stop, as the
@@ -36,17 +47,31 @@ pub fn greedy(model: &mut so8t::Model, prompt: &[u32], n: usize) -> Vec<u32> {
 }
 
 /// The greedy tokens and the logits each was chosen from.
-pub fn greedy_with_logits(model: &mut so8t::Model, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+pub fn greedy_with_logits(
+    model: &mut so8t::Model,
+    prompt: &[u32],
+    n: usize,
+) -> (Vec<u32>, Vec<Vec<f32>>) {
     model.decoder.clear_cache();
     let (mut out, mut rows) = (Vec::new(), Vec::new());
     let mut h = model.decoder.forward_hidden(prompt, 0).unwrap();
     for _ in 0..n {
         let last = h.get(h.dim(0).unwrap() - 1).unwrap().unsqueeze(0).unwrap();
-        let logits = model.decoder.logits(&last).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+        let logits = model
+            .decoder
+            .logits(&last)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let t = so8t::sampling::argmax(&logits);
         out.push(t);
         rows.push(logits);
-        h = model.decoder.forward_hidden(&[t], prompt.len() + out.len() - 1).unwrap();
+        h = model
+            .decoder
+            .forward_hidden(&[t], prompt.len() + out.len() - 1)
+            .unwrap();
     }
     (out, rows)
 }
@@ -68,10 +93,17 @@ pub fn real_model(which: &str, file: &str) -> Option<PathBuf> {
         return Some(path);
     }
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-models.sh");
-    match std::process::Command::new("bash").arg(script).arg(which).output() {
+    match std::process::Command::new("bash")
+        .arg(script)
+        .arg(which)
+        .output()
+    {
         Ok(o) if o.status.success() && path.exists() => Some(path),
         Ok(o) => {
-            eprintln!("SKIPPED: {file} could not be fetched: {}", String::from_utf8_lossy(&o.stderr).trim());
+            eprintln!(
+                "SKIPPED: {file} could not be fetched: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
             None
         }
         Err(e) => {
@@ -125,9 +157,25 @@ pub fn teacher_forced_agreement(model: &mut Model, cases: &[serde_json::Value]) 
     let (mut same, mut total) = (0, 0);
     for case in cases {
         let prompt: Vec<u32> = serde_json::from_value(case["prompt_tokens"].clone()).unwrap();
-        let steps: Vec<u32> = case["steps"].as_array().unwrap().iter().map(|s| s["id"].as_u64().unwrap() as u32).collect();
-        let seq: Vec<u32> = prompt.iter().chain(&steps[..steps.len().saturating_sub(1)]).copied().collect();
-        let top = model.decoder.forward_all(&seq).unwrap().argmax(1).unwrap().to_vec1::<u32>().unwrap();
+        let steps: Vec<u32> = case["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_u64().unwrap() as u32)
+            .collect();
+        let seq: Vec<u32> = prompt
+            .iter()
+            .chain(&steps[..steps.len().saturating_sub(1)])
+            .copied()
+            .collect();
+        let top = model
+            .decoder
+            .forward_all(&seq)
+            .unwrap()
+            .argmax(1)
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
         for (k, want) in steps.iter().enumerate() {
             same += (top[prompt.len() - 1 + k] == *want) as usize;
             total += 1;
@@ -136,7 +184,12 @@ pub fn teacher_forced_agreement(model: &mut Model, cases: &[serde_json::Value]) 
     (same, total)
 }
 
-pub fn check_against_llama_cpp(which: &str, model: &mut Model, cases: &[serde_json::Value], n_tokens: usize) {
+pub fn check_against_llama_cpp(
+    which: &str,
+    model: &mut Model,
+    cases: &[serde_json::Value],
+    n_tokens: usize,
+) {
     let eog = model.eog_ids();
     let (mut ours_default, mut ours_precise, mut self_agree, mut steps_total) = (0, 0, 0, 0);
     let mut llama_tie = 0.02f32;
@@ -147,22 +200,41 @@ pub fn check_against_llama_cpp(which: &str, model: &mut Model, cases: &[serde_js
         let chat = case["chat"].as_bool().unwrap();
         let tok = model.tokenizer().unwrap();
         let ids = if chat {
-            let t = ChatTemplate::new(tok.chat_template.as_ref().unwrap(), &tok.bos_text, &tok.eos_text).unwrap();
+            let t = ChatTemplate::new(
+                tok.chat_template.as_ref().unwrap(),
+                &tok.bos_text,
+                &tok.eos_text,
+            )
+            .unwrap();
             let rendered = t.render(&[Message::new("user", prompt)], true).unwrap();
-            assert_eq!(rendered, case["rendered"].as_str().unwrap(), "{which}: chat template rendering of {prompt:?}");
+            assert_eq!(
+                rendered,
+                case["rendered"].as_str().unwrap(),
+                "{which}: chat template rendering of {prompt:?}"
+            );
             tok.encode(&rendered, false).unwrap()
         } else {
             tok.encode(prompt, true).unwrap()
         };
         let want_ids: Vec<u32> = serde_json::from_value(case["prompt_tokens"].clone()).unwrap();
-        assert_eq!(ids, want_ids, "{which}: prompt token ids for {prompt:?} (chat={chat})");
+        assert_eq!(
+            ids, want_ids,
+            "{which}: prompt token ids for {prompt:?} (chat={chat})"
+        );
 
         let (mut got, mut gaps) = (Vec::new(), Vec::new());
         model.decoder.clear_cache();
         let mut h = model.decoder.forward_hidden(&ids, 0).unwrap();
         while got.len() < n_tokens {
             let last = h.get(h.dim(0).unwrap() - 1).unwrap().unsqueeze(0).unwrap();
-            let logits = model.decoder.logits(&last).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+            let logits = model
+                .decoder
+                .logits(&last)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             let top = top_logprobs(&logits, 2);
             let t = so8t::sampling::argmax(&logits);
             got.push(t);
@@ -170,12 +242,21 @@ pub fn check_against_llama_cpp(which: &str, model: &mut Model, cases: &[serde_js
             if eog.contains(&t) {
                 break;
             }
-            h = model.decoder.forward_hidden(&[t], ids.len() + got.len() - 1).unwrap();
+            h = model
+                .decoder
+                .forward_hidden(&[t], ids.len() + got.len() - 1)
+                .unwrap();
         }
-        let (default, precise) = (case["steps"].as_array().unwrap(), case["steps_precise"].as_array().unwrap());
+        let (default, precise) = (
+            case["steps"].as_array().unwrap(),
+            case["steps_precise"].as_array().unwrap(),
+        );
         let d = compare(&got, &gaps, default);
         let p = compare(&got, &gaps, precise);
-        let ll_ids: Vec<u32> = default.iter().map(|s| s["id"].as_u64().unwrap() as u32).collect();
+        let ll_ids: Vec<u32> = default
+            .iter()
+            .map(|s| s["id"].as_u64().unwrap() as u32)
+            .collect();
         let ll_gaps: Vec<f32> = default.iter().map(gap).collect();
         let own = compare(&ll_ids, &ll_gaps, precise);
         for k in 0..own.same {
@@ -211,4 +292,3 @@ pub fn check_against_llama_cpp(which: &str, model: &mut Model, cases: &[serde_js
         }
     }
 }
-

@@ -1,0 +1,55 @@
+use anyhow::Result;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// HF or SO8T directory, or .gguf file.
+    #[arg(short, long)]
+    model: PathBuf,
+    /// Address to listen on (loopback by default; give 0.0.0.0 to accept other hosts).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port (0 picks a free one; the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on every route but / and /health.
+    #[arg(long, env = "SO8T_API_KEY")]
+    api_key: Option<String>,
+    /// Requests that generate at once (interleaved token by token).
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
+    /// Requests that may wait for a slot; beyond that the server answers 429.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// SQLite file for the audit log (one row per request and decision).
+    #[arg(long)]
+    audit: Option<PathBuf>,
+    /// Keep the prompt text in the audit log, not only its sha256.
+    #[arg(long, requires = "audit")]
+    audit_text: bool,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_body: usize,
+    /// Tokens to generate when a request does not say (bounded by the context).
+    #[arg(long, default_value_t = 512)]
+    default_max_tokens: usize,
+    /// Model id in the API (default: the file or directory name).
+    #[arg(long)]
+    alias: Option<String>,
+}
+
+pub fn main(a: Args) -> Result<()> {
+    so8t_serve::serve(so8t_serve::Options {
+        model: a.model,
+        host: a.host,
+        port: a.port,
+        api_key: a.api_key,
+        parallel: a.parallel,
+        queue: a.queue,
+        audit: a.audit,
+        audit_text: a.audit_text,
+        max_body: a.max_body,
+        default_max_tokens: a.default_max_tokens,
+        alias: a.alias,
+    })
+}

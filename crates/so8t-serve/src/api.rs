@@ -1,0 +1,461 @@
+//! The OpenAI request shapes this server accepts, their checks, and OpenAI's error object.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use so8t::chat::Message;
+
+/// An error as OpenAI's API returns it: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<&'static str>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn invalid(param: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: Some(param),
+            code: None,
+        }
+    }
+
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: Option<&'static str>,
+        message: impl Into<String>,
+    ) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code,
+        }
+    }
+
+    pub fn server(message: impl Into<String>) -> ApiError {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            None,
+            message,
+        )
+    }
+
+    pub fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body())).into_response()
+    }
+}
+
+impl From<axum::extract::rejection::JsonRejection> for ApiError {
+    fn from(r: axum::extract::rejection::JsonRejection) -> ApiError {
+        use axum::extract::rejection::JsonRejection as J;
+        let status = match &r {
+            J::BytesRejection(_) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            J::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        let message = match status {
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                "the request body is larger than the server's limit (--max-body)".to_string()
+            }
+            _ => r.body_text(),
+        };
+        ApiError::new(status, "invalid_request_error", None, message)
+    }
+}
+
+/// Reads `T` out of a request body, naming the field that does not fit. (Each request
+/// is read twice, as its route's fields and as [`Sampling`], rather than with
+/// `#[serde(flatten)]`, which would lose the field's name from the message.)
+pub fn parse<T: serde::de::DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
+    if !body.is_object() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            None,
+            "the request body must be a JSON object",
+        ));
+    }
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        let message = format!("`{path}`: {}", e.inner());
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message,
+            kind: "invalid_request_error",
+            param: None,
+            code: None,
+        }
+    })
+}
+
+/// Message content: a string, or OpenAI's list of parts of which the text parts count.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+pub struct Part {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: Option<Content>,
+}
+
+/// `stop`: one string or a list.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize, Default)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Sampling and length fields shared by both completion routes. Numbers are read wide
+/// (i64/f64) so that a negative or oversize value gets a message naming the field rather
+/// than a type error.
+#[derive(Deserialize, Default)]
+pub struct Sampling {
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub repeat_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub seed: Option<i64>,
+    pub stop: Option<Stop>,
+    pub n: Option<i64>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    /// SO8T: `off` (default), `flag` (report only) or `stop` (end at the first unsafe token).
+    pub moderation: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct ChatRequest {
+    pub model: Option<String>,
+    pub messages: Vec<ChatMessage>,
+    #[serde(default)]
+    pub logprobs: bool,
+    pub top_logprobs: Option<i64>,
+    pub tools: Option<Value>,
+}
+
+/// `prompt`: a string, a one-element list of strings, or token ids.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+}
+
+#[derive(Deserialize)]
+pub struct CompletionRequest {
+    pub model: Option<String>,
+    pub prompt: Prompt,
+    /// Legacy completions: how many alternatives per token (0–5).
+    pub logprobs: Option<i64>,
+    #[serde(default)]
+    pub echo: bool,
+    pub suffix: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum ModerationInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+pub struct ModerationRequest {
+    pub model: Option<String>,
+    pub input: ModerationInput,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Moderation {
+    Off,
+    Flag,
+    Stop,
+}
+
+impl Moderation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Moderation::Off => "off",
+            Moderation::Flag => "flag",
+            Moderation::Stop => "stop",
+        }
+    }
+}
+
+/// The sampling request after its checks.
+pub struct Checked {
+    pub max_tokens: Option<usize>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub min_p: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub moderation: Moderation,
+}
+
+fn range(param: &'static str, v: Option<f64>, lo: f64, hi: f64) -> Result<Option<f32>, ApiError> {
+    match v {
+        Some(x) if !(lo..=hi).contains(&x) => Err(ApiError::invalid(
+            param,
+            format!("`{param}` must be between {lo} and {hi}, got {x}"),
+        )),
+        v => Ok(v.map(|x| x as f32)),
+    }
+}
+
+impl Sampling {
+    pub fn check(&self) -> Result<Checked, ApiError> {
+        let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
+            (Some(v), _) => Some(("max_completion_tokens", v)),
+            (None, Some(v)) => Some(("max_tokens", v)),
+            (None, None) => None,
+        };
+        if let Some((param, v)) = max_tokens {
+            if v < 1 {
+                return Err(ApiError::invalid(
+                    param,
+                    format!("`{param}` must be at least 1, got {v}"),
+                ));
+            }
+        }
+        if let Some(n) = self.n {
+            if n != 1 {
+                return Err(ApiError::invalid(
+                    "n",
+                    format!("only n = 1 is supported, got {n}"),
+                ));
+            }
+        }
+        for (param, v) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if v.is_some_and(|x| x != 0.0) {
+                return Err(ApiError::invalid(
+                    param,
+                    format!("`{param}` is not supported (use repeat_penalty)"),
+                ));
+            }
+        }
+        let top_k = match self.top_k {
+            Some(k) if k < 0 => {
+                return Err(ApiError::invalid(
+                    "top_k",
+                    format!("`top_k` must be 0 (off) or more, got {k}"),
+                ))
+            }
+            k => k.map(|k| k as usize),
+        };
+        let stop = match &self.stop {
+            None => vec![],
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        if stop.len() > 4 || stop.iter().any(|s| s.is_empty()) {
+            return Err(ApiError::invalid(
+                "stop",
+                "`stop` takes up to 4 non-empty strings",
+            ));
+        }
+        let moderation = match self.moderation.as_deref() {
+            None | Some("off") => Moderation::Off,
+            Some("flag") => Moderation::Flag,
+            Some("stop") => Moderation::Stop,
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    "moderation",
+                    format!("`moderation` must be off, flag or stop, got `{other}`"),
+                ))
+            }
+        };
+        Ok(Checked {
+            max_tokens: max_tokens.map(|(_, v)| v as usize),
+            temperature: range("temperature", self.temperature, 0.0, 2.0)?,
+            top_p: match range("top_p", self.top_p, 0.0, 1.0)? {
+                Some(p) if p <= 0.0 => {
+                    return Err(ApiError::invalid("top_p", "`top_p` must be above 0"))
+                }
+                p => p,
+            },
+            top_k,
+            min_p: range("min_p", self.min_p, 0.0, 1.0)?,
+            repeat_penalty: range("repeat_penalty", self.repeat_penalty, 0.0, 10.0)?,
+            seed: self.seed.map(|s| s as u64),
+            stop,
+            stream: self.stream,
+            include_usage: self
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage),
+            moderation,
+        })
+    }
+}
+
+impl ChatRequest {
+    pub fn messages(&self) -> Result<Vec<Message>, ApiError> {
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid(
+                "messages",
+                "`messages` must hold at least one message",
+            ));
+        }
+        if self.tools.as_ref().is_some_and(|t| !t.is_null()) {
+            return Err(ApiError::invalid("tools", "tool calls are not supported"));
+        }
+        self.messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                if !["system", "developer", "user", "assistant", "tool"].contains(&m.role.as_str()) {
+                    return Err(ApiError::invalid("messages", format!("messages[{i}].role `{}` is not a known role", m.role)));
+                }
+                let content = match &m.content {
+                    None => String::new(),
+                    Some(Content::Text(t)) => t.clone(),
+                    Some(Content::Parts(parts)) => {
+                        if let Some(p) = parts.iter().find(|p| p.kind != "text") {
+                            return Err(ApiError::invalid("messages", format!("messages[{i}]: content parts of type `{}` are not supported (text only)", p.kind)));
+                        }
+                        parts.iter().filter_map(|p| p.text.as_deref()).collect::<Vec<_>>().join("\n")
+                    }
+                };
+                // The templates know `system`; OpenAI's newer `developer` role means the same.
+                let role = if m.role == "developer" { "system" } else { m.role.as_str() };
+                Ok(Message::new(role, &content))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampling(v: Value) -> Result<Checked, ApiError> {
+        serde_json::from_value::<Sampling>(v).unwrap().check()
+    }
+
+    #[test]
+    fn checks_name_the_field() {
+        let e = sampling(json!({"max_tokens": -1})).err().unwrap();
+        assert_eq!(
+            (e.status, e.param),
+            (StatusCode::BAD_REQUEST, Some("max_tokens"))
+        );
+        assert_eq!(
+            sampling(json!({"temperature": 3.0})).err().unwrap().param,
+            Some("temperature")
+        );
+        assert_eq!(sampling(json!({"n": 2})).err().unwrap().param, Some("n"));
+        assert_eq!(
+            sampling(json!({"moderation": "block"}))
+                .err()
+                .unwrap()
+                .param,
+            Some("moderation")
+        );
+        assert_eq!(
+            sampling(json!({"stop": ["a", "b", "c", "d", "e"]}))
+                .err()
+                .unwrap()
+                .param,
+            Some("stop")
+        );
+        let ok = sampling(
+            json!({"max_completion_tokens": 5, "max_tokens": 9, "stop": "x", "moderation": "stop"}),
+        )
+        .ok()
+        .unwrap();
+        assert_eq!(
+            (ok.max_tokens, ok.stop, ok.moderation),
+            (Some(5), vec!["x".to_string()], Moderation::Stop)
+        );
+    }
+
+    #[test]
+    fn type_errors_name_the_field() {
+        let e = parse::<Sampling>(&json!({"max_tokens": "a"}))
+            .err()
+            .unwrap();
+        assert!(
+            e.message.starts_with("`max_tokens`: invalid type"),
+            "{}",
+            e.message
+        );
+        let e = parse::<ChatRequest>(&json!({"messages": [{"role": 3}]}))
+            .err()
+            .unwrap();
+        assert!(e.message.starts_with("`messages[0].role`"), "{}", e.message);
+        assert!(parse::<ChatRequest>(&json!([1])).is_err());
+    }
+
+    #[test]
+    fn content_parts_join_and_roles_are_checked() {
+        let r: ChatRequest = serde_json::from_value(json!({"messages": [
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+        ]}))
+        .unwrap();
+        let m = r.messages().ok().unwrap();
+        assert_eq!(
+            m,
+            vec![
+                Message::new("system", "be brief"),
+                Message::new("user", "a\nb")
+            ]
+        );
+        let r: ChatRequest =
+            serde_json::from_value(json!({"messages": [{"role": "wizard", "content": "x"}]}))
+                .unwrap();
+        assert!(r.messages().err().unwrap().message.contains("wizard"));
+    }
+}

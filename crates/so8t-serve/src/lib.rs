@@ -1,0 +1,130 @@
+//! `so8t serve`: an OpenAI-compatible HTTP server for SO8T models (and plain ones), with
+//! a safety and escalation verdict on every token, moderation, an SQLite audit log and a
+//! chat page. The modules follow a request: `api` (shapes and checks) → `server`
+//! (routes, admission, streams) → `engine` (the model's thread) → `audit`.
+
+pub mod api;
+pub mod audit;
+pub mod engine;
+pub mod metrics;
+pub mod server;
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+use so8t::Model;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
+pub struct Options {
+    pub model: PathBuf,
+    pub host: String,
+    pub port: u16,
+    pub api_key: Option<String>,
+    pub parallel: usize,
+    pub queue: usize,
+    pub audit: Option<PathBuf>,
+    pub audit_text: bool,
+    pub max_body: usize,
+    pub default_max_tokens: usize,
+    pub alias: Option<String>,
+}
+
+/// sha256 of what the server loaded: the GGUF file, or every file of a model directory
+/// in name order (each as its name, a NUL, its bytes), training state excluded.
+pub fn model_sha256(path: &Path) -> Result<String> {
+    let mut h = Sha256::new();
+    let feed = |h: &mut Sha256, p: &Path| -> Result<()> {
+        let mut f =
+            std::fs::File::open(p).with_context(|| format!("{}: cannot read", p.display()))?;
+        std::io::copy(&mut f, h).with_context(|| format!("{}: cannot read", p.display()))?;
+        Ok(())
+    };
+    if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("{}: cannot list", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        for f in files {
+            h.update(f.file_name().unwrap_or_default().as_encoded_bytes());
+            h.update([0]);
+            feed(&mut h, &f)?;
+        }
+    } else {
+        feed(&mut h, path)?;
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn model_id(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| path.display().to_string());
+    name.strip_suffix(".gguf").map(String::from).unwrap_or(name)
+}
+
+/// Loads the model, binds, and serves until SIGINT/SIGTERM.
+pub fn serve(o: Options) -> Result<()> {
+    let model = Model::open(&o.model)
+        .with_context(|| format!("{}: cannot load the model", o.model.display()))?;
+    let tokenizer = model.tokenizer()?.clone();
+    let audit = o.audit.as_deref().map(audit::Audit::open).transpose()?;
+    let sha = model_sha256(&o.model)?;
+    let state = server::AppState {
+        model_id: o.alias.clone().unwrap_or_else(|| model_id(&o.model)),
+        model_sha256: sha,
+        tokenizer,
+        ctx: model.config.max_position_embeddings,
+        generation: model.generation.clone(),
+        so8t: model.so8t.as_ref().map(|s| s.config.clone()),
+        engine: engine::Engine::start(model, o.parallel),
+        parallel: o.parallel.max(1),
+        capacity: o.parallel.max(1) + o.queue,
+        admitted: AtomicUsize::new(0),
+        audit,
+        audit_text: o.audit_text,
+        metrics: metrics::Metrics::default(),
+        api_key: o.api_key.clone(),
+        default_max_tokens: o.default_max_tokens,
+        max_body: o.max_body,
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    let app = server::router(Arc::new(state));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let addr: SocketAddr = format!("{}:{}", o.host, o.port)
+            .parse()
+            .with_context(|| format!("--host {} --port {}: not an address", o.host, o.port))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        // Tests and scripts wait for this line (with --port 0 it names the port chosen).
+        eprintln!("so8t serve: listening on http://{}", listener.local_addr()?);
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown())
+            .await?;
+        Ok(())
+    })
+}
+
+async fn shutdown() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return ctrl_c.await.unwrap_or(()),
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term.recv() => {},
+    }
+}
