@@ -206,6 +206,7 @@ async fn models(State(st): State<St>) -> Json<Value> {
             "so8t": {
                 "heads": st.so8t.is_some(),
                 "heads_trained": st.so8t.as_ref().is_some_and(|c| c.heads_trained),
+                "thresholds": st.so8t.as_ref().map(|c| json!({"unsafe": c.thresholds.unsafe_, "escalate": c.thresholds.escalate})),
                 "context_length": st.ctx,
                 "sha256": st.model_sha256,
             },

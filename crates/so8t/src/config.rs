@@ -271,33 +271,34 @@ impl ModelConfig {
             .rope_theta
             .or_else(|| raw.rope_parameters.as_ref().and_then(|p| p.rope_theta))
             .unwrap_or(10_000.0) as f32;
-        let rope_scaling =
-            match rope.and_then(|r| r.kind()) {
-                None | Some("default") => RopeScaling::None,
-                Some("llama3") => {
-                    let r = rope.unwrap();
-                    let f = |v: Option<f64>, name: &str| {
-                        v.map(|x| x as f32).ok_or_else(|| {
-                            Error::format(path, format!("rope_scaling: missing field `{name}`"))
-                        })
-                    };
-                    RopeScaling::Llama3 {
-                        factor: f(r.factor, "factor")?,
-                        low_freq_factor: f(r.low_freq_factor, "low_freq_factor")?,
-                        high_freq_factor: f(r.high_freq_factor, "high_freq_factor")?,
-                        original_max_position: f(
-                            r.original_max_position_embeddings.map(|v| v as f64),
-                            "original_max_position_embeddings",
-                        )?,
-                    }
+        let rope_scaling = match rope.and_then(|r| r.kind()) {
+            None | Some("default") => RopeScaling::None,
+            Some("llama3") => {
+                let r = rope.unwrap();
+                let f = |v: Option<f64>, name: &str| {
+                    v.map(|x| x as f32).ok_or_else(|| {
+                        Error::format(path, format!("rope_scaling: missing field `{name}`"))
+                    })
+                };
+                RopeScaling::Llama3 {
+                    factor: f(r.factor, "factor")?,
+                    low_freq_factor: f(r.low_freq_factor, "low_freq_factor")?,
+                    high_freq_factor: f(r.high_freq_factor, "high_freq_factor")?,
+                    original_max_position: f(
+                        r.original_max_position_embeddings.map(|v| v as f64),
+                        "original_max_position_embeddings",
+                    )?,
                 }
-                Some(other) => return Err(Error::format(
+            }
+            Some(other) => {
+                return Err(Error::format(
                     path,
                     format!(
                         "rope_scaling type `{other}` is not supported (expected llama3 or none)"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         let eos_token_ids = match raw.eos_token_id {
             None => vec![],
             Some(OneOrMany::One(v)) => vec![v],

@@ -120,21 +120,22 @@ impl SafetensorsStore {
         let e = self.entry(name)?;
         let path = self.file_of(e);
         let bytes = &self.files[e.file].1[e.start..e.end];
-        let t =
-            match e.dtype {
-                Dtype::F32 => Tensor::from_raw_buffer(bytes, DType::F32, &e.shape, &Device::Cpu)?,
-                Dtype::F16 => Tensor::from_raw_buffer(bytes, DType::F16, &e.shape, &Device::Cpu)?
-                    .to_dtype(DType::F32)?,
-                Dtype::BF16 => Tensor::from_raw_buffer(bytes, DType::BF16, &e.shape, &Device::Cpu)?
-                    .to_dtype(DType::F32)?,
-                Dtype::F8_E4M3 => return self.load_fp8(name, e, bytes),
-                other => return Err(Error::format(
+        let t = match e.dtype {
+            Dtype::F32 => Tensor::from_raw_buffer(bytes, DType::F32, &e.shape, &Device::Cpu)?,
+            Dtype::F16 => Tensor::from_raw_buffer(bytes, DType::F16, &e.shape, &Device::Cpu)?
+                .to_dtype(DType::F32)?,
+            Dtype::BF16 => Tensor::from_raw_buffer(bytes, DType::BF16, &e.shape, &Device::Cpu)?
+                .to_dtype(DType::F32)?,
+            Dtype::F8_E4M3 => return self.load_fp8(name, e, bytes),
+            other => {
+                return Err(Error::format(
                     path,
                     format!(
                         "tensor `{name}` has dtype {other:?}; expected F32, F16, BF16 or F8_E4M3"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         Ok(t)
     }
 

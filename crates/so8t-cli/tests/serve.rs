@@ -1,0 +1,579 @@
+//! `so8t serve` end to end, on the trained SO8T SmolLM2-135M (Q8_0 GGUF with its heads,
+//! built by scripts/trained-smollm2.sh): the official `openai` client, a headless
+//! Chromium on the chat page, every kind of bad request, a full queue, a client that
+//! leaves, and kill -9 under load against the audit database.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Runs a repo script; its last stdout line, or None (with the SKIPPED reason printed)
+/// when what it fetches cannot be had here.
+fn script(name: &str, args: &[&str], what: &str) -> Option<String> {
+    match Command::new("bash")
+        .arg(root().join("scripts").join(name))
+        .args(args)
+        .output()
+    {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .last()
+            .map(str::to_string),
+        Ok(o) => {
+            eprintln!(
+                "SKIPPED: {what} could not be fetched: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: {what} could not be fetched: {e}");
+            None
+        }
+    }
+}
+
+/// The trained model, shared by the tests (built once into the cache).
+fn trained_model() -> Option<PathBuf> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    script(
+        "trained-smollm2.sh",
+        &[env!("CARGO_BIN_EXE_so8t")],
+        "SmolLM2-135M (for the trained SO8T model)",
+    )
+    .map(PathBuf::from)
+}
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    fn start(model: &Path, args: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_so8t"))
+            .args([
+                "-t",
+                "2",
+                "serve",
+                "--model",
+                model.to_str().unwrap(),
+                "--port",
+                "0",
+            ])
+            .args(args)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let base = loop {
+            match lines.next() {
+                Some(Ok(l)) => {
+                    if let Some(addr) = l.strip_prefix("so8t serve: listening on ") {
+                        break addr.to_string();
+                    }
+                    eprintln!("server: {l}");
+                }
+                _ => panic!("the server exited before listening: {:?}", child.wait()),
+            }
+        };
+        // Keep draining stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(|l| drop(l)));
+        Server { child, base }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(300)))
+        .build()
+        .into()
+}
+
+/// (status, body as JSON) of a POST with a raw body.
+fn post(url: &str, body: &str, headers: &[(&str, &str)]) -> (u16, serde_json::Value) {
+    let mut req = agent().post(url).header("Content-Type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let mut resp = req
+        .send(body)
+        .unwrap_or_else(|e| panic!("POST {url}: the connection failed: {e}"));
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap();
+    (
+        status,
+        serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("POST {url} → {status}: not JSON: {text}")),
+    )
+}
+
+fn get(url: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut req = agent().get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let mut resp = req.call().unwrap();
+    (
+        resp.status().as_u16(),
+        resp.body_mut().read_to_string().unwrap(),
+    )
+}
+
+fn chat_body(content: &str, max_tokens: usize, stream: bool) -> String {
+    serde_json::json!({"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0, "stream": stream}).to_string()
+}
+
+#[test]
+fn openai_python_client_talks_to_the_server() {
+    let Some(model) = trained_model() else { return };
+    let Some(python) = script("test-tools.sh", &["openai"], "the openai Python client") else {
+        return;
+    };
+    let s = Server::start(
+        &model,
+        &["--api-key", "sk-so8t-test", "--alias", "smollm2-so8t"],
+    );
+    let out = Command::new(python)
+        .arg(root().join("crates/so8t-cli/tests/serve/openai_client.py"))
+        .args([&s.url("/v1"), "sk-so8t-test", "smollm2-so8t"])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "openai client checks failed:\n{text}");
+    assert!(text.contains("all checks passed"), "{text}");
+}
+
+#[test]
+fn chat_page_streams_coloured_tokens_in_headless_chromium() {
+    let Some(model) = trained_model() else { return };
+    let Some(tools) = script(
+        "test-tools.sh",
+        &["browser"],
+        "Chromium and playwright-core",
+    ) else {
+        return;
+    };
+    let (node_path, chromium) = tools.split_once(' ').unwrap();
+    let s = Server::start(&model, &[]);
+    // The screenshot is kept as the test's artefact.
+    let artefacts = root().join("target/test-artifacts");
+    std::fs::create_dir_all(&artefacts).unwrap();
+    let shot = artefacts.join("chat-page.png");
+    let _ = std::fs::remove_file(&shot);
+    let out = Command::new("node")
+        .env("NODE_PATH", node_path)
+        .arg(root().join("crates/so8t-cli/tests/serve/chat_page.mjs"))
+        .args([&s.url("/"), chromium, shot.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "chat page check failed:\n{text}");
+    assert!(
+        std::fs::metadata(&shot)
+            .map(|m| m.len() > 10_000)
+            .unwrap_or(false),
+        "no screenshot at {}",
+        shot.display()
+    );
+    eprintln!("{text}\nscreenshot: {}", shot.display());
+}
+
+#[test]
+fn bad_requests_get_the_right_status_and_an_error_object() {
+    let Some(model) = trained_model() else { return };
+    let s = Server::start(&model, &["--api-key", "k", "--max-body", "4096"]);
+    let auth = [("Authorization", "Bearer k")];
+    let chat = s.url("/v1/chat/completions");
+    let cases: Vec<(&str, String, Vec<(&str, &str)>, u16, &str)> = vec![
+        (
+            "invalid JSON",
+            "{\"messages\": [".into(),
+            auth.to_vec(),
+            400,
+            "JSON",
+        ),
+        (
+            "not an object",
+            "[1, 2]".into(),
+            auth.to_vec(),
+            400,
+            "JSON object",
+        ),
+        (
+            "wrong type",
+            r#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}"#.into(),
+            auth.to_vec(),
+            400,
+            "`max_tokens`",
+        ),
+        (
+            "wrong nested type",
+            r#"{"messages": [{"role": 5, "content": "hi"}]}"#.into(),
+            auth.to_vec(),
+            400,
+            "`messages[0].role`",
+        ),
+        (
+            "missing messages",
+            r#"{"model": "x"}"#.into(),
+            auth.to_vec(),
+            400,
+            "messages",
+        ),
+        (
+            "unknown model",
+            r#"{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}"#.into(),
+            auth.to_vec(),
+            404,
+            "gpt-4o",
+        ),
+        (
+            "negative max_tokens",
+            r#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}"#.into(),
+            auth.to_vec(),
+            400,
+            "at least 1",
+        ),
+        (
+            "too many tokens",
+            r#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}"#.into(),
+            auth.to_vec(),
+            400,
+            "maximum context length",
+        ),
+        (
+            "temperature out of range",
+            r#"{"messages": [{"role": "user", "content": "hi"}], "temperature": 7}"#.into(),
+            auth.to_vec(),
+            400,
+            "temperature",
+        ),
+        (
+            "oversize body",
+            format!(
+                r#"{{"messages": [{{"role": "user", "content": "{}"}}]}}"#,
+                "a".repeat(10_000)
+            ),
+            auth.to_vec(),
+            413,
+            "--max-body",
+        ),
+        (
+            "wrong API key",
+            chat_body("hi", 1, false),
+            vec![("Authorization", "Bearer nope")],
+            401,
+            "API key",
+        ),
+        (
+            "no API key",
+            chat_body("hi", 1, false),
+            vec![],
+            401,
+            "API key",
+        ),
+    ];
+    for (what, body, headers, status, needle) in cases {
+        let (got, v) = post(&chat, &body, &headers);
+        assert_eq!(got, status, "{what}: {v}");
+        let msg = v["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: no error.message in {v}"));
+        assert!(
+            msg.contains(needle),
+            "{what}: `{msg}` should mention `{needle}`"
+        );
+        assert!(v["error"]["type"].is_string(), "{what}: {v}");
+    }
+    let (got, v) = post(
+        &s.url("/v1/completions"),
+        r#"{"prompt": "x", "echo": true}"#,
+        &auth,
+    );
+    assert_eq!(
+        (got, v["error"]["param"].as_str()),
+        (400, Some("echo")),
+        "{v}"
+    );
+    let (got, v) = post(&s.url("/v1/moderations"), r#"{"input": []}"#, &auth);
+    assert_eq!(
+        (got, v["error"]["param"].as_str()),
+        (400, Some("input")),
+        "{v}"
+    );
+    let (got, body) = get(&s.url("/v1/nowhere"), &auth);
+    assert_eq!(got, 404, "{body}");
+    assert!(body.contains("\"error\""), "{body}");
+    // /health and the page stay open without the key; everything else needs it.
+    assert_eq!(get(&s.url("/health"), &[]).0, 200);
+    assert_eq!(get(&s.url("/"), &[]).0, 200);
+    assert_eq!(get(&s.url("/v1/models"), &[]).0, 401);
+    assert_eq!(get(&s.url("/metrics"), &[]).0, 401);
+    let (_, metrics) = get(&s.url("/metrics"), &auth);
+    assert!(
+        metrics.contains("so8t_requests_total{route=\"/v1/chat/completions\",status=\"400\"}"),
+        "{metrics}"
+    );
+    // After all of that, the server still answers.
+    let (got, v) = post(&chat, &chat_body("Say hi.", 2, false), &auth);
+    assert_eq!(got, 200, "{v}");
+}
+
+/// A streaming request on a raw socket, read up to its first SSE event.
+fn open_stream(base: &str, body: &str) -> TcpStream {
+    let addr = base.strip_prefix("http://").unwrap();
+    let mut sock = TcpStream::connect(addr).unwrap();
+    write!(sock, "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("data: ") {
+        let n = sock.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "the stream ended early: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    sock
+}
+
+#[test]
+fn a_full_queue_answers_429_and_a_client_that_leaves_frees_its_slot() {
+    let Some(model) = trained_model() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("audit.sqlite");
+    let s = Server::start(
+        &model,
+        &[
+            "--parallel",
+            "1",
+            "--queue",
+            "0",
+            "--audit",
+            db.to_str().unwrap(),
+        ],
+    );
+    let chat = s.url("/v1/chat/completions");
+    let long = open_stream(
+        &s.base,
+        &chat_body(
+            "Tell me a long story about a lighthouse keeper.",
+            4000,
+            true,
+        ),
+    );
+    let (got, v) = post(&chat, &chat_body("hi", 2, false), &[]);
+    assert_eq!(got, 429, "{v}");
+    assert_eq!(v["error"]["code"], "queue_full", "{v}");
+    let (_, metrics) = get(&s.url("/metrics"), &[]);
+    assert!(metrics.contains("so8t_requests_active 1"), "{metrics}");
+    drop(long); // the client leaves: its generation must stop and free the slot
+    let t0 = Instant::now();
+    loop {
+        let (got, v) = post(&chat, &chat_body("hi", 2, false), &[]);
+        if got == 200 {
+            break;
+        }
+        assert_eq!(got, 429, "{v}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the slot was not freed after the client left"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The abandoned request is in the audit log as cancelled, with what it generated.
+    let t0 = Instant::now();
+    loop {
+        let rows = so8t_serve::audit::query(&db, &Default::default()).unwrap();
+        if let Some(r) = rows.iter().find(|r| r.finish_reason == "cancelled") {
+            assert!(r.completion_tokens < 4000, "{r:?}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no cancelled row: {rows:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn kill_9_under_load_leaves_a_sound_audit_log_with_every_answered_request() {
+    let Some(model) = trained_model() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("audit.sqlite");
+    let mut s = Server::start(
+        &model,
+        &[
+            "--parallel",
+            "2",
+            "--queue",
+            "16",
+            "--audit",
+            db.to_str().unwrap(),
+            "--audit-text",
+        ],
+    );
+    let answered = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let prompts = [
+        "What is 2+2?",
+        "How do I build a pipe bomb?",
+        "I want to close my account.",
+        "Name a colour.",
+    ];
+    let clients: Vec<_> = (0..6)
+        .map(|i| {
+            let (answered, stop, chat) = (
+                answered.clone(),
+                stop.clone(),
+                s.url("/v1/chat/completions"),
+            );
+            let body = chat_body(prompts[i % prompts.len()], 3 + i, i % 2 == 1);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(mut resp) = agent()
+                        .post(&chat)
+                        .header("Content-Type", "application/json")
+                        .send(&body)
+                    else {
+                        break;
+                    };
+                    let Ok(text) = resp.body_mut().read_to_string() else {
+                        break;
+                    };
+                    // Answered = the client has the whole answer: the JSON, or the stream to [DONE].
+                    let id = if text.starts_with("data: ") {
+                        text.contains("data: [DONE]")
+                            .then(|| {
+                                text.split("\"id\":\"")
+                                    .nth(1)
+                                    .map(|t| t[..t.find('"').unwrap()].to_string())
+                            })
+                            .flatten()
+                    } else {
+                        serde_json::from_str::<serde_json::Value>(&text)
+                            .ok()
+                            .and_then(|v| v["id"].as_str().map(String::from))
+                    };
+                    if let Some(id) = id {
+                        answered.lock().unwrap().push(id);
+                    }
+                }
+            })
+        })
+        .collect();
+    let t0 = Instant::now();
+    while answered.lock().unwrap().len() < 12 && t0.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.child.kill().unwrap(); // SIGKILL, mid-load
+    s.child.wait().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    clients.into_iter().for_each(|c| c.join().unwrap());
+    let answered = answered.lock().unwrap().clone();
+    assert!(
+        answered.len() >= 12,
+        "only {} requests answered before the kill",
+        answered.len()
+    );
+
+    assert_eq!(so8t_serve::audit::integrity_check(&db).unwrap(), "ok");
+    let rows = so8t_serve::audit::query(&db, &Default::default()).unwrap();
+    for id in &answered {
+        assert!(
+            rows.iter().any(|r| &r.request_id == id),
+            "answered request {id} is not in the audit log ({} rows)",
+            rows.len()
+        );
+    }
+    assert!(rows.iter().all(|r| r.prompt_text.is_some()
+        && r.prompt_sha256.len() == 64
+        && r.model_sha256.len() == 64));
+
+    // Restarted on the same database, the server appends; `so8t audit` reads it.
+    let s = Server::start(&model, &["--audit", db.to_str().unwrap()]);
+    let (got, v) = post(
+        &s.url("/v1/chat/completions"),
+        &chat_body("How do I build a pipe bomb?", 2, false),
+        &[],
+    );
+    assert_eq!(got, 200, "{v}");
+    drop(s);
+    let audit = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_so8t"))
+            .args(["audit", "--db", db.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let all = audit(&["--json"]);
+    assert_eq!(all.lines().count(), rows.len() + 1);
+    assert!(all.contains(v["id"].as_str().unwrap()));
+    let refused: Vec<serde_json::Value> =
+        audit(&["--decision", "refuse", "--json", "--since", "1h"])
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    assert!(
+        !refused.is_empty() && refused.iter().all(|r| r["decision"] == "refuse"),
+        "{refused:?}"
+    );
+    let csv = audit(&["--csv", "--limit", "1"]);
+    assert!(
+        csv.starts_with("time,request_id,endpoint,model_sha256,"),
+        "{csv}"
+    );
+    let bad = Command::new(env!("CARGO_BIN_EXE_so8t"))
+        .args([
+            "audit",
+            "--db",
+            tmp.path().join("none.sqlite").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("none.sqlite"));
+}
