@@ -143,8 +143,8 @@ impl ReasoningSplitter {
         loop {
             if self.at_start {
                 let t = self.held.trim_start();
-                if t.starts_with(THINK_OPEN) {
-                    self.held = t[THINK_OPEN.len()..].to_string();
+                if let Some(rest) = t.strip_prefix(THINK_OPEN) {
+                    self.held = rest.to_string();
                     self.channel = Channel::Reasoning;
                     self.at_start = false;
                     continue;
