@@ -107,10 +107,13 @@ pub fn main(a: Args) -> Result<()> {
     let so8t = match (&model.so8t, &heads) {
         (Some(s), Some(h)) => {
             let prompt = h.verdicts(&gen.prompt_hidden)?[0];
-            let response = Verdict {
-                p_unsafe: verdicts.iter().map(|v| v.p_unsafe).fold(0.0, f32::max),
-                p_escalate: verdicts.iter().map(|v| v.p_escalate).fold(0.0, f32::max),
-            };
+            let response = verdicts.iter().copied().fold(
+                Verdict {
+                    p_unsafe: 0.0,
+                    p_escalate: 0.0,
+                },
+                Verdict::max,
+            );
             let decision = s.config.decide(&[prompt, response]);
             Some((prompt, response, decision, s.config.heads_trained))
         }

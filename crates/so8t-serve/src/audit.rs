@@ -93,10 +93,6 @@ impl Audit {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     pub fn insert(&self, r: &Record) -> Result<()> {
         let conn = self
             .conn

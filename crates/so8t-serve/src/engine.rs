@@ -37,8 +37,6 @@ pub enum Event {
     },
     Done {
         finish: Finish,
-        prompt_seconds: f64,
-        generate_seconds: f64,
     },
     Error(String),
 }
@@ -206,15 +204,7 @@ fn turn(model: &mut Model, heads: Option<&Heads>, a: &mut Active) -> bool {
                     (false, Some(FinishReason::Length)) => Finish::Length,
                     _ => Finish::Stop,
                 };
-                let (prompt_seconds, generate_seconds) = a.seq.seconds();
-                send(
-                    &a.job,
-                    Event::Done {
-                        finish,
-                        prompt_seconds,
-                        generate_seconds,
-                    },
-                );
+                send(&a.job, Event::Done { finish });
                 Ok(true)
             }
         }

@@ -363,6 +363,18 @@ fn prepare(
     })
 }
 
+/// The rendered chat prompt (what the audit log hashes) and its ids; errors name `param`.
+fn chat_prompt(
+    st: &AppState,
+    messages: &[Message],
+    param: &'static str,
+) -> Result<(String, Vec<u32>), ApiError> {
+    let bad = |e: so8t::Error| ApiError::invalid(param, e.to_string());
+    let (text, add_special) = st.tokenizer.chat_text(messages).map_err(bad)?;
+    let ids = st.tokenizer.encode(&text, add_special).map_err(bad)?;
+    Ok((text, ids))
+}
+
 async fn chat(
     State(st): State<St>,
     body: Result<Json<Value>, JsonRejection>,
@@ -388,14 +400,7 @@ async fn chat(
         (true, n) => Some(n.unwrap_or(0) as usize),
         (false, _) => None,
     };
-    let (text, add_special) = st
-        .tokenizer
-        .chat_text(&messages)
-        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    let ids = st
-        .tokenizer
-        .encode(&text, add_special)
-        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let (text, ids) = chat_prompt(&st, &messages, "messages")?;
     let p = prepare(&st, Kind::Chat, text, ids, checked, logprobs)?;
     start(st, p).await
 }
@@ -505,12 +510,7 @@ impl Tracker {
         self.first_token.get_or_insert_with(Instant::now);
         self.tokens.push(id);
         if let Some(v) = verdict {
-            let r = self.response_verdict.get_or_insert(Verdict {
-                p_unsafe: 0.0,
-                p_escalate: 0.0,
-            });
-            r.p_unsafe = r.p_unsafe.max(v.p_unsafe);
-            r.p_escalate = r.p_escalate.max(v.p_escalate);
+            self.response_verdict = Some(self.response_verdict.map_or(v, |r| r.max(v)));
         }
         if let Some(n) = p.logprobs {
             self.logprobs.push(token_logprob(st, p.kind, id, top, n));
@@ -717,7 +717,7 @@ async fn whole_answer(
             }) => {
                 t.token(st, p, id, &text, &top, verdict);
             }
-            Some(Event::Done { finish, .. }) => {
+            Some(Event::Done { finish }) => {
                 let rest = t.splitter.finish();
                 t.keep(&rest);
                 t.finish = Some(finish);
@@ -801,20 +801,10 @@ impl StreamState {
 
     /// The verdict of the tokens a chunk carries: the most unsafe of them.
     fn held_verdict(&mut self) -> Value {
-        if self.held.is_empty() {
-            return Value::Null;
+        match self.held.drain(..).reduce(Verdict::max) {
+            Some(v) => json!({"p_unsafe": v.p_unsafe, "p_escalate": v.p_escalate}),
+            None => Value::Null,
         }
-        let v = self.held.drain(..).fold(
-            Verdict {
-                p_unsafe: 0.0,
-                p_escalate: 0.0,
-            },
-            |a, b| Verdict {
-                p_unsafe: a.p_unsafe.max(b.p_unsafe),
-                p_escalate: a.p_escalate.max(b.p_escalate),
-            },
-        );
-        json!({"p_unsafe": v.p_unsafe, "p_escalate": v.p_escalate})
     }
 
     fn emit(&mut self, pieces: Vec<(Channel, String)>) {
@@ -875,7 +865,7 @@ impl StreamState {
                     .extend(self.t.logprobs[n..].iter().cloned());
                 self.emit(pieces);
             }
-            Some(Event::Done { finish, .. }) => {
+            Some(Event::Done { finish }) => {
                 let rest = self.t.splitter.finish();
                 self.t.keep(&rest);
                 self.emit(rest);
@@ -989,14 +979,7 @@ async fn moderations(
     for (i, text) in inputs.iter().enumerate() {
         // The heads were fitted at the position where the assistant would start answering
         // a user message (spec §5), so an input is scored as that message.
-        let (prompt_text, add_special) = st
-            .tokenizer
-            .chat_text(&[Message::new("user", text)])
-            .map_err(|e| ApiError::invalid("input", e.to_string()))?;
-        let ids = st
-            .tokenizer
-            .encode(&prompt_text, add_special)
-            .map_err(|e| ApiError::invalid("input", e.to_string()))?;
+        let (prompt_text, ids) = chat_prompt(&st, &[Message::new("user", text)], "input")?;
         if ids.is_empty() || ids.len() >= st.ctx {
             return Err(ApiError::invalid(
                 "input",

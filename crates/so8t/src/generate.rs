@@ -183,15 +183,6 @@ impl Sequence {
         self.prompt_hidden.as_ref()
     }
 
-    /// Seconds spent so far reading the prompt and generating.
-    pub fn seconds(&self) -> (f64, f64) {
-        (self.prompt_seconds, self.generate_seconds)
-    }
-
-    pub fn tokens(&self) -> &[u32] {
-        &self.tokens
-    }
-
     /// Picks the next token and feeds it back. `None` when the sequence has ended (then
     /// [`Sequence::finish_reason`] says why); a returned step may also be the last.
     pub fn step(&mut self, model: &mut Model) -> Result<Option<Step>> {

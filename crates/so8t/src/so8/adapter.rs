@@ -201,6 +201,16 @@ pub struct Verdict {
     pub p_escalate: f32,
 }
 
+impl Verdict {
+    /// Each probability's larger value: the verdict of a span of tokens is its worst.
+    pub fn max(self, other: Verdict) -> Verdict {
+        Verdict {
+            p_unsafe: self.p_unsafe.max(other.p_unsafe),
+            p_escalate: self.p_escalate.max(other.p_escalate),
+        }
+    }
+}
+
 impl Heads {
     /// File and metadata names of the four tensors, in a fixed order.
     pub const NAMES: [&'static str; 4] = [
