@@ -146,6 +146,18 @@ fn chat_body(content: &str, max_tokens: usize, stream: bool) -> String {
     serde_json::json!({"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0, "stream": stream}).to_string()
 }
 
+/// Runs a client program to its end; its stdout and stderr, after asserting it succeeded.
+fn run_client(cmd: &mut Command, what: &str) -> String {
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{what} failed:\n{text}");
+    text
+}
+
 #[test]
 fn openai_python_client_talks_to_the_server() {
     let Some(model) = trained_model() else { return };
@@ -156,17 +168,12 @@ fn openai_python_client_talks_to_the_server() {
         &model,
         &["--api-key", "sk-so8t-test", "--alias", "smollm2-so8t"],
     );
-    let out = Command::new(python)
-        .arg(root().join("crates/so8t-cli/tests/serve/openai_client.py"))
-        .args([&s.url("/v1"), "sk-so8t-test", "smollm2-so8t"])
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let text = run_client(
+        Command::new(python)
+            .arg(root().join("crates/so8t-cli/tests/serve/openai_client.py"))
+            .args([&s.url("/v1"), "sk-so8t-test", "smollm2-so8t"]),
+        "openai client checks",
     );
-    assert!(out.status.success(), "openai client checks failed:\n{text}");
     assert!(text.contains("all checks passed"), "{text}");
 }
 
@@ -187,18 +194,13 @@ fn chat_page_streams_coloured_tokens_in_headless_chromium() {
     std::fs::create_dir_all(&artefacts).unwrap();
     let shot = artefacts.join("chat-page.png");
     let _ = std::fs::remove_file(&shot);
-    let out = Command::new("node")
-        .env("NODE_PATH", node_path)
-        .arg(root().join("crates/so8t-cli/tests/serve/chat_page.mjs"))
-        .args([&s.url("/"), chromium, shot.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let text = run_client(
+        Command::new("node")
+            .env("NODE_PATH", node_path)
+            .arg(root().join("crates/so8t-cli/tests/serve/chat_page.mjs"))
+            .args([&s.url("/"), chromium, shot.to_str().unwrap()]),
+        "chat page check",
     );
-    assert!(out.status.success(), "chat page check failed:\n{text}");
     assert!(
         std::fs::metadata(&shot)
             .map(|m| m.len() > 10_000)
