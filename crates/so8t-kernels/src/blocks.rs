@@ -13,13 +13,16 @@ pub enum QType {
     Q4K,
     Q5K,
     Q6K,
+    /// Half-precision weights, multiplied with f32 activations (no activation rounding).
+    F16,
+    BF16,
 }
 
 pub const QK: usize = 32;
 pub const QK_K: usize = 256;
 
 impl QType {
-    pub const ALL: [QType; 8] = [
+    pub const ALL: [QType; 10] = [
         QType::Q4_0,
         QType::Q4_1,
         QType::Q5_0,
@@ -28,6 +31,8 @@ impl QType {
         QType::Q4K,
         QType::Q5K,
         QType::Q6K,
+        QType::F16,
+        QType::BF16,
     ];
 
     /// ggml's type id (`enum ggml_type`).
@@ -41,6 +46,8 @@ impl QType {
             12 => QType::Q4K,
             13 => QType::Q5K,
             14 => QType::Q6K,
+            1 => QType::F16,
+            30 => QType::BF16,
             _ => return None,
         })
     }
@@ -48,6 +55,7 @@ impl QType {
     pub fn block_size(self) -> usize {
         match self {
             QType::Q4K | QType::Q5K | QType::Q6K => QK_K,
+            QType::F16 | QType::BF16 => 1,
             _ => QK,
         }
     }
@@ -62,6 +70,7 @@ impl QType {
             QType::Q4K => 144,
             QType::Q5K => 176,
             QType::Q6K => 210,
+            QType::F16 | QType::BF16 => 2,
         }
     }
 }
@@ -81,11 +90,18 @@ pub fn f16_at(b: &[u8], i: usize) -> f32 {
     f16_table()[u16::from_le_bytes([b[i], b[i + 1]]) as usize]
 }
 
-/// `d` is the f16-rounded scale as f32, exactly what ggml multiplies with; `s = fp16(d·Σq)`.
+#[inline(always)]
+pub fn bf16_at(b: &[u8], i: usize) -> f32 {
+    f32::from_bits((u16::from_le_bytes([b[i], b[i + 1]]) as u32) << 16)
+}
+
+/// `d` is the f16-rounded scale as f32, exactly what ggml multiplies with; `s = fp16(d·Σq)`;
+/// `sum = Σq` (the SIMD kernels multiply unsigned weights and subtract the offset times it).
 #[derive(Clone, Copy)]
 pub struct Q8Block {
     pub d: f32,
     pub s: f32,
+    pub sum: i32,
     pub qs: [i8; QK],
 }
 
@@ -99,11 +115,14 @@ pub struct Q8KBlock {
 pub enum Activations {
     Q8(Vec<Q8Block>, usize),
     Q8K(Vec<Q8KBlock>, usize),
+    F32(Vec<f32>, usize),
 }
 
+#[derive(Clone, Copy)]
 pub enum ActRow<'a> {
     Q8(&'a [Q8Block]),
     Q8K(&'a [Q8KBlock]),
+    F32(&'a [f32]),
 }
 
 impl Activations {
@@ -111,6 +130,7 @@ impl Activations {
         match self {
             Activations::Q8(v, per) => ActRow::Q8(&v[i * per..(i + 1) * per]),
             Activations::Q8K(v, per) => ActRow::Q8K(&v[i * per..(i + 1) * per]),
+            Activations::F32(v, per) => ActRow::F32(&v[i * per..(i + 1) * per]),
         }
     }
 }
@@ -133,6 +153,7 @@ fn quantize_q8(x: &[f32]) -> Q8Block {
     Q8Block {
         d: round_f16(d),
         s: round_f16(d * sum as f32),
+        sum,
         qs,
     }
 }
@@ -173,6 +194,7 @@ fn nearest_int(f: f32) -> i32 {
 
 pub fn quantize_activations(ty: QType, x: &[f32], n: usize, cols: usize) -> Activations {
     match ty {
+        QType::F16 | QType::BF16 => Activations::F32(x[..n * cols].to_vec(), cols),
         QType::Q4K | QType::Q5K | QType::Q6K => {
             let per = cols / QK_K;
             Activations::Q8K(
@@ -287,6 +309,8 @@ pub fn dequantize(ty: QType, row: &[u8], out: &mut [f32]) {
                     }
                 }
             }
+            QType::F16 => y[0] = f16_at(blk, 0),
+            QType::BF16 => y[0] = bf16_at(blk, 0),
             QType::Q6K => {
                 let (ql, qh, sc) = (&blk[0..128], &blk[128..192], &blk[192..208]);
                 let d = f16_at(blk, 208);

@@ -2,7 +2,7 @@
 //! inner loops are written plainly and compiled three times (AVX-512, AVX2, baseline) so
 //! that LLVM vectorises them for the CPU found at run time.
 
-use crate::blocks::{f16_at, q6k_quad, scale_min_k4, ActRow, Q8Block, Q8KBlock, QType};
+use crate::blocks::{bf16_at, f16_at, q6k_quad, scale_min_k4, ActRow, Q8Block, Q8KBlock, QType};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
@@ -63,6 +63,8 @@ fn row_dot_generic(ty: QType, w: &[u8], a: ActRow) -> f32 {
         (QType::Q4K, ActRow::Q8K(a)) => dot_qk45(w, a, false),
         (QType::Q5K, ActRow::Q8K(a)) => dot_qk45(w, a, true),
         (QType::Q6K, ActRow::Q8K(a)) => dot_q6k(w, a),
+        (QType::F16, ActRow::F32(a)) => dot_half(w, a, f16_at),
+        (QType::BF16, ActRow::F32(a)) => dot_half(w, a, bf16_at),
         _ => unreachable!("activations are quantised for the weight type"),
     }
 }
@@ -195,4 +197,14 @@ fn dot_q6k(w: &[u8], a: &[Q8KBlock]) -> f32 {
         sumf += f16_at(blk, 208) * y.d * isum as f32;
     }
     sumf
+}
+
+/// F16/BF16 weights against f32 activations, eight running sums as the SIMD kernels keep.
+#[inline(always)]
+fn dot_half(w: &[u8], a: &[f32], at: fn(&[u8], usize) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    for (c, &x) in a.iter().enumerate() {
+        acc[c % 8] += at(w, 2 * c) * x;
+    }
+    acc.iter().sum()
 }

@@ -46,17 +46,24 @@ macro_rules! multiversion {
 
 mod blocks;
 mod dot;
+pub mod pool;
+pub mod probe;
 pub mod quantize;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 pub use blocks::QType;
-use rayon::prelude::*;
 
-/// A `[rows, cols]` weight matrix stored in ggml blocks, row-major, rows never sharing a block.
+/// A `[rows, cols]` weight matrix stored in ggml blocks, rows never sharing a block:
+/// row-major as in the file, or, for Q8_0 and Q4_0 when the AVX-512 VNNI kernel runs,
+/// eight rows interleaved (see [`QMatrix::interleaved`]; same bytes, reordered, so the
+/// same memory).
 pub struct QMatrix {
     ty: QType,
     rows: usize,
     cols: usize,
     data: Vec<u8>,
+    interleaved: bool,
 }
 
 #[derive(Debug)]
@@ -85,12 +92,72 @@ impl QMatrix {
                 data.len()
             )));
         }
-        Ok(QMatrix {
+        let mut m = QMatrix {
             ty,
             rows,
             cols,
             data,
-        })
+            interleaved: false,
+        };
+        if Kernel::best() == Kernel::Avx512Vnni
+            && matches!(ty, QType::Q8_0 | QType::Q4_0)
+            && rows % 8 == 0
+        {
+            m.interleave();
+        }
+        Ok(m)
+    }
+
+    /// Whether rows are stored eight at a time: per group of eight rows and per block,
+    /// the eight f16 scales, then the quants in 4-byte runs (run `c` of rows 0..8, then run
+    /// `c + 1`, …), Q8_0 quants offset to unsigned (`q ^ 0x80`).
+    pub fn interleaved(&self) -> bool {
+        self.interleaved
+    }
+
+    fn interleave(&mut self) {
+        let (ts, nb) = (self.ty.type_size(), self.cols / self.ty.block_size());
+        let flip = if self.ty == QType::Q8_0 { 0x80 } else { 0 };
+        let mut out = vec![0u8; self.data.len()];
+        for g in 0..self.rows / 8 {
+            for b in 0..nb {
+                let dst = &mut out[(g * nb + b) * 8 * ts..(g * nb + b + 1) * 8 * ts];
+                for r in 0..8 {
+                    let src = &self.data[((8 * g + r) * nb + b) * ts..][..ts];
+                    dst[2 * r..2 * r + 2].copy_from_slice(&src[..2]);
+                    for c in 0..(ts - 2) / 4 {
+                        for k in 0..4 {
+                            dst[16 + 32 * c + 4 * r + k] = src[2 + 4 * c + k] ^ flip;
+                        }
+                    }
+                }
+            }
+        }
+        self.data = out;
+        self.interleaved = true;
+    }
+
+    /// Row `r` in the file's block layout: borrowed, or rebuilt into `buf` when interleaved.
+    fn row<'a>(&'a self, r: usize, buf: &'a mut Vec<u8>) -> &'a [u8] {
+        let rb = self.row_bytes();
+        if !self.interleaved {
+            return &self.data[r * rb..(r + 1) * rb];
+        }
+        let (ts, nb) = (self.ty.type_size(), self.cols / self.ty.block_size());
+        let flip = if self.ty == QType::Q8_0 { 0x80 } else { 0 };
+        let (g, i) = (r / 8, r % 8);
+        buf.resize(rb, 0);
+        for b in 0..nb {
+            let src = &self.data[(g * nb + b) * 8 * ts..(g * nb + b + 1) * 8 * ts];
+            let dst = &mut buf[b * ts..(b + 1) * ts];
+            dst[..2].copy_from_slice(&src[2 * i..2 * i + 2]);
+            for c in 0..(ts - 2) / 4 {
+                for k in 0..4 {
+                    dst[2 + 4 * c + k] = src[16 + 32 * c + 4 * i + k] ^ flip;
+                }
+            }
+        }
+        buf
     }
 
     pub fn qtype(&self) -> QType {
@@ -105,46 +172,193 @@ impl QMatrix {
         self.cols
     }
 
-    pub fn bytes(&self) -> &[u8] {
-        &self.data
-    }
-
     fn row_bytes(&self) -> usize {
         self.cols / self.ty.block_size() * self.ty.type_size()
     }
 
     /// Row `r` as f32 (exact: no activation quantisation involved).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let rb = self.row_bytes();
-        blocks::dequantize(self.ty, &self.data[r * rb..(r + 1) * rb], out);
+        let mut buf = Vec::new();
+        blocks::dequantize(self.ty, self.row(r, &mut buf), out);
     }
 
-    /// `out[i, r] = Σ_c W[r, c] · x[i, c]` for `x: [n, cols]`, `out: [n, rows]`.
+    /// `out[i, r] = Σ_c W[r, c] · x[i, c]` for `x: [n, cols]`, `out: [n, rows]`, with the
+    /// fastest kernel this CPU has.
     pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        self.matmul_with(Kernel::best(), x, n, out)
+    }
+
+    /// [`QMatrix::matmul`] with a chosen kernel (tests compare them).
+    pub fn matmul_with(&self, kernel: Kernel, x: &[f32], n: usize, out: &mut [f32]) {
         assert_eq!(x.len(), n * self.cols, "activations must be [n, cols]");
         assert_eq!(out.len(), n * self.rows, "output must be [n, rows]");
         let act = blocks::quantize_activations(self.ty, x, n, self.cols);
-        let rb = self.row_bytes();
-        let isa = dot::Isa::detect();
-        // Enough rows per task to amortise scheduling; for decode (n = 1) a few hundred
-        // rows keep both cores busy without stealing overhead dominating.
-        let chunk = (16384 / (self.cols.max(1) / 32 + 1)).clamp(8, 256);
-        let out_ptr = SendPtr(out.as_mut_ptr());
+        let kernel = if kernel.supports(self.ty) {
+            kernel
+        } else {
+            Kernel::Portable
+        };
+        let pool = pool::global();
         let rows = self.rows;
-        (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
-            let r0 = c * chunk;
-            let r1 = (r0 + chunk).min(rows);
+        if self.interleaved && kernel == Kernel::Avx512Vnni {
+            #[cfg(target_arch = "x86_64")]
+            return self.matmul_interleaved(&act, n, out);
+        }
+        // A few tasks per thread so that a thread that starts late still gets an even
+        // share; at least 16 rows each so that hand-offs stay cheap.
+        let per_task = rows.div_ceil(pool.threads() * 4).max(16);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        pool.run(rows.div_ceil(per_task), &|t| {
             let p = &out_ptr;
-            for r in r0..r1 {
-                let w = &self.data[r * rb..(r + 1) * rb];
-                for i in 0..n {
-                    let v = dot::row_dot(isa, self.ty, w, act.row(i));
-                    // SAFETY: each (i, r) is written by exactly one task (rows are
-                    // partitioned), and `out` outlives the parallel loop.
-                    unsafe { *p.0.add(i * rows + r) = v };
+            let (r0, r1) = (t * per_task, ((t + 1) * per_task).min(rows));
+            let mut a = Vec::with_capacity(GROUP);
+            let mut res = [0f32; GROUP];
+            let mut buf = Vec::new();
+            // Rows in tiles that stay in cache while each group of activations passes.
+            for t0 in (r0..r1).step_by(32) {
+                let t1 = (t0 + 32).min(r1);
+                for i0 in (0..n).step_by(GROUP) {
+                    let g = (n - i0).min(GROUP);
+                    a.clear();
+                    a.extend((i0..i0 + g).map(|i| act.row(i)));
+                    for r in t0..t1 {
+                        let w = self.row(r, &mut buf);
+                        kernel.rows(self.ty, w, &a, &mut res[..g]);
+                        for (k, v) in res[..g].iter().enumerate() {
+                            // SAFETY: each (i, r) is written by exactly one task (rows are
+                            // partitioned), and `out` outlives `run`.
+                            unsafe { *p.0.add((i0 + k) * rows + r) = *v };
+                        }
+                    }
                 }
             }
         });
+    }
+}
+
+impl QMatrix {
+    /// [`QMatrix::matmul_with`] for the interleaved layout: tasks share out groups of eight rows.
+    #[cfg(target_arch = "x86_64")]
+    fn matmul_interleaved(&self, act: &blocks::Activations, n: usize, out: &mut [f32]) {
+        let pool = pool::global();
+        let rows = self.rows;
+        let groups = rows / 8;
+        let gb = 8 * self.row_bytes();
+        let per_task = groups.div_ceil(pool.threads() * 4).max(2);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        pool.run(groups.div_ceil(per_task), &|t| {
+            let p = &out_ptr;
+            let (g0, g1) = (t * per_task, ((t + 1) * per_task).min(groups));
+            let mut a = Vec::with_capacity(GROUP);
+            let mut res = [[0f32; 8]; GROUP];
+            for t0 in (g0..g1).step_by(4) {
+                let t1 = (t0 + 4).min(g1);
+                for i0 in (0..n).step_by(GROUP) {
+                    let k = (n - i0).min(GROUP);
+                    a.clear();
+                    a.extend((i0..i0 + k).map(|i| act.row(i)));
+                    for g in t0..t1 {
+                        // SAFETY: `interleaved` is only set when `Kernel::best()` found
+                        // AVX-512 VNNI, and the group's bytes are whole interleaved blocks.
+                        unsafe {
+                            x86::group8_vnni(
+                                self.ty,
+                                &self.data[g * gb..(g + 1) * gb],
+                                &a,
+                                &mut res[..k],
+                            )
+                        };
+                        for (j, v) in res[..k].iter().enumerate() {
+                            // SAFETY: each (i, r) is written by exactly one task.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(
+                                    v.as_ptr(),
+                                    p.0.add((i0 + j) * rows + 8 * g),
+                                    8,
+                                )
+                            };
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Activation rows that one call of a kernel takes together.
+const GROUP: usize = 4;
+
+/// The implementations of one weight row against a group of activation rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// Plain Rust, compiled for the widest vector set found (every type, every CPU).
+    Portable,
+    /// AVX2 intrinsics (`vpmaddubsw`/`vpmaddwd`).
+    Avx2,
+    /// AVX-512 VNNI intrinsics (`vpdpbusd`/`vpdpwssd` on 256-bit vectors).
+    Avx512Vnni,
+}
+
+impl Kernel {
+    /// The kernels this CPU can run, fastest last.
+    pub fn available() -> Vec<Kernel> {
+        let mut k = vec![Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            let has = |f: &[&str]| {
+                f.iter().all(|f| match *f {
+                    "avx2" => is_x86_feature_detected!("avx2"),
+                    "fma" => is_x86_feature_detected!("fma"),
+                    "f16c" => is_x86_feature_detected!("f16c"),
+                    "avx512f" => is_x86_feature_detected!("avx512f"),
+                    "avx512bw" => is_x86_feature_detected!("avx512bw"),
+                    "avx512vl" => is_x86_feature_detected!("avx512vl"),
+                    "avx512vnni" => is_x86_feature_detected!("avx512vnni"),
+                    _ => false,
+                })
+            };
+            if has(&["avx2", "fma", "f16c"]) {
+                k.push(Kernel::Avx2);
+                if has(&["avx512f", "avx512bw", "avx512vl", "avx512vnni"]) {
+                    k.push(Kernel::Avx512Vnni);
+                }
+            }
+        }
+        k
+    }
+
+    pub fn best() -> Kernel {
+        static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| *Kernel::available().last().unwrap_or(&Kernel::Portable))
+    }
+
+    pub fn supports(self, ty: QType) -> bool {
+        match self {
+            Kernel::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            _ => x86::supported(ty),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// `out[i] = w · a[i]`; `self` must be available and support `ty`.
+    #[inline]
+    fn rows(self, ty: QType, w: &[u8], a: &[blocks::ActRow], out: &mut [f32]) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: only kernels `available()` found are handed out by `best`, and
+            // `matmul_with` falls back to `Portable` for the others.
+            Kernel::Avx512Vnni => unsafe { x86::rows_vnni(ty, w, a, out) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { x86::rows_avx2(ty, w, a, out) },
+            _ => {
+                let isa = dot::Isa::detect();
+                for (o, &ai) in out.iter_mut().zip(a) {
+                    *o = dot::row_dot(isa, ty, w, ai);
+                }
+            }
+        }
     }
 }
 
