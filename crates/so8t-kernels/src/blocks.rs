@@ -140,6 +140,7 @@ fn round_f16(x: f32) -> f32 {
 }
 
 /// ggml x86 `quantize_row_q8_0` / `quantize_row_q8_1`.
+#[inline(always)]
 fn quantize_q8(x: &[f32]) -> Q8Block {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
@@ -159,6 +160,7 @@ fn quantize_q8(x: &[f32]) -> Q8Block {
 }
 
 /// ggml `quantize_row_q8_K_ref`.
+#[inline(always)]
 fn quantize_q8k(x: &[f32]) -> Q8KBlock {
     let (mut max, mut amax) = (0f32, 0f32);
     for &v in x {
@@ -187,32 +189,78 @@ fn quantize_q8k(x: &[f32]) -> Q8KBlock {
 }
 
 /// ggml's `nearest_int`: round half to even via the 1.5·2²³ trick.
+#[inline(always)]
 fn nearest_int(f: f32) -> i32 {
     let v = f + 12582912.0;
     (v.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
 }
 
+/// The activation rows for a product with `ty` weights. Blocks are quantised on the
+/// worker pool when there are many (prompts); each block's result does not depend on
+/// which thread made it.
 pub fn quantize_activations(ty: QType, x: &[f32], n: usize, cols: usize) -> Activations {
     match ty {
         QType::F16 | QType::BF16 => Activations::F32(x[..n * cols].to_vec(), cols),
         QType::Q4K | QType::Q5K | QType::Q6K => {
-            let per = cols / QK_K;
-            Activations::Q8K(
-                (0..n * per)
-                    .map(|b| quantize_q8k(&x[b * QK_K..(b + 1) * QK_K]))
-                    .collect(),
-                per,
-            )
+            let empty = Q8KBlock {
+                d: 0.0,
+                qs: [0; QK_K],
+                bsums: [0; QK_K / 16],
+            };
+            let mut v = vec![empty; n * cols / QK_K];
+            in_parallel(&x[..n * cols], &mut v, QK_K, quantize_q8k_blocks);
+            Activations::Q8K(v, cols / QK_K)
         }
         _ => {
-            let per = cols / QK;
-            Activations::Q8(
-                (0..n * per)
-                    .map(|b| quantize_q8(&x[b * QK..(b + 1) * QK]))
-                    .collect(),
-                per,
-            )
+            let empty = Q8Block {
+                d: 0.0,
+                s: 0.0,
+                sum: 0,
+                qs: [0; QK],
+            };
+            let mut v = vec![empty; n * cols / QK];
+            in_parallel(&x[..n * cols], &mut v, QK, quantize_q8_blocks);
+            Activations::Q8(v, cols / QK)
         }
+    }
+}
+
+/// `f(x_chunk, out_chunk)` over the pool, `width` values per output block.
+fn in_parallel<B: Send>(x: &[f32], out: &mut [B], width: usize, f: fn(&[f32], &mut [B])) {
+    const PER_TASK: usize = 64;
+    if out.len() < 4 * PER_TASK {
+        return f(x, out);
+    }
+    let ptr = crate::SendPtr(out.as_mut_ptr());
+    let len = out.len();
+    crate::pool::global().run(len.div_ceil(PER_TASK), &|t| {
+        let p = &ptr;
+        let (b0, b1) = (t * PER_TASK, ((t + 1) * PER_TASK).min(len));
+        // SAFETY: tasks cover disjoint block ranges of `out`, which outlives `run`.
+        let o = unsafe { std::slice::from_raw_parts_mut(p.0.add(b0), b1 - b0) };
+        f(&x[b0 * width..b1 * width], o);
+    });
+}
+
+multiversion! {
+    fn quantize_q8_blocks(x: &[f32], out: &mut [Q8Block]) -> () = quantize_q8_body
+}
+
+multiversion! {
+    fn quantize_q8k_blocks(x: &[f32], out: &mut [Q8KBlock]) -> () = quantize_q8k_body
+}
+
+#[inline(always)]
+fn quantize_q8_body(x: &[f32], out: &mut [Q8Block]) {
+    for (o, c) in out.iter_mut().zip(x.chunks_exact(QK)) {
+        *o = quantize_q8(c);
+    }
+}
+
+#[inline(always)]
+fn quantize_q8k_body(x: &[f32], out: &mut [Q8KBlock]) {
+    for (o, c) in out.iter_mut().zip(x.chunks_exact(QK_K)) {
+        *o = quantize_q8k(c);
     }
 }
 

@@ -18,7 +18,7 @@ use std::sync::Arc;
 pub enum Matrix {
     /// f32, multiplied by candle's gemm.
     Dense(Tensor),
-    /// ggml blocks, multiplied by our kernels with ggml's arithmetic.
+    /// ggml blocks (and F16/BF16), multiplied by our kernels with ggml's arithmetic.
     Quant(Arc<QMatrix>),
     /// ggml types we have no kernel for yet (Q2_K, Q3_K): candle's own.
     Candle(QMatMul),
@@ -80,6 +80,8 @@ fn ggml_id(t: candle_core::quantized::GgmlDType) -> Option<u32> {
         G::Q4K => 12,
         G::Q5K => 13,
         G::Q6K => 14,
+        G::F16 => 1,
+        G::BF16 => 30,
         _ => return None,
     })
 }
