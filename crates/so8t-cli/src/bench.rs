@@ -2,9 +2,15 @@
 //! tokens from an empty cache; `tgN` is N single-token steps after one start token.
 //! Each test runs once to warm up, then `--repetitions` times; we report mean ± sample
 //! standard deviation of tokens per second, as llama-bench does.
+//!
+//! Next to the speeds: the roofline of generation (weight bytes read per token, from the
+//! file, over the read bandwidth a probe measures with the same threads) and what the
+//! verdict heads cost per generated token.
 
 use anyhow::Result;
+use so8t::formats::Embedding;
 use so8t::sampling::argmax;
+use so8t::so8::adapter::Heads;
 use so8t::Model;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -34,6 +40,9 @@ pub struct Args {
     repetitions: usize,
     #[arg(long)]
     json: bool,
+    /// Skip the read-bandwidth probe (and so the roofline).
+    #[arg(long)]
+    no_probe: bool,
 }
 
 struct Row {
@@ -53,7 +62,7 @@ fn mean_sd(xs: &[f64]) -> (f64, f64) {
 
 pub fn main(a: Args) -> Result<()> {
     let mut model = Model::open(&a.model)?;
-    let threads = candle_core::utils::get_num_threads();
+    let threads = so8t::kernels::pool::threads();
     let vocab = model.config.vocab_size as u32;
     let start = model.config.bos_token_id.unwrap_or(0).min(vocab - 1);
     let reps = a.repetitions.max(1);
@@ -78,20 +87,35 @@ pub fn main(a: Args) -> Result<()> {
             samples,
         });
     }
+    // The heads as the model has them, or untrained ones of the same shape (same cost).
+    let heads = match &model.so8t {
+        Some(s) => s.heads.clone(),
+        None => Heads::zeros(model.config.hidden_size)?,
+    };
+    let mut heads_share = None;
     for &n in a.n_gen.iter().filter(|&&n| n > 0) {
         let mut samples = Vec::new();
+        let (mut heads_s, mut total_s) = (0f64, 0f64);
         for r in 0..=reps {
             model.decoder.clear_cache();
             let mut tok = start;
             let t = Instant::now();
+            let mut in_heads = 0f64;
             for pos in 0..n {
                 let h = model.decoder.forward_hidden(&[tok], pos)?;
+                let th = Instant::now();
+                std::hint::black_box(heads.verdicts(&h)?);
+                in_heads += th.elapsed().as_secs_f64();
                 tok = argmax(&model.decoder.logits(&h)?.squeeze(0)?.to_vec1::<f32>()?);
             }
+            let took = t.elapsed().as_secs_f64();
             if r > 0 {
-                samples.push(n as f64 / t.elapsed().as_secs_f64());
+                samples.push(n as f64 / took);
+                heads_s += in_heads;
+                total_s += took;
             }
         }
+        heads_share = Some((heads_s / (reps * n) as f64, heads_s / total_s));
         rows.push(Row {
             test: format!("tg{n}"),
             n,
@@ -99,6 +123,28 @@ pub fn main(a: Args) -> Result<()> {
         });
     }
     let (params, bytes) = model.weights.size();
+    // Weight bytes read per generated token: every tensor, except an embedding table that
+    // is not also the output matrix (one row of it is read).
+    let untied_embedding = if model.weights.contains("lm_head.weight") {
+        let dims = model.decoder.embedding().dims();
+        let elems = dims.iter().product::<usize>() as u64;
+        match model.decoder.embedding() {
+            Embedding::Quant(q) => {
+                elems / q.dtype().block_size() as u64 * q.dtype().type_size() as u64
+            }
+            Embedding::Dense(t) => elems * t.dtype().size_in_bytes() as u64,
+        }
+    } else {
+        0
+    };
+    let per_token = bytes.saturating_sub(untied_embedding);
+    let bandwidth = (!a.no_probe).then(|| so8t::kernels::probe::read_bandwidth(512 << 20, 3));
+    let roofline = bandwidth.map(|bw| bw / per_token as f64);
+    let tg_mean = rows
+        .iter()
+        .rev()
+        .find(|r| r.test.starts_with("tg"))
+        .map(|r| mean_sd(&r.samples).0);
     let name = model
         .path
         .file_name()
@@ -113,7 +159,10 @@ pub fn main(a: Args) -> Result<()> {
                     "threads": threads, "test": r.test, "n_tokens": r.n, "samples_ts": r.samples, "avg_ts": m, "stddev_ts": sd})
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        let summary = serde_json::json!({"bytes_per_token": per_token, "read_bandwidth_bytes_per_s": bandwidth,
+            "roofline_ts": roofline, "roofline_share": roofline.zip(tg_mean).map(|(r, t)| t / r),
+            "heads_seconds_per_token": heads_share.map(|h| h.0), "heads_share_of_token": heads_share.map(|h| h.1)});
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"tests": v, "summary": summary}))?);
         return Ok(());
     }
     println!("| model | size | params | backend | threads | test | t/s |");
@@ -130,6 +179,28 @@ pub fn main(a: Args) -> Result<()> {
             r.test,
             m,
             sd
+        );
+    }
+    println!();
+    println!(
+        "weights read per token: {:.2} MiB",
+        per_token as f64 / (1 << 20) as f64
+    );
+    if let (Some(bw), Some(roof)) = (bandwidth, roofline) {
+        print!(
+            "read bandwidth ({threads} threads, 512 MiB probe): {:.1} GB/s -> roofline {roof:.1} t/s",
+            bw / 1e9
+        );
+        match tg_mean {
+            Some(t) => println!("; tg at {:.0}% of it", 100.0 * t / roof),
+            None => println!(),
+        }
+    }
+    if let Some((per, share)) = heads_share {
+        println!(
+            "verdict heads: {:.1} us per token, {:.2}% of a generated token's time",
+            per * 1e6,
+            100.0 * share
         );
     }
     Ok(())

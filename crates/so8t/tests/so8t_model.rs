@@ -230,3 +230,37 @@ fn convert_options_are_honoured() {
     assert!(err.contains("already exists"), "{err}");
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
 }
+
+/// The inference path (plain buffers, KV cache appended in place) computes what the
+/// differentiable candle ops compute, for every architecture with random gates at every
+/// site, over a prompt and then token by token. Both are f32 with the same operations;
+/// the sums run in a different order (attention dot products, norms), so we allow
+/// 1e-4 relative to the largest hidden value: far below any effect of a wrong operation,
+/// which moves values by their own size.
+#[test]
+fn inference_path_matches_the_differentiable_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = [1u32, 5, 9, 2, 7, 3, 11, 4];
+    for arch in ARCHS {
+        let dir = converted(arch, &tmp, &random(7));
+        let mut m = Model::open(&dir).unwrap();
+        let mut run = |differentiable: bool| -> Vec<f32> {
+            m.decoder.differentiable = differentiable;
+            m.decoder.clear_cache();
+            let mut h = m.decoder.forward_hidden(&ids[..5], 0).unwrap();
+            for (p, &t) in ids.iter().enumerate().skip(5) {
+                let step = m.decoder.forward_hidden(&[t], p).unwrap();
+                h = Tensor::cat(&[&h, &step], 0).unwrap();
+            }
+            h.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let (fast, reference) = (run(false), run(true));
+        let scale = reference.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let worst = fast
+            .iter()
+            .zip(&reference)
+            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        assert!(worst <= 1e-4 * scale, "{arch}: inference path differs by {worst} (scale {scale})");
+        assert!(scale > 0.0);
+    }
+}

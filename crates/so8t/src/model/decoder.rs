@@ -3,6 +3,10 @@
 //! Architecture differences are the flags in [`ModelConfig`]. Activations are f32.
 
 use super::rotation::BlockRotation;
+use inference::Scratch;
+
+#[path = "inference.rs"]
+mod inference;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::formats::{matmul, matmul_frozen, Embedding, Matrix, WeightStore};
@@ -79,6 +83,8 @@ fn gate(g: &Option<BlockRotation>, x: Tensor) -> candle_core::Result<Tensor> {
 struct Projection {
     w: Matrix,
     b: Option<Tensor>,
+    /// `b` as plain values, for the inference path.
+    b_vec: Option<Vec<f32>>,
 }
 
 impl Projection {
@@ -95,7 +101,8 @@ impl Projection {
         } else {
             None
         };
-        Ok(Projection { w, b })
+        let b_vec = b.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
+        Ok(Projection { w, b, b_vec })
     }
 
     fn forward(&self, x: &Tensor, differentiable: bool) -> candle_core::Result<Tensor> {
@@ -119,20 +126,51 @@ struct Layer {
     gate: Projection,
     up: Projection,
     down: Projection,
+    /// The norm weights as plain values, for the inference path.
+    attn_norm_vec: Vec<f32>,
+    ffn_norm_vec: Vec<f32>,
+    q_norm_vec: Option<Vec<f32>>,
+    k_norm_vec: Option<Vec<f32>>,
 }
 
-/// Keys and values of the positions seen so far, per layer, `[1, kv_heads, len, head_dim]`.
+/// Keys and values of the positions seen so far: per layer, `[len, kv_heads, head_dim]`
+/// f32, appended in place (capacity doubles, so a token costs no allocation).
 #[derive(Clone, Default)]
-pub struct KvCache(Vec<Option<(Tensor, Tensor)>>);
+pub struct KvCache {
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    len: usize,
+}
+
+impl KvCache {
+    fn new(layers: usize) -> KvCache {
+        KvCache {
+            layers: vec![(Vec::new(), Vec::new()); layers],
+            len: 0,
+        }
+    }
+
+    fn truncate(&mut self, len: usize, row: usize) {
+        if len < self.len {
+            for (k, v) in self.layers.iter_mut() {
+                k.truncate(len * row);
+                v.truncate(len * row);
+            }
+            self.len = len;
+        }
+    }
+}
 
 pub struct Decoder {
     pub cfg: ModelConfig,
     embed: Embedding,
     layers: Vec<Layer>,
     norm: Tensor,
+    norm_vec: Vec<f32>,
     lm_head: Matrix,
     inv_freq: Tensor,
+    inv_freq_vec: Vec<f32>,
     cache: KvCache,
+    scratch: Scratch,
     pub gates: Vec<LayerGates>,
     /// Use ops that candle can differentiate (training). candle's fused RMSNorm, RoPE and
     /// softmax kernels have no backward pass: gradients would silently stop at them.
@@ -149,23 +187,32 @@ impl Decoder {
             let p = format!("model.layers.{l}");
             let a = format!("{p}.self_attn");
             let m = format!("{p}.mlp");
+            let attn_norm = ws.vector(&format!("{p}.input_layernorm.weight"), h)?;
+            let ffn_norm = ws.vector(&format!("{p}.post_attention_layernorm.weight"), h)?;
+            let (q_norm, k_norm) = if cfg.qk_norm {
+                (
+                    Some(ws.vector(&format!("{a}.q_norm.weight"), hd)?),
+                    Some(ws.vector(&format!("{a}.k_norm.weight"), hd)?),
+                )
+            } else {
+                (None, None)
+            };
+            let vec_of = |t: &Option<Tensor>| -> Result<Option<Vec<f32>>> {
+                Ok(t.as_ref().map(|t| t.to_vec1::<f32>()).transpose()?)
+            };
             layers.push(Layer {
-                attn_norm: ws.vector(&format!("{p}.input_layernorm.weight"), h)?,
+                attn_norm_vec: attn_norm.to_vec1::<f32>()?,
+                ffn_norm_vec: ffn_norm.to_vec1::<f32>()?,
+                q_norm_vec: vec_of(&q_norm)?,
+                k_norm_vec: vec_of(&k_norm)?,
+                attn_norm,
                 q: Projection::load(ws, &format!("{a}.q_proj"), nh * hd, h, cfg.qkv_bias)?,
                 k: Projection::load(ws, &format!("{a}.k_proj"), nkv * hd, h, cfg.qkv_bias)?,
                 v: Projection::load(ws, &format!("{a}.v_proj"), nkv * hd, h, cfg.qkv_bias)?,
                 o: Projection::load(ws, &format!("{a}.o_proj"), h, nh * hd, false)?,
-                q_norm: if cfg.qk_norm {
-                    Some(ws.vector(&format!("{a}.q_norm.weight"), hd)?)
-                } else {
-                    None
-                },
-                k_norm: if cfg.qk_norm {
-                    Some(ws.vector(&format!("{a}.k_norm.weight"), hd)?)
-                } else {
-                    None
-                },
-                ffn_norm: ws.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                q_norm,
+                k_norm,
+                ffn_norm,
                 gate: Projection::load(
                     ws,
                     &format!("{m}.gate_proj"),
@@ -189,16 +236,21 @@ impl Decoder {
         } else {
             ws.matrix("lm_head.weight", cfg.vocab_size, h)?
         };
-        let inv_freq = Tensor::new(cfg.rope_inv_freq(), &Device::Cpu)?;
+        let inv_freq_vec = cfg.rope_inv_freq();
+        let inv_freq = Tensor::new(inv_freq_vec.as_slice(), &Device::Cpu)?;
+        let norm_vec = norm.to_vec1::<f32>()?;
         Ok(Decoder {
-            cache: KvCache(vec![None; cfg.num_layers]),
+            cache: KvCache::new(cfg.num_layers),
+            scratch: Scratch::default(),
             gates: vec![LayerGates::default(); cfg.num_layers],
             cfg,
             embed,
             layers,
             norm,
+            norm_vec,
             lm_head,
             inv_freq,
+            inv_freq_vec,
             differentiable: false,
         })
     }
@@ -229,39 +281,34 @@ impl Decoder {
     }
 
     pub fn clear_cache(&mut self) {
-        self.cache.0.iter_mut().for_each(|c| *c = None);
+        self.cache.truncate(0, self.kv_row());
     }
 
-    /// Swaps the KV cache for `other` (several sequences take turns on one decoder);
-    /// cheap, the tensors are reference-counted.
+    /// Swaps the KV cache for `other` (several sequences take turns on one decoder).
     pub fn swap_cache(&mut self, other: &mut KvCache) {
         std::mem::swap(&mut self.cache, other);
     }
 
     /// An empty cache for this decoder, to hand to [`Decoder::swap_cache`].
     pub fn new_cache(&self) -> KvCache {
-        KvCache(vec![None; self.layers.len()])
+        KvCache::new(self.layers.len())
     }
 
     /// Tokens already in the KV cache.
     pub fn cached_len(&self) -> usize {
-        self.cache.0[0]
-            .as_ref()
-            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+        self.cache.len
     }
 
     /// Drops cached positions from `len` on (e.g. to reuse a shared prompt prefix).
     pub fn truncate_cache(&mut self, len: usize) -> Result<()> {
-        for c in self.cache.0.iter_mut() {
-            if let Some((k, v)) = c {
-                if len == 0 {
-                    *c = None;
-                } else if k.dim(2)? > len {
-                    *c = Some((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?));
-                }
-            }
-        }
+        let row = self.kv_row();
+        self.cache.truncate(len, row);
         Ok(())
+    }
+
+    /// Values per position per layer in the K (or V) cache.
+    fn kv_row(&self) -> usize {
+        self.cfg.num_kv_heads * self.cfg.head_dim
     }
 
     fn rope_tables(&self, pos: usize, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
@@ -276,6 +323,15 @@ impl Decoder {
     /// Runs `ids` at positions `pos..`, appending to the KV cache; returns the final
     /// normed hidden states `[len, hidden]` (what the LM head and the verdict heads read).
     pub fn forward_hidden(&mut self, ids: &[u32], pos: usize) -> Result<Tensor> {
+        if pos != self.cache.len {
+            return Err(crate::error::Error::Invalid(format!(
+                "decoder: position {pos} given, but the KV cache holds {} positions",
+                self.cache.len
+            )));
+        }
+        if !self.differentiable {
+            return self.forward_inference(ids, pos);
+        }
         let s = ids.len();
         let ids_t = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
         let mut x = self.embed.forward(&ids_t)?;
@@ -328,11 +384,8 @@ impl Decoder {
         let q = self.rope(&q.transpose(1, 2)?.contiguous()?, cos, sin)?;
         let k = self.rope(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
         let v = v.reshape((b, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let (k, v) = match &self.cache.0[l] {
-            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-            None => (k, v),
-        };
-        self.cache.0[l] = Some((k.clone(), v.clone()));
+        let (k, v) = self.append_kv(l, &k, &v)?;
+        let (layer, gates) = (&self.layers[l], &self.gates[l]);
         let rep = nh / nkv;
         let total = k.dim(2)?;
         let expand = |t: &Tensor| -> candle_core::Result<Tensor> {
@@ -353,6 +406,39 @@ impl Decoder {
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, s, nh * hd))?;
         let y = gate(&gates.o, y)?;
         Ok(layer.o.forward(&y, d)?)
+    }
+
+    /// Appends `[1, kv_heads, s, head_dim]` keys and values to layer `l`'s cache and returns
+    /// all of them; for positions already cached, the gradient stops there (training
+    /// always starts from an empty cache).
+    fn append_kv(&mut self, l: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (nkv, hd) = (self.cfg.num_kv_heads, self.cfg.head_dim);
+        let past = self.cache.len;
+        let (ck, cv) = &mut self.cache.layers[l];
+        let as_rows = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
+            t.squeeze(0)?.transpose(0, 1)?.flatten_all()?.to_vec1::<f32>()
+        };
+        let past_t = |c: &[f32]| -> candle_core::Result<Tensor> {
+            Tensor::from_slice(&c[..past * nkv * hd], (past, nkv, hd), &Device::Cpu)?
+                .transpose(0, 1)?
+                .unsqueeze(0)
+        };
+        let earlier = if past == 0 {
+            None
+        } else {
+            Some((past_t(ck)?, past_t(cv)?))
+        };
+        ck.truncate(past * nkv * hd);
+        cv.truncate(past * nkv * hd);
+        ck.extend(as_rows(k)?);
+        cv.extend(as_rows(v)?);
+        if l + 1 == self.layers.len() {
+            self.cache.len = past + k.dim(2)?;
+        }
+        Ok(match earlier {
+            None => (k.clone(), v.clone()),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, k], 2)?, Tensor::cat(&[&pv, v], 2)?),
+        })
     }
 
     /// Logits `[rows, vocab]` for hidden states `[rows, hidden]`.

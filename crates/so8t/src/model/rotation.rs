@@ -12,6 +12,8 @@ pub const BLOCK: usize = 8;
 pub struct BlockRotation {
     /// `[units, 8, 8]`, f32, already transposed for row-vector multiplication (`x Rᵀ`).
     rt: Tensor,
+    /// The same matrices untransposed, row-major, for [`BlockRotation::apply_in_place`].
+    r: Vec<f32>,
     units: usize,
 }
 
@@ -24,6 +26,7 @@ impl BlockRotation {
         }
         Ok(BlockRotation {
             rt: r.transpose(1, 2)?.contiguous()?,
+            r: r.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
             units,
         })
     }
@@ -54,5 +57,19 @@ impl BlockRotation {
             .contiguous()?;
         let ys = xs.matmul(&self.rt)?;
         ys.transpose(0, 1)?.contiguous()?.reshape(dims)
+    }
+
+    /// `x`: rows of `units·8` values, rotated where they lie (the inference path).
+    pub fn apply_in_place(&self, x: &mut [f32]) {
+        let width = self.units * BLOCK;
+        for row in x.chunks_exact_mut(width) {
+            for (u, v) in row.chunks_exact_mut(BLOCK).enumerate() {
+                let m = &self.r[u * BLOCK * BLOCK..(u + 1) * BLOCK * BLOCK];
+                let xin: [f32; BLOCK] = std::array::from_fn(|b| v[b]);
+                for (a, out) in v.iter_mut().enumerate() {
+                    *out = (0..BLOCK).map(|b| m[a * BLOCK + b] * xin[b]).sum();
+                }
+            }
+        }
     }
 }

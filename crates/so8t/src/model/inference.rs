@@ -1,0 +1,241 @@
+//! The decoder's inference path (everything but training): the same arithmetic as the
+//! candle ops in `decoder.rs`, on plain f32 buffers that live as long as the decoder,
+//! with the KV cache appended in place. Matrix products go to the kernels' worker pool;
+//! attention over many positions (prompts) is shared out by head; the small per-token
+//! ops (RMSNorm, RoPE, SwiGLU, residual adds) run where they are, fused into one pass each.
+
+use super::{Decoder, Projection};
+use crate::error::Result;
+use crate::formats::Matrix;
+use candle_core::{Device, Tensor};
+
+/// Buffers reused from call to call (resized to the number of positions).
+#[derive(Default)]
+pub(super) struct Scratch {
+    x: Vec<f32>,
+    normed: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    out: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+fn resize(v: &mut Vec<f32>, len: usize) {
+    v.resize(len, 0.0);
+}
+
+/// `out = x / sqrt(mean(x²) + eps) · w` per row of `w.len()` values, in candle's order.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let m = (xr.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt();
+        for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
+            *o = v / m * g;
+        }
+    }
+}
+
+fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let d = w.len();
+    for xr in x.chunks_exact_mut(d) {
+        let m = (xr.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt();
+        for (v, &g) in xr.iter_mut().zip(w) {
+            *v = *v / m * g;
+        }
+    }
+}
+
+/// HF "rotate half" RoPE on `[s, heads, hd]` with tables `[s, hd/2]`.
+fn rope(x: &mut [f32], heads: usize, hd: usize, cos: &[f32], sin: &[f32]) {
+    let half = hd / 2;
+    for (p, row) in x.chunks_exact_mut(heads * hd).enumerate() {
+        let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+        for h in row.chunks_exact_mut(hd) {
+            let (a, b) = h.split_at_mut(half);
+            for i in 0..half {
+                let (x1, x2) = (a[i], b[i]);
+                a[i] = x1 * c[i] - x2 * s[i];
+                b[i] = x2 * c[i] + x1 * s[i];
+            }
+        }
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Sixteen running sums: a shape LLVM vectorises without reordering any one sum.
+    let mut acc = [0f32; 16];
+    let mut ca = a.chunks_exact(16);
+    let mut cb = b.chunks_exact(16);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for j in 0..16 {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `x·Wᵀ (+ b)` for `x: [n, in]` into `out: [n, out]`.
+fn project(p: &Projection, x: &[f32], n: usize, out: &mut Vec<f32>) -> Result<()> {
+    match &p.w {
+        Matrix::Quant(m) => {
+            resize(out, n * m.rows());
+            m.matmul(x, n, out);
+        }
+        other => {
+            let cols = x.len() / n.max(1);
+            let t = Tensor::from_slice(x, (n, cols), &Device::Cpu)?;
+            *out = crate::formats::matmul(other, &t)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+        }
+    }
+    if let Some(b) = &p.b_vec {
+        for row in out.chunks_exact_mut(b.len()) {
+            row.iter_mut().zip(b).for_each(|(o, &v)| *o += v);
+        }
+    }
+    Ok(())
+}
+
+impl Decoder {
+    pub(super) fn forward_inference(&mut self, ids: &[u32], pos: usize) -> Result<Tensor> {
+        let s = ids.len();
+        let cfg = &self.cfg;
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
+        let eps = cfg.rms_norm_eps as f32;
+        let kv_row = nkv * hd;
+        let mut sc = std::mem::take(&mut self.scratch);
+        let ids_t = Tensor::new(ids, &Device::Cpu)?;
+        sc.x = self.embed.forward(&ids_t)?.flatten_all()?.to_vec1::<f32>()?;
+        let half = hd / 2;
+        resize(&mut sc.cos, s * half);
+        resize(&mut sc.sin, s * half);
+        for p in 0..s {
+            for (i, f) in self.inv_freq_vec.iter().enumerate() {
+                let a = (pos + p) as f32 * f;
+                sc.cos[p * half + i] = a.cos();
+                sc.sin[p * half + i] = a.sin();
+            }
+        }
+        resize(&mut sc.normed, s * h);
+        let total = pos + s;
+        for l in 0..self.layers.len() {
+            let layer = &self.layers[l];
+            let gates = &self.gates[l];
+            rms_norm(&sc.x, &layer.attn_norm_vec, eps, &mut sc.normed);
+            project(&layer.q, &sc.normed, s, &mut sc.q)?;
+            project(&layer.k, &sc.normed, s, &mut sc.k)?;
+            project(&layer.v, &sc.normed, s, &mut sc.v)?;
+            for (g, buf) in [(&gates.q, &mut sc.q), (&gates.k, &mut sc.k), (&gates.v, &mut sc.v)] {
+                if let Some(r) = g {
+                    r.apply_in_place(buf);
+                }
+            }
+            if let (Some(qn), Some(kn)) = (&layer.q_norm_vec, &layer.k_norm_vec) {
+                rms_norm_in_place(&mut sc.q, qn, eps);
+                rms_norm_in_place(&mut sc.k, kn, eps);
+            }
+            rope(&mut sc.q, nh, hd, &sc.cos, &sc.sin);
+            rope(&mut sc.k, nkv, hd, &sc.cos, &sc.sin);
+            let (ck, cv) = &mut self.cache.layers[l];
+            ck.truncate(pos * kv_row);
+            cv.truncate(pos * kv_row);
+            ck.extend_from_slice(&sc.k);
+            cv.extend_from_slice(&sc.v);
+            resize(&mut sc.attn, s * nh * hd);
+            attention(&sc.q, ck, cv, s, pos, nh, nkv, hd, &mut sc.attn);
+            if let Some(r) = &gates.o {
+                r.apply_in_place(&mut sc.attn);
+            }
+            project(&layer.o, &sc.attn, s, &mut sc.out)?;
+            sc.x.iter_mut().zip(&sc.out).for_each(|(x, o)| *x += o);
+            rms_norm(&sc.x, &layer.ffn_norm_vec, eps, &mut sc.normed);
+            if let Some(r) = &gates.mlp {
+                r.apply_in_place(&mut sc.normed);
+            }
+            project(&layer.gate, &sc.normed, s, &mut sc.gate)?;
+            project(&layer.up, &sc.normed, s, &mut sc.up)?;
+            // SwiGLU: silu(g)·u, as candle's silu (x / (1 + e^-x)).
+            sc.gate
+                .iter_mut()
+                .zip(&sc.up)
+                .for_each(|(g, &u)| *g = *g / (1.0 + (-*g).exp()) * u);
+            project(&layer.down, &sc.gate, s, &mut sc.out)?;
+            sc.x.iter_mut().zip(&sc.out).for_each(|(x, o)| *x += o);
+        }
+        self.cache.len = total;
+        rms_norm(&sc.x, &self.norm_vec, eps, &mut sc.normed);
+        let hidden = Tensor::from_slice(&sc.normed[..s * h], (s, h), &Device::Cpu)?;
+        self.scratch = sc;
+        Ok(hidden)
+    }
+}
+
+/// Causal attention of `s` new queries (positions `pos..pos+s`) over the cache
+/// (`[pos+s, nkv, hd]`), grouped-query heads sharing their KV head; `out: [s, nh, hd]`.
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: usize,
+    pos: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    out: &mut [f32],
+) {
+    let rep = nh / nkv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let kv_row = nkv * hd;
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let one = |t: usize, scores: &mut Vec<f32>| {
+        let p = &out_ptr;
+        let (i, head) = (t / nh, t % nh);
+        let kvh = head / rep;
+        let qv = &q[(i * nh + head) * hd..][..hd];
+        let n = pos + i + 1;
+        scores.clear();
+        let mut max = f32::NEG_INFINITY;
+        for j in 0..n {
+            let sc = dot(qv, &k[j * kv_row + kvh * hd..][..hd]) * scale;
+            max = max.max(sc);
+            scores.push(sc);
+        }
+        let mut sum = 0f32;
+        for sc in scores.iter_mut() {
+            *sc = (*sc - max).exp();
+            sum += *sc;
+        }
+        // SAFETY: task t alone writes row (i, head) of `out`, which outlives the loop.
+        let o = unsafe { std::slice::from_raw_parts_mut(p.0.add((i * nh + head) * hd), hd) };
+        o.fill(0.0);
+        for (j, &p) in scores.iter().enumerate() {
+            let w = p / sum;
+            let vr = &v[j * kv_row + kvh * hd..][..hd];
+            o.iter_mut().zip(vr).for_each(|(o, &x)| *o += w * x);
+        }
+    };
+    thread_local! {
+        /// Each thread's score row, kept between calls.
+        static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let run = |t: usize| SCORES.with_borrow_mut(|scores| one(t, scores));
+    // One task per (query, head); short contexts are not worth a hand-off.
+    if s * (pos + s) < 512 {
+        (0..s * nh).for_each(run);
+    } else {
+        so8t_kernels::pool::global().run(s * nh, &run);
+    }
+}
+
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
