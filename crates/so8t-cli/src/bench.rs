@@ -162,7 +162,10 @@ pub fn main(a: Args) -> Result<()> {
         let summary = serde_json::json!({"bytes_per_token": per_token, "read_bandwidth_bytes_per_s": bandwidth,
             "roofline_ts": roofline, "roofline_share": roofline.zip(tg_mean).map(|(r, t)| t / r),
             "heads_seconds_per_token": heads_share.map(|h| h.0), "heads_share_of_token": heads_share.map(|h| h.1)});
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"tests": v, "summary": summary}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"tests": v, "summary": summary}))?
+        );
         return Ok(());
     }
     println!("| model | size | params | backend | threads | test | t/s |");

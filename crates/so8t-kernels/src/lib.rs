@@ -55,7 +55,7 @@ mod x86;
 pub use blocks::QType;
 
 /// A `[rows, cols]` weight matrix stored in ggml blocks, rows never sharing a block:
-/// row-major as in the file, or, for Q8_0 and Q4_0 when the AVX-512 VNNI kernel runs,
+/// row-major as in the file, or, for Q8_0, Q4_0 and Q5_0 when the AVX-512 VNNI kernel runs,
 /// eight rows interleaved (see [`QMatrix::interleaved`]; same bytes, reordered, so the
 /// same memory).
 pub struct QMatrix {
@@ -100,7 +100,7 @@ impl QMatrix {
             interleaved: false,
         };
         if Kernel::best() == Kernel::Avx512Vnni
-            && matches!(ty, QType::Q8_0 | QType::Q4_0)
+            && matches!(ty, QType::Q8_0 | QType::Q4_0 | QType::Q5_0)
             && rows % 8 == 0
         {
             m.interleave();
@@ -109,27 +109,22 @@ impl QMatrix {
     }
 
     /// Whether rows are stored eight at a time: per group of eight rows and per block,
-    /// the eight f16 scales, then the quants in 4-byte runs (run `c` of rows 0..8, then run
-    /// `c + 1`, …), Q8_0 quants offset to unsigned (`q ^ 0x80`).
+    /// the eight f16 scales, (Q5_0) the high bits, then the quants in 4-byte runs (run `c`
+    /// of rows 0..8, then run `c + 1`, …), Q8_0 quants offset to unsigned (`q ^ 0x80`);
+    /// see [`block_into_group`].
     pub fn interleaved(&self) -> bool {
         self.interleaved
     }
 
     fn interleave(&mut self) {
         let (ts, nb) = (self.ty.type_size(), self.cols / self.ty.block_size());
-        let flip = if self.ty == QType::Q8_0 { 0x80 } else { 0 };
         let mut out = vec![0u8; self.data.len()];
         for g in 0..self.rows / 8 {
             for b in 0..nb {
                 let dst = &mut out[(g * nb + b) * 8 * ts..(g * nb + b + 1) * 8 * ts];
                 for r in 0..8 {
                     let src = &self.data[((8 * g + r) * nb + b) * ts..][..ts];
-                    dst[2 * r..2 * r + 2].copy_from_slice(&src[..2]);
-                    for c in 0..(ts - 2) / 4 {
-                        for k in 0..4 {
-                            dst[16 + 32 * c + 4 * r + k] = src[2 + 4 * c + k] ^ flip;
-                        }
-                    }
+                    block_into_group(self.ty, src, r, dst);
                 }
             }
         }
@@ -144,18 +139,11 @@ impl QMatrix {
             return &self.data[r * rb..(r + 1) * rb];
         }
         let (ts, nb) = (self.ty.type_size(), self.cols / self.ty.block_size());
-        let flip = if self.ty == QType::Q8_0 { 0x80 } else { 0 };
         let (g, i) = (r / 8, r % 8);
         buf.resize(rb, 0);
         for b in 0..nb {
             let src = &self.data[(g * nb + b) * 8 * ts..(g * nb + b + 1) * 8 * ts];
-            let dst = &mut buf[b * ts..(b + 1) * ts];
-            dst[..2].copy_from_slice(&src[2 * i..2 * i + 2]);
-            for c in 0..(ts - 2) / 4 {
-                for k in 0..4 {
-                    dst[2 + 4 * c + k] = src[16 + 32 * c + 4 * i + k] ^ flip;
-                }
-            }
+            block_from_group(self.ty, src, i, &mut buf[b * ts..(b + 1) * ts]);
         }
         buf
     }
@@ -282,6 +270,80 @@ impl QMatrix {
                 }
             }
         });
+    }
+}
+
+/// Where row `r`'s block goes in an interleaved group block: scales at `2r`; for Q5_0 the
+/// high bits as the word [`q5_high_word`] at `16 + 4r`; quants in 4-byte runs, run `c` of
+/// row `r` at `start + 32c + 4r` (Q8_0 offset to unsigned).
+fn block_into_group(ty: QType, src: &[u8], r: usize, dst: &mut [u8]) {
+    let (flip, qs, start) = group_layout(ty);
+    dst[2 * r..2 * r + 2].copy_from_slice(&src[..2]);
+    if ty == QType::Q5_0 {
+        let qh = u32::from_le_bytes([src[2], src[3], src[4], src[5]]);
+        dst[16 + 4 * r..20 + 4 * r].copy_from_slice(&q5_high_word(qh).to_le_bytes());
+    }
+    for (c, run) in src[qs..].chunks_exact(4).enumerate() {
+        for (k, &v) in run.iter().enumerate() {
+            dst[start + 32 * c + 4 * r + k] = v ^ flip;
+        }
+    }
+}
+
+fn block_from_group(ty: QType, src: &[u8], r: usize, dst: &mut [u8]) {
+    let (flip, qs, start) = group_layout(ty);
+    dst[..2].copy_from_slice(&src[2 * r..2 * r + 2]);
+    if ty == QType::Q5_0 {
+        let w = &src[16 + 4 * r..20 + 4 * r];
+        let qh = q5_high_bits(u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
+        dst[2..6].copy_from_slice(&qh.to_le_bytes());
+    }
+    for (c, run) in dst[qs..].chunks_exact_mut(4).enumerate() {
+        for (k, v) in run.iter_mut().enumerate() {
+            *v = src[start + 32 * c + 4 * r + k] ^ flip;
+        }
+    }
+}
+
+/// (xor applied to quants, offset of the quants in a row block, offset of the runs in a group block).
+fn group_layout(ty: QType) -> (u8, usize, usize) {
+    match ty {
+        QType::Q8_0 => (0x80, 2, 16),
+        QType::Q4_0 => (0, 2, 16),
+        QType::Q5_0 => (0, 6, 48),
+        _ => unreachable!("{ty:?} is not interleaved"),
+    }
+}
+
+/// Q5_0's 32 high bits rearranged for the interleaved kernel: its eight weight vectors
+/// `j` (low nibbles of run `j/2` for even `j`, high nibbles for odd) hold elements
+/// `e(j, k)` in byte `k`, and that element's high bit moves to bit `j` of byte `k`, so a
+/// mask and one shift make the 0x10s of vector `j`.
+fn q5_high_word(qh: u32) -> u32 {
+    let mut w = 0u32;
+    for j in 0..8 {
+        for k in 0..4 {
+            w |= ((qh >> q5_element(j, k)) & 1) << (8 * k + j);
+        }
+    }
+    w
+}
+
+fn q5_high_bits(w: u32) -> u32 {
+    let mut qh = 0u32;
+    for j in 0..8 {
+        for k in 0..4 {
+            qh |= ((w >> (8 * k + j)) & 1) << q5_element(j, k);
+        }
+    }
+    qh
+}
+
+fn q5_element(j: usize, k: usize) -> usize {
+    if j % 2 == 0 {
+        4 * (j / 2) + k
+    } else {
+        16 + 4 * (j / 2) + k
     }
 }
 

@@ -417,7 +417,7 @@ unsafe fn half<const N: usize, const BF16: bool>(w: &[u8], a: [&[f32]; N]) -> [f
     })
 }
 
-/// Eight rows at once from the interleaved layout ([`crate::QMatrix`] packs Q8_0 and Q4_0
+/// Eight rows at once from the interleaved layout ([`crate::QMatrix`] packs Q8_0, Q4_0, Q5_0
 /// so when this kernel is the best): per block, the eight rows' f16 scales, then their
 /// quants in 4-byte runs, row after row (Q8_0 stored `q ^ 0x80`, i.e. `q + 128`
 /// unsigned). One `vpdpbusd` then multiplies four weights of each of the eight rows by the
@@ -427,7 +427,7 @@ unsafe fn half<const N: usize, const BF16: bool>(w: &[u8], a: [&[f32]; N]) -> [f
 /// `out[i]` receives the eight rows' products with activation row `i`.
 ///
 /// # Safety
-/// As [`rows_vnni`]; `w` holds whole interleaved blocks of a Q8_0 or Q4_0 row group.
+/// As [`rows_vnni`]; `w` holds whole interleaved blocks of a Q8_0, Q4_0 or Q5_0 row group.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub unsafe fn group8_vnni(ty: QType, w: &[u8], a: &[ActRow], out: &mut [[f32; 8]]) {
     macro_rules! go {
@@ -435,7 +435,8 @@ pub unsafe fn group8_vnni(ty: QType, w: &[u8], a: &[ActRow], out: &mut [[f32; 8]
             match ty {
                 QType::Q8_0 => packed8::<$n, Q8_0>(w, q8_rows(a), out),
                 QType::Q4_0 => packed8::<$n, Q4_0>(w, q8_rows(a), out),
-                _ => unreachable!("only Q8_0 and Q4_0 are interleaved"),
+                QType::Q5_0 => packed8::<$n, Q5_0>(w, q8_rows(a), out),
+                _ => unreachable!("only Q8_0, Q4_0 and Q5_0 are interleaved"),
             }
         };
     }
@@ -450,7 +451,7 @@ pub unsafe fn group8_vnni(ty: QType, w: &[u8], a: &[ActRow], out: &mut [[f32; 8]
 
 #[inline(always)]
 unsafe fn packed8<const N: usize, const T: u8>(w: &[u8], a: [&[Q8Block]; N], out: &mut [[f32; 8]]) {
-    let stride = if T == Q8_0 { 8 * 34 } else { 8 * 18 };
+    let stride = 8 * [18, 20, 22, 24, 34][T as usize];
     let nb = w.len() / stride;
     let m4 = _mm256_set1_epi8(0x0F);
     let zero = _mm256_setzero_si256();
@@ -459,7 +460,7 @@ unsafe fn packed8<const N: usize, const T: u8>(w: &[u8], a: [&[Q8Block]; N], out
         let base = w.as_ptr().add(b * stride);
         prefetch_lines(base, stride);
         let dw = _mm256_cvtph_ps(_mm_loadu_si128(base as *const __m128i));
-        let q = base.add(16);
+        let q = base.add(if T == Q5_0 { 48 } else { 16 });
         // Weight vector k meets activation bytes `at[k]..at[k] + 4` of the block.
         let mut wv = [zero; 8];
         let mut at = [0usize; 8];
@@ -476,15 +477,48 @@ unsafe fn packed8<const N: usize, const T: u8>(w: &[u8], a: [&[Q8Block]; N], out
                 at[2 * c] = 4 * c;
                 at[2 * c + 1] = 16 + 4 * c;
             }
+            if T == Q5_0 {
+                // Bit j of each byte of the high-bit words is vector j's high bit.
+                let qh = load(base.add(16) as *const i8);
+                wv[0] = _mm256_or_si256(
+                    wv[0],
+                    _mm256_slli_epi16::<4>(_mm256_and_si256(qh, _mm256_set1_epi8(1))),
+                );
+                wv[1] = _mm256_or_si256(
+                    wv[1],
+                    _mm256_slli_epi16::<3>(_mm256_and_si256(qh, _mm256_set1_epi8(2))),
+                );
+                wv[2] = _mm256_or_si256(
+                    wv[2],
+                    _mm256_slli_epi16::<2>(_mm256_and_si256(qh, _mm256_set1_epi8(4))),
+                );
+                wv[3] = _mm256_or_si256(
+                    wv[3],
+                    _mm256_slli_epi16::<1>(_mm256_and_si256(qh, _mm256_set1_epi8(8))),
+                );
+                wv[4] = _mm256_or_si256(wv[4], _mm256_and_si256(qh, _mm256_set1_epi8(0x10)));
+                wv[5] = _mm256_or_si256(
+                    wv[5],
+                    _mm256_srli_epi16::<1>(_mm256_and_si256(qh, _mm256_set1_epi8(0x20))),
+                );
+                wv[6] = _mm256_or_si256(
+                    wv[6],
+                    _mm256_srli_epi16::<2>(_mm256_and_si256(qh, _mm256_set1_epi8(0x40))),
+                );
+                wv[7] = _mm256_or_si256(
+                    wv[7],
+                    _mm256_srli_epi16::<3>(_mm256_and_si256(qh, _mm256_set1_epi8(-128))),
+                );
+            }
         }
         for i in 0..N {
             let y = a[i].get_unchecked(b);
             let yq = y.qs.as_ptr();
             let sum = _mm256_set1_epi32(y.sum);
-            let offset = if T == Q8_0 {
-                _mm256_slli_epi32::<7>(sum)
-            } else {
-                _mm256_slli_epi32::<3>(sum)
+            let offset = match T {
+                Q8_0 => _mm256_slli_epi32::<7>(sum),
+                Q5_0 => _mm256_slli_epi32::<4>(sum),
+                _ => _mm256_slli_epi32::<3>(sum),
             };
             // Four independent chains: `vpdpbusd` has a latency of several cycles.
             let mut s = [_mm256_sub_epi32(zero, offset), zero, zero, zero];

@@ -137,7 +137,7 @@ fn every_simd_kernel_matches_the_portable_one() {
             (24, 1024),
         ] {
             let m = random_matrix(ty, rows, cols, &mut rng);
-            let packs = matches!(ty, QType::Q8_0 | QType::Q4_0) && rows % 8 == 0;
+            let packs = matches!(ty, QType::Q8_0 | QType::Q4_0 | QType::Q5_0) && rows % 8 == 0;
             assert_eq!(
                 m.interleaved(),
                 packs && Kernel::best() == Kernel::Avx512Vnni

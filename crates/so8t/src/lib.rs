@@ -17,5 +17,5 @@ pub mod tokenizer;
 pub mod train;
 
 pub use error::{Error, Result};
-pub use so8t_kernels as kernels;
 pub use load::Model;
+pub use so8t_kernels as kernels;

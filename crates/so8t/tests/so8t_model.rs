@@ -260,7 +260,10 @@ fn inference_path_matches_the_differentiable_path() {
             .iter()
             .zip(&reference)
             .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-        assert!(worst <= 1e-4 * scale, "{arch}: inference path differs by {worst} (scale {scale})");
+        assert!(
+            worst <= 1e-4 * scale,
+            "{arch}: inference path differs by {worst} (scale {scale})"
+        );
         assert!(scale > 0.0);
     }
 }

@@ -416,7 +416,10 @@ impl Decoder {
         let past = self.cache.len;
         let (ck, cv) = &mut self.cache.layers[l];
         let as_rows = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
-            t.squeeze(0)?.transpose(0, 1)?.flatten_all()?.to_vec1::<f32>()
+            t.squeeze(0)?
+                .transpose(0, 1)?
+                .flatten_all()?
+                .to_vec1::<f32>()
         };
         let past_t = |c: &[f32]| -> candle_core::Result<Tensor> {
             Tensor::from_slice(&c[..past * nkv * hd], (past, nkv, hd), &Device::Cpu)?

@@ -54,7 +54,10 @@ fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
 fn rope(x: &mut [f32], heads: usize, hd: usize, cos: &[f32], sin: &[f32]) {
     let half = hd / 2;
     for (p, row) in x.chunks_exact_mut(heads * hd).enumerate() {
-        let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+        let (c, s) = (
+            &cos[p * half..(p + 1) * half],
+            &sin[p * half..(p + 1) * half],
+        );
         for h in row.chunks_exact_mut(hd) {
             let (a, b) = h.split_at_mut(half);
             for i in 0..half {
@@ -76,7 +79,12 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[j] += x[j] * y[j];
         }
     }
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     acc.iter().sum::<f32>() + tail
 }
 
@@ -113,7 +121,11 @@ impl Decoder {
         let kv_row = nkv * hd;
         let mut sc = std::mem::take(&mut self.scratch);
         let ids_t = Tensor::new(ids, &Device::Cpu)?;
-        sc.x = self.embed.forward(&ids_t)?.flatten_all()?.to_vec1::<f32>()?;
+        sc.x = self
+            .embed
+            .forward(&ids_t)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let half = hd / 2;
         resize(&mut sc.cos, s * half);
         resize(&mut sc.sin, s * half);
@@ -133,7 +145,11 @@ impl Decoder {
             project(&layer.q, &sc.normed, s, &mut sc.q)?;
             project(&layer.k, &sc.normed, s, &mut sc.k)?;
             project(&layer.v, &sc.normed, s, &mut sc.v)?;
-            for (g, buf) in [(&gates.q, &mut sc.q), (&gates.k, &mut sc.k), (&gates.v, &mut sc.v)] {
+            for (g, buf) in [
+                (&gates.q, &mut sc.q),
+                (&gates.k, &mut sc.k),
+                (&gates.v, &mut sc.v),
+            ] {
                 if let Some(r) = g {
                     r.apply_in_place(buf);
                 }

@@ -26,7 +26,9 @@ impl BlockRotation {
         }
         Ok(BlockRotation {
             rt: r.transpose(1, 2)?.contiguous()?,
-            r: r.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            r: r.to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
             units,
         })
     }
