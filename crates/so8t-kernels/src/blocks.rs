@@ -142,7 +142,14 @@ fn round_f16(x: f32) -> f32 {
 /// ggml x86 `quantize_row_q8_0` / `quantize_row_q8_1`.
 #[inline(always)]
 fn quantize_q8(x: &[f32]) -> Q8Block {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    // Eight running maxima (vector lanes), then theirs: max is exact in any order.
+    let mut lanes = [0f32; 8];
+    for c in x.chunks_exact(8) {
+        for j in 0..8 {
+            lanes[j] = lanes[j].max(c[j].abs());
+        }
+    }
+    let amax = lanes.iter().fold(0f32, |m, &v| m.max(v));
     let d = amax / 127.0;
     let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
     let mut qs = [0i8; QK];

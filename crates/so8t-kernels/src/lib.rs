@@ -44,6 +44,7 @@ macro_rules! multiversion {
     };
 }
 
+pub mod attention;
 mod blocks;
 mod dot;
 pub mod pool;

@@ -1,7 +1,7 @@
 //! The decoder's inference path (everything but training): the same arithmetic as the
 //! candle ops in `decoder.rs`, on plain f32 buffers that live as long as the decoder,
-//! with the KV cache appended in place. Matrix products go to the kernels' worker pool;
-//! attention over many positions (prompts) is shared out by head; the small per-token
+//! with the KV cache appended in place. Matrix products and attention are the kernels'
+//! (`so8t_kernels`), on their worker pool; the small per-token
 //! ops (RMSNorm, RoPE, SwiGLU, residual adds) run where they are, fused into one pass each.
 
 use super::{Decoder, Projection};
@@ -67,25 +67,6 @@ fn rope(x: &mut [f32], heads: usize, hd: usize, cos: &[f32], sin: &[f32]) {
             }
         }
     }
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Sixteen running sums: a shape LLVM vectorises without reordering any one sum.
-    let mut acc = [0f32; 16];
-    let mut ca = a.chunks_exact(16);
-    let mut cb = b.chunks_exact(16);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for j in 0..16 {
-            acc[j] += x[j] * y[j];
-        }
-    }
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    acc.iter().sum::<f32>() + tail
 }
 
 /// `x·Wᵀ (+ b)` for `x: [n, in]` into `out: [n, out]`.
@@ -166,7 +147,14 @@ impl Decoder {
             ck.extend_from_slice(&sc.k);
             cv.extend_from_slice(&sc.v);
             resize(&mut sc.attn, s * nh * hd);
-            attention(&sc.q, ck, cv, s, pos, nh, nkv, hd, &mut sc.attn);
+            let shape = so8t_kernels::attention::Shape {
+                s,
+                pos,
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+            };
+            so8t_kernels::attention::causal(&sc.q, ck, cv, shape, &mut sc.attn);
             if let Some(r) = &gates.o {
                 r.apply_in_place(&mut sc.attn);
             }
@@ -193,65 +181,3 @@ impl Decoder {
         Ok(hidden)
     }
 }
-
-/// Causal attention of `s` new queries (positions `pos..pos+s`) over the cache
-/// (`[pos+s, nkv, hd]`), grouped-query heads sharing their KV head; `out: [s, nh, hd]`.
-#[allow(clippy::too_many_arguments)]
-fn attention(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    s: usize,
-    pos: usize,
-    nh: usize,
-    nkv: usize,
-    hd: usize,
-    out: &mut [f32],
-) {
-    let rep = nh / nkv;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let kv_row = nkv * hd;
-    let out_ptr = SendPtr(out.as_mut_ptr());
-    let one = |t: usize, scores: &mut Vec<f32>| {
-        let p = &out_ptr;
-        let (i, head) = (t / nh, t % nh);
-        let kvh = head / rep;
-        let qv = &q[(i * nh + head) * hd..][..hd];
-        let n = pos + i + 1;
-        scores.clear();
-        let mut max = f32::NEG_INFINITY;
-        for j in 0..n {
-            let sc = dot(qv, &k[j * kv_row + kvh * hd..][..hd]) * scale;
-            max = max.max(sc);
-            scores.push(sc);
-        }
-        let mut sum = 0f32;
-        for sc in scores.iter_mut() {
-            *sc = (*sc - max).exp();
-            sum += *sc;
-        }
-        // SAFETY: task t alone writes row (i, head) of `out`, which outlives the loop.
-        let o = unsafe { std::slice::from_raw_parts_mut(p.0.add((i * nh + head) * hd), hd) };
-        o.fill(0.0);
-        for (j, &p) in scores.iter().enumerate() {
-            let w = p / sum;
-            let vr = &v[j * kv_row + kvh * hd..][..hd];
-            o.iter_mut().zip(vr).for_each(|(o, &x)| *o += w * x);
-        }
-    };
-    thread_local! {
-        /// Each thread's score row, kept between calls.
-        static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    let run = |t: usize| SCORES.with_borrow_mut(|scores| one(t, scores));
-    // One task per (query, head); short contexts are not worth a hand-off.
-    if s * (pos + s) < 512 {
-        (0..s * nh).for_each(run);
-    } else {
-        so8t_kernels::pool::global().run(s * nh, &run);
-    }
-}
-
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
