@@ -18,6 +18,14 @@ pub enum QType {
     BF16,
 }
 
+/// The activation format a weight type is multiplied with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActKind {
+    Q8,
+    Q8K,
+    F32,
+}
+
 pub const QK: usize = 32;
 pub const QK_K: usize = 256;
 
@@ -34,6 +42,14 @@ impl QType {
         QType::F16,
         QType::BF16,
     ];
+
+    pub fn act_kind(self) -> ActKind {
+        match self {
+            QType::Q4K | QType::Q5K | QType::Q6K => ActKind::Q8K,
+            QType::F16 | QType::BF16 => ActKind::F32,
+            _ => ActKind::Q8,
+        }
+    }
 
     /// ggml's type id (`enum ggml_type`).
     pub fn from_ggml_id(id: u32) -> Option<QType> {

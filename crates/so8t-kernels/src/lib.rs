@@ -180,8 +180,37 @@ impl QMatrix {
     /// [`QMatrix::matmul`] with a chosen kernel (tests compare them).
     pub fn matmul_with(&self, kernel: Kernel, x: &[f32], n: usize, out: &mut [f32]) {
         assert_eq!(x.len(), n * self.cols, "activations must be [n, cols]");
-        assert_eq!(out.len(), n * self.rows, "output must be [n, rows]");
         let act = blocks::quantize_activations(self.ty, x, n, self.cols);
+        self.matmul_quantized(kernel, &act, n, out)
+    }
+
+    /// Several matrices applied to the same activations (a layer's Q, K and V; gate and
+    /// up), which are quantised once per activation format rather than once per matrix.
+    pub fn matmul_many(ms: &[&QMatrix], x: &[f32], n: usize, outs: &mut [&mut [f32]]) {
+        assert_eq!(ms.len(), outs.len(), "one output per matrix");
+        let mut done: Vec<(blocks::ActKind, blocks::Activations)> = Vec::new();
+        for (m, out) in ms.iter().zip(outs.iter_mut()) {
+            assert_eq!(x.len(), n * m.cols, "activations must be [n, cols]");
+            let kind = m.ty.act_kind();
+            let i = match done.iter().position(|(k, _)| *k == kind) {
+                Some(i) => i,
+                None => {
+                    done.push((kind, blocks::quantize_activations(m.ty, x, n, m.cols)));
+                    done.len() - 1
+                }
+            };
+            m.matmul_quantized(Kernel::best(), &done[i].1, n, out);
+        }
+    }
+
+    fn matmul_quantized(
+        &self,
+        kernel: Kernel,
+        act: &blocks::Activations,
+        n: usize,
+        out: &mut [f32],
+    ) {
+        assert_eq!(out.len(), n * self.rows, "output must be [n, rows]");
         let kernel = if kernel.supports(self.ty) {
             kernel
         } else {
@@ -191,7 +220,7 @@ impl QMatrix {
         let rows = self.rows;
         if self.interleaved && kernel == Kernel::Avx512Vnni {
             #[cfg(target_arch = "x86_64")]
-            return self.matmul_interleaved(&act, n, out);
+            return self.matmul_interleaved(act, n, out);
         }
         // A few tasks per thread so that a thread that starts late still gets an even
         // share; at least 16 rows each so that hand-offs stay cheap.

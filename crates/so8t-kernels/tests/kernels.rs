@@ -169,3 +169,27 @@ fn every_simd_kernel_matches_the_portable_one() {
         }
     }
 }
+
+/// Matrices that share their input, quantised once: the same bits as one at a time.
+#[test]
+fn shared_activations_give_the_same_products() {
+    let mut rng = StdRng::seed_from_u64(13);
+    let (cols, n) = (512, 3);
+    let ms: Vec<QMatrix> = [QType::Q5_0, QType::Q4K, QType::Q8_0, QType::F16, QType::Q6K]
+        .iter()
+        .enumerate()
+        .map(|(i, &ty)| random_matrix(ty, 16 + 8 * i, cols, &mut rng))
+        .collect();
+    let x: Vec<f32> = (0..n * cols)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    let refs: Vec<&QMatrix> = ms.iter().collect();
+    let mut outs: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; n * m.rows()]).collect();
+    let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+    QMatrix::matmul_many(&refs, &x, n, &mut slices);
+    for (m, got) in ms.iter().zip(&outs) {
+        let mut one = vec![0f32; n * m.rows()];
+        m.matmul(&x, n, &mut one);
+        assert_eq!(got, &one, "{:?}", m.qtype());
+    }
+}

@@ -84,12 +84,49 @@ fn project(p: &Projection, x: &[f32], n: usize, out: &mut Vec<f32>) -> Result<()
                 .to_vec1::<f32>()?;
         }
     }
+    add_bias(p, out);
+    Ok(())
+}
+
+/// [`project`] for several projections of the same input: quantised matrices share one
+/// quantisation of it.
+fn project_all<const K: usize>(
+    ps: [&Projection; K],
+    x: &[f32],
+    n: usize,
+    outs: [&mut Vec<f32>; K],
+) -> Result<()> {
+    let quant: Option<Vec<&so8t_kernels::QMatrix>> = ps
+        .iter()
+        .map(|p| match &p.w {
+            Matrix::Quant(m) => Some(m.as_ref()),
+            _ => None,
+        })
+        .collect();
+    let Some(ms) = quant else {
+        for (p, out) in ps.into_iter().zip(outs) {
+            project(p, x, n, out)?;
+        }
+        return Ok(());
+    };
+    let mut outs = outs;
+    for (m, out) in ms.iter().zip(outs.iter_mut()) {
+        resize(out, n * m.rows());
+    }
+    let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+    so8t_kernels::QMatrix::matmul_many(&ms, x, n, &mut slices);
+    for (p, out) in ps.iter().zip(outs.iter_mut()) {
+        add_bias(p, out);
+    }
+    Ok(())
+}
+
+fn add_bias(p: &Projection, out: &mut [f32]) {
     if let Some(b) = &p.b_vec {
         for row in out.chunks_exact_mut(b.len()) {
             row.iter_mut().zip(b).for_each(|(o, &v)| *o += v);
         }
     }
-    Ok(())
 }
 
 impl Decoder {
@@ -123,9 +160,12 @@ impl Decoder {
             let layer = &self.layers[l];
             let gates = &self.gates[l];
             rms_norm(&sc.x, &layer.attn_norm_vec, eps, &mut sc.normed);
-            project(&layer.q, &sc.normed, s, &mut sc.q)?;
-            project(&layer.k, &sc.normed, s, &mut sc.k)?;
-            project(&layer.v, &sc.normed, s, &mut sc.v)?;
+            project_all(
+                [&layer.q, &layer.k, &layer.v],
+                &sc.normed,
+                s,
+                [&mut sc.q, &mut sc.k, &mut sc.v],
+            )?;
             for (g, buf) in [
                 (&gates.q, &mut sc.q),
                 (&gates.k, &mut sc.k),
@@ -164,8 +204,12 @@ impl Decoder {
             if let Some(r) = &gates.mlp {
                 r.apply_in_place(&mut sc.normed);
             }
-            project(&layer.gate, &sc.normed, s, &mut sc.gate)?;
-            project(&layer.up, &sc.normed, s, &mut sc.up)?;
+            project_all(
+                [&layer.gate, &layer.up],
+                &sc.normed,
+                s,
+                [&mut sc.gate, &mut sc.up],
+            )?;
             // SwiGLU: silu(g)·u, as candle's silu (x / (1 + e^-x)).
             sc.gate
                 .iter_mut()
