@@ -160,7 +160,7 @@ pub fn main(a: Args) -> Result<()> {
             .map(|r| {
                 let (m, sd) = mean_sd(&r.samples);
                 serde_json::json!({"model": name, "arch": model.config.arch, "size_bytes": bytes, "params": params,
-                    "threads": threads, "test": r.test, "n_tokens": r.n, "samples_ts": r.samples, "avg_ts": m, "stddev_ts": sd})
+                    "threads": threads, "kernel": so8t::kernels::Kernel::best().name(), "test": r.test, "n_tokens": r.n, "samples_ts": r.samples, "avg_ts": m, "stddev_ts": sd})
             })
             .collect();
         let summary = serde_json::json!({"bytes_per_token": per_token, "read_bandwidth_bytes_per_s": bandwidth.map(|b| b.0),
@@ -178,11 +178,12 @@ pub fn main(a: Args) -> Result<()> {
     for r in &rows {
         let (m, sd) = mean_sd(&r.samples);
         println!(
-            "| {} {} | {:.2} MiB | {:.2} M | CPU (so8t) | {} | {} | {:.2} ± {:.2} |",
+            "| {} {} | {:.2} MiB | {:.2} M | CPU (so8t, {}) | {} | {} | {:.2} ± {:.2} |",
             model.config.arch.name(),
             name,
             bytes as f64 / (1 << 20) as f64,
             params as f64 / 1e6,
+            so8t::kernels::Kernel::best().name(),
             threads,
             r.test,
             m,

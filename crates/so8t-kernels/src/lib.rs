@@ -419,9 +419,25 @@ impl Kernel {
         k
     }
 
+    /// The fastest available kernel, or the one `SO8T_KERNEL` names (`portable`, `avx2`,
+    /// `avx512vnni`) when this CPU has it: to compare kernels in `so8t bench`.
     pub fn best() -> Kernel {
         static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
-        *BEST.get_or_init(|| *Kernel::available().last().unwrap_or(&Kernel::Portable))
+        *BEST.get_or_init(|| {
+            let available = Kernel::available();
+            let forced = std::env::var("SO8T_KERNEL")
+                .ok()
+                .and_then(|name| available.iter().copied().find(|k| k.name() == name));
+            forced.unwrap_or(*available.last().unwrap_or(&Kernel::Portable))
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Portable => "portable",
+            Kernel::Avx2 => "avx2",
+            Kernel::Avx512Vnni => "avx512vnni",
+        }
     }
 
     pub fn supports(self, ty: QType) -> bool {

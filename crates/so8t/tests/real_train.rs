@@ -3,9 +3,6 @@
 //! to GGUF Q8_0 as unbaked, on the held-out test split, and llama.cpp runs the Q8_0 file
 //! (fixture: scripts/reference/llama_cpp_trained_fixture.py records the file's sha256 and
 //! llama.cpp's greedy tokens on it).
-//!
-//! By default the GGUF is scored on the first 120 test rows, because our quantised
-//! prefill is still slow (issue #7); `SO8T_FULL=1` scores all of them.
 
 mod common;
 use common::{check_against_llama_cpp, fixtures, real_model};
@@ -107,7 +104,7 @@ fn trained_verdicts_survive_bake_and_q8_0_export() {
         std::fs::copy(trained.join(f), dir.join(f)).unwrap();
     }
     let labels = config.labels.clone();
-    let mut data = read_jsonl(
+    let data = read_jsonl(
         &fixtures().join("../data/safety/test.jsonl"),
         &labels,
         false,
@@ -129,9 +126,13 @@ fn trained_verdicts_survive_bake_and_q8_0_export() {
     );
 
     // Q8_0: weights and activations rounded to 8 bits move the final hidden state by ~1%,
-    // and the trained heads are sharp (large weights), so p moves most near 0.5. Measured
-    // on all 460 test rows: max |Δp| 0.124, 7 decisions (1.5%) differ, each at a row whose
-    // unbaked p lies within that distance of a threshold. The bounds: |Δp| ≤ 0.15 and at
+    // and the trained heads are sharp (large weights), so p moves most near 0.5. How far
+    // depends on which activations land on the other side of a rounding boundary, and
+    // that changes with the order of float additions anywhere upstream: over all 460 test
+    // rows, max |Δp| was 0.124 with the first kernels (7 decisions differ), and with the
+    // current code 0.162 with the portable kernel (6), 0.159 with AVX2 (7) and 0.222 with
+    // AVX-512 VNNI (10; `SO8T_KERNEL` picks one). Each differing decision is at a row whose
+    // unbaked p lies within that distance of a threshold. The bounds: |Δp| ≤ 0.3 and at
     // most 3% of decisions.
     let gguf = tmp.path().join("q8_0.gguf");
     export(&dir, &gguf, parse_quant("q8_0").unwrap(), |_, _, _| {}).unwrap();
@@ -141,18 +142,12 @@ fn trained_verdicts_survive_bake_and_q8_0_export() {
         fixture["sha256"].as_str().unwrap(),
         "the export is the file llama.cpp was run on"
     );
-    let n = if std::env::var_os("SO8T_FULL").is_some() {
-        data.examples.len()
-    } else {
-        120
-    };
-    data.examples.truncate(n);
     compare(
         "gguf q8_0",
-        &reference[..n],
+        &reference,
         &verdicts(&gguf, &data),
         &config,
-        0.15,
+        0.3,
         0.03,
     );
 
