@@ -29,6 +29,39 @@ fn resize(v: &mut Vec<f32>, len: usize) {
     v.resize(len, 0.0);
 }
 
+/// `f(first_row, rows)` over `buf` taken as rows of `width`: on the worker pool for a
+/// prompt's worth of rows, where this thread alone would keep the other one waiting.
+fn by_rows(buf: &mut [f32], width: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+    let rows = buf.len() / width.max(1);
+    if rows < 16 {
+        return f(0, buf);
+    }
+    let pool = so8t_kernels::pool::global();
+    let per = rows.div_ceil(pool.threads() * 2);
+    let ptr = SendPtr(buf.as_mut_ptr());
+    pool.run(rows.div_ceil(per), &|t| {
+        let p = &ptr;
+        let (r0, r1) = (t * per, ((t + 1) * per).min(rows));
+        // SAFETY: tasks take disjoint row ranges of `buf`, which outlives `run`.
+        let chunk =
+            unsafe { std::slice::from_raw_parts_mut(p.0.add(r0 * width), (r1 - r0) * width) };
+        f(r0, chunk)
+    });
+}
+
+/// The residual: `x += y`, row by row.
+fn add_rows(x: &mut [f32], y: &[f32], width: usize) {
+    by_rows(x, width, &|r, xs| {
+        xs.iter_mut()
+            .zip(&y[r * width..])
+            .for_each(|(a, b)| *a += b)
+    });
+}
+
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
 /// `out = x / sqrt(mean(x²) + eps) · w` per row of `w.len()` values, in candle's order.
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
@@ -159,7 +192,10 @@ impl Decoder {
         for l in 0..self.layers.len() {
             let layer = &self.layers[l];
             let gates = &self.gates[l];
-            rms_norm(&sc.x, &layer.attn_norm_vec, eps, &mut sc.normed);
+            let x = &sc.x;
+            by_rows(&mut sc.normed, h, &|r, o| {
+                rms_norm(&x[r * h..r * h + o.len()], &layer.attn_norm_vec, eps, o)
+            });
             project_all(
                 [&layer.q, &layer.k, &layer.v],
                 &sc.normed,
@@ -179,8 +215,12 @@ impl Decoder {
                 rms_norm_in_place(&mut sc.q, qn, eps);
                 rms_norm_in_place(&mut sc.k, kn, eps);
             }
-            rope(&mut sc.q, nh, hd, &sc.cos, &sc.sin);
-            rope(&mut sc.k, nkv, hd, &sc.cos, &sc.sin);
+            let (cos, sin) = (&sc.cos, &sc.sin);
+            for (buf, heads) in [(&mut sc.q, nh), (&mut sc.k, nkv)] {
+                by_rows(buf, heads * hd, &|r, rows| {
+                    rope(rows, heads, hd, &cos[r * half..], &sin[r * half..])
+                });
+            }
             let (ck, cv) = &mut self.cache.layers[l];
             ck.truncate(pos * kv_row);
             cv.truncate(pos * kv_row);
@@ -199,8 +239,11 @@ impl Decoder {
                 r.apply_in_place(&mut sc.attn);
             }
             project(&layer.o, &sc.attn, s, &mut sc.out)?;
-            sc.x.iter_mut().zip(&sc.out).for_each(|(x, o)| *x += o);
-            rms_norm(&sc.x, &layer.ffn_norm_vec, eps, &mut sc.normed);
+            add_rows(&mut sc.x, &sc.out, h);
+            let x = &sc.x;
+            by_rows(&mut sc.normed, h, &|r, o| {
+                rms_norm(&x[r * h..r * h + o.len()], &layer.ffn_norm_vec, eps, o)
+            });
             if let Some(r) = &gates.mlp {
                 r.apply_in_place(&mut sc.normed);
             }
@@ -211,12 +254,14 @@ impl Decoder {
                 [&mut sc.gate, &mut sc.up],
             )?;
             // SwiGLU: silu(g)·u, as candle's silu (x / (1 + e^-x)).
-            sc.gate
-                .iter_mut()
-                .zip(&sc.up)
-                .for_each(|(g, &u)| *g = *g / (1.0 + (-*g).exp()) * u);
+            let (up, inter) = (&sc.up, sc.up.len() / s);
+            by_rows(&mut sc.gate, inter, &|r, g| {
+                g.iter_mut()
+                    .zip(&up[r * inter..])
+                    .for_each(|(g, &u)| *g = *g / (1.0 + (-*g).exp()) * u)
+            });
             project(&layer.down, &sc.gate, s, &mut sc.out)?;
-            sc.x.iter_mut().zip(&sc.out).for_each(|(x, o)| *x += o);
+            add_rows(&mut sc.x, &sc.out, h);
         }
         self.cache.len = total;
         rms_norm(&sc.x, &self.norm_vec, eps, &mut sc.normed);
