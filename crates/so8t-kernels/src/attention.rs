@@ -67,7 +67,17 @@ pub fn causal(q: &[f32], k: &[f32], v: &[f32], sh: Shape, out: &mut [f32]) {
             (kvh * rep + ((g + 1) * MAXQ).min(rep)),
         );
         let (i0, i1) = (tile * per, ((tile + 1) * per).min(s));
-        SCORES.with_borrow_mut(|scores| attend_tile(q, k, v, &sh, heads, i0, i1, p.0, scores));
+        let tile = Tile {
+            q,
+            k,
+            v,
+            sh: &sh,
+            heads,
+            i0,
+            i1,
+            out: p.0,
+        };
+        SCORES.with_borrow_mut(|scores| attend_tile(&tile, scores));
     };
     let tasks = tiles * kv_heads * groups;
     // A token over a short context is a few microseconds: not worth a hand-off.
@@ -78,65 +88,41 @@ pub fn causal(q: &[f32], k: &[f32], v: &[f32], sh: Shape, out: &mut [f32]) {
     }
 }
 
-/// [`attend_tile_body`] for the widest instruction set here: with AVX-512 the dot
-/// products are explicit 16-lane FMAs (the compiler does not vectorise a reduction over
-/// 64 values well on its own); otherwise the portable dot compiled for AVX2 or the baseline.
-#[allow(clippy::too_many_arguments)]
-fn attend_tile(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    sh: &Shape,
+/// One task's share: query heads `heads.0..heads.1` (one KV head's) at positions
+/// `i0..i1` of the new ones, written to their rows of `out`.
+struct Tile<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    sh: &'a Shape,
     heads: (usize, usize),
     i0: usize,
     i1: usize,
     out: *mut f32,
-    scores: &mut Vec<f32>,
-) {
+}
+
+/// [`attend_tile_body`] for the widest instruction set here: with AVX-512 the dot
+/// products are explicit 16-lane FMAs (the compiler does not vectorise a reduction over
+/// 64 values well on its own); otherwise the portable dot compiled for AVX2 or the baseline.
+fn attend_tile(t: &Tile, scores: &mut Vec<f32>) {
     #[cfg(target_arch = "x86_64")]
     {
-        #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-        unsafe fn avx512(
-            q: &[f32],
-            k: &[f32],
-            v: &[f32],
-            sh: &Shape,
-            heads: (usize, usize),
-            i0: usize,
-            i1: usize,
-            out: *mut f32,
-            scores: &mut Vec<f32>,
-        ) {
-            attend_tile_body::<Avx512Dot>(q, k, v, sh, heads, i0, i1, out, scores)
+        unsafe fn avx512(t: &Tile, scores: &mut Vec<f32>) {
+            attend_tile_body::<Avx512Dot>(t, scores)
         }
-        #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(
-            q: &[f32],
-            k: &[f32],
-            v: &[f32],
-            sh: &Shape,
-            heads: (usize, usize),
-            i0: usize,
-            i1: usize,
-            out: *mut f32,
-            scores: &mut Vec<f32>,
-        ) {
-            attend_tile_body::<PlainDot>(q, k, v, sh, heads, i0, i1, out, scores)
+        unsafe fn avx2(t: &Tile, scores: &mut Vec<f32>) {
+            attend_tile_body::<PlainDot>(t, scores)
         }
         match crate::dot::Isa::detect() {
             // SAFETY: `Isa::detect` found these features on this CPU.
-            crate::dot::Isa::Avx512 => {
-                return unsafe { avx512(q, k, v, sh, heads, i0, i1, out, scores) }
-            }
-            crate::dot::Isa::Avx2 => {
-                return unsafe { avx2(q, k, v, sh, heads, i0, i1, out, scores) }
-            }
+            crate::dot::Isa::Avx512 => return unsafe { avx512(t, scores) },
+            crate::dot::Isa::Avx2 => return unsafe { avx2(t, scores) },
             crate::dot::Isa::Base => {}
         }
     }
-    attend_tile_body::<PlainDot>(q, k, v, sh, heads, i0, i1, out, scores)
+    attend_tile_body::<PlainDot>(t, scores)
 }
 
 trait Dot {
@@ -185,21 +171,19 @@ impl Dot for Avx512Dot {
     }
 }
 
-/// Query heads `heads.0..heads.1` (one KV head's) at positions `i0..i1` of the new ones.
 /// Uses `mul_add`: fused on every CPU the SIMD variants run on (and on aarch64).
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn attend_tile_body<D: Dot>(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    sh: &Shape,
-    heads: (usize, usize),
-    i0: usize,
-    i1: usize,
-    out: *mut f32,
-    scores: &mut Vec<f32>,
-) {
+fn attend_tile_body<D: Dot>(t: &Tile, scores: &mut Vec<f32>) {
+    let Tile {
+        q,
+        k,
+        v,
+        sh,
+        heads,
+        i0,
+        i1,
+        out,
+    } = *t;
     let hd = sh.head_dim;
     let kvh = heads.0 / (sh.heads / sh.kv_heads);
     let kv_row = sh.kv_heads * hd;

@@ -480,35 +480,11 @@ unsafe fn packed8<const N: usize, const T: u8>(w: &[u8], a: [&[Q8Block]; N], out
             if T == Q5_0 {
                 // Bit j of each byte of the high-bit words is vector j's high bit.
                 let qh = load(base.add(16) as *const i8);
-                wv[0] = _mm256_or_si256(
-                    wv[0],
-                    _mm256_slli_epi16::<4>(_mm256_and_si256(qh, _mm256_set1_epi8(1))),
-                );
-                wv[1] = _mm256_or_si256(
-                    wv[1],
-                    _mm256_slli_epi16::<3>(_mm256_and_si256(qh, _mm256_set1_epi8(2))),
-                );
-                wv[2] = _mm256_or_si256(
-                    wv[2],
-                    _mm256_slli_epi16::<2>(_mm256_and_si256(qh, _mm256_set1_epi8(4))),
-                );
-                wv[3] = _mm256_or_si256(
-                    wv[3],
-                    _mm256_slli_epi16::<1>(_mm256_and_si256(qh, _mm256_set1_epi8(8))),
-                );
-                wv[4] = _mm256_or_si256(wv[4], _mm256_and_si256(qh, _mm256_set1_epi8(0x10)));
-                wv[5] = _mm256_or_si256(
-                    wv[5],
-                    _mm256_srli_epi16::<1>(_mm256_and_si256(qh, _mm256_set1_epi8(0x20))),
-                );
-                wv[6] = _mm256_or_si256(
-                    wv[6],
-                    _mm256_srli_epi16::<2>(_mm256_and_si256(qh, _mm256_set1_epi8(0x40))),
-                );
-                wv[7] = _mm256_or_si256(
-                    wv[7],
-                    _mm256_srli_epi16::<3>(_mm256_and_si256(qh, _mm256_set1_epi8(-128))),
-                );
+                for (j, w) in wv.iter_mut().enumerate() {
+                    let bit = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(j as i32));
+                    let high = _mm256_and_si256(bit, _mm256_set1_epi8(1));
+                    *w = _mm256_or_si256(*w, _mm256_slli_epi16::<4>(high));
+                }
             }
         }
         for i in 0..N {
