@@ -1,4 +1,5 @@
-//! Matrix × activations for ggml-quantised weights on the CPU.
+//! The CPU kernels: matrix × activations for ggml-quantised (and F16/BF16) weights, causal
+//! attention over a KV cache, and the worker pool they run on.
 //!
 //! The arithmetic is ggml's, step for step, so that a model gives the tokens llama.cpp
 //! gives: activations are quantised per block to 8 bits exactly as ggml's x86 code does
@@ -7,9 +8,11 @@
 //! integer dot product, and only the per-block scales are floating point. What remains
 //! different is the order of the float additions across blocks.
 //!
-//! Rows of the weight matrix are shared among rayon's worker threads (one pool for the
-//! process, no per-call spawning); the integer loops are compiled once per instruction set
-//! (AVX-512, AVX2, baseline) and chosen at run time.
+//! Rows of the weight matrix are shared among the threads of one process-wide pool
+//! ([`pool`]: no per-call spawning, idle workers spin briefly). Three implementations of
+//! the dot products, chosen at run time ([`Kernel`]): AVX-512 VNNI and AVX2 intrinsics
+//! (`x86.rs`), and plain Rust compiled once per instruction set (`dot.rs`) for every other
+//! CPU; Q8_0, Q4_0 and Q5_0 matrices are stored eight rows interleaved for the first.
 
 /// `fn $name(args) -> T` that runs `$body(args)` compiled for the widest instruction set
 /// [`dot::Isa::detect`] finds (AVX-512, AVX2, baseline): `$body` is `#[inline(always)]`
