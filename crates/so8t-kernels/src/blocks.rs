@@ -222,9 +222,9 @@ fn nearest_int(f: f32) -> i32 {
 /// worker pool when there are many (prompts); each block's result does not depend on
 /// which thread made it.
 pub fn quantize_activations(ty: QType, x: &[f32], n: usize, cols: usize) -> Activations {
-    match ty {
-        QType::F16 | QType::BF16 => Activations::F32(x[..n * cols].to_vec(), cols),
-        QType::Q4K | QType::Q5K | QType::Q6K => {
+    match ty.act_kind() {
+        ActKind::F32 => Activations::F32(x[..n * cols].to_vec(), cols),
+        ActKind::Q8K => {
             let empty = Q8KBlock {
                 d: 0.0,
                 qs: [0; QK_K],
@@ -234,7 +234,7 @@ pub fn quantize_activations(ty: QType, x: &[f32], n: usize, cols: usize) -> Acti
             in_parallel(&x[..n * cols], &mut v, QK_K, quantize_q8k_blocks);
             Activations::Q8K(v, cols / QK_K)
         }
-        _ => {
+        ActKind::Q8 => {
             let empty = Q8Block {
                 d: 0.0,
                 s: 0.0,
@@ -254,14 +254,8 @@ fn in_parallel<B: Send>(x: &[f32], out: &mut [B], width: usize, f: fn(&[f32], &m
     if out.len() < 4 * PER_TASK {
         return f(x, out);
     }
-    let ptr = crate::SendPtr(out.as_mut_ptr());
-    let len = out.len();
-    crate::pool::global().run(len.div_ceil(PER_TASK), &|t| {
-        let p = &ptr;
-        let (b0, b1) = (t * PER_TASK, ((t + 1) * PER_TASK).min(len));
-        // SAFETY: tasks cover disjoint block ranges of `out`, which outlives `run`.
-        let o = unsafe { std::slice::from_raw_parts_mut(p.0.add(b0), b1 - b0) };
-        f(&x[b0 * width..b1 * width], o);
+    crate::pool::global().chunks(out, PER_TASK, &|b0, o| {
+        f(&x[b0 * width..(b0 + o.len()) * width], o)
     });
 }
 

@@ -219,91 +219,76 @@ impl QMatrix {
         } else {
             Kernel::Portable
         };
-        let pool = pool::global();
         let rows = self.rows;
         if self.interleaved && kernel == Kernel::Avx512Vnni {
             #[cfg(target_arch = "x86_64")]
             return self.matmul_interleaved(act, n, out);
         }
-        // A few tasks per thread so that a thread that starts late still gets an even
-        // share; at least 16 rows each so that hand-offs stay cheap.
-        let per_task = rows.div_ceil(pool.threads() * 4).max(16);
         let out_ptr = SendPtr(out.as_mut_ptr());
-        pool.run(rows.div_ceil(per_task), &|t| {
+        for_units(rows, 16, 32, act, n, &|r, i0, a| {
             let p = &out_ptr;
-            let (r0, r1) = (t * per_task, ((t + 1) * per_task).min(rows));
-            let mut a = Vec::with_capacity(GROUP);
-            let mut res = [0f32; GROUP];
-            let mut buf = Vec::new();
-            // Rows in tiles that stay in cache while each group of activations passes.
-            for t0 in (r0..r1).step_by(32) {
-                let t1 = (t0 + 32).min(r1);
-                for i0 in (0..n).step_by(GROUP) {
-                    let g = (n - i0).min(GROUP);
-                    a.clear();
-                    a.extend((i0..i0 + g).map(|i| act.row(i)));
-                    for r in t0..t1 {
-                        let w = self.row(r, &mut buf);
-                        kernel.rows(self.ty, w, &a, &mut res[..g]);
-                        for (k, v) in res[..g].iter().enumerate() {
-                            // SAFETY: each (i, r) is written by exactly one task (rows are
-                            // partitioned), and `out` outlives `run`.
-                            unsafe { *p.0.add((i0 + k) * rows + r) = *v };
-                        }
-                    }
-                }
+            let (mut buf, mut res) = (Vec::new(), [0f32; GROUP]);
+            let res = &mut res[..a.len()];
+            kernel.rows(self.ty, self.row(r, &mut buf), a, res);
+            for (k, v) in res.iter().enumerate() {
+                // SAFETY: each (i, r) is written by exactly one task (rows are
+                // partitioned), and `out` outlives the call.
+                unsafe { *p.0.add((i0 + k) * rows + r) = *v };
+            }
+        });
+    }
+
+    /// [`QMatrix::matmul_with`] for the interleaved layout: the units are groups of eight rows.
+    #[cfg(target_arch = "x86_64")]
+    fn matmul_interleaved(&self, act: &blocks::Activations, n: usize, out: &mut [f32]) {
+        let rows = self.rows;
+        let gb = 8 * self.row_bytes();
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        for_units(rows / 8, 2, 4, act, n, &|g, i0, a| {
+            let p = &out_ptr;
+            let mut res = [[0f32; 8]; GROUP];
+            let res = &mut res[..a.len()];
+            // SAFETY: `interleaved` is only set when `Kernel::best()` found AVX-512 VNNI,
+            // and the group's bytes are whole interleaved blocks.
+            unsafe { x86::group8_vnni(self.ty, &self.data[g * gb..(g + 1) * gb], a, res) };
+            for (j, v) in res.iter().enumerate() {
+                // SAFETY: each (i, group) is written by exactly one task.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(v.as_ptr(), p.0.add((i0 + j) * rows + 8 * g), 8)
+                };
             }
         });
     }
 }
 
-impl QMatrix {
-    /// [`QMatrix::matmul_with`] for the interleaved layout: tasks share out groups of eight rows.
-    #[cfg(target_arch = "x86_64")]
-    fn matmul_interleaved(&self, act: &blocks::Activations, n: usize, out: &mut [f32]) {
-        let pool = pool::global();
-        let rows = self.rows;
-        let groups = rows / 8;
-        let gb = 8 * self.row_bytes();
-        let per_task = groups.div_ceil(pool.threads() * 4).max(2);
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        pool.run(groups.div_ceil(per_task), &|t| {
-            let p = &out_ptr;
-            let (g0, g1) = (t * per_task, ((t + 1) * per_task).min(groups));
-            let mut a = Vec::with_capacity(GROUP);
-            let mut res = [[0f32; 8]; GROUP];
-            for t0 in (g0..g1).step_by(4) {
-                let t1 = (t0 + 4).min(g1);
-                for i0 in (0..n).step_by(GROUP) {
-                    let k = (n - i0).min(GROUP);
-                    a.clear();
-                    a.extend((i0..i0 + k).map(|i| act.row(i)));
-                    for g in t0..t1 {
-                        // SAFETY: `interleaved` is only set when `Kernel::best()` found
-                        // AVX-512 VNNI, and the group's bytes are whole interleaved blocks.
-                        unsafe {
-                            x86::group8_vnni(
-                                self.ty,
-                                &self.data[g * gb..(g + 1) * gb],
-                                &a,
-                                &mut res[..k],
-                            )
-                        };
-                        for (j, v) in res[..k].iter().enumerate() {
-                            // SAFETY: each (i, r) is written by exactly one task.
-                            unsafe {
-                                std::ptr::copy_nonoverlapping(
-                                    v.as_ptr(),
-                                    p.0.add((i0 + j) * rows + 8 * g),
-                                    8,
-                                )
-                            };
-                        }
-                    }
+/// `f(unit, i0, acts)` for every unit of a matrix (a row, or a group of eight interleaved
+/// rows) and every group `acts` of up to [`GROUP`] activation rows from `i0`. Tasks take a
+/// few units per thread (at least `min_units`), so that a thread that starts late still
+/// gets an even share; within a task, units go in tiles of `tile` that stay in cache while
+/// each group of activations passes.
+fn for_units(
+    units: usize,
+    min_units: usize,
+    tile: usize,
+    act: &blocks::Activations,
+    n: usize,
+    f: &(dyn Fn(usize, usize, &[blocks::ActRow]) + Sync),
+) {
+    let pool = pool::global();
+    let per_task = units.div_ceil(pool.threads() * 4).max(min_units);
+    pool.run(units.div_ceil(per_task), &|t| {
+        let (u0, u1) = (t * per_task, ((t + 1) * per_task).min(units));
+        let mut a = Vec::with_capacity(GROUP);
+        for t0 in (u0..u1).step_by(tile) {
+            for i0 in (0..n).step_by(GROUP) {
+                a.clear();
+                a.extend((i0..(i0 + GROUP).min(n)).map(|i| act.row(i)));
+                for u in t0..(t0 + tile).min(u1) {
+                    f(u, i0, &a);
                 }
             }
-        });
-    }
+        }
+    });
 }
 
 /// Where row `r`'s block goes in an interleaved group block: scales at `2r`; for Q5_0 the
@@ -473,6 +458,7 @@ impl Kernel {
     }
 }
 
+/// A pointer into an output that tasks write at disjoint places.
 struct SendPtr<T>(*mut T);
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}

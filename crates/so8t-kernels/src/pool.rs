@@ -108,6 +108,28 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// `f(first, chunk)` over `data` cut into chunks of `chunk` items (the last shorter),
+    /// each chunk a task: the way to share out work that writes disjoint parts of a slice.
+    pub fn chunks<T: Send>(
+        &self,
+        data: &mut [T],
+        chunk: usize,
+        f: &(dyn Fn(usize, &mut [T]) + Sync),
+    ) {
+        let (len, chunk) = (data.len(), chunk.max(1));
+        let ptr = crate::SendPtr(data.as_mut_ptr());
+        self.run(len.div_ceil(chunk), &|t| {
+            let p = &ptr;
+            let (a, b) = (t * chunk, ((t + 1) * chunk).min(len));
+            // SAFETY: tasks take disjoint ranges of `data`, which outlives `run`.
+            f(a, unsafe {
+                std::slice::from_raw_parts_mut(p.0.add(a), b - a)
+            })
+        });
+    }
+}
+
 fn drain(s: &Shared, f: &Task) {
     let n = s.tasks.load(Relaxed);
     loop {
