@@ -126,13 +126,9 @@ pub fn main(a: Args) -> Result<()> {
     // Weight bytes read per generated token: every tensor, except an embedding table that
     // is not also the output matrix (one row of it is read).
     let untied_embedding = if model.weights.contains("lm_head.weight") {
-        let dims = model.decoder.embedding().dims();
-        let elems = dims.iter().product::<usize>() as u64;
         match model.decoder.embedding() {
-            Embedding::Quant(q) => {
-                elems / q.dtype().block_size() as u64 * q.dtype().type_size() as u64
-            }
-            Embedding::Dense(t) => elems * t.dtype().size_in_bytes() as u64,
+            Embedding::Quant(q) => q.storage_size_in_bytes() as u64,
+            Embedding::Dense(t) => (t.elem_count() * t.dtype().size_in_bytes()) as u64,
         }
     } else {
         0

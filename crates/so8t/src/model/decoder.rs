@@ -135,25 +135,29 @@ struct Layer {
 
 /// Keys and values of the positions seen so far: per layer, `[len, kv_heads, head_dim]`
 /// f32, appended in place (capacity doubles, so a token costs no allocation).
-#[derive(Clone, Default)]
+/// Made by [`Decoder::new_cache`], which knows its row width.
+#[derive(Clone)]
 pub struct KvCache {
     layers: Vec<(Vec<f32>, Vec<f32>)>,
     len: usize,
+    /// Values per position in one layer's K (or V): `kv_heads · head_dim`.
+    row: usize,
 }
 
 impl KvCache {
-    fn new(layers: usize) -> KvCache {
+    fn new(layers: usize, row: usize) -> KvCache {
         KvCache {
             layers: vec![(Vec::new(), Vec::new()); layers],
             len: 0,
+            row,
         }
     }
 
-    fn truncate(&mut self, len: usize, row: usize) {
+    fn truncate(&mut self, len: usize) {
         if len < self.len {
             for (k, v) in self.layers.iter_mut() {
-                k.truncate(len * row);
-                v.truncate(len * row);
+                k.truncate(len * self.row);
+                v.truncate(len * self.row);
             }
             self.len = len;
         }
@@ -240,7 +244,7 @@ impl Decoder {
         let inv_freq = Tensor::new(inv_freq_vec.as_slice(), &Device::Cpu)?;
         let norm_vec = norm.to_vec1::<f32>()?;
         Ok(Decoder {
-            cache: KvCache::new(cfg.num_layers),
+            cache: KvCache::new(cfg.num_layers, cfg.num_kv_heads * cfg.head_dim),
             scratch: Scratch::default(),
             gates: vec![LayerGates::default(); cfg.num_layers],
             cfg,
@@ -281,7 +285,7 @@ impl Decoder {
     }
 
     pub fn clear_cache(&mut self) {
-        self.cache.truncate(0, self.kv_row());
+        self.cache.truncate(0);
     }
 
     /// Swaps the KV cache for `other` (several sequences take turns on one decoder).
@@ -291,7 +295,7 @@ impl Decoder {
 
     /// An empty cache for this decoder, to hand to [`Decoder::swap_cache`].
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.layers.len())
+        KvCache::new(self.layers.len(), self.cache.row)
     }
 
     /// Tokens already in the KV cache.
@@ -301,14 +305,8 @@ impl Decoder {
 
     /// Drops cached positions from `len` on (e.g. to reuse a shared prompt prefix).
     pub fn truncate_cache(&mut self, len: usize) -> Result<()> {
-        let row = self.kv_row();
-        self.cache.truncate(len, row);
+        self.cache.truncate(len);
         Ok(())
-    }
-
-    /// Values per position per layer in the K (or V) cache.
-    fn kv_row(&self) -> usize {
-        self.cfg.num_kv_heads * self.cfg.head_dim
     }
 
     fn rope_tables(&self, pos: usize, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
@@ -413,7 +411,7 @@ impl Decoder {
     /// always starts from an empty cache).
     fn append_kv(&mut self, l: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (nkv, hd) = (self.cfg.num_kv_heads, self.cfg.head_dim);
-        let past = self.cache.len;
+        let (past, row) = (self.cache.len, self.cache.row);
         let (ck, cv) = &mut self.cache.layers[l];
         let as_rows = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
             t.squeeze(0)?
@@ -422,7 +420,7 @@ impl Decoder {
                 .to_vec1::<f32>()
         };
         let past_t = |c: &[f32]| -> candle_core::Result<Tensor> {
-            Tensor::from_slice(&c[..past * nkv * hd], (past, nkv, hd), &Device::Cpu)?
+            Tensor::from_slice(&c[..past * row], (past, nkv, hd), &Device::Cpu)?
                 .transpose(0, 1)?
                 .unsqueeze(0)
         };
@@ -431,8 +429,8 @@ impl Decoder {
         } else {
             Some((past_t(ck)?, past_t(cv)?))
         };
-        ck.truncate(past * nkv * hd);
-        cv.truncate(past * nkv * hd);
+        ck.truncate(past * row);
+        cv.truncate(past * row);
         ck.extend(as_rows(k)?);
         cv.extend(as_rows(v)?);
         if l + 1 == self.layers.len() {

@@ -38,15 +38,7 @@ fn by_rows(buf: &mut [f32], width: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)
     }
     let pool = so8t_kernels::pool::global();
     let per = rows.div_ceil(pool.threads() * 2);
-    let ptr = SendPtr(buf.as_mut_ptr());
-    pool.run(rows.div_ceil(per), &|t| {
-        let p = &ptr;
-        let (r0, r1) = (t * per, ((t + 1) * per).min(rows));
-        // SAFETY: tasks take disjoint row ranges of `buf`, which outlives `run`.
-        let chunk =
-            unsafe { std::slice::from_raw_parts_mut(p.0.add(r0 * width), (r1 - r0) * width) };
-        f(r0, chunk)
-    });
+    pool.chunks(buf, per * width, &|i, chunk| f(i / width, chunk));
 }
 
 /// The residual: `x += y`, row by row.
@@ -58,22 +50,8 @@ fn add_rows(x: &mut [f32], y: &[f32], width: usize) {
     });
 }
 
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-/// `out = x / sqrt(mean(x²) + eps) · w` per row of `w.len()` values, in candle's order.
-fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    let d = w.len();
-    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        let m = (xr.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt();
-        for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
-            *o = v / m * g;
-        }
-    }
-}
-
-fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+/// `x = x / sqrt(mean(x²) + eps) · w` per row of `w.len()` values, in candle's order.
+fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
     let d = w.len();
     for xr in x.chunks_exact_mut(d) {
         let m = (xr.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt();
@@ -81,6 +59,15 @@ fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
             *v = *v / m * g;
         }
     }
+}
+
+/// `out` = [`rms_norm`] of `x`, rows shared out for prompts.
+fn rms_norm_into(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    by_rows(out, d, &|r, o| {
+        o.copy_from_slice(&x[r * d..r * d + o.len()]);
+        rms_norm(o, w, eps)
+    });
 }
 
 /// HF "rotate half" RoPE on `[s, heads, hd]` with tables `[s, hd/2]`.
@@ -104,25 +91,11 @@ fn rope(x: &mut [f32], heads: usize, hd: usize, cos: &[f32], sin: &[f32]) {
 
 /// `x·Wᵀ (+ b)` for `x: [n, in]` into `out: [n, out]`.
 fn project(p: &Projection, x: &[f32], n: usize, out: &mut Vec<f32>) -> Result<()> {
-    match &p.w {
-        Matrix::Quant(m) => {
-            resize(out, n * m.rows());
-            m.matmul(x, n, out);
-        }
-        other => {
-            let cols = x.len() / n.max(1);
-            let t = Tensor::from_slice(x, (n, cols), &Device::Cpu)?;
-            *out = crate::formats::matmul(other, &t)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-        }
-    }
-    add_bias(p, out);
-    Ok(())
+    project_all([p], x, n, [out])
 }
 
 /// [`project`] for several projections of the same input: quantised matrices share one
-/// quantisation of it.
+/// quantisation of it; others (f32, candle's types) go through candle one by one.
 fn project_all<const K: usize>(
     ps: [&Projection; K],
     x: &[f32],
@@ -138,7 +111,12 @@ fn project_all<const K: usize>(
         .collect();
     let Some(ms) = quant else {
         for (p, out) in ps.into_iter().zip(outs) {
-            project(p, x, n, out)?;
+            let cols = x.len() / n.max(1);
+            let t = Tensor::from_slice(x, (n, cols), &Device::Cpu)?;
+            *out = crate::formats::matmul(&p.w, &t)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            add_bias(p, out);
         }
         return Ok(());
     };
@@ -169,7 +147,7 @@ impl Decoder {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
         let eps = cfg.rms_norm_eps as f32;
-        let kv_row = nkv * hd;
+        let kv_row = self.cache.row;
         let mut sc = std::mem::take(&mut self.scratch);
         let ids_t = Tensor::new(ids, &Device::Cpu)?;
         sc.x = self
@@ -192,10 +170,7 @@ impl Decoder {
         for l in 0..self.layers.len() {
             let layer = &self.layers[l];
             let gates = &self.gates[l];
-            let x = &sc.x;
-            by_rows(&mut sc.normed, h, &|r, o| {
-                rms_norm(&x[r * h..r * h + o.len()], &layer.attn_norm_vec, eps, o)
-            });
+            rms_norm_into(&sc.x, &layer.attn_norm_vec, eps, &mut sc.normed);
             project_all(
                 [&layer.q, &layer.k, &layer.v],
                 &sc.normed,
@@ -212,8 +187,8 @@ impl Decoder {
                 }
             }
             if let (Some(qn), Some(kn)) = (&layer.q_norm_vec, &layer.k_norm_vec) {
-                rms_norm_in_place(&mut sc.q, qn, eps);
-                rms_norm_in_place(&mut sc.k, kn, eps);
+                rms_norm(&mut sc.q, qn, eps);
+                rms_norm(&mut sc.k, kn, eps);
             }
             let (cos, sin) = (&sc.cos, &sc.sin);
             for (buf, heads) in [(&mut sc.q, nh), (&mut sc.k, nkv)] {
@@ -240,10 +215,7 @@ impl Decoder {
             }
             project(&layer.o, &sc.attn, s, &mut sc.out)?;
             add_rows(&mut sc.x, &sc.out, h);
-            let x = &sc.x;
-            by_rows(&mut sc.normed, h, &|r, o| {
-                rms_norm(&x[r * h..r * h + o.len()], &layer.ffn_norm_vec, eps, o)
-            });
+            rms_norm_into(&sc.x, &layer.ffn_norm_vec, eps, &mut sc.normed);
             if let Some(r) = &gates.mlp {
                 r.apply_in_place(&mut sc.normed);
             }
@@ -264,7 +236,7 @@ impl Decoder {
             add_rows(&mut sc.x, &sc.out, h);
         }
         self.cache.len = total;
-        rms_norm(&sc.x, &self.norm_vec, eps, &mut sc.normed);
+        rms_norm_into(&sc.x, &self.norm_vec, eps, &mut sc.normed);
         let hidden = Tensor::from_slice(&sc.normed[..s * h], (s, h), &Device::Cpu)?;
         self.scratch = sc;
         Ok(hidden)
