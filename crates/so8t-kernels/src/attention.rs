@@ -254,10 +254,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         .zip(cb.remainder())
         .map(|(x, y)| x * y)
         .sum();
-    // Halving pairwise sums: vector adds, where a running sum over the lanes is a chain.
-    let a8: [f32; 8] = std::array::from_fn(|j| acc[j] + acc[j + 8]);
-    let a4: [f32; 4] = std::array::from_fn(|j| a8[j] + a8[j + 4]);
-    (a4[0] + a4[2]) + (a4[1] + a4[3]) + tail
+    lanes_total(acc) + tail
 }
 
 /// `e^x` for `x ≤ 0` without a libm call, so that a row of scores is one vector loop:
@@ -286,9 +283,16 @@ fn lane_sum(x: &[f32]) -> f32 {
             acc[j] += v[j];
         }
     }
+    lanes_total(acc) + c.remainder().iter().sum::<f32>()
+}
+
+/// The sixteen lanes' total by halving pairwise sums: vector adds, where a running sum
+/// over the lanes would be a chain.
+#[inline(always)]
+fn lanes_total(acc: [f32; 16]) -> f32 {
     let a8: [f32; 8] = std::array::from_fn(|j| acc[j] + acc[j + 8]);
     let a4: [f32; 4] = std::array::from_fn(|j| a8[j] + a8[j + 4]);
-    (a4[0] + a4[2]) + (a4[1] + a4[3]) + c.remainder().iter().sum::<f32>()
+    (a4[0] + a4[2]) + (a4[1] + a4[3])
 }
 
 #[cfg(test)]
