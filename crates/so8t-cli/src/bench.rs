@@ -104,7 +104,12 @@ pub fn main(a: Args) -> Result<()> {
             for pos in 0..n {
                 let h = model.decoder.forward_hidden(&[tok], pos)?;
                 let th = Instant::now();
-                std::hint::black_box(heads.verdicts(&h)?);
+                // An SO8T model's heads read the layers its config names (kept by the
+                // forward as it runs); others get untrained heads on the final state.
+                match &model.so8t {
+                    Some(s) => std::hint::black_box(s.verdicts(&model.decoder, Some(0))?),
+                    None => std::hint::black_box(heads.verdicts(&h)?),
+                };
                 in_heads += th.elapsed().as_secs_f64();
                 tok = argmax(&model.decoder.logits(&h)?.squeeze(0)?.to_vec1::<f32>()?);
             }

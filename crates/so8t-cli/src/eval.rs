@@ -73,6 +73,18 @@ pub fn main(a: Args) -> Result<()> {
         );
     }
     println!(
+        "heads read layers {} (safety) and {} (authority); prompts read at {}",
+        r.head_layers[0], r.head_layers[1], r.verdict_position
+    );
+    for x in &r.responses {
+        let m = &x.metrics;
+        println!(
+            "{:<10} answers {:>5} (class 1 {}), streaming rule k={}: precision {:.3} recall {:.3} F1 {:.3} FPR {:.3} AUROC {:.4}, benign answers to class-0 requests flagged {:.3} of {}, delay median {}",
+            x.head, m.n, m.positives, x.consecutive, m.precision, m.recall, m.f1, m.fpr, m.auroc, x.benign_flagged, x.benign_answers,
+            x.delay_median.map_or("-".into(), |d| format!("{d:.0} tokens"))
+        );
+    }
+    println!(
         "decisions: {}",
         r.decisions
             .iter()

@@ -50,16 +50,18 @@ pub struct Args {
 
 pub fn main(a: Args) -> Result<()> {
     let mut model = Model::open(&a.model)?;
-    let prompt_ids = match (&a.prompt_ids, &a.prompt) {
-        (Some(ids), _) => ids.clone(),
-        (None, Some(text)) if a.raw => model.tokenizer()?.encode(text, true)?,
+    let (prompt_ids, verdict_position) = match (&a.prompt_ids, &a.prompt) {
+        (Some(ids), _) => (ids.clone(), None),
+        (None, Some(text)) if a.raw => (model.tokenizer()?.encode(text, true)?, None),
         (None, Some(text)) => {
             let mut msgs = Vec::new();
             if let Some(s) = &a.system {
                 msgs.push(Message::new("system", s));
             }
             msgs.push(Message::new("user", text));
-            model.prompt_ids(&msgs)?
+            let ids = model.prompt_ids(&msgs)?;
+            let at = model.prompt_verdict_position(&msgs, &ids)?;
+            (ids, at)
         }
         (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
     };
@@ -84,18 +86,12 @@ pub fn main(a: Args) -> Result<()> {
         sampling,
         stop: a.stop.clone(),
         top_logprobs: if a.json { 5 } else { 0 },
-        hidden_for_every_token: model.so8t.is_some(),
+        verdict_every_token: true,
+        verdict_position,
     };
     let json = a.json;
     let mut out = std::io::stdout();
-    let heads = model.so8t.as_ref().map(|s| s.heads.clone());
-    let mut verdicts = Vec::new();
     let gen = generate(&mut model, &req, |step| {
-        if let (Some(h), Some(hidden)) = (&heads, &step.hidden) {
-            if let Ok(v) = h.verdicts(hidden) {
-                verdicts.extend(v);
-            }
-        }
         if !json {
             let _ = out.write_all(step.text.as_bytes());
             let _ = out.flush();
@@ -104,18 +100,13 @@ pub fn main(a: Args) -> Result<()> {
     })
     .context("generation failed")?;
     let (reasoning, answer) = split_reasoning(&gen.text);
-    let so8t = match (&model.so8t, &heads) {
-        (Some(s), Some(h)) => {
-            let prompt = h.verdicts(&gen.prompt_hidden)?[0];
-            let response = verdicts.iter().copied().fold(
-                Verdict {
-                    p_unsafe: 0.0,
-                    p_escalate: 0.0,
-                },
-                Verdict::max,
-            );
-            let decision = s.config.decide(&[prompt, response]);
-            Some((prompt, response, decision, s.config.heads_trained))
+    let so8t = match (&model.so8t, gen.prompt_verdict) {
+        (Some(s), Some(prompt)) => {
+            let response = gen.judge.max.unwrap_or(Verdict {
+                p_unsafe: 0.0,
+                p_escalate: 0.0,
+            });
+            Some((prompt, response, gen.decision, s.config.heads_trained))
         }
         _ => None,
     };
@@ -143,8 +134,12 @@ pub fn main(a: Args) -> Result<()> {
         });
         if let Some((prompt, response, decision, trained)) = so8t {
             v["prompt_verdict"] = serde_json::to_value(prompt)?;
-            v["verdicts"] = serde_json::to_value(&verdicts)?;
+            v["verdicts"] = serde_json::to_value(&gen.verdicts)?;
             v["response_verdict"] = serde_json::to_value(response)?;
+            v["response_flagged_at"] = serde_json::json!({
+                "unsafe": gen.judge.unsafe_at,
+                "escalate": gen.judge.escalate_at,
+            });
             v["decision"] = decision.map(|d| d.name()).into();
             v["heads_trained"] = trained.into();
         }

@@ -5,6 +5,7 @@ use so8t::train::gates::{GatesOptions, RunControl, Trainer};
 use so8t::train::{
     choose_thresholds, fit_heads, prepare_out, so8t_parts, write_result, Features, TRAIN_DIR,
 };
+use so8t::so8::adapter::VerdictPosition;
 use so8t::Model;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -15,6 +16,9 @@ enum Mode {
     Heads,
     /// Train the gates' generators and the heads by backpropagation (spec §6).
     Gates,
+    /// Keep the heads; choose the thresholds again on --val (e.g. after changing
+    /// --target-fpr or --consecutive).
+    Thresholds,
 }
 
 #[derive(clap::Args)]
@@ -65,6 +69,27 @@ pub struct Args {
     /// Gates: global gradient-norm cap.
     #[arg(long, default_value_t = 1.0)]
     clip: f64,
+    /// Heads: the layer the heads read (1..=L), or `auto`: the one of L/3, L/2, 2L/3, 5L/6
+    /// and L with the lowest validation loss, per head (needs --val).
+    #[arg(long, default_value = "auto")]
+    layer: String,
+    /// Heads: where a prompt's verdict is read (default: the model's setting, after the
+    /// assistant header for a new one).
+    #[arg(long, value_enum)]
+    position: Option<Position>,
+    /// Streaming rule: consecutive generated tokens at or over the threshold that flag an
+    /// answer (default: the model's setting, 2 for a new one).
+    #[arg(long)]
+    consecutive: Option<usize>,
+    /// Heads: response tokens read per training row (the first half in a row, the rest
+    /// spread over the answer); validation reads all.
+    #[arg(long, default_value_t = 16)]
+    response_tokens: usize,
+    /// Heads: read the hidden states with the f32 weights quantised to this type (ggml's
+    /// quantiser, as `export --quant` writes them): the heads then fit what that export
+    /// computes, and the pass runs on the quantised kernels (several times faster).
+    #[arg(long, value_parser = ["q8_0"])]
+    features_quant: Option<String>,
     /// False positive rate on the validation split that the thresholds aim at.
     #[arg(long, default_value_t = 0.05)]
     target_fpr: f64,
@@ -114,16 +139,55 @@ pub(crate) fn read(
     Ok(d)
 }
 
-fn features(model: &mut Model, data: &Dataset, what: &str) -> Result<Features> {
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum Position {
+    /// After the chat template's assistant header (the prompt's last token).
+    AssistantHeader,
+    /// The last token of the user's message.
+    UserEnd,
+}
+
+fn features(
+    model: &mut Model,
+    data: &Dataset,
+    layers: &[usize],
+    cap: Option<usize>,
+    what: &str,
+) -> Result<Features> {
     let b = bar(data.examples.len(), what);
-    let f = Features::compute(model, data, |i| b.set_position(i as u64))?;
+    let t0 = Instant::now();
+    let f = Features::compute(model, data, layers, cap, |i| {
+        b.set_position(i as u64);
+        if b.is_hidden() && i % 1000 == 0 {
+            eprintln!("{what}: {i}/{} after {:.0} s", data.examples.len(), t0.elapsed().as_secs_f64());
+        }
+    })?;
     b.finish_and_clear();
     Ok(f)
+}
+
+/// The layers `--layer` names for a model of `n` layers.
+fn layers_of(arg: &str, n: usize) -> Result<Vec<usize>> {
+    if arg == "auto" {
+        let mut v: Vec<usize> = [n / 3, n / 2, 2 * n / 3, 5 * n / 6, n]
+            .into_iter()
+            .filter(|&l| l >= 1)
+            .collect();
+        v.dedup();
+        return Ok(v);
+    }
+    match arg.parse::<usize>() {
+        Ok(l) if (1..=n).contains(&l) => Ok(vec![l]),
+        _ => bail!("--layer {arg}: expected `auto` or a layer in 1..={n}"),
+    }
 }
 
 pub fn main(a: Args) -> Result<()> {
     if !(a.target_fpr >= 0.0 && a.target_fpr < 1.0) {
         bail!("--target-fpr must be in [0, 1)");
+    }
+    if a.consecutive == Some(0) {
+        bail!("--consecutive must be at least 1");
     }
     if a.mode == Mode::Heads && (a.resume || a.stop_after.is_some()) {
         bail!("--resume and --stop-after are for --mode gates (a heads fit takes one pass)");
@@ -138,28 +202,66 @@ pub fn main(a: Args) -> Result<()> {
         .map(|p| read(p, &config.labels, a.skip_bad))
         .transpose()?;
     let out = prepare_out(&a.model, a.out.as_deref())?;
-    let mut summary = serde_json::json!({ "mode": if a.mode == Mode::Heads { "heads" } else { "gates" }, "train_rows": train.examples.len() });
+    if let Some(k) = a.consecutive {
+        config.thresholds.consecutive = k;
+    }
+    let n_layers = model.config.num_layers;
+    if a.features_quant.is_some() {
+        if a.mode == Mode::Gates {
+            bail!("--features-quant is for --mode heads and thresholds (gates train on the weights as they are)");
+        }
+        let n = model.decoder.quantize_dense(so8t::kernels::QType::Q8_0)?;
+        eprintln!("hidden states from Q8_0 weights ({n} matrices quantised)");
+    }
+    if a.mode == Mode::Thresholds && (val.is_none() || !config.heads_trained) {
+        bail!("--mode thresholds needs trained heads and --val");
+    }
+    let mode = match a.mode {
+        Mode::Heads => "heads",
+        Mode::Gates => "gates",
+        Mode::Thresholds => "thresholds",
+    };
+    let mut summary = serde_json::json!({ "mode": mode, "train_rows": train.examples.len() });
     let mut val_features = None;
     match a.mode {
         Mode::Heads => {
+            let mut layers = layers_of(&a.layer, n_layers)?;
+            if layers.len() > 1 && val.is_none() {
+                eprintln!("no --val to choose a layer on: the heads read the final layer");
+                layers = vec![n_layers];
+            }
+            if let Some(p) = a.position {
+                config.verdict_position = match p {
+                    Position::AssistantHeader => VerdictPosition::AssistantHeader,
+                    Position::UserEnd => VerdictPosition::UserEnd,
+                };
+            }
             let t = Instant::now();
-            let tf = features(&mut model, &train, "train rows")?;
+            let tf = features(&mut model, &train, &layers, Some(a.response_tokens), "train rows")?;
             let vf = val
                 .as_ref()
-                .map(|v| features(&mut model, v, "val rows"))
+                .map(|v| features(&mut model, v, &layers, None, "val rows"))
                 .transpose()?;
             let feature_seconds = t.elapsed().as_secs_f64();
             let t = Instant::now();
-            let (heads, reports) = fit_heads(&tf, vf.as_ref(), a.weight_decay, &adapter.heads)?;
+            let (heads, setting, reports) = fit_heads(
+                &tf,
+                vf.as_ref(),
+                a.weight_decay,
+                config.verdict_position,
+                (&adapter.heads, &config.heads),
+            )?;
             if reports.is_empty() {
                 bail!("{}: no head has labels of both classes", a.data.display());
             }
             adapter.heads = heads;
+            config.heads = setting;
             summary["heads"] = serde_json::to_value(&reports)?;
             summary["feature_seconds"] = feature_seconds.into();
             summary["fit_seconds"] = t.elapsed().as_secs_f64().into();
             val_features = vf;
         }
+        Mode::Thresholds => {}
         Mode::Gates => {
             let pick = |given: &Option<Vec<String>>, all: Vec<String>| given.clone().unwrap_or(all);
             let mut sites = Vec::new();
@@ -246,10 +348,23 @@ pub fn main(a: Args) -> Result<()> {
     if let Some(v) = &val {
         let vf = match val_features {
             Some(f) => f,
-            None => features(&mut model, v, "val rows")?,
+            None => {
+                let [s, h] = config.heads.layers(n_layers);
+                let mut layers = vec![s, h, n_layers];
+                layers.sort_unstable();
+                layers.dedup();
+                features(&mut model, v, &layers, None, "val rows")?
+            }
         };
-        let (t, reports) =
-            choose_thresholds(&adapter.heads, &vf, a.target_fpr, &config.thresholds)?;
+        let (t, reports) = choose_thresholds(
+            &adapter.heads,
+            &config.heads,
+            config.verdict_position,
+            &vf,
+            n_layers,
+            a.target_fpr,
+            &config.thresholds,
+        )?;
         config.thresholds = t;
         summary["thresholds"] = serde_json::to_value(&reports)?;
     } else {
@@ -265,10 +380,12 @@ pub fn main(a: Args) -> Result<()> {
     )?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     eprintln!(
-        "wrote {} (heads trained, thresholds unsafe {:.4} escalate {:.4})",
+        "wrote {} (heads trained at layers {:?}; thresholds on prompts {:?}, on answers {:?} over {} consecutive tokens)",
         out.display(),
-        config.thresholds.unsafe_,
-        config.thresholds.escalate
+        config.heads.layers(n_layers),
+        config.thresholds.prompt(),
+        config.thresholds.response(),
+        config.thresholds.consecutive
     );
     Ok(())
 }

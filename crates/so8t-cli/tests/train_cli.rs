@@ -157,7 +157,7 @@ fn heads_then_eval_with_report() {
     assert_eq!(cfg["heads_trained"], true);
     assert_eq!(
         cfg["thresholds"]["unsafe"].as_f64().unwrap() as f32,
-        summary["thresholds"][0]["threshold"].as_f64().unwrap() as f32
+        summary["thresholds"][0]["prompt_threshold"].as_f64().unwrap() as f32
     );
     // The source directory is untouched.
     let src: serde_json::Value = serde_json::from_str(

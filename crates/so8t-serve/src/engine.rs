@@ -5,7 +5,7 @@
 //! independent (a closed connection frees its slot at the next turn).
 
 use so8t::generate::{FinishReason, GenerateRequest, Sequence};
-use so8t::so8::adapter::{Heads, Verdict};
+use so8t::so8::adapter::{ResponseJudge, Verdict};
 use so8t::Model;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
@@ -18,8 +18,8 @@ const PREFILL_CHUNK: usize = 32;
 
 pub struct Job {
     pub req: GenerateRequest,
-    /// End as soon as the prompt's or a generated token's p_unsafe reaches this threshold.
-    pub stop_at_unsafe: Option<f32>,
+    /// End as soon as the prompt is unsafe or the answer's streaming rule fires (spec §5).
+    pub stop_on_unsafe: bool,
     pub events: UnboundedSender<Event>,
 }
 
@@ -37,6 +37,8 @@ pub enum Event {
     },
     Done {
         finish: Finish,
+        /// The streaming rule over the whole answer (the sequence's own).
+        judge: ResponseJudge,
     },
     Error(String),
 }
@@ -70,11 +72,10 @@ impl Engine {
     pub fn start(model: Model, parallel: usize) -> Engine {
         let (tx, rx) = std::sync::mpsc::channel();
         let active = Arc::new(AtomicUsize::new(0));
-        let heads = model.so8t.as_ref().map(|s| s.heads.clone());
         let counter = active.clone();
         std::thread::Builder::new()
             .name("so8t-engine".into())
-            .spawn(move || run(model, heads, rx, parallel.max(1), &counter))
+            .spawn(move || run(model, rx, parallel.max(1), &counter))
             .expect("spawning the engine thread");
         Engine {
             jobs: std::sync::Mutex::new(tx),
@@ -98,22 +99,19 @@ struct Active {
 }
 
 impl Active {
-    /// Applies `moderation: stop`: ends the sequence when `v` is unsafe; true if it did.
-    fn filter(&mut self, v: Option<Verdict>) -> bool {
-        match (self.job.stop_at_unsafe, v) {
-            (Some(threshold), Some(v)) if v.p_unsafe >= threshold => {
-                self.content_filtered = true;
-                self.seq.cancel();
-                true
-            }
-            _ => false,
+    /// Applies `moderation: stop`: ends the sequence when `unsafe_` holds; true if it did.
+    fn filter(&mut self, unsafe_: bool) -> bool {
+        if self.job.stop_on_unsafe && unsafe_ {
+            self.content_filtered = true;
+            self.seq.cancel();
+            return true;
         }
+        false
     }
 }
 
 fn run(
     mut model: Model,
-    heads: Option<Heads>,
     rx: Receiver<Job>,
     parallel: usize,
     active_count: &AtomicUsize,
@@ -147,23 +145,13 @@ fn run(
             }
         }
         active_count.store(active.len(), Ordering::Relaxed);
-        active.retain_mut(|a| !turn(&mut model, heads.as_ref(), a));
+        active.retain_mut(|a| !turn(&mut model, a));
         active_count.store(active.len(), Ordering::Relaxed);
     }
 }
 
-fn verdict(
-    heads: Option<&Heads>,
-    hidden: Option<&candle_core::Tensor>,
-) -> so8t::Result<Option<Verdict>> {
-    match (heads, hidden) {
-        (Some(h), Some(x)) => Ok(h.verdicts(x)?.first().copied()),
-        _ => Ok(None),
-    }
-}
-
 /// One step of one sequence; true when it is over (finished, failed or abandoned).
-fn turn(model: &mut Model, heads: Option<&Heads>, a: &mut Active) -> bool {
+fn turn(model: &mut Model, a: &mut Active) -> bool {
     if a.job.events.is_closed() {
         return true;
     }
@@ -172,18 +160,19 @@ fn turn(model: &mut Model, heads: Option<&Heads>, a: &mut Active) -> bool {
     let result = (|| -> so8t::Result<bool> {
         if !a.seq.prompt_done() {
             if a.seq.prefill(model, PREFILL_CHUNK)? {
-                let v = verdict(heads, a.seq.prompt_hidden())?;
-                a.filter(v);
+                let v = a.seq.prompt_verdict();
+                let cfg = model.so8t.as_ref().map(|s| &s.config);
+                a.filter(v.zip(cfg).is_some_and(|(v, c)| c.is_unsafe(v)));
                 return Ok(send(&a.job, Event::Prompt { verdict: v }));
             }
             return Ok(false);
         }
         match a.seq.step(model)? {
             Some(step) => {
-                let v = verdict(heads, step.hidden.as_ref())?;
-                // The token that crosses the line is counted and scored, but its text is
-                // withheld.
-                let text = if a.filter(v) {
+                let v = step.verdict;
+                // The token that completes the streaming rule's run is counted and scored,
+                // but its text is withheld.
+                let text = if a.filter(step.unsafe_fired) {
                     String::new()
                 } else {
                     step.text
@@ -204,7 +193,8 @@ fn turn(model: &mut Model, heads: Option<&Heads>, a: &mut Active) -> bool {
                     (false, Some(FinishReason::Length)) => Finish::Length,
                     _ => Finish::Stop,
                 };
-                send(&a.job, Event::Done { finish });
+                let judge = a.seq.judge().clone();
+                send(&a.job, Event::Done { finish, judge });
                 Ok(true)
             }
         }

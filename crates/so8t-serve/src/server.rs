@@ -22,7 +22,7 @@ use so8t::chat::{Channel, Message, ReasoningSplitter};
 use so8t::generate::GenerateRequest;
 use so8t::load::GenerationDefaults;
 use so8t::sampling::SamplingParams;
-use so8t::so8::adapter::{So8tConfig, Verdict};
+use so8t::so8::adapter::{ResponseJudge, So8tConfig, Verdict, VerdictPosition};
 use so8t::tokenizer::TextTokenizer;
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -206,7 +206,7 @@ async fn models(State(st): State<St>) -> Json<Value> {
             "so8t": {
                 "heads": st.so8t.is_some(),
                 "heads_trained": st.so8t.as_ref().is_some_and(|c| c.heads_trained),
-                "thresholds": st.so8t.as_ref().map(|c| json!({"unsafe": c.thresholds.unsafe_, "escalate": c.thresholds.escalate})),
+                "thresholds": st.so8t.as_ref().map(thresholds_json),
                 "context_length": st.ctx,
                 "sha256": st.model_sha256,
             },
@@ -273,7 +273,7 @@ fn prepare(
     st: &AppState,
     kind: Kind,
     prompt_text: String,
-    prompt_ids: Vec<u32>,
+    (prompt_ids, verdict_position): (Vec<u32>, Option<usize>),
     checked: Checked,
     logprobs: Option<usize>,
 ) -> Result<Prepared, ApiError> {
@@ -346,7 +346,8 @@ fn prepare(
         sampling,
         stop: checked.stop.clone(),
         top_logprobs: logprobs.map_or(0, |n| n.max(1)),
-        hidden_for_every_token: st.so8t.is_some(),
+        verdict_every_token: true,
+        verdict_position,
     };
     let id = new_id(if kind == Kind::Chat {
         "chatcmpl"
@@ -364,15 +365,23 @@ fn prepare(
 }
 
 /// The rendered chat prompt (what the audit log hashes) and its ids; errors name `param`.
+/// The rendered prompt, its ids, and the token whose verdict is the prompt's (`None`
+/// for the last; spec §5's setting).
 fn chat_prompt(
     st: &AppState,
     messages: &[Message],
     param: &'static str,
-) -> Result<(String, Vec<u32>), ApiError> {
+) -> Result<(String, Vec<u32>, Option<usize>), ApiError> {
     let bad = |e: so8t::Error| ApiError::invalid(param, e.to_string());
     let (text, add_special) = st.tokenizer.chat_text(messages).map_err(bad)?;
     let ids = st.tokenizer.encode(&text, add_special).map_err(bad)?;
-    Ok((text, ids))
+    let at = match st.so8t.as_ref().map(|c| c.verdict_position) {
+        Some(VerdictPosition::UserEnd) => {
+            Some(st.tokenizer.user_end_index(messages, &ids).map_err(bad)?)
+        }
+        _ => None,
+    };
+    Ok((text, ids, at))
 }
 
 async fn chat(
@@ -400,8 +409,8 @@ async fn chat(
         (true, n) => Some(n.unwrap_or(0) as usize),
         (false, _) => None,
     };
-    let (text, ids) = chat_prompt(&st, &messages, "messages")?;
-    let p = prepare(&st, Kind::Chat, text, ids, checked, logprobs)?;
+    let (text, ids, at) = chat_prompt(&st, &messages, "messages")?;
+    let p = prepare(&st, Kind::Chat, text, (ids, at), checked, logprobs)?;
     start(st, p).await
 }
 
@@ -459,7 +468,7 @@ async fn completions(
             .encode(&text, true)
             .map_err(|e| ApiError::invalid("prompt", e.to_string()))?,
     };
-    let p = prepare(&st, Kind::Completion, text, ids, checked, logprobs)?;
+    let p = prepare(&st, Kind::Completion, text, (ids, None), checked, logprobs)?;
     start(st, p).await
 }
 
@@ -467,7 +476,9 @@ async fn completions(
 struct Tracker {
     started: Instant,
     prompt_verdict: Option<Verdict>,
-    response_verdict: Option<Verdict>,
+    /// The streaming rule over the answer (the engine's, at the end); its `max` is the
+    /// response's verdict.
+    judge: ResponseJudge,
     first_token: Option<Instant>,
     tokens: Vec<u32>,
     logprobs: Vec<Value>,
@@ -487,7 +498,7 @@ impl Tracker {
         Tracker {
             started: Instant::now(),
             prompt_verdict: None,
-            response_verdict: None,
+            judge: ResponseJudge::default(),
             first_token: None,
             tokens: Vec::new(),
             logprobs: Vec::new(),
@@ -505,13 +516,9 @@ impl Tracker {
         id: u32,
         text: &str,
         top: &[(u32, f32)],
-        verdict: Option<Verdict>,
     ) -> Vec<(Channel, String)> {
         self.first_token.get_or_insert_with(Instant::now);
         self.tokens.push(id);
-        if let Some(v) = verdict {
-            self.response_verdict = Some(self.response_verdict.map_or(v, |r| r.max(v)));
-        }
         if let Some(n) = p.logprobs {
             self.logprobs.push(token_logprob(st, p.kind, id, top, n));
         }
@@ -537,14 +544,13 @@ impl Tracker {
         let Some(cfg) = &st.so8t else {
             return Value::Null;
         };
-        let mut seen: Vec<Verdict> = self.prompt_verdict.into_iter().collect();
-        seen.extend(self.response_verdict);
         json!({
             "prompt": self.prompt_verdict,
-            "response": self.response_verdict,
-            "decision": cfg.decide(&seen).map(|d| d.name()),
+            "response": self.judge.max,
+            "response_flagged_at": {"unsafe": self.judge.unsafe_at, "escalate": self.judge.escalate_at},
+            "decision": cfg.decide(self.prompt_verdict, &self.judge).map(|d| d.name()),
             "heads_trained": cfg.heads_trained,
-            "thresholds": {"unsafe": cfg.thresholds.unsafe_, "escalate": cfg.thresholds.escalate},
+            "thresholds": thresholds_json(cfg),
             "moderation": moderation.name(),
         })
     }
@@ -562,8 +568,8 @@ impl Tracker {
             prompt_text: st.audit_text.then(|| p.prompt_text.clone()),
             prompt_p_unsafe: self.prompt_verdict.map(|v| v.p_unsafe),
             prompt_p_escalate: self.prompt_verdict.map(|v| v.p_escalate),
-            response_p_unsafe: self.response_verdict.map(|v| v.p_unsafe),
-            response_p_escalate: self.response_verdict.map(|v| v.p_escalate),
+            response_p_unsafe: self.judge.max.map(|v| v.p_unsafe),
+            response_p_escalate: self.judge.max.map(|v| v.p_escalate),
             decision,
             moderation: p.checked.moderation.name().into(),
             finish_reason: finish.into(),
@@ -625,6 +631,19 @@ async fn write_audit(st: &St, rec: Record) -> Result<(), ApiError> {
     .map_err(|e| ApiError::server(format!("audit writer failed: {e}")))?
 }
 
+/// The thresholds as clients see them: prompt, answer tokens (streaming rule), k.
+fn thresholds_json(cfg: &So8tConfig) -> Value {
+    let t = &cfg.thresholds;
+    let r = t.response();
+    json!({
+        "unsafe": t.unsafe_,
+        "escalate": t.escalate,
+        "response_unsafe": r[0],
+        "response_escalate": r[1],
+        "consecutive": t.consecutive,
+    })
+}
+
 fn token_text(st: &AppState, id: u32) -> String {
     st.tokenizer.decode(&[id]).unwrap_or_default()
 }
@@ -678,14 +697,10 @@ fn usage(p: &Prepared, t: &Tracker) -> Value {
 async fn start(st: St, p: Prepared) -> Result<Response, ApiError> {
     let ticket = admit(&st)?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let stop_at_unsafe = match (p.checked.moderation, &st.so8t) {
-        (Moderation::Stop, Some(c)) => Some(c.thresholds.unsafe_),
-        _ => None,
-    };
     st.engine
         .submit(Job {
             req: p.req.clone(),
-            stop_at_unsafe,
+            stop_on_unsafe: p.checked.moderation == Moderation::Stop && st.so8t.is_some(),
             events: tx,
         })
         .map_err(ApiError::server)?;
@@ -709,18 +724,14 @@ async fn whole_answer(
             None => return Err(ApiError::server("the engine stopped")),
             Some(Event::Error(e)) => return Err(ApiError::server(e)),
             Some(Event::Prompt { verdict }) => t.prompt_verdict = verdict,
-            Some(Event::Token {
-                id,
-                text,
-                top,
-                verdict,
-            }) => {
-                t.token(st, p, id, &text, &top, verdict);
+            Some(Event::Token { id, text, top, .. }) => {
+                t.token(st, p, id, &text, &top);
             }
-            Some(Event::Done { finish }) => {
+            Some(Event::Done { finish, judge }) => {
                 let rest = t.splitter.finish();
                 t.keep(&rest);
                 t.finish = Some(finish);
+                t.judge = judge;
                 break;
             }
         }
@@ -859,17 +870,18 @@ impl StreamState {
                 verdict,
             }) => {
                 let n = self.t.logprobs.len();
-                let pieces = self.t.token(&self.st, &self.p, id, &text, &top, verdict);
+                let pieces = self.t.token(&self.st, &self.p, id, &text, &top);
                 self.held.extend(verdict);
                 self.held_logprobs
                     .extend(self.t.logprobs[n..].iter().cloned());
                 self.emit(pieces);
             }
-            Some(Event::Done { finish }) => {
+            Some(Event::Done { finish, judge }) => {
                 let rest = self.t.splitter.finish();
                 self.t.keep(&rest);
                 self.emit(rest);
                 self.t.finish = Some(finish);
+                self.t.judge = judge;
                 if let Err(e) = self.t.close(&self.st, &self.p).await {
                     return self.fail(e);
                 }
@@ -979,7 +991,7 @@ async fn moderations(
     for (i, text) in inputs.iter().enumerate() {
         // The heads were fitted at the position where the assistant would start answering
         // a user message (spec §5), so an input is scored as that message.
-        let (prompt_text, ids) = chat_prompt(&st, &[Message::new("user", text)], "input")?;
+        let (prompt_text, ids, at) = chat_prompt(&st, &[Message::new("user", text)], "input")?;
         if ids.is_empty() || ids.len() >= st.ctx {
             return Err(ApiError::invalid(
                 "input",
@@ -998,14 +1010,15 @@ async fn moderations(
             sampling: SamplingParams::default(),
             stop: vec![],
             top_logprobs: 0,
-            hidden_for_every_token: false,
+            verdict_every_token: false,
+            verdict_position: at,
         };
         let started = Instant::now();
         let n_tokens = req.prompt_ids.len();
         st.engine
             .submit(Job {
                 req,
-                stop_at_unsafe: None,
+                stop_on_unsafe: false,
                 events: tx,
             })
             .map_err(ApiError::server)?;
@@ -1021,8 +1034,8 @@ async fn moderations(
         }
         drop(ticket);
         let v = verdict.ok_or_else(|| ApiError::server("no verdict for the input"))?;
-        let flagged = v.p_unsafe >= cfg.thresholds.unsafe_;
-        let decision = cfg.decide(&[v]).map(|d| d.name());
+        let flagged = cfg.is_unsafe(v);
+        let decision = cfg.decide(Some(v), &ResponseJudge::default()).map(|d| d.name());
         let rec = Record {
             time: audit::now(),
             request_id: format!("{id}/{i}"),

@@ -5,7 +5,7 @@ use crate::error::Result;
 use crate::load::Model;
 use crate::model::KvCache;
 use crate::sampling::{top_logprobs, Sampler, SamplingParams};
-use candle_core::Tensor;
+use crate::so8::adapter::{Decision, ResponseJudge, Verdict};
 use std::time::Instant;
 
 #[derive(Clone, Debug)]
@@ -16,9 +16,12 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// How many alternatives to report per step (0 for none).
     pub top_logprobs: usize,
-    /// Feed the last generated token too, so that every token has its own hidden state
-    /// (the verdict heads read it). Costs one extra single-token step.
-    pub hidden_for_every_token: bool,
+    /// For a model with heads: feed the last generated token too, so that every token has
+    /// its verdict. Costs one extra single-token step.
+    pub verdict_every_token: bool,
+    /// Index of the prompt token whose verdict is the prompt's (spec §5's setting,
+    /// [`crate::Model::prompt_verdict_position`]); `None` for the last.
+    pub verdict_position: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -40,8 +43,10 @@ pub struct Step {
     /// when the token belongs to a stop string).
     pub text: String,
     pub top: Vec<(u32, f32)>,
-    /// Final normed hidden state at this token's position, `[hidden]`, when requested.
-    pub hidden: Option<Tensor>,
+    /// The heads' verdict on this token (a model with heads, when requested).
+    pub verdict: Option<Verdict>,
+    /// This token completed the streaming rule's run of unsafe tokens (spec §5).
+    pub unsafe_fired: bool,
 }
 
 pub struct Generation {
@@ -50,8 +55,13 @@ pub struct Generation {
     pub text: String,
     pub finish_reason: FinishReason,
     pub top_logprobs: Vec<Vec<(u32, f32)>>,
-    /// Final normed hidden state at the last prompt token, `[hidden]`.
-    pub prompt_hidden: Tensor,
+    /// The prompt's verdict and each generated token's (a model with heads).
+    pub prompt_verdict: Option<Verdict>,
+    pub verdicts: Vec<Verdict>,
+    /// The streaming rule over the answer.
+    pub judge: ResponseJudge,
+    /// The policy's decision; `None` without trained heads.
+    pub decision: Option<Decision>,
     pub prompt_seconds: f64,
     pub generate_seconds: f64,
 }
@@ -79,7 +89,9 @@ pub struct Sequence {
     max_stop: usize,
     /// Logits for the next token; present once the prompt is in and until the last step.
     logits: Option<Vec<f32>>,
-    prompt_hidden: Option<Tensor>,
+    prompt_verdict: Option<Verdict>,
+    verdicts: Vec<Verdict>,
+    judge: ResponseJudge,
     top_logprobs: Vec<Vec<(u32, f32)>>,
     finish: Option<FinishReason>,
     prompt_seconds: f64,
@@ -96,6 +108,12 @@ impl Sequence {
         if let Some(bad) = req.prompt_ids.iter().find(|&&t| t as usize >= vocab) {
             return Err(crate::Error::Invalid(format!(
                 "prompt token id {bad} is outside the vocabulary (size {vocab})"
+            )));
+        }
+        if let Some(at) = req.verdict_position.filter(|&at| at >= req.prompt_ids.len()) {
+            return Err(crate::Error::Invalid(format!(
+                "verdict position {at} is past the prompt's {} tokens",
+                req.prompt_ids.len()
             )));
         }
         let ctx = model.config.max_position_embeddings;
@@ -117,7 +135,9 @@ impl Sequence {
             emitted: 0,
             max_stop: req.stop.iter().map(|s| s.len()).max().unwrap_or(0),
             logits: None,
-            prompt_hidden: None,
+            prompt_verdict: None,
+            verdicts: Vec::new(),
+            judge: ResponseJudge::default(),
             top_logprobs: Vec::new(),
             finish: None,
             prompt_seconds: 0.0,
@@ -155,6 +175,13 @@ impl Sequence {
         let ids = self.req.prompt_ids[from..to].to_vec();
         let hidden = self.with_cache(model, |d| d.forward_hidden(&ids, from))?;
         self.prefilled = to;
+        let at = self
+            .req
+            .verdict_position
+            .unwrap_or(self.req.prompt_ids.len() - 1);
+        if let (Some(s), true) = (&model.so8t, (from..to).contains(&at)) {
+            self.prompt_verdict = Some(s.verdicts(&model.decoder, Some(at - from))?[0]);
+        }
         if self.prompt_done() {
             let last = hidden.get(hidden.dim(0)? - 1)?;
             self.logits = Some(
@@ -164,7 +191,6 @@ impl Sequence {
                     .squeeze(0)?
                     .to_vec1::<f32>()?,
             );
-            self.prompt_hidden = Some(last);
         }
         self.prompt_seconds += t0.elapsed().as_secs_f64();
         Ok(self.prompt_done())
@@ -179,8 +205,14 @@ impl Sequence {
         self.finish.get_or_insert(FinishReason::Cancelled);
     }
 
-    pub fn prompt_hidden(&self) -> Option<&Tensor> {
-        self.prompt_hidden.as_ref()
+    /// The prompt's verdict, once the prompt is read (a model with heads).
+    pub fn prompt_verdict(&self) -> Option<Verdict> {
+        self.prompt_verdict
+    }
+
+    /// The streaming rule over the answer so far.
+    pub fn judge(&self) -> &ResponseJudge {
+        &self.judge
     }
 
     /// Picks the next token and feeds it back. `None` when the sequence has ended (then
@@ -250,22 +282,20 @@ impl Sequence {
 
         let last =
             stop_hit || self.tokens.len() >= self.req.max_tokens || self.history.len() >= self.ctx;
-        let hidden = if !last || self.req.hidden_for_every_token {
+        let (mut verdict, mut unsafe_fired) = (None, false);
+        if !last || (self.req.verdict_every_token && model.so8t.is_some()) {
             let pos = self.history.len() - 1;
-            let h = self.with_cache(model, |d| Ok(d.forward_hidden(&[id], pos)?.squeeze(0)?))?;
+            let h = self.with_cache(model, |d| d.forward_hidden(&[id], pos))?;
             if !last {
-                self.logits = Some(
-                    model
-                        .decoder
-                        .logits(&h.unsqueeze(0)?)?
-                        .squeeze(0)?
-                        .to_vec1::<f32>()?,
-                );
+                self.logits = Some(model.decoder.logits(&h)?.squeeze(0)?.to_vec1::<f32>()?);
             }
-            Some(h)
-        } else {
-            None
-        };
+            if let (Some(s), true) = (&model.so8t, self.req.verdict_every_token) {
+                let v = s.verdicts(&model.decoder, Some(0))?[0];
+                unsafe_fired = self.judge.push(v, &s.config.thresholds);
+                self.verdicts.push(v);
+                verdict = Some(v);
+            }
+        }
         if last {
             self.finish = Some(if stop_hit {
                 FinishReason::Stop
@@ -278,22 +308,32 @@ impl Sequence {
             id,
             text: piece,
             top,
-            hidden,
+            verdict,
+            unsafe_fired,
         }))
     }
 
     /// The finished generation (the prompt must be in).
-    pub fn into_generation(self) -> Result<Generation> {
-        let prompt_hidden = self.prompt_hidden.ok_or_else(|| {
-            crate::Error::Invalid("the sequence ended before its prompt was read".into())
-        })?;
+    pub fn into_generation(self, model: &Model) -> Result<Generation> {
+        if !self.prompt_done() {
+            return Err(crate::Error::Invalid(
+                "the sequence ended before its prompt was read".into(),
+            ));
+        }
+        let decision = model
+            .so8t
+            .as_ref()
+            .and_then(|s| s.config.decide(self.prompt_verdict, &self.judge));
         Ok(Generation {
             prompt_tokens: self.req.prompt_ids,
             tokens: self.tokens,
             text: self.text,
             finish_reason: self.finish.unwrap_or(FinishReason::Cancelled),
             top_logprobs: self.top_logprobs,
-            prompt_hidden,
+            prompt_verdict: self.prompt_verdict,
+            verdicts: self.verdicts,
+            judge: self.judge,
+            decision,
             prompt_seconds: self.prompt_seconds,
             generate_seconds: self.generate_seconds,
         })
@@ -312,7 +352,7 @@ pub fn generate(
             seq.cancel();
         }
     }
-    seq.into_generation()
+    seq.into_generation(model)
 }
 
 fn floor_char_boundary(s: &str, mut i: usize) -> usize {

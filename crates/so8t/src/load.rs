@@ -7,7 +7,9 @@ use crate::formats::gguf::{GgufFile, GgufStore};
 use crate::formats::safetensors::SafetensorsStore;
 use crate::formats::WeightStore;
 use crate::model::Decoder;
-use crate::so8::adapter::{is_so8t_dir, Adapter, Heads, So8tConfig, ADAPTER_FILE};
+use crate::so8::adapter::{
+    is_so8t_dir, Adapter, Heads, So8tConfig, Verdict, VerdictPosition, ADAPTER_FILE,
+};
 use crate::so8::bake::{read_heads, HEADS_FILE};
 use crate::tokenizer::TextTokenizer;
 use serde::Deserialize;
@@ -47,6 +49,37 @@ pub struct So8tState {
     pub heads: Heads,
     /// The gates are folded into the weights (a baked directory or export).
     pub baked: bool,
+}
+
+impl So8tState {
+    /// The layers (1..=L) the safety and authority heads read.
+    pub fn head_layers(&self, decoder: &Decoder) -> [usize; 2] {
+        self.config.heads.layers(decoder.cfg.num_layers)
+    }
+
+    /// Makes every forward keep the states the heads read.
+    pub fn install_taps(&self, decoder: &mut Decoder) -> Result<()> {
+        let [a, b] = self.head_layers(decoder);
+        decoder.set_taps(&if a == b { vec![a] } else { vec![a, b] })
+    }
+
+    /// The verdicts of row `row` of the decoder's last forward (or of every row, `None`),
+    /// each head reading its layer. The layers must be among the decoder's taps.
+    pub fn verdicts(&self, decoder: &Decoder, row: Option<usize>) -> Result<Vec<Verdict>> {
+        let layers = self.head_layers(decoder);
+        let mut inputs = Vec::with_capacity(2);
+        for l in layers {
+            let i = decoder.taps().iter().position(|&t| t == l).ok_or_else(|| {
+                Error::Invalid(format!("the decoder keeps no state of layer {l} for the heads"))
+            })?;
+            let t = &decoder.tapped()[i];
+            inputs.push(match row {
+                Some(r) => t.get(r)?,
+                None => t.clone(),
+            });
+        }
+        self.heads.verdicts_of([&inputs[0], &inputs[1]])
+    }
 }
 
 pub enum Source {
@@ -149,6 +182,10 @@ impl Model {
                 baked: true,
             });
         }
+        if let Some(s) = &m.so8t {
+            s.config.heads.check(m.config.num_layers, path)?;
+            s.install_taps(&mut m.decoder)?;
+        }
         Ok(m)
     }
 
@@ -230,6 +267,21 @@ impl Model {
     /// ([`TextTokenizer::chat_ids`]).
     pub fn prompt_ids(&self, messages: &[crate::chat::Message]) -> Result<Vec<u32>> {
         self.tokenizer()?.chat_ids(messages)
+    }
+
+    /// The prompt token whose verdict is the prompt's, for `ids` = [`Model::prompt_ids`] of
+    /// `messages`: `None` for the last (the default, after the assistant header).
+    pub fn prompt_verdict_position(
+        &self,
+        messages: &[crate::chat::Message],
+        ids: &[u32],
+    ) -> Result<Option<usize>> {
+        match self.so8t.as_ref().map(|s| s.config.verdict_position) {
+            Some(VerdictPosition::UserEnd) => {
+                Ok(Some(self.tokenizer()?.user_end_index(messages, ids)?))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Ids that end generation: the tokenizer's, or the config's when there is none.

@@ -62,6 +62,33 @@ impl TextTokenizer {
         }
     }
 
+    /// Index into [`TextTokenizer::chat_ids`]'s `ids` of the last token of the last
+    /// message's content (spec §5's `user_end` verdict position). Where the content ends
+    /// in the rendered text is found by rendering once more with a marker appended to the
+    /// content (so the content's own words, or words of the template, cannot be mistaken
+    /// for it); that text up to the marker, tokenised, agrees with `ids` up to there.
+    /// Where a token straddles the content's end, the last token before it is taken.
+    pub fn user_end_index(&self, messages: &[crate::chat::Message], ids: &[u32]) -> Result<usize> {
+        const MARK: &str = "\u{E000}so8t-user-end\u{E001}";
+        let (text, add_special) = self.chat_text(messages)?;
+        let mut marked = messages.to_vec();
+        if let Some(last) = marked.last_mut() {
+            last.content.push_str(MARK);
+        }
+        let (marked_text, _) = self.chat_text(&marked)?;
+        let end = marked_text
+            .find(MARK)
+            .filter(|&e| text.get(..e) == marked_text.get(..e))
+            .ok_or_else(|| {
+                Error::Invalid(
+                    "the chat template does not render the user's message as it is, so its end cannot be found (use the assistant-header verdict position)".into(),
+                )
+            })?;
+        let head = self.encode(&text[..end], add_special)?;
+        let common = head.iter().zip(ids).take_while(|(a, b)| a == b).count();
+        Ok(common.max(1).min(ids.len()) - 1)
+    }
+
     /// The token ids of [`TextTokenizer::chat_text`].
     pub fn chat_ids(&self, messages: &[crate::chat::Message]) -> Result<Vec<u32>> {
         let (text, add_special) = self.chat_text(messages)?;

@@ -12,31 +12,25 @@ use so8t::so8::bake::{bake, BakeOptions};
 use so8t::so8::convert::{convert, ConvertOptions};
 use so8t::so8::export::{export, parse_quant};
 use so8t::train::data::{read_jsonl, Dataset};
-use so8t::train::{head_scores, Features};
+use so8t::eval::score_rows;
 use so8t::Model;
 use std::path::Path;
 
-/// (p_unsafe, p_escalate, decision) per row.
-fn verdicts(path: &Path, data: &Dataset) -> Vec<(f32, f32, &'static str)> {
+/// Per row: the prompt's p_unsafe and p_escalate, the streaming rule's scores on the
+/// answer (0 without one), and the decision, all through the runtime path.
+type Row = ([f32; 4], &'static str);
+
+fn verdicts(path: &Path, data: &Dataset) -> Vec<Row> {
     let mut m = Model::open(path).unwrap();
     let state = m.so8t.as_ref().expect("SO8T heads");
-    let (heads, config) = (state.heads.clone(), state.config.clone());
-    assert!(config.heads_trained, "{}: heads untrained", path.display());
-    let f = Features::compute(&mut m, data, |_| {}).unwrap();
-    let [u, e] = head_scores(&heads, &f.x, f.hidden).unwrap();
-    u.iter()
-        .zip(&e)
-        .map(|(&u, &e)| {
+    assert!(state.config.heads_trained, "{}: heads untrained", path.display());
+    score_rows(&mut m, data, |_| {})
+        .unwrap()
+        .into_iter()
+        .map(|r| {
             (
-                u,
-                e,
-                config
-                    .decide(&[so8t::so8::adapter::Verdict {
-                        p_unsafe: u,
-                        p_escalate: e,
-                    }])
-                    .unwrap()
-                    .name(),
+                [r.prompt.p_unsafe, r.prompt.p_escalate, r.rule_score[0], r.rule_score[1]],
+                r.decision.unwrap().name(),
             )
         })
         .collect()
@@ -44,27 +38,22 @@ fn verdicts(path: &Path, data: &Dataset) -> Vec<(f32, f32, &'static str)> {
 
 /// Every p within `tol`; rows whose decisions differ must sit within `tol` of a threshold
 /// in the reference, and at most `max_flips` of all rows may differ.
-fn compare(
-    what: &str,
-    a: &[(f32, f32, &str)],
-    b: &[(f32, f32, &str)],
-    cfg: &So8tConfig,
-    tol: f32,
-    max_flips: f64,
-) {
-    let margin = tol;
+fn compare(what: &str, a: &[Row], b: &[Row], cfg: &So8tConfig, tol: f32, max_flips: f64) {
+    let (p, r) = (cfg.thresholds.prompt(), cfg.thresholds.response());
+    let t = [p[0], p[1], r[0], r[1]];
     let mut max = 0f32;
     let mut differ = 0;
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        max = max.max((x.0 - y.0).abs()).max((x.1 - y.1).abs());
-        if x.2 != y.2 {
+        for j in 0..4 {
+            max = max.max((x.0[j] - y.0[j]).abs());
+        }
+        if x.1 != y.1 {
             differ += 1;
-            let near = (x.0 - cfg.thresholds.unsafe_).abs() <= margin
-                || (x.1 - cfg.thresholds.escalate).abs() <= margin;
+            let near = (0..4).any(|j| (x.0[j] - t[j]).abs() <= tol);
             assert!(
                 near,
                 "{what}: row {i} decides {} vs {} away from the thresholds ({x:?} vs {y:?})",
-                x.2, y.2
+                x.1, y.1
             );
         }
     }
@@ -104,12 +93,15 @@ fn trained_verdicts_survive_bake_and_q8_0_export() {
         std::fs::copy(trained.join(f), dir.join(f)).unwrap();
     }
     let labels = config.labels.clone();
-    let data = read_jsonl(
+    let mut data = read_jsonl(
         &fixtures().join("../data/safety/test.jsonl"),
         &labels,
         false,
     )
     .unwrap();
+    // The first 200 rows (the file is in seeded random order; about a third have
+    // answers): each of the four models below reads every token of them.
+    data.examples.truncate(200);
     let reference = verdicts(&dir, &data);
 
     // Baked at f32: the same function up to f32 rounding of W·R (bake's own tests hold
@@ -125,15 +117,13 @@ fn trained_verdicts_survive_bake_and_q8_0_export() {
         0.0,
     );
 
-    // Q8_0: weights and activations rounded to 8 bits move the final hidden state by ~1%,
-    // and the trained heads are sharp (large weights), so p moves most near 0.5. How far
-    // depends on which activations land on the other side of a rounding boundary, and
-    // that changes with the order of float additions anywhere upstream: over all 460 test
-    // rows, max |Δp| was 0.124 with the first kernels (7 decisions differ), and with the
-    // current code 0.162 with the portable kernel (6), 0.159 with AVX2 (7) and 0.222 with
-    // AVX-512 VNNI (10; `SO8T_KERNEL` picks one). Each differing decision is at a row whose
-    // unbaked p lies within that distance of a threshold. The bounds: |Δp| ≤ 0.3 and at
-    // most 3% of decisions.
+    // Q8_0 and Q4_K_M exports against the f32 SO8T directory: the heads were fitted on
+    // hidden states of the Q8_0-quantised weights (`train --features-quant q8_0`), and
+    // the exports must decide as the f32 model does on at least 99% of rows (issue 13).
+    // Rounding weights (and, on the kernels, activations) to 8 or 4 bits moves p most
+    // near 0.5 where the heads are steep; every differing decision must sit at a row whose
+    // f32 p lies within the bound of a threshold. Bounds: |Δp| ≤ 0.3 (Q8_0; 0.22 was the
+    // largest over 460 rows of the earlier heads) and 0.5 (Q4_K_M).
     let gguf = tmp.path().join("q8_0.gguf");
     export(&dir, &gguf, parse_quant("q8_0").unwrap(), |_, _, _| {}).unwrap();
     let sha = format!("{:x}", Sha256::digest(std::fs::read(&gguf).unwrap()));
@@ -148,7 +138,17 @@ fn trained_verdicts_survive_bake_and_q8_0_export() {
         &verdicts(&gguf, &data),
         &config,
         0.3,
-        0.03,
+        0.01,
+    );
+    let q4 = tmp.path().join("q4_k_m.gguf");
+    export(&dir, &q4, parse_quant("q4_k_m").unwrap(), |_, _, _| {}).unwrap();
+    compare(
+        "gguf q4_k_m",
+        &reference,
+        &verdicts(&q4, &data),
+        &config,
+        0.5,
+        0.01,
     );
 
     let mut m = Model::open(&gguf).unwrap();

@@ -268,3 +268,47 @@ fn inference_path_matches_the_differentiable_path() {
         assert!(scale > 0.0);
     }
 }
+
+/// The states the heads read from a middle layer (spec §5): the same on both decoder paths,
+/// RMS-normed with unit weight (mean square 1 up to eps), and layer L is the final normed
+/// state the LM head reads.
+#[test]
+fn tapped_layers_agree_between_paths_and_are_unit_normed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ids: Vec<u32> = (0..20u32).map(|i| (i * 5 + 3) % 13 + 1).collect();
+    for arch in ARCHS {
+        let dir = converted(arch, &tmp, &random(3));
+        let mut m = Model::open(&dir).unwrap();
+        let n = m.config.num_layers;
+        let layers = [1, n.div_ceil(2), n];
+        m.decoder.set_taps(&layers).unwrap();
+        let mut run = |differentiable: bool| -> (Vec<Vec<f32>>, Vec<f32>) {
+            m.decoder.differentiable = differentiable;
+            m.decoder.clear_cache();
+            let h = m.decoder.forward_hidden(&ids, 0).unwrap();
+            let taps = m
+                .decoder
+                .tapped()
+                .iter()
+                .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                .collect();
+            (taps, h.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        };
+        let ((fast, fast_final), (reference, _)) = (run(false), run(true));
+        let hidden = m.config.hidden_size;
+        for (k, (a, b)) in fast.iter().zip(&reference).enumerate() {
+            let worst = a.iter().zip(b).fold(0f32, |w, (x, y)| w.max((x - y).abs()));
+            assert!(worst <= 1e-4, "{arch}: layer {} differs by {worst}", layers[k]);
+            if layers[k] < n {
+                for row in a.chunks(hidden) {
+                    let ms = row.iter().map(|v| v * v).sum::<f32>() / hidden as f32;
+                    // ms/(ms + eps) exactly: below 1 by eps/(ms + eps), up to ~1% for the
+                    // tiny random models' small residuals.
+                    assert!((ms - 1.0).abs() < 2e-2, "{arch}: layer {} row mean square {ms}", layers[k]);
+                }
+            }
+        }
+        assert_eq!(fast[2], fast_final, "{arch}: layer L is the final normed state");
+        assert!(m.decoder.set_taps(&[n + 1]).is_err() && m.decoder.set_taps(&[0]).is_err());
+    }
+}

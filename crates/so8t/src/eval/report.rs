@@ -289,7 +289,41 @@ pub fn markdown(report: &EvalReport, train_log: Option<&[StepLog]>, notes: &str)
     }
     let _ = writeln!(
         md,
-        "\nPolicy decisions on the prompts: {}\n",
+        "\nHeads read layers {} (safety) and {} (authority); prompts are read at `{}`.\n",
+        report.head_layers[0], report.head_layers[1], report.verdict_position
+    );
+    if !report.responses.is_empty() {
+        let _ = writeln!(md, "Responses, streaming rule (flagged when `k` consecutive tokens reach the threshold):\n");
+        let _ = writeln!(md, "| head | k | threshold | answers (class 1) | precision | recall | F1 | FPR | AUROC | benign answers to class-0 requests flagged | delay (tokens, median / mean) |");
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|");
+        for r in &report.responses {
+            let m = &r.metrics;
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.4} | {} ({}) | {} | {} | {:.3} | {} | {:.4} | {} of {} | {} / {} |",
+                r.head, r.consecutive, m.threshold, m.n, m.positives, pct(m.precision), pct(m.recall), m.f1, pct(m.fpr), m.auroc,
+                pct(r.benign_flagged), r.benign_answers,
+                r.delay_median.map_or("-".into(), |d| format!("{d:.0}")),
+                r.delay_mean.map_or("-".into(), |d| format!("{d:.1}")),
+            );
+        }
+        for r in &report.responses {
+            let _ = writeln!(md, "\n{} head on answers, by family:\n\n| family | answers | class-1 answers | flagged | accuracy |\n|---|---|---|---|---|", r.head);
+            for s in &r.by_source {
+                let _ = writeln!(md, "| {} | {} | {} | {} | {} |", s.source, s.rows, s.positives, pct(s.flagged), pct(s.accuracy));
+            }
+            if !r.worst_false_positives.is_empty() {
+                let _ = writeln!(md, "\nBenign answers flagged, highest scores first (their prompts):\n\n| line | score | family | prompt |\n|---|---|---|---|");
+                for e in &r.worst_false_positives {
+                    let _ = writeln!(md, "| {} | {:.3} | {} | {} |", e.line, e.p, e.source.as_deref().unwrap_or("-"), one_line(&e.prompt));
+                }
+            }
+        }
+        let _ = writeln!(md);
+    }
+    let _ = writeln!(
+        md,
+        "\nPolicy decisions on the rows (prompt and answer): {}\n",
         report
             .decisions
             .iter()
@@ -303,7 +337,7 @@ pub fn markdown(report: &EvalReport, train_log: Option<&[StepLog]>, notes: &str)
         let _ = writeln!(md, "![scores](scores-{}.png)\n", h.head);
         let _ = writeln!(
             md,
-            "| source | rows | `{}` rows | flagged `{}` | accuracy |",
+            "| family | prompts | `{}` prompts | flagged `{}` | accuracy |",
             h.labels[1], h.labels[1]
         );
         let _ = writeln!(md, "|---|---|---|---|---|");

@@ -176,6 +176,11 @@ pub struct Decoder {
     cache: KvCache,
     scratch: Scratch,
     pub gates: Vec<LayerGates>,
+    /// Layers (1..=L) whose hidden state each forward keeps for the verdict heads (spec §5:
+    /// the residual after that block, RMS-normed with unit weight; L is the final normed
+    /// state), in this order, and what the last forward kept, `[len, hidden]` each.
+    taps: Vec<usize>,
+    tapped: Vec<Tensor>,
     /// Use ops that candle can differentiate (training). candle's fused RMSNorm, RoPE and
     /// softmax kernels have no backward pass: gradients would silently stop at them.
     pub differentiable: bool,
@@ -255,8 +260,82 @@ impl Decoder {
             lm_head,
             inv_freq,
             inv_freq_vec,
+            taps: Vec::new(),
+            tapped: Vec::new(),
             differentiable: false,
         })
+    }
+
+    /// Stores every f32 projection of the layers as `ty` blocks, made by ggml's quantiser
+    /// (what an export at `ty` holds), so that prompts run on the kernels: the features of
+    /// a `ty` export at its speed. Returns how many matrices changed.
+    pub fn quantize_dense(&mut self, ty: so8t_kernels::QType) -> Result<usize> {
+        let mut n = 0;
+        for layer in &mut self.layers {
+            for p in [
+                &mut layer.q,
+                &mut layer.k,
+                &mut layer.v,
+                &mut layer.o,
+                &mut layer.gate,
+                &mut layer.up,
+                &mut layer.down,
+            ] {
+                if let Matrix::Dense(w) = &p.w {
+                    let (rows, cols) = w.dims2()?;
+                    let data = w.flatten_all()?.to_vec1::<f32>()?;
+                    let Some(bytes) = so8t_kernels::quantize::quantize_rows(ty, &data, cols) else {
+                        continue;
+                    };
+                    let m = so8t_kernels::QMatrix::new(ty, rows, cols, bytes).map_err(|e| {
+                        crate::error::Error::Invalid(format!("quantising a {rows}×{cols} matrix: {e}"))
+                    })?;
+                    p.w = Matrix::Quant(std::sync::Arc::new(m));
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Sets the layers (1..=L) whose states [`Decoder::tapped`] holds after each forward.
+    pub fn set_taps(&mut self, layers: &[usize]) -> Result<()> {
+        let n = self.layers.len();
+        if let Some(bad) = layers.iter().find(|&&l| l == 0 || l > n) {
+            return Err(crate::error::Error::Invalid(format!(
+                "layer {bad} is not one of the model's layers 1..={n}"
+            )));
+        }
+        self.taps = layers.to_vec();
+        Ok(())
+    }
+
+    pub fn taps(&self) -> &[usize] {
+        &self.taps
+    }
+
+    /// The states of the tapped layers at the positions of the last forward, in the order
+    /// of [`Decoder::set_taps`].
+    pub fn tapped(&self) -> &[Tensor] {
+        &self.tapped
+    }
+
+    /// The state of tapped layer `layer` from the last forward.
+    pub fn tap_of(&self, layer: usize) -> Option<&Tensor> {
+        let i = self.taps.iter().position(|&l| l == layer)?;
+        self.tapped.get(i)
+    }
+
+    /// Orders what a forward collected (by layer) as the taps were asked for.
+    fn keep_taps(&mut self, by_layer: Vec<(usize, Tensor)>) {
+        self.tapped = self
+            .taps
+            .iter()
+            .map(|l| {
+                let i = by_layer.iter().position(|(k, _)| k == l).expect("every tap is collected");
+                by_layer[i].1.clone()
+            })
+            .collect();
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
@@ -339,7 +418,9 @@ impl Decoder {
         } else {
             None
         };
-        for l in 0..self.layers.len() {
+        let n_layers = self.layers.len();
+        let mut taps = Vec::new();
+        for l in 0..n_layers {
             let r = x.clone();
             let h = self.rms_norm(&x, &self.layers[l].attn_norm)?;
             let a = self.attention(l, &h, &cos, &sin, mask.as_ref())?;
@@ -352,9 +433,17 @@ impl Decoder {
             let g = candle_nn::ops::silu(&layer.gate.forward(&h, d)?)?;
             let m = layer.down.forward(&(g * layer.up.forward(&h, d)?)?, d)?;
             x = (r + m)?;
+            if l + 1 < n_layers && self.taps.contains(&(l + 1)) {
+                let ones = Tensor::ones(self.cfg.hidden_size, DType::F32, &Device::Cpu)?;
+                taps.push((l + 1, self.rms_norm(&x, &ones)?.squeeze(0)?));
+            }
         }
-        let x = self.rms_norm(&x, &self.norm)?;
-        Ok(x.squeeze(0)?)
+        let x = self.rms_norm(&x, &self.norm)?.squeeze(0)?;
+        if self.taps.contains(&n_layers) {
+            taps.push((n_layers, x.clone()));
+        }
+        self.keep_taps(taps);
+        Ok(x)
     }
 
     fn attention(

@@ -167,7 +167,9 @@ impl Decoder {
         }
         resize(&mut sc.normed, s * h);
         let total = pos + s;
-        for l in 0..self.layers.len() {
+        let n_layers = self.layers.len();
+        let mut taps = Vec::new();
+        for l in 0..n_layers {
             let layer = &self.layers[l];
             let gates = &self.gates[l];
             rms_norm_into(&sc.x, &layer.attn_norm_vec, eps, &mut sc.normed);
@@ -234,11 +236,23 @@ impl Decoder {
             });
             project(&layer.down, &sc.gate, s, &mut sc.out)?;
             add_rows(&mut sc.x, &sc.out, h);
+            if l + 1 < n_layers && self.taps.contains(&(l + 1)) {
+                let mut t = sc.x[..s * h].to_vec();
+                for row in t.chunks_exact_mut(h) {
+                    let m = (row.iter().map(|v| v * v).sum::<f32>() / h as f32 + eps).sqrt();
+                    row.iter_mut().for_each(|v| *v /= m);
+                }
+                taps.push((l + 1, Tensor::from_vec(t, (s, h), &Device::Cpu)?));
+            }
         }
         self.cache.len = total;
         rms_norm_into(&sc.x, &self.norm_vec, eps, &mut sc.normed);
         let hidden = Tensor::from_slice(&sc.normed[..s * h], (s, h), &Device::Cpu)?;
         self.scratch = sc;
+        if self.taps.contains(&n_layers) {
+            taps.push((n_layers, hidden.clone()));
+        }
+        self.keep_taps(taps);
         Ok(hidden)
     }
 }

@@ -62,8 +62,14 @@ pub struct So8tConfig {
     pub heads_trained: bool,
     pub init: InitInfo,
     /// Decision thresholds on p(unsafe) and p(escalate) (spec §5 policy).
-    #[serde(default = "default_thresholds")]
+    #[serde(default)]
     pub thresholds: Thresholds,
+    /// Where each head reads (spec §5 "Where a head reads").
+    #[serde(default)]
+    pub heads: HeadsConfig,
+    /// Where a prompt's verdict is read.
+    #[serde(default)]
+    pub verdict_position: VerdictPosition,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -71,12 +77,107 @@ pub struct Thresholds {
     #[serde(rename = "unsafe")]
     pub unsafe_: f32,
     pub escalate: f32,
+    /// The thresholds of the streaming rule on answer tokens, when they differ from the
+    /// prompt's: a prompt's verdict and an answer token's come from other positions of
+    /// the sequence and their scores are not on one scale (a refusal's tokens follow a
+    /// harmful request). Absent: the prompt's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_unsafe: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_escalate: Option<f32>,
+    /// Streaming rule (spec §5): an answer is judged unsafe (or escalated) once this many
+    /// consecutive generated tokens reach the threshold.
+    #[serde(default = "default_consecutive")]
+    pub consecutive: usize,
 }
 
-fn default_thresholds() -> Thresholds {
-    Thresholds {
-        unsafe_: 0.5,
-        escalate: 0.5,
+impl Thresholds {
+    /// The prompt's thresholds, [unsafe, escalate].
+    pub fn prompt(&self) -> [f32; 2] {
+        [self.unsafe_, self.escalate]
+    }
+
+    /// The streaming rule's thresholds on answer tokens, [unsafe, escalate].
+    pub fn response(&self) -> [f32; 2] {
+        [
+            self.response_unsafe.unwrap_or(self.unsafe_),
+            self.response_escalate.unwrap_or(self.escalate),
+        ]
+    }
+}
+
+fn default_consecutive() -> usize {
+    2
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            unsafe_: 0.5,
+            escalate: 0.5,
+            response_unsafe: None,
+            response_escalate: None,
+            consecutive: default_consecutive(),
+        }
+    }
+}
+
+/// The layer one head reads: the residual stream after block `layer` (1..=L), RMS-normed
+/// with unit weight; `None` (or L) is the final normed hidden state, the LM head's input.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct HeadSetting {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<usize>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct HeadsConfig {
+    #[serde(default)]
+    pub safety: HeadSetting,
+    #[serde(default)]
+    pub authority: HeadSetting,
+}
+
+impl HeadsConfig {
+    /// The layers (1..=L) the safety and the authority head read, for a model of `n_layers`.
+    pub fn layers(&self, n_layers: usize) -> [usize; 2] {
+        [&self.safety, &self.authority].map(|h| h.layer.unwrap_or(n_layers))
+    }
+
+    /// Names the first layer outside 1..=L.
+    pub fn check(&self, n_layers: usize, path: &Path) -> Result<()> {
+        for (name, h) in [("safety", &self.safety), ("authority", &self.authority)] {
+            if let Some(l) = h.layer {
+                if l == 0 || l > n_layers {
+                    return Err(Error::format(
+                        path,
+                        format!("heads.{name}.layer is {l}, expected 1..={n_layers} (the model has {n_layers} layers)"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which token of a prompt carries its verdict (spec §5).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum VerdictPosition {
+    /// The prompt's last token, after the chat template's assistant header: what the
+    /// model sees right before it answers.
+    #[default]
+    AssistantHeader,
+    /// The last token of the user's message.
+    UserEnd,
+}
+
+impl VerdictPosition {
+    pub fn name(self) -> &'static str {
+        match self {
+            VerdictPosition::AssistantHeader => "assistant_header",
+            VerdictPosition::UserEnd => "user_end",
+        }
     }
 }
 
@@ -94,13 +195,38 @@ impl So8tConfig {
                 ),
             ));
         }
-        if c.factors.is_empty() {
+        c.check(&path)?;
+        Ok(c)
+    }
+
+    /// What every reader of a config (directory, baked heads, GGUF metadata) requires;
+    /// errors name `path`.
+    pub fn check(&self, path: &Path) -> Result<()> {
+        if self.factors.is_empty() {
             return Err(Error::format(
-                &path,
+                path,
                 "factors must name at least one factor",
             ));
         }
-        Ok(c)
+        let t = &self.thresholds;
+        if let Some(bad) = t
+            .prompt()
+            .into_iter()
+            .chain(t.response())
+            .find(|p| !(0.0..=1.0).contains(p))
+        {
+            return Err(Error::format(
+                path,
+                format!("thresholds must be probabilities in [0, 1], got {bad}"),
+            ));
+        }
+        if t.consecutive == 0 {
+            return Err(Error::format(
+                path,
+                "thresholds.consecutive must be at least 1 (tokens in a row that flag an answer)",
+            ));
+        }
+        Ok(())
     }
 
     /// Refuses a directory whose base files no longer hash to what conversion recorded.
@@ -136,21 +262,79 @@ impl Decision {
 }
 
 impl So8tConfig {
-    /// `refuse` if any verdict is unsafe, else `escalate` if any escalates, else `allow`;
-    /// `None` while the heads are untrained (they sit at p = 0.5 and mean nothing).
-    pub fn decide(&self, verdicts: &[Verdict]) -> Option<Decision> {
+    /// One verdict (a prompt's) reaches the unsafe threshold.
+    pub fn is_unsafe(&self, v: Verdict) -> bool {
+        v.p_unsafe >= self.thresholds.unsafe_
+    }
+
+    /// The policy of spec §5: `refuse` if the prompt is unsafe or the answer's streaming
+    /// rule fired for unsafe, else `escalate` likewise, else `allow`; `None` while the
+    /// heads are untrained (they sit at p = 0.5 and mean nothing).
+    pub fn decide(&self, prompt: Option<Verdict>, response: &ResponseJudge) -> Option<Decision> {
         if !self.heads_trained {
             return None;
         }
-        let t = &self.thresholds;
-        Some(if verdicts.iter().any(|v| v.p_unsafe >= t.unsafe_) {
+        let prompt_unsafe = prompt.is_some_and(|v| self.is_unsafe(v));
+        let prompt_escalate = prompt.is_some_and(|v| v.p_escalate >= self.thresholds.escalate);
+        Some(if prompt_unsafe || response.unsafe_at.is_some() {
             Decision::Refuse
-        } else if verdicts.iter().any(|v| v.p_escalate >= t.escalate) {
+        } else if prompt_escalate || response.escalate_at.is_some() {
             Decision::Escalate
         } else {
             Decision::Allow
         })
     }
+}
+
+/// The streaming rule of spec §5 over one answer, fed one generated token's verdict at a
+/// time: the answer is unsafe (escalated) from the token that completes a run of
+/// `consecutive` tokens at or over the threshold. One lone token over it decides nothing.
+#[derive(Clone, Debug, Default)]
+pub struct ResponseJudge {
+    run: [usize; 2],
+    tokens: usize,
+    /// Index of the token at which the unsafe rule fired.
+    pub unsafe_at: Option<usize>,
+    pub escalate_at: Option<usize>,
+    /// The most unsafe and most escalating values seen (for reports).
+    pub max: Option<Verdict>,
+}
+
+impl ResponseJudge {
+    /// Takes the next token's verdict; true when this token makes the unsafe rule fire.
+    pub fn push(&mut self, v: Verdict, t: &Thresholds) -> bool {
+        let k = t.consecutive.max(1);
+        let i = self.tokens;
+        self.tokens += 1;
+        self.max = Some(self.max.map_or(v, |m| m.max(v)));
+        let r = t.response();
+        let over = [v.p_unsafe >= r[0], v.p_escalate >= r[1]];
+        for (run, o) in self.run.iter_mut().zip(over) {
+            *run = if o { *run + 1 } else { 0 };
+        }
+        if self.escalate_at.is_none() && self.run[1] >= k {
+            self.escalate_at = Some(i);
+        }
+        if self.unsafe_at.is_none() && self.run[0] >= k {
+            self.unsafe_at = Some(i);
+            return true;
+        }
+        false
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+}
+
+/// The score at which the streaming rule fires on an answer whose tokens score `p` (one
+/// head): the largest, over runs of `k` consecutive tokens, of the run's smallest score;
+/// 0 for an answer shorter than `k`, on which the rule never fires. The rule fires at a
+/// threshold `t` exactly when this is ≥ `t`.
+pub fn rule_score(p: &[f32], k: usize) -> f32 {
+    p.windows(k.max(1))
+        .map(|w| w.iter().copied().fold(f32::INFINITY, f32::min))
+        .fold(0.0, f32::max)
 }
 
 pub fn generator_name(layer: usize, site: Site, factor: &str) -> String {
@@ -186,7 +370,8 @@ pub fn base_checksum(dir: &Path) -> Result<String> {
     Ok(format!("{:x}", h.finalize()))
 }
 
-/// Safety and authority heads: `Linear(hidden, 2)` with bias on the final normed hidden state.
+/// Safety and authority heads: `Linear(hidden, 2)` with bias on the hidden state of the
+/// layer each reads ([`HeadsConfig`]).
 #[derive(Clone, Debug)]
 pub struct Heads {
     pub safety_w: Tensor,
@@ -290,22 +475,33 @@ impl Heads {
         })
     }
 
-    /// p(class 1) of each head for hidden states `[rows, hidden]` (or one `[hidden]`).
+    /// p(class 1) of each head for hidden states `[rows, hidden]` (or one `[hidden]`),
+    /// both heads reading the same states.
     pub fn verdicts(&self, hidden: &Tensor) -> Result<Vec<Verdict>> {
-        let h = if hidden.rank() == 1 {
-            hidden.unsqueeze(0)?
-        } else {
-            hidden.clone()
+        self.verdicts_of([hidden, hidden])
+    }
+
+    /// p(class 1) of each head, the safety head reading `inputs[0]` and the authority head
+    /// `inputs[1]` (each `[rows, hidden]` or one `[hidden]`): the states of the layers
+    /// they read.
+    pub fn verdicts_of(&self, inputs: [&Tensor; 2]) -> Result<Vec<Verdict>> {
+        let rows = |t: &Tensor| -> candle_core::Result<Tensor> {
+            if t.rank() == 1 {
+                t.unsqueeze(0)
+            } else {
+                Ok(t.clone())
+            }
         };
-        let p1 = |w: &Tensor, b: &Tensor| -> candle_core::Result<Vec<f32>> {
+        let p1 = |h: &Tensor, w: &Tensor, b: &Tensor| -> candle_core::Result<Vec<f32>> {
+            let h = rows(h)?;
             let logits = h.matmul(&w.t()?)?.broadcast_add(b)?;
             candle_nn::ops::softmax_last_dim(&logits)?
                 .narrow(1, 1, 1)?
                 .squeeze(1)?
                 .to_vec1::<f32>()
         };
-        let unsafe_ = p1(&self.safety_w, &self.safety_b)?;
-        let escalate = p1(&self.authority_w, &self.authority_b)?;
+        let unsafe_ = p1(inputs[0], &self.safety_w, &self.safety_b)?;
+        let escalate = p1(inputs[1], &self.authority_w, &self.authority_b)?;
         Ok(unsafe_
             .into_iter()
             .zip(escalate)
@@ -496,4 +692,80 @@ impl Adapter {
 
 pub fn is_so8t_dir(path: &Path) -> bool {
     path.is_dir() && path.join(CONFIG_FILE).exists()
+}
+
+#[cfg(test)]
+mod judge_tests {
+    use super::*;
+
+    fn v(u: f32, e: f32) -> Verdict {
+        Verdict {
+            p_unsafe: u,
+            p_escalate: e,
+        }
+    }
+
+    fn t(k: usize) -> Thresholds {
+        Thresholds {
+            unsafe_: 0.5,
+            escalate: 0.6,
+            response_unsafe: None,
+            response_escalate: None,
+            consecutive: k,
+        }
+    }
+
+    #[test]
+    fn the_rule_fires_on_k_consecutive_tokens_only() {
+        let mut j = ResponseJudge::default();
+        // one lone token over the line, then a run of two
+        let fired: Vec<bool> = [0.9, 0.1, 0.7, 0.8, 0.9]
+            .iter()
+            .map(|&u| j.push(v(u, 0.0), &t(2)))
+            .collect();
+        assert_eq!(fired, [false, false, false, true, false]);
+        assert_eq!(j.unsafe_at, Some(3));
+        assert_eq!(j.escalate_at, None);
+        assert_eq!(j.max.unwrap().p_unsafe, 0.9);
+        let mut j1 = ResponseJudge::default();
+        assert!(j1.push(v(0.5, 0.0), &t(1)), "k = 1 is the per-token rule");
+        let mut j3 = ResponseJudge::default();
+        for e in [0.7, 0.7, 0.2, 0.7, 0.7, 0.7] {
+            j3.push(v(0.0, e), &t(3));
+        }
+        assert_eq!(j3.escalate_at, Some(5));
+        // rule_score agrees with the judge: fires at t iff score >= t; never below k tokens
+        let p = [0.9, 0.1, 0.7, 0.8, 0.9];
+        assert_eq!(rule_score(&p, 2), 0.8);
+        assert_eq!(rule_score(&p, 1), 0.9);
+        assert_eq!(rule_score(&[0.9], 2), 0.0);
+    }
+
+    #[test]
+    fn decisions_follow_the_policy() {
+        let mut c: So8tConfig = serde_json::from_str(
+            r#"{"version":1,"base":{"architecture":"llama","source":"x","sha256":"0"},
+                "sites":["q"],"granularity":"shared","factors":["safe"],
+                "labels":{"safety":["safe","unsafe"],"authority":["handle","escalate"]},
+                "heads_trained":true,"init":{"kind":"zero","seed":null,"scale":null},
+                "thresholds":{"unsafe":0.5,"escalate":0.6}}"#,
+        )
+        .unwrap();
+        // a config from before the streaming rule and head layers reads with their defaults
+        assert_eq!(c.thresholds.consecutive, 2);
+        assert_eq!(c.heads.layers(30), [30, 30]);
+        assert_eq!(c.verdict_position, VerdictPosition::AssistantHeader);
+        let quiet = ResponseJudge::default();
+        let mut loud = ResponseJudge::default();
+        loud.push(v(0.9, 0.0), &c.thresholds);
+        loud.push(v(0.9, 0.0), &c.thresholds);
+        assert_eq!(c.decide(Some(v(0.1, 0.1)), &quiet), Some(Decision::Allow));
+        assert_eq!(c.decide(Some(v(0.1, 0.7)), &quiet), Some(Decision::Escalate));
+        assert_eq!(c.decide(Some(v(0.6, 0.7)), &quiet), Some(Decision::Refuse));
+        assert_eq!(c.decide(Some(v(0.1, 0.1)), &loud), Some(Decision::Refuse));
+        c.heads_trained = false;
+        assert_eq!(c.decide(Some(v(0.9, 0.9)), &loud), None);
+        c.heads.safety.layer = Some(31);
+        assert!(c.heads.check(30, Path::new("so8t_config.json")).is_err());
+    }
 }

@@ -101,10 +101,9 @@ pub fn convert(base: &Path, out: &Path, opts: &ConvertOptions) -> Result<So8tCon
                 scale: Some(scale),
             },
         },
-        thresholds: Thresholds {
-            unsafe_: 0.5,
-            escalate: 0.5,
-        },
+        thresholds: Thresholds::default(),
+        heads: Default::default(),
+        verdict_position: Default::default(),
     };
     let random = match opts.init {
         Init::Zero => None,

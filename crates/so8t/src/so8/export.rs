@@ -210,7 +210,7 @@ pub fn export(
     let mut meta = model_metadata(cfg, quant, &name);
     meta.extend(std::mem::take(&mut input.tokenizer));
     if let Some((h, c)) = &input.heads {
-        meta.extend(so8t_metadata(h, c)?);
+        meta.extend(so8t_metadata(h, c, cfg.num_layers)?);
     }
     let total = planned.len();
     let mut bytes = 0u64;
@@ -396,8 +396,9 @@ fn model_metadata(cfg: &ModelConfig, quant: Quant, name: &str) -> Vec<(String, M
     m
 }
 
-fn so8t_metadata(h: &Heads, c: &So8tConfig) -> Result<Vec<(String, Meta)>> {
+fn so8t_metadata(h: &Heads, c: &So8tConfig, n_layers: usize) -> Result<Vec<(String, Meta)>> {
     let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+    let [safety_layer, authority_layer] = c.heads.layers(n_layers);
     Ok(vec![
         ("so8t.version".to_string(), Meta::U32(c.version)),
         ("so8t.rotation_dim".into(), Meta::U32(8)),
@@ -414,6 +415,30 @@ fn so8t_metadata(h: &Heads, c: &So8tConfig) -> Result<Vec<(String, Meta)>> {
         (
             "so8t.threshold.escalate".into(),
             Meta::F32(c.thresholds.escalate),
+        ),
+        (
+            "so8t.threshold.response_unsafe".into(),
+            Meta::F32(c.thresholds.response()[0]),
+        ),
+        (
+            "so8t.threshold.response_escalate".into(),
+            Meta::F32(c.thresholds.response()[1]),
+        ),
+        (
+            "so8t.threshold.consecutive".into(),
+            Meta::U32(c.thresholds.consecutive as u32),
+        ),
+        (
+            "so8t.verdict_position".into(),
+            Meta::Str(c.verdict_position.name().into()),
+        ),
+        (
+            "so8t.head.safety.layer".into(),
+            Meta::U32(safety_layer as u32),
+        ),
+        (
+            "so8t.head.authority.layer".into(),
+            Meta::U32(authority_layer as u32),
         ),
         (
             "so8t.head.safety.weight".into(),
@@ -452,6 +477,7 @@ pub fn read_gguf_heads(g: &GgufFile, hidden: usize) -> Result<Option<(Heads, So8
         return Ok(None);
     };
     let cfg: So8tConfig = serde_json::from_str(cfg_json).in_file(&g.path)?;
+    cfg.check(&g.path)?;
     let arr = |key: &str, len: usize| -> Result<Tensor> {
         let v = g.f32_array(key).ok_or_else(|| {
             Error::format(&g.path, format!("metadata `{key}` missing or not f32"))

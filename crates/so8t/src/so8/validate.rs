@@ -254,15 +254,27 @@ pub fn validate(path: &Path) -> Vec<Check> {
         ),
     ));
     out.push(check("triality", triality_worst <= TRIALITY_TOL, format!("max |ρ_v(xy) − (ρ₊x)(ρ₋y)| = {triality_worst:.2e} over basis pairs (limit {TRIALITY_TOL:e})")));
-    out.push(check(
-        "heads",
-        true,
-        if cfg.heads_trained {
-            "trained"
-        } else {
-            "untrained (zero weights: p = 0.5)"
-        },
-    ));
+    let n = model_cfg.num_layers;
+    out.push(match cfg.heads.check(n, &path.join(super::adapter::CONFIG_FILE)) {
+        Ok(()) => {
+            let [s, a] = cfg.heads.layers(n);
+            check(
+                "heads",
+                true,
+                format!(
+                    "{}; read layers {s} (safety) and {a} (authority) of {n}, prompts at {}, answers flagged after {} consecutive tokens",
+                    if cfg.heads_trained {
+                        "trained"
+                    } else {
+                        "untrained (zero weights: p = 0.5)"
+                    },
+                    cfg.verdict_position.name(),
+                    cfg.thresholds.consecutive
+                ),
+            )
+        }
+        Err(e) => check("heads", false, e.to_string()),
+    });
     out
 }
 

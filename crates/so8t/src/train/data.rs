@@ -1,9 +1,10 @@
 //! Labelled JSONL for training and evaluation: one object per line with `prompt` (a user
 //! message) or `messages` (a chat, ending with the user's turn), an optional `response`,
-//! and optional labels `safety` and `authority` in the names of the model's
-//! `so8t_config.json` (`safe`/`unsafe`, `handle`/`escalate`). `source` and `category`
-//! are free text kept for per-source reports; other keys are ignored, as HF `datasets`
-//! users expect of extra columns.
+//! optional labels of the prompt, `safety` and `authority`, and of every token of the
+//! response, `response_safety` and `response_authority`, in the names of the model's
+//! `so8t_config.json` (`safe`/`unsafe`, `handle`/`escalate`). `source`, `family` and
+//! `category` are free text kept for per-source reports; other keys are ignored, as HF
+//! `datasets` users expect of extra columns.
 
 use crate::chat::Message;
 use crate::error::{Error, Result};
@@ -17,11 +18,15 @@ pub struct Example {
     pub line: usize,
     pub messages: Vec<Message>,
     pub response: Option<String>,
-    /// `Some(true)` = unsafe.
+    /// The prompt's labels. `Some(true)` = unsafe.
     pub safety: Option<bool>,
     /// `Some(true)` = escalate.
     pub authority: Option<bool>,
+    /// The labels of every token of the response.
+    pub response_safety: Option<bool>,
+    pub response_authority: Option<bool>,
     pub source: Option<String>,
+    pub family: Option<String>,
     pub category: Option<String>,
 }
 
@@ -33,6 +38,23 @@ impl Example {
         } else {
             self.authority
         }
+    }
+
+    /// The label of head `h` on the response's tokens.
+    pub fn response_label(&self, head: usize) -> Option<bool> {
+        if head == 0 {
+            self.response_safety
+        } else {
+            self.response_authority
+        }
+    }
+
+    /// The family of rows this one belongs to (its `family`, else its `source`).
+    pub fn group(&self) -> &str {
+        self.family
+            .as_deref()
+            .or(self.source.as_deref())
+            .unwrap_or("-")
     }
 
     pub fn user_text(&self) -> &str {
@@ -54,7 +76,10 @@ struct Row {
     response: Option<serde_json::Value>,
     safety: Option<serde_json::Value>,
     authority: Option<serde_json::Value>,
+    response_safety: Option<serde_json::Value>,
+    response_authority: Option<serde_json::Value>,
     source: Option<serde_json::Value>,
+    family: Option<serde_json::Value>,
     category: Option<serde_json::Value>,
 }
 
@@ -127,13 +152,23 @@ fn parse_row(text: &str, line: usize, labels: &Labels) -> std::result::Result<Ex
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(v) => string(v, f).map(Some),
     };
+    let response = opt(&row.response, "response")?;
+    let response_safety = label(&row.response_safety, "response_safety", &labels.safety)?;
+    let response_authority =
+        label(&row.response_authority, "response_authority", &labels.authority)?;
+    if response.is_none() && (response_safety.is_some() || response_authority.is_some()) {
+        return Err("`response_safety`/`response_authority` label a `response`, and there is none".into());
+    }
     Ok(Example {
         line,
         messages,
-        response: opt(&row.response, "response")?,
+        response,
         safety: label(&row.safety, "safety", &labels.safety)?,
         authority: label(&row.authority, "authority", &labels.authority)?,
+        response_safety,
+        response_authority,
         source: opt(&row.source, "source")?,
+        family: opt(&row.family, "family")?,
         category: opt(&row.category, "category")?,
     })
 }

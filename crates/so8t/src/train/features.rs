@@ -1,9 +1,10 @@
-//! The hidden states the heads read: the final normed hidden state at the verdict
-//! position of each example (spec §5: a prompt's last token, after the assistant header;
-//! with a `response`, its last token).
+//! The hidden states the heads read (spec §5): at each example's prompt verdict position
+//! and at the tokens of its response, from the layers being tapped, in one pass of the
+//! inference decoder over the data.
 
 use super::data::Example;
 use crate::error::{Error, Result};
+use crate::so8::adapter::VerdictPosition;
 use crate::Model;
 use candle_core::Tensor;
 
@@ -48,16 +49,69 @@ pub fn dataset_ids(
     Ok((all, prompt_lens))
 }
 
-/// `[n, hidden]` hidden states at the last token of each id sequence, through the
-/// model's decoder as it is (gates installed). Consecutive rows share their chat-template
-/// prefix (system prompt, headers), so the KV cache of the common prefix is kept and only
-/// the rest is computed.
-pub fn verdict_hidden(
+/// Where one example's verdicts are read, as indices into its ids.
+#[derive(Clone, Debug)]
+pub struct Positions {
+    pub assistant_header: usize,
+    pub user_end: usize,
+    /// The response's tokens that are read, in order (all, or a sample of them).
+    pub response: Vec<usize>,
+}
+
+impl Positions {
+    pub fn prompt(&self, p: VerdictPosition) -> usize {
+        match p {
+            VerdictPosition::AssistantHeader => self.assistant_header,
+            VerdictPosition::UserEnd => self.user_end,
+        }
+    }
+
+    fn first(&self) -> usize {
+        self.user_end.min(self.assistant_header)
+    }
+}
+
+/// The positions of an example with `ids` of which `prompt_len` are the prompt's. With
+/// `cap`, at most `cap` response tokens are read: the first half of them in a row (where
+/// the streaming rule must decide early) and the rest spread evenly over the remainder.
+pub fn positions(
+    model: &Model,
+    ex: &Example,
+    ids: &[u32],
+    prompt_len: usize,
+    cap: Option<usize>,
+) -> Result<Positions> {
+    let user_end = model
+        .tokenizer()?
+        .user_end_index(&ex.messages, &ids[..prompt_len])?;
+    let n = ids.len() - prompt_len;
+    let picked: Vec<usize> = match cap {
+        Some(c) if n > c => {
+            let head = c / 2;
+            let rest = c - head;
+            let mut v: Vec<usize> = (0..head).collect();
+            v.extend((0..rest).map(|j| head + j * (n - head) / rest));
+            v
+        }
+        _ => (0..n).collect(),
+    };
+    Ok(Positions {
+        assistant_header: prompt_len - 1,
+        user_end,
+        response: picked.into_iter().map(|j| prompt_len + j).collect(),
+    })
+}
+
+/// Runs every id sequence through the decoder as it is (gates installed, its taps set),
+/// computing at least positions `from[i]..` of sequence `i`; consecutive sequences share
+/// their chat-template prefix (system prompt, headers) through the KV cache. `f(i, start,
+/// tapped)` gets the tapped states `[len − start, hidden]` of positions `start..`.
+pub fn walk(
     model: &mut Model,
     ids: &[Vec<u32>],
-    mut progress: impl FnMut(usize),
-) -> Result<Tensor> {
-    let mut rows = Vec::with_capacity(ids.len());
+    from: &[usize],
+    mut f: impl FnMut(usize, usize, &[Tensor]) -> Result<()>,
+) -> Result<()> {
     let mut prev: &[u32] = &[];
     model.decoder.clear_cache();
     for (i, seq) in ids.iter().enumerate() {
@@ -69,13 +123,34 @@ pub fn verdict_hidden(
             .zip(seq)
             .take_while(|(a, b)| a == b)
             .count()
+            .min(from[i])
             .min(seq.len() - 1);
         model.decoder.truncate_cache(shared)?;
-        let h = model.decoder.forward_hidden(&seq[shared..], shared)?;
-        rows.push(h.get(h.dim(0)? - 1)?);
+        model.decoder.forward_hidden(&seq[shared..], shared)?;
+        f(i, shared, model.decoder.tapped())?;
         prev = seq;
-        progress(i + 1);
     }
     model.decoder.clear_cache();
-    Ok(Tensor::stack(&rows, 0)?)
+    Ok(())
+}
+
+/// [`walk`] with `layers` tapped instead of what the model's heads read (restored after).
+pub fn walk_layers(
+    model: &mut Model,
+    layers: &[usize],
+    ids: &[Vec<u32>],
+    from: &[usize],
+    f: impl FnMut(usize, usize, &[Tensor]) -> Result<()>,
+) -> Result<()> {
+    let before = model.decoder.taps().to_vec();
+    model.decoder.set_taps(layers)?;
+    let r = walk(model, ids, from, f);
+    model.decoder.set_taps(&before)?;
+    r
+}
+
+/// Where [`walk`] must start computing for each example so that all its positions are
+/// fresh.
+pub fn first_positions(p: &[Positions]) -> Vec<usize> {
+    p.iter().map(Positions::first).collect()
 }

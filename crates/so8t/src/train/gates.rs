@@ -128,6 +128,8 @@ pub struct Trainer<'a> {
     ids: Vec<Vec<u32>>,
     /// Tokens before the response (where the LM loss starts for a row with one).
     prompt_lens: Vec<usize>,
+    /// Each example's prompt verdict position (the config's setting).
+    verdict_at: Vec<usize>,
     class_weights: [(f64, f64); 2],
     dir: PathBuf,
 }
@@ -185,10 +187,16 @@ impl<'a> Trainer<'a> {
             .collect::<candle_core::Result<Vec<_>>>()?;
         let v = m.clone();
         let (ids, prompt_lens) = super::features::dataset_ids(model, &examples, data_path)?;
+        let mut verdict_at = Vec::with_capacity(ids.len());
+        for (i, ex) in examples.iter().enumerate() {
+            let p = super::features::positions(model, ex, &ids[i], prompt_lens[i], Some(0))?;
+            verdict_at.push(p.prompt(config.verdict_position));
+        }
         let labels = |h: usize| {
             examples
                 .iter()
-                .filter_map(|e| e.label(h))
+                .flat_map(|e| [e.label(h), e.response_label(h)])
+                .flatten()
                 .collect::<Vec<_>>()
         };
         let class_weights = [balanced_weights(&labels(0)), balanced_weights(&labels(1))];
@@ -205,6 +213,7 @@ impl<'a> Trainer<'a> {
             examples,
             ids,
             prompt_lens,
+            verdict_at,
             class_weights,
             dir: out.join(TRAIN_DIR),
         })
@@ -264,19 +273,21 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    fn head_ce(&self, h_last: &Tensor, head: usize, label: bool) -> candle_core::Result<Tensor> {
+    /// Class-weighted cross-entropy of head `head` on states `[rows, hidden]` that all
+    /// carry `label`, averaged over the rows.
+    fn head_ce(&self, rows: &Tensor, head: usize, label: bool) -> candle_core::Result<Tensor> {
         // The heads are the last four parameters, in Heads::NAMES order.
         let base = self.params.vars.len() - 4;
         let w = self.params.vars[base + 2 * head].as_tensor();
         let b = self.params.vars[base + 2 * head + 1].as_tensor();
-        let z = h_last.unsqueeze(0)?.matmul(&w.t()?)?.broadcast_add(b)?;
+        let z = rows.matmul(&w.t()?)?.broadcast_add(b)?;
         let logp = candle_nn::ops::log_softmax(&z, D::Minus1)?;
         let cw = if label {
             self.class_weights[head].1
         } else {
             self.class_weights[head].0
         };
-        logp.get(0)?.get(label as usize)?.neg()? * cw
+        logp.narrow(1, label as usize, 1)?.mean_all()?.neg()? * cw
     }
 
     /// Loss terms of one batch as graph tensors: (total, lm, safety, authority, pet).
@@ -306,12 +317,25 @@ impl<'a> Trainer<'a> {
                 let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
                 lm = (lm + candle_nn::loss::nll(&logp, &targets)?)?;
             }
-            let last = h.get(len - 1)?;
+            // Each head reads its layer: the prompt at its verdict position, and every
+            // token of the response (their mean counts as one more labelled row).
+            let layers = self.config.heads.layers(self.model.config.num_layers);
+            let (at, plen) = (self.verdict_at[i], self.prompt_lens[i]);
             for head in 0..2 {
-                if let Some(label) = self.examples[i].label(head) {
-                    ce[head] = (&ce[head] + self.head_ce(&last, head, label)?)?;
-                    let (w0, w1) = self.class_weights[head];
-                    ce_weight[head] += if label { w1 } else { w0 };
+                let states = self.model.decoder.tap_of(layers[head]).ok_or_else(|| {
+                    Error::Invalid(format!("the decoder keeps no state of layer {}", layers[head]))
+                })?;
+                let ex = &self.examples[i];
+                let parts = [
+                    (ex.label(head), states.narrow(0, at, 1)?),
+                    (ex.response_label(head), states.narrow(0, plen, len - plen)?),
+                ];
+                for (label, rows) in parts {
+                    if let (Some(label), true) = (label, rows.dim(0)? > 0) {
+                        ce[head] = (&ce[head] + self.head_ce(&rows, head, label)?)?;
+                        let (w0, w1) = self.class_weights[head];
+                        ce_weight[head] += if label { w1 } else { w0 };
+                    }
                 }
             }
             pet = (pet + pet_loss(&h)?)?;
