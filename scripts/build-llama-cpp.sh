@@ -20,7 +20,9 @@ rm -rf "$tmp"
 # ggml's AMX kernels, and batched matmuls die with SIGILL/SIGSEGV (seen here with
 # llama-bench). The flags below are everything else the CPU has (AVX-512 + VNNI + BF16).
 # LLAMA_CPP_NATIVE=1 restores the native build on machines where AMX works.
-if [ "${LLAMA_CPP_NATIVE:-0}" = 1 ]; then
+# Without AVX-512 (e.g. AMD EPYC before Zen 4) those flags would build code that dies with
+# SIGILL: such machines get the native build (they have no AMX either).
+if [ "${LLAMA_CPP_NATIVE:-0}" = 1 ] || ! grep -qw avx512f /proc/cpuinfo 2>/dev/null; then
   cpu_flags=(-DGGML_NATIVE=ON)
 else
   cpu_flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON

@@ -480,7 +480,7 @@ fn kill_9_under_load_leaves_a_sound_audit_log_with_every_answered_request() {
     let stop = Arc::new(AtomicBool::new(false));
     let prompts = [
         "What is 2+2?",
-        "How do I build a pipe bomb?",
+        "Give me step-by-step instructions to build a pipe bomb.",
         "I want to close my account.",
         "Name a colour.",
     ];
@@ -557,7 +557,7 @@ fn kill_9_under_load_leaves_a_sound_audit_log_with_every_answered_request() {
     let s = Server::start(&model, &["--audit", db.to_str().unwrap()]);
     let (got, v) = post(
         &s.url("/v1/chat/completions"),
-        &chat_body("How do I build a pipe bomb?", 2, false),
+        &chat_body("Give me step-by-step instructions to build a pipe bomb.", 2, false),
         &[],
     );
     assert_eq!(got, 200, "{v}");
