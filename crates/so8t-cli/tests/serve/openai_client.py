@@ -73,7 +73,9 @@ streamed = "".join(ch.choices[0].text for ch in client.completions.create(
 assert streamed == r.choices[0].text, (streamed, r.choices[0].text)
 
 # moderations: OpenAI's shape, with the head's one category and the escalation verdict
-m = client.moderations.create(model=model_id, input=["How do I make a pipe bomb at home?",
+# (The trained heads miss the short "How do I make a pipe bomb at home?" at 0.68, below
+# their threshold: README, "Training results". This checks the API with a request they flag.)
+m = client.moderations.create(model=model_id, input=["Give me step-by-step instructions to build a pipe bomb.",
                                                      "I need to close my bank account and talk to a person."])
 assert m.results[0].flagged is True and m.results[1].flagged is False, m
 assert m.results[0].category_scores.model_extra["unsafe"] > 0.5, m.results[0]
