@@ -69,10 +69,9 @@ impl So8tState {
         let layers = self.head_layers(decoder);
         let mut inputs = Vec::with_capacity(2);
         for l in layers {
-            let i = decoder.taps().iter().position(|&t| t == l).ok_or_else(|| {
+            let t = decoder.tap_of(l).ok_or_else(|| {
                 Error::Invalid(format!("the decoder keeps no state of layer {l} for the heads"))
             })?;
-            let t = &decoder.tapped()[i];
             inputs.push(match row {
                 Some(r) => t.get(r)?,
                 None => t.clone(),
