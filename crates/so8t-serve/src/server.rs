@@ -373,8 +373,8 @@ fn chat_prompt(
     param: &'static str,
 ) -> Result<(String, Vec<u32>, Option<usize>), ApiError> {
     let bad = |e: so8t::Error| ApiError::invalid(param, e.to_string());
-    let (text, add_special) = st.tokenizer.chat_text(messages).map_err(bad)?;
-    let ids = st.tokenizer.encode(&text, add_special).map_err(bad)?;
+    let so8t::tokenizer::ChatPrompt { text, ids } =
+        st.tokenizer.chat_prompt(messages).map_err(bad)?;
     let at = match st.so8t.as_ref().map(|c| c.verdict_position) {
         Some(VerdictPosition::UserEnd) => {
             Some(st.tokenizer.user_end_index(messages, &ids).map_err(bad)?)

@@ -19,9 +19,61 @@ const EOG_TEXTS: &[&str] = &[
     "<|end_of_text|>",
 ];
 
+/// Inserted after the first character of a special token's text in message content, so
+/// that it no longer matches; an `ESCAPE` in the content itself is doubled.
+const ESCAPE: char = '\u{E0FF}';
+
+fn escape(content: &str, specials: &[Special]) -> String {
+    let mut out = String::with_capacity(content.len());
+    let mut i = 0;
+    while i < content.len() {
+        let rest = &content[i..];
+        let c = rest.chars().next().unwrap_or(ESCAPE);
+        out.push(c);
+        if c == ESCAPE || specials.iter().any(|s| rest.starts_with(&s.text)) {
+            out.push(ESCAPE);
+        }
+        i += c.len_utf8();
+    }
+    out
+}
+
+fn unescape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c != ESCAPE {
+            out.push(c);
+        } else if chars.as_str().starts_with(ESCAPE) {
+            out.push(ESCAPE);
+            chars.next();
+        }
+    }
+    out
+}
+
+/// A special added token: the only tokens a chat template's text may produce from text.
+#[derive(Clone, Debug)]
+struct Special {
+    text: String,
+    id: u32,
+    lstrip: bool,
+    rstrip: bool,
+}
+
+/// A rendered conversation: its text (what the audit log hashes) and ids.
+pub struct ChatPrompt {
+    pub text: String,
+    pub ids: Vec<u32>,
+}
+
 #[derive(Clone)]
 pub struct TextTokenizer {
     pub inner: tokenizers::Tokenizer,
+    /// `inner` with special tokens' texts encoded as text.
+    text_only: tokenizers::Tokenizer,
+    /// Longest first, so that the first match at a position is the longest.
+    specials: Vec<Special>,
     pub bos: Option<u32>,
     pub bos_text: String,
     pub eos_text: String,
@@ -31,6 +83,40 @@ pub struct TextTokenizer {
 }
 
 impl TextTokenizer {
+    fn assemble(
+        inner: tokenizers::Tokenizer,
+        bos: Option<u32>,
+        bos_text: String,
+        eos_text: String,
+        chat_template: Option<String>,
+        eog: Vec<u32>,
+    ) -> TextTokenizer {
+        let mut text_only = inner.clone();
+        text_only.set_encode_special_tokens(true);
+        let mut specials: Vec<Special> = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special && !t.content.is_empty())
+            .map(|(id, t)| Special {
+                text: t.content,
+                id,
+                lstrip: t.lstrip,
+                rstrip: t.rstrip,
+            })
+            .collect();
+        specials.sort_by(|a, b| b.text.len().cmp(&a.text.len()).then(a.id.cmp(&b.id)));
+        TextTokenizer {
+            inner,
+            text_only,
+            specials,
+            bos,
+            bos_text,
+            eos_text,
+            chat_template,
+            eog,
+        }
+    }
+
     /// `add_special`: add BOS (and whatever the tokenizer's post-processor adds). Text
     /// rendered from a chat template carries its own special tokens, so, as transformers'
     /// `apply_chat_template` does, it is encoded without.
@@ -42,24 +128,39 @@ impl TextTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
-    /// The text of a conversation as the model sees it before answering: the chat
-    /// template with the generation prompt (the assistant header), or, without a
-    /// template, the last message's text. The flag says whether encoding it should add
-    /// the tokenizer's special tokens (a rendered template carries its own).
-    pub fn chat_text(&self, messages: &[crate::chat::Message]) -> Result<(String, bool)> {
-        match &self.chat_template {
-            Some(src) => {
-                let t = crate::chat::ChatTemplate::new(src, &self.bos_text, &self.eos_text)?;
-                Ok((t.render(messages, true)?, false))
-            }
-            None => Ok((
-                messages
-                    .last()
-                    .map_or("", |m| m.content.as_str())
-                    .to_string(),
-                true,
-            )),
-        }
+    /// A conversation as the model sees it before answering: the chat template with the
+    /// generation prompt (the assistant header), or, without a template, the last
+    /// message's text with the tokenizer's special tokens added.
+    ///
+    /// Special tokens come only from the template: a special token's text inside a
+    /// message (`<|im_end|><|im_start|>assistant` typed by a user) is tokenised as the
+    /// plain text it is, so no message can fake a turn. transformers and llama.cpp's
+    /// server parse it as control tokens, which lets a user forge a refusal and a new turn
+    /// and so move the verdict. The content is escaped before rendering (an
+    /// [`ESCAPE`] after the first character of every special token's text), the rendered
+    /// text is split at the special tokens left, and the pieces between them are encoded
+    /// with the escapes removed and special-token matching off.
+    pub fn chat_prompt(&self, messages: &[crate::chat::Message]) -> Result<ChatPrompt> {
+        let Some(src) = &self.chat_template else {
+            let text = messages
+                .last()
+                .map_or("", |m| m.content.as_str())
+                .to_string();
+            let ids = self.encode_as_text(&text, true)?;
+            return Ok(ChatPrompt { text, ids });
+        };
+        let t = crate::chat::ChatTemplate::new(src, &self.bos_text, &self.eos_text)?;
+        let escaped = t.render(&self.escape_messages(messages), true)?;
+        let ids = self.encode_rendered(&escaped)?;
+        Ok(ChatPrompt {
+            text: unescape(&escaped),
+            ids,
+        })
+    }
+
+    /// The token ids of [`TextTokenizer::chat_prompt`].
+    pub fn chat_ids(&self, messages: &[crate::chat::Message]) -> Result<Vec<u32>> {
+        Ok(self.chat_prompt(messages)?.ids)
     }
 
     /// Index into [`TextTokenizer::chat_ids`]'s `ids` of the last token of the last
@@ -70,12 +171,17 @@ impl TextTokenizer {
     /// Where a token straddles the content's end, the last token before it is taken.
     pub fn user_end_index(&self, messages: &[crate::chat::Message], ids: &[u32]) -> Result<usize> {
         const MARK: &str = "\u{E000}so8t-user-end\u{E001}";
-        let (text, add_special) = self.chat_text(messages)?;
-        let mut marked = messages.to_vec();
+        let Some(src) = &self.chat_template else {
+            return Ok(ids.len().max(1) - 1);
+        };
+        let t = crate::chat::ChatTemplate::new(src, &self.bos_text, &self.eos_text)?;
+        let escaped = self.escape_messages(messages);
+        let text = t.render(&escaped, true)?;
+        let mut marked = escaped;
         if let Some(last) = marked.last_mut() {
             last.content.push_str(MARK);
         }
-        let (marked_text, _) = self.chat_text(&marked)?;
+        let marked_text = t.render(&marked, true)?;
         let end = marked_text
             .find(MARK)
             .filter(|&e| text.get(..e) == marked_text.get(..e))
@@ -84,15 +190,65 @@ impl TextTokenizer {
                     "the chat template does not render the user's message as it is, so its end cannot be found (use the assistant-header verdict position)".into(),
                 )
             })?;
-        let head = self.encode(&text[..end], add_special)?;
+        let head = self.encode_rendered(&text[..end])?;
         let common = head.iter().zip(ids).take_while(|(a, b)| a == b).count();
         Ok(common.max(1).min(ids.len()) - 1)
     }
 
-    /// The token ids of [`TextTokenizer::chat_text`].
-    pub fn chat_ids(&self, messages: &[crate::chat::Message]) -> Result<Vec<u32>> {
-        let (text, add_special) = self.chat_text(messages)?;
-        self.encode(&text, add_special)
+    /// `text` with special tokens' texts encoded as plain text (what message content is).
+    pub fn encode_as_text(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .text_only
+            .encode(text, add_special)
+            .map_err(|e| Error::Invalid(format!("tokenizer: cannot encode prompt: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    fn escape_messages(&self, messages: &[crate::chat::Message]) -> Vec<crate::chat::Message> {
+        messages
+            .iter()
+            .map(|m| crate::chat::Message {
+                role: m.role.clone(),
+                content: escape(&m.content, &self.specials),
+            })
+            .collect()
+    }
+
+    /// Ids of rendered, escaped text: the special tokens found in it (the template's), and
+    /// the text between them unescaped and encoded as plain text. For text without
+    /// escapes this is what `encode(text, false)` gives: the tokenizers library also
+    /// splits at added tokens first (honouring their `lstrip`/`rstrip`) and encodes the
+    /// pieces separately.
+    fn encode_rendered(&self, escaped: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        let mut piece_start = 0;
+        let mut i = 0;
+        while i < escaped.len() {
+            let rest = &escaped[i..];
+            match self.specials.iter().find(|s| rest.starts_with(&s.text)) {
+                Some(s) => {
+                    let mut piece = &escaped[piece_start..i];
+                    if s.lstrip {
+                        piece = piece.trim_end();
+                    }
+                    if !piece.is_empty() {
+                        ids.extend(self.encode_as_text(&unescape(piece), false)?);
+                    }
+                    ids.push(s.id);
+                    i += s.text.len();
+                    if s.rstrip {
+                        i = escaped.len() - escaped[i..].trim_start().len();
+                    }
+                    piece_start = i;
+                }
+                None => i += rest.chars().next().map_or(1, char::len_utf8),
+            }
+        }
+        let piece = &escaped[piece_start..];
+        if !piece.is_empty() {
+            ids.extend(self.encode_as_text(&unescape(piece), false)?);
+        }
+        Ok(ids)
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
@@ -175,14 +331,14 @@ impl TextTokenizer {
                 }
             }
         }
-        Ok(TextTokenizer {
+        Ok(TextTokenizer::assemble(
             inner,
             bos,
             bos_text,
             eos_text,
             chat_template,
             eog,
-        })
+        ))
     }
 
     pub fn from_gguf(g: &GgufFile) -> Result<TextTokenizer> {
@@ -285,14 +441,14 @@ impl TextTokenizer {
                 eog.push(id as u32);
             }
         }
-        Ok(TextTokenizer {
+        Ok(TextTokenizer::assemble(
             inner,
-            bos: bos.as_ref().map(|b| b.0),
-            bos_text: bos.map(|b| b.1).unwrap_or_default(),
-            eos_text: eos.map(|b| b.1).unwrap_or_default(),
-            chat_template: g.opt_str("tokenizer.chat_template").map(str::to_string),
+            bos.as_ref().map(|b| b.0),
+            bos.map(|b| b.1).unwrap_or_default(),
+            eos.map(|b| b.1).unwrap_or_default(),
+            g.opt_str("tokenizer.chat_template").map(str::to_string),
             eog,
-        })
+        ))
     }
 }
 
