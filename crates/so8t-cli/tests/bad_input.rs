@@ -126,6 +126,52 @@ fn gguf_counts_past_the_end() {
     inspect_fails(&f, &["c.gguf", "not a valid GGUF file"]);
 }
 
+/// The tiny GGUF with one more metadata entry (`key`: u32 `value`) inserted first and the
+/// count raised; tensor data moves with the header, so alignment only matters as a number.
+fn gguf_with_u32(key: &str, value: u32) -> Vec<u8> {
+    let bytes = std::fs::read(fixtures().join("tiny-qwen2/model-f32.gguf")).unwrap();
+    let n = u64::from_le_bytes(bytes[16..24].try_into().unwrap());
+    let mut out = bytes[..16].to_vec();
+    out.extend((n + 1).to_le_bytes());
+    out.extend((key.len() as u64).to_le_bytes());
+    out.extend(key.as_bytes());
+    out.extend(4u32.to_le_bytes());
+    out.extend(value.to_le_bytes());
+    out.extend(&bytes[24..]);
+    out
+}
+
+/// Was a division by zero inside candle's reader under every command (issue 18); llama.cpp
+/// also refuses an alignment that is not a power of two.
+#[test]
+fn gguf_alignment_zero_or_not_a_power_of_two() {
+    let tmp = tempfile::tempdir().unwrap();
+    for a in [0, 3] {
+        let f = tmp.path().join(format!("a{a}.gguf"));
+        std::fs::write(&f, gguf_with_u32("general.alignment", a)).unwrap();
+        inspect_fails(&f, &[&format!("a{a}.gguf"), "general.alignment", "power of two"]);
+    }
+}
+
+/// Last-one-wins would show different values to different tools.
+#[test]
+fn gguf_duplicate_metadata_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("dup.gguf");
+    std::fs::write(&f, gguf_with_u32("qwen2.block_count", 1)).unwrap();
+    inspect_fails(&f, &["dup.gguf", "`qwen2.block_count` appears twice"]);
+}
+
+#[test]
+fn big_endian_gguf() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("be.gguf");
+    let mut bytes = std::fs::read(fixtures().join("tiny-qwen2/model-f32.gguf")).unwrap();
+    bytes[..4].copy_from_slice(b"FUGG");
+    std::fs::write(&f, bytes).unwrap();
+    inspect_fails(&f, &["be.gguf", "byte-swapped"]);
+}
+
 #[test]
 fn not_a_gguf_file() {
     let tmp = tempfile::tempdir().unwrap();

@@ -25,17 +25,8 @@ impl GgufFile {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: read-only mapping; the file is assumed not to change while loaded.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        // candle's reader bounds every count and length by the bytes left in the file
-        // before allocating for it.
-        let content = Content::read(&mut Cursor::new(&mmap[..])).map_err(|e| {
-            Error::format(
-                path,
-                format!(
-                    "not a valid GGUF file: {}",
-                    crate::error::candle_message(&e)
-                ),
-            )
-        })?;
+        let content = super::gguf_header::read(&mmap)
+            .map_err(|e| Error::format(path, format!("not a valid GGUF file: {e}")))?;
         let g = GgufFile {
             path: path.to_path_buf(),
             mmap,

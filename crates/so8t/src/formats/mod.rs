@@ -3,6 +3,7 @@
 //! decoder is written once.
 
 pub mod gguf;
+pub mod gguf_header;
 pub mod gguf_write;
 pub mod safetensors;
 
