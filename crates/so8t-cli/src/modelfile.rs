@@ -25,7 +25,7 @@ pub fn main(a: Args) -> Result<()> {
     });
     let generation: GenerationDefaults = match &gc {
         Some(p) => serde_json::from_str(
-            &std::fs::read_to_string(p).with_context(|| p.display().to_string())?,
+            &so8t::files::read_text(p, so8t::files::SETTINGS_LIMIT)?,
         )
         .with_context(|| p.display().to_string())?,
         None => GenerationDefaults::default(),

@@ -9,11 +9,12 @@ fn fixtures() -> PathBuf {
 }
 
 /// Runs `so8t inspect PATH` under a 1 GiB address-space limit (so an allocation sized by
-/// a corrupt header fails the test instead of passing by luck); returns stderr.
+/// a corrupt header fails the test instead of passing by luck) and a 60 s limit (a hang
+/// exits 124, not 1); checks its one error line.
 fn inspect_fails(path: &Path, expect: &[&str]) {
     let out = Command::new("sh")
         .arg("-c")
-        .arg("ulimit -v 1048576; exec \"$0\" inspect \"$1\"")
+        .arg("ulimit -v 1048576; exec timeout 60 \"$0\" inspect \"$1\"")
         .arg(env!("CARGO_BIN_EXE_so8t"))
         .arg(path)
         .output()
@@ -170,6 +171,21 @@ fn big_endian_gguf() {
     bytes[..4].copy_from_slice(b"FUGG");
     std::fs::write(&f, bytes).unwrap();
     inspect_fails(&f, &["be.gguf", "byte-swapped"]);
+}
+
+/// A FIFO blocked `open` forever and `/dev/zero` behind config.json read without end
+/// (issue 18): only regular files are read.
+#[test]
+fn fifo_model_and_device_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("model.gguf");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    inspect_fails(&fifo, &["model.gguf", "not a regular file"]);
+    let d = tiny_copy(&tmp);
+    std::fs::remove_file(d.join("config.json")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", d.join("config.json")).unwrap();
+    inspect_fails(&d, &["config.json", "not a regular file"]);
 }
 
 #[test]

@@ -240,7 +240,7 @@ impl ModelConfig {
     }
 
     pub fn from_hf_file(path: &Path) -> Result<ModelConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::files::read_text(path, crate::files::SETTINGS_LIMIT)?;
         Self::from_hf_json(&text, path)
     }
 

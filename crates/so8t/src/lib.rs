@@ -6,6 +6,7 @@ pub mod chat;
 pub mod config;
 pub mod error;
 pub mod eval;
+pub mod files;
 pub mod formats;
 pub mod generate;
 pub mod load;

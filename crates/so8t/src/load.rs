@@ -103,7 +103,7 @@ pub fn open_source(path: &Path) -> Result<Source> {
                 "not a model directory: config.json is missing",
             ));
         }
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let text = crate::files::read_text(&cfg_path, crate::files::SETTINGS_LIMIT)?;
         let config = ModelConfig::from_hf_json(&text, &cfg_path)?;
         let fp8_block = fp8_block_size(&text, &cfg_path)?;
         return Ok(Source::Hf {
@@ -210,12 +210,12 @@ impl Model {
                     None
                 };
                 let gen_path = dir.join("generation_config.json");
-                let generation = if gen_path.exists() {
-                    let text =
-                        std::fs::read_to_string(&gen_path).map_err(|e| Error::io(&gen_path, e))?;
-                    serde_json::from_str(&text).in_file(&gen_path)?
-                } else {
-                    GenerationDefaults::default()
+                let generation = match crate::files::read_text_if_exists(
+                    &gen_path,
+                    crate::files::SETTINGS_LIMIT,
+                )? {
+                    Some(text) => serde_json::from_str(&text).in_file(&gen_path)?,
+                    None => GenerationDefaults::default(),
                 };
                 Ok(Model {
                     path: dir,

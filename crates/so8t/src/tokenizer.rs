@@ -285,14 +285,15 @@ impl TextTokenizer {
 
     pub fn from_hf_dir(dir: &Path, config_eos: &[u32]) -> Result<TextTokenizer> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path)
+        let bytes = crate::files::read(&path, crate::files::TOKENIZER_LIMIT)?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| Error::format(&path, format!("cannot load tokenizer: {e}")))?;
         let cfg_path = dir.join("tokenizer_config.json");
-        let cfg: Value = if cfg_path.exists() {
-            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-            serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, e.to_string()))?
-        } else {
-            Value::Null
+        let cfg: Value = match crate::files::read_text_if_exists(&cfg_path, crate::files::SETTINGS_LIMIT)? {
+            Some(text) => {
+                serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, e.to_string()))?
+            }
+            None => Value::Null,
         };
         let token_str = |key: &str| -> String {
             match &cfg[key] {
@@ -316,9 +317,8 @@ impl TextTokenizer {
             _ => None,
         };
         let jinja = dir.join("chat_template.jinja");
-        if chat_template.is_none() && jinja.exists() {
-            chat_template =
-                Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
+        if chat_template.is_none() {
+            chat_template = crate::files::read_text_if_exists(&jinja, crate::files::SETTINGS_LIMIT)?;
         }
         let bos_text = token_str("bos_token");
         let eos_text = token_str("eos_token");

@@ -232,7 +232,7 @@ pub fn loss_plot(log: &[StepLog], path: &Path) -> Result<()> {
 }
 
 pub fn read_log(path: &Path) -> Result<Vec<StepLog>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::files::read_text(path, crate::files::DATA_LIMIT)?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())

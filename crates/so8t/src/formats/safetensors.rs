@@ -34,7 +34,7 @@ impl SafetensorsStore {
         let names: Vec<PathBuf> = if single.exists() {
             vec![single]
         } else if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let text = crate::files::read_text(&index, crate::files::SETTINGS_LIMIT)?;
             #[derive(serde::Deserialize)]
             struct Index {
                 weight_map: BTreeMap<String, String>,
@@ -69,7 +69,7 @@ impl SafetensorsStore {
         let mut files = Vec::new();
         let mut entries = HashMap::new();
         for (i, path) in names.into_iter().enumerate() {
-            let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+            let file = crate::files::open(&path)?;
             // SAFETY: the file is opened read-only; like every mmap-based loader we assume
             // nobody truncates it while the model is loaded.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;

@@ -184,7 +184,7 @@ impl VerdictPosition {
 impl So8tConfig {
     pub fn read(dir: &Path) -> Result<So8tConfig> {
         let path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let text = crate::files::read_text(&path, crate::files::SETTINGS_LIMIT)?;
         let c: So8tConfig = serde_json::from_str(&text).in_file(&path)?;
         if c.version != FORMAT_VERSION {
             return Err(Error::format(
@@ -358,7 +358,7 @@ pub fn base_checksum(dir: &Path) -> Result<String> {
         let path = dir.join(&n);
         h.update(n.as_bytes());
         h.update([0u8]);
-        let mut f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let mut f = crate::files::open(&path)?;
         loop {
             let k = f.read(&mut buf).map_err(|e| Error::io(&path, e))?;
             if k == 0 {

@@ -88,7 +88,7 @@ pub fn bake(src: &Path, out: &Path, opts: &BakeOptions) -> Result<()> {
     let cfg = So8tConfig::read(src)?;
     cfg.check_base(src)?;
     let cfg_path = src.join("config.json");
-    let cfg_text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let cfg_text = crate::files::read_text(&cfg_path, crate::files::SETTINGS_LIMIT)?;
     let model_cfg = ModelConfig::from_hf_json(&cfg_text, &cfg_path)?;
     let adapter = Adapter::read(src)?;
     adapter.check_shapes(&model_cfg, &cfg, &src.join(ADAPTER_FILE))?;
@@ -166,7 +166,8 @@ fn write_heads(h: &Heads, cfg: &So8tConfig, path: &Path) -> Result<()> {
 /// Heads and the SO8T config of a baked directory.
 pub fn read_heads(dir: &Path) -> Result<(Heads, So8tConfig)> {
     let path = dir.join(HEADS_FILE);
-    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    // Two rows of `hidden` floats each, and the config.
+    let bytes = crate::files::read(&path, crate::files::SETTINGS_LIMIT)?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| Error::format(&path, format!("not a valid safetensors file: {e}")))?;
     let cfg_json = meta

@@ -56,7 +56,7 @@ pub fn from_hf_dir(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Meta)>>
     if !path.exists() {
         return Ok(vec![]);
     }
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let text = crate::files::read_text(&path, crate::files::TOKENIZER_LIMIT)?;
     let tj: Value = serde_json::from_str(&text).in_file(&path)?;
     if tj["model"]["type"] != "BPE" {
         return Err(Error::format(
@@ -117,9 +117,9 @@ pub fn from_hf_dir(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Meta)>>
         })
         .collect();
     let tc_path = dir.join("tokenizer_config.json");
-    let tc: Value = match std::fs::read_to_string(&tc_path) {
-        Ok(t) => serde_json::from_str(&t).in_file(&tc_path)?,
-        Err(_) => Value::Null,
+    let tc: Value = match crate::files::read_text_if_exists(&tc_path, crate::files::SETTINGS_LIMIT)? {
+        Some(t) => serde_json::from_str(&t).in_file(&tc_path)?,
+        None => Value::Null,
     };
     let token_of = |key: &str| -> Option<String> {
         match &tc[key] {
@@ -149,7 +149,7 @@ pub fn from_hf_dir(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Meta)>>
     m.push(("tokenizer.ggml.add_bos_token".into(), Meta::Bool(add_bos)));
     let template = match &tc["chat_template"] {
         Value::String(s) => Some(s.clone()),
-        _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+        _ => crate::files::read_text_if_exists(&dir.join("chat_template.jinja"), crate::files::SETTINGS_LIMIT)?,
     };
     if let Some(t) = template {
         m.push(("tokenizer.chat_template".into(), Meta::Str(t)));

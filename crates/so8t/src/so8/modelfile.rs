@@ -50,6 +50,14 @@ pub fn modelfile(gguf: &Path, opts: &ModelfileOptions) -> Result<String> {
     });
     let mut m = format!("FROM {}\nTEMPLATE \"\"\"{go}\"\"\"\n", opts.from);
     if let Some(s) = opts.system.map(str::to_string).or(default_system) {
+        // Ollama's parser ends a triple-quoted value at the first `"""` and has no escape
+        // for it: such a prompt would inject Modelfile lines.
+        if s.contains("\"\"\"") {
+            return Err(Error::format(
+                gguf,
+                "the system prompt contains `\"\"\"`, which a Modelfile cannot quote",
+            ));
+        }
         m += &format!("SYSTEM \"\"\"{s}\"\"\"\n");
     }
     let mut stops: Vec<String> = tok
@@ -60,6 +68,12 @@ pub fn modelfile(gguf: &Path, opts: &ModelfileOptions) -> Result<String> {
     stops.sort();
     stops.dedup();
     for s in stops {
+        if s.contains(['"', '\n', '\r']) {
+            return Err(Error::format(
+                gguf,
+                format!("stop token {s:?} contains a quote or a line break, which a Modelfile cannot quote"),
+            ));
+        }
         m += &format!("PARAMETER stop \"{s}\"\n");
     }
     let gd = &opts.generation;

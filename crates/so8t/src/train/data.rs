@@ -176,7 +176,7 @@ fn parse_row(text: &str, line: usize, labels: &Labels) -> std::result::Result<Ex
 /// Reads a JSONL file. A bad row stops the read with its line number unless `skip_bad`,
 /// which leaves it out and records why. Blank lines are allowed.
 pub fn read_jsonl(path: &Path, labels: &Labels, skip_bad: bool) -> Result<Dataset> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::files::read_text(path, crate::files::DATA_LIMIT)?;
     let mut examples = Vec::new();
     let mut skipped = Vec::new();
     for (i, line) in text.lines().enumerate() {
