@@ -61,8 +61,16 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(t) = cli.threads {
+        // The kernels' workers spin while they wait: threads beyond the cores take turns
+        // on them and each token then costs scheduler slices (200 threads on 2 cores:
+        // minutes per token). Capped, and said so.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let t = t.clamp(1, cores);
+        if cli.threads != Some(t) {
+            eprintln!("so8t: --threads {} is outside 1..={cores} (the cores here); using {t}", cli.threads.unwrap_or(0));
+        }
         // Read by rayon and candle when their thread pools start, which is after this.
-        std::env::set_var("RAYON_NUM_THREADS", t.max(1).to_string());
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
     }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("SO8T_LOG"))

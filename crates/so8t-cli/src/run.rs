@@ -1,7 +1,7 @@
 use anyhow::{bail, Context, Result};
 use so8t::chat::{split_reasoning, Message};
 use so8t::generate::{generate, Control, GenerateRequest};
-use so8t::sampling::SamplingParams;
+use so8t::sampling::SamplingRequest;
 use so8t::so8::adapter::Verdict;
 use so8t::Model;
 use std::io::Write;
@@ -33,8 +33,9 @@ pub struct Args {
     top_k: Option<usize>,
     #[arg(long)]
     top_p: Option<f32>,
-    #[arg(long, default_value_t = 0.05)]
-    min_p: f32,
+    /// Default 0.05 (as llama.cpp).
+    #[arg(long)]
+    min_p: Option<f32>,
     #[arg(long)]
     repeat_penalty: Option<f32>,
     /// Random seed for sampling (default: from the clock).
@@ -49,6 +50,17 @@ pub struct Args {
 }
 
 pub fn main(a: Args) -> Result<()> {
+    let asked = SamplingRequest {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repeat_penalty: a.repeat_penalty,
+        seed: a.seed,
+    };
+    if let Err(b) = asked.check() {
+        bail!("--{}: {}", b.field.replace('_', "-"), b.message);
+    }
     let mut model = Model::open(&a.model)?;
     let (prompt_ids, verdict_position) = match (&a.prompt_ids, &a.prompt) {
         (Some(ids), _) => (ids.clone(), None),
@@ -65,21 +77,12 @@ pub fn main(a: Args) -> Result<()> {
         }
         (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
     };
-    let g = &model.generation;
-    let sampling = SamplingParams {
-        temperature: a.temperature.or(g.temperature).unwrap_or(0.8),
-        top_k: a.top_k.or(g.top_k).unwrap_or(40),
-        top_p: a.top_p.or(g.top_p).unwrap_or(0.95),
-        min_p: a.min_p,
-        repeat_penalty: a.repeat_penalty.or(g.repetition_penalty).unwrap_or(1.0),
-        repeat_last_n: 64,
-        seed: a.seed.unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0)
-        }),
-    };
+    let sampling = asked.resolve(&model.generation, || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+    });
     let req = GenerateRequest {
         prompt_ids,
         max_tokens: a.max_tokens,

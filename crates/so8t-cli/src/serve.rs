@@ -16,7 +16,7 @@ pub struct Args {
     #[arg(long, env = "SO8T_API_KEY")]
     api_key: Option<String>,
     /// Requests that generate at once (interleaved token by token).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
     parallel: usize,
     /// Requests that may wait for a slot; beyond that the server answers 429.
     #[arg(long, default_value_t = 64)]

@@ -239,6 +239,37 @@ fn implausible_config_size_is_refused_before_allocating() {
     inspect_fails(&d, &["config.json", "num_hidden_layers"]);
 }
 
+/// Zero or negative values were accepted and gave NaN logits (issue 18).
+#[test]
+fn config_values_that_make_nan() {
+    for (field, value) in [("rope_theta", -1.0), ("rope_theta", 0.0), ("rms_norm_eps", 0.0)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tiny_copy(&tmp);
+        edit_json(&d.join("config.json"), |v| v[field] = value.into());
+        inspect_fails(&d, &["config.json", field, "positive"]);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tiny_copy(&tmp);
+    std::fs::write(d.join("generation_config.json"), r#"{"temperature": -1}"#).unwrap();
+    inspect_fails(&d, &["generation_config.json", "temperature"]);
+}
+
+/// `run` accepts what the server accepts, by the same rule (issue 18: it took NaN).
+#[test]
+fn run_refuses_sampling_values_out_of_range() {
+    for (flag, value) in [("--temperature", "nan"), ("--repeat-penalty", "0"), ("--top-p", "0"), ("--min-p", "1.5")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_so8t"))
+            .args(["run", "--model"])
+            .arg(fixtures().join("tiny-qwen2"))
+            .args(["--prompt", "hi", "-n", "2", flag, value])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flag} {value}: {err}");
+        assert!(err.contains(flag) && err.contains("must be in"), "{flag} {value}: {err}");
+    }
+}
+
 #[test]
 fn tokenizer_larger_than_the_vocab() {
     let tmp = tempfile::tempdir().unwrap();

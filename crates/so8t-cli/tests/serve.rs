@@ -320,6 +320,20 @@ fn bad_requests_get_the_right_status_and_an_error_object() {
             "temperature",
         ),
         (
+            "repeat_penalty 0 (divides logits)",
+            r#"{"messages": [{"role": "user", "content": "hi"}], "repeat_penalty": 0}"#.into(),
+            auth.to_vec(),
+            400,
+            "`repeat_penalty` must be in (0, 10]",
+        ),
+        (
+            "a user message without content",
+            r#"{"messages": [{"role": "user"}]}"#.into(),
+            auth.to_vec(),
+            400,
+            "messages[0].content is missing",
+        ),
+        (
             "oversize body",
             format!(
                 r#"{{"messages": [{{"role": "user", "content": "{}"}}]}}"#,

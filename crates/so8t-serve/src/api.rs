@@ -5,6 +5,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use so8t::chat::Message;
+use so8t::sampling::SamplingRequest;
 
 /// An error as OpenAI's API returns it: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug)]
@@ -229,26 +230,11 @@ impl Moderation {
 /// The sampling request after its checks.
 pub struct Checked {
     pub max_tokens: Option<usize>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<usize>,
-    pub min_p: Option<f32>,
-    pub repeat_penalty: Option<f32>,
-    pub seed: Option<u64>,
+    pub sampling: SamplingRequest,
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
     pub moderation: Moderation,
-}
-
-fn range(param: &'static str, v: Option<f64>, lo: f64, hi: f64) -> Result<Option<f32>, ApiError> {
-    match v {
-        Some(x) if !(lo..=hi).contains(&x) => Err(ApiError::invalid(
-            param,
-            format!("`{param}` must be between {lo} and {hi}, got {x}"),
-        )),
-        v => Ok(v.map(|x| x as f32)),
-    }
 }
 
 impl Sampling {
@@ -316,19 +302,20 @@ impl Sampling {
                 ))
             }
         };
+        let sampling = SamplingRequest {
+            temperature: self.temperature.map(|x| x as f32),
+            top_k,
+            top_p: self.top_p.map(|x| x as f32),
+            min_p: self.min_p.map(|x| x as f32),
+            repeat_penalty: self.repeat_penalty.map(|x| x as f32),
+            seed: self.seed.map(|s| s as u64),
+        };
+        sampling
+            .check()
+            .map_err(|b| ApiError::invalid(b.field, b.message))?;
         Ok(Checked {
             max_tokens: max_tokens.map(|(_, v)| v as usize),
-            temperature: range("temperature", self.temperature, 0.0, 2.0)?,
-            top_p: match range("top_p", self.top_p, 0.0, 1.0)? {
-                Some(p) if p <= 0.0 => {
-                    return Err(ApiError::invalid("top_p", "`top_p` must be above 0"))
-                }
-                p => p,
-            },
-            top_k,
-            min_p: range("min_p", self.min_p, 0.0, 1.0)?,
-            repeat_penalty: range("repeat_penalty", self.repeat_penalty, 0.0, 10.0)?,
-            seed: self.seed.map(|s| s as u64),
+            sampling,
             stop,
             stream: self.stream,
             include_usage: self
@@ -359,7 +346,15 @@ impl ChatRequest {
                     return Err(ApiError::invalid("messages", format!("messages[{i}].role `{}` is not a known role", m.role)));
                 }
                 let content = match &m.content {
-                    None => String::new(),
+                    // OpenAI allows a null content only on an assistant turn (one that
+                    // called tools); any other turn without text is a client's mistake.
+                    None if m.role == "assistant" => String::new(),
+                    None => {
+                        return Err(ApiError::invalid(
+                            "messages",
+                            format!("messages[{i}].content is missing (a {} message needs text)", m.role),
+                        ))
+                    }
                     Some(Content::Text(t)) => t.clone(),
                     Some(Content::Parts(parts)) => {
                         if let Some(p) = parts.iter().find(|p| p.kind != "text") {

@@ -328,18 +328,7 @@ fn prepare(
         }
     }
     let g = &st.generation;
-    let sampling = SamplingParams {
-        temperature: checked.temperature.or(g.temperature).unwrap_or(0.8),
-        top_k: checked.top_k.or(g.top_k).unwrap_or(40),
-        top_p: checked.top_p.or(g.top_p).unwrap_or(0.95),
-        min_p: checked.min_p.unwrap_or(0.05),
-        repeat_penalty: checked
-            .repeat_penalty
-            .or(g.repetition_penalty)
-            .unwrap_or(1.0),
-        repeat_last_n: 64,
-        seed: checked.seed.unwrap_or_else(|| rand::rng().random()),
-    };
+    let sampling = checked.sampling.resolve(g, || rand::rng().random());
     let req = GenerateRequest {
         prompt_ids,
         max_tokens,

@@ -227,7 +227,17 @@ impl ModelConfig {
                 self.head_dim
             ));
         }
+        // NaN, zero or negative here gives NaN logits, not an error, further on.
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return bad(format!("field `rope_theta` must be a positive number, got {}", self.rope_theta));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return bad(format!("field `rms_norm_eps` must be a positive number, got {}", self.rms_norm_eps));
+        }
         if let RopeScaling::Divisors(d) = &self.rope_scaling {
+            if let Some(x) = d.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
+                return bad(format!("rope_freqs must hold positive numbers, got {x}"));
+            }
             if d.len() != self.head_dim / 2 {
                 return bad(format!(
                     "rope_freqs has {} entries, expected head_dim/2 = {}",

@@ -12,7 +12,6 @@ use crate::so8::adapter::{
 };
 use crate::so8::bake::{read_heads, HEADS_FILE};
 use crate::tokenizer::TextTokenizer;
-use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -23,14 +22,7 @@ pub enum SourceKind {
     Gguf,
 }
 
-/// Sampling defaults a checkpoint ships (`generation_config.json`).
-#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
-pub struct GenerationDefaults {
-    pub temperature: Option<f32>,
-    pub top_k: Option<usize>,
-    pub top_p: Option<f32>,
-    pub repetition_penalty: Option<f32>,
-}
+pub use crate::sampling::GenerationDefaults;
 
 pub struct Model {
     pub path: PathBuf,
@@ -214,7 +206,12 @@ impl Model {
                     &gen_path,
                     crate::files::SETTINGS_LIMIT,
                 )? {
-                    Some(text) => serde_json::from_str(&text).in_file(&gen_path)?,
+                    Some(text) => {
+                        let g: GenerationDefaults = serde_json::from_str(&text).in_file(&gen_path)?;
+                        g.check()
+                            .map_err(|b| Error::format(&gen_path, b.to_string()))?;
+                        g
+                    }
                     None => GenerationDefaults::default(),
                 };
                 Ok(Model {

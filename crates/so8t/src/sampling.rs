@@ -3,6 +3,93 @@
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+/// Sampling defaults a checkpoint ships (`generation_config.json`).
+#[derive(Clone, Debug, Default, serde::Deserialize, serde::Serialize)]
+pub struct GenerationDefaults {
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+}
+
+impl GenerationDefaults {
+    pub fn check(&self) -> Result<(), BadSetting> {
+        SamplingRequest {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repeat_penalty: self.repetition_penalty,
+            ..Default::default()
+        }
+        .check()
+    }
+}
+
+/// What one generation asks for. `None` falls back to the model's generation_config,
+/// then to llama.cpp's defaults; every front end (CLI flags, server fields) resolves its
+/// settings here, so they accept and mean the same values.
+#[derive(Clone, Debug, Default)]
+pub struct SamplingRequest {
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+    pub seed: Option<u64>,
+}
+
+/// A sampling setting outside its range: the field and why.
+#[derive(Debug)]
+pub struct BadSetting {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for BadSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl SamplingRequest {
+    /// Ranges as OpenAI's API states them (temperature 0–2, top_p in (0, 1]) and llama.cpp
+    /// reads them (min_p in [0, 1]; a repeat penalty divides logits, so it must be above 0).
+    /// NaN is in no range.
+    pub fn check(&self) -> Result<(), BadSetting> {
+        let rules: [(&'static str, Option<f32>, f32, f32, bool); 4] = [
+            ("temperature", self.temperature, 0.0, 2.0, false),
+            ("top_p", self.top_p, 0.0, 1.0, true),
+            ("min_p", self.min_p, 0.0, 1.0, false),
+            ("repeat_penalty", self.repeat_penalty, 0.0, 10.0, true),
+        ];
+        for (field, v, lo, hi, above) in rules {
+            let Some(x) = v else { continue };
+            let low_ok = if above { x > lo } else { x >= lo };
+            if !(low_ok && x <= hi) {
+                let open = if above { "(" } else { "[" };
+                return Err(BadSetting {
+                    field,
+                    message: format!("`{field}` must be in {open}{lo}, {hi}], got {x}"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The settings to sample with; `seed` draws a seed when none was asked for.
+    pub fn resolve(&self, g: &GenerationDefaults, seed: impl FnOnce() -> u64) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature.or(g.temperature).unwrap_or(0.8),
+            top_k: self.top_k.or(g.top_k).unwrap_or(40),
+            top_p: self.top_p.or(g.top_p).unwrap_or(0.95),
+            min_p: self.min_p.unwrap_or(0.05),
+            repeat_penalty: self.repeat_penalty.or(g.repetition_penalty).unwrap_or(1.0),
+            repeat_last_n: 64,
+            seed: self.seed.unwrap_or_else(seed),
+        }
+    }
+}
+
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct SamplingParams {
     pub temperature: f32,
