@@ -302,3 +302,17 @@ fn run_with_bad_prompt_ids_is_an_error_not_a_panic() {
     assert_eq!(out.status.code(), Some(1));
     assert!(err.contains("outside the vocabulary"), "{err}");
 }
+
+/// `bench -p` past the context ran on past the RoPE tables (issue 18).
+#[test]
+fn bench_beyond_the_context() {
+    let out = Command::new(env!("CARGO_BIN_EXE_so8t"))
+        .args(["bench", "--model"])
+        .arg(fixtures().join("tiny-qwen2"))
+        .args(["-p", "100000", "-n", "0", "-r", "1", "--no-probe"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("past the model's context of 256"), "{err}");
+}

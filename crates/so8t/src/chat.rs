@@ -22,6 +22,32 @@ impl Message {
     }
 }
 
+/// Template instructions one render may run. A real template spends a few hundred per
+/// message (Qwen3's, which walks the messages twice, about 300); a template from an
+/// untrusted checkpoint with nested loops would otherwise wedge the server's request
+/// and every request queued behind it. Running out is an error that says so.
+const RENDER_FUEL: u64 = 20_000_000;
+/// Longest rendered prompt, in bytes; far beyond any context, and bounds what a template
+/// can build with string operations in the fuel it has.
+const RENDER_MAX_BYTES: usize = 64 << 20;
+
+/// A writer that refuses to grow past a limit.
+struct Bounded(Vec<u8>);
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > RENDER_MAX_BYTES {
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos: String,
@@ -31,6 +57,7 @@ pub struct ChatTemplate {
 impl ChatTemplate {
     pub fn new(source: &str, bos: &str, eos: &str) -> Result<ChatTemplate> {
         let mut env = Environment::new();
+        env.set_fuel(Some(RENDER_FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -63,13 +90,30 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| Error::Invalid(e.to_string()))?;
-        tmpl.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos,
-            eos_token => self.eos,
-        })
-        .map_err(|e| Error::Invalid(format!("chat template failed: {e}")))
+        let mut out = Bounded(Vec::new());
+        tmpl.render_captured_to(
+            minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos,
+                eos_token => self.eos,
+            },
+            &mut out,
+        )
+        .map_err(|e| {
+            let why = match e.kind() {
+                minijinja::ErrorKind::OutOfFuel => format!(
+                    "the chat template ran more than {RENDER_FUEL} instructions (a loop without end?)"
+                ),
+                minijinja::ErrorKind::WriteFailure => {
+                    format!("the chat template's output exceeds {RENDER_MAX_BYTES} bytes")
+                }
+                _ => e.to_string(),
+            };
+            Error::Invalid(format!("chat template failed: {why}"))
+        })?;
+        String::from_utf8(out.0)
+            .map_err(|_| Error::Invalid("chat template failed: output is not UTF-8".into()))
     }
 }
 
@@ -217,6 +261,21 @@ fn partial_suffix(s: &str, tag: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hostile templates end with an error naming the limit, in bounded time and memory
+    /// (issue 18: a nested loop wedged the server).
+    #[test]
+    fn templates_that_loop_or_grow_are_stopped() {
+        let msgs = [Message::new("user", "Hi")];
+        for (src, why) in [
+            ("{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}", "instructions"),
+            ("{% set s = 'x' * 1000000 %}{% for a in range(100000) %}{{ s }}{% endfor %}", "exceeds"),
+            ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursion"),
+        ] {
+            let err = ChatTemplate::new(src, "", "").unwrap().render(&msgs, true).unwrap_err().to_string();
+            assert!(err.contains(why), "{src}: {err}");
+        }
+    }
 
     #[test]
     fn chatml_renders_like_transformers() {

@@ -195,8 +195,11 @@ impl Model {
                 let weights = SafetensorsStore::open(&dir, fp8_block)?;
                 let decoder = Decoder::load(config.clone(), &weights)?;
                 let tokenizer = if dir.join("tokenizer.json").exists() {
-                    let t = TextTokenizer::from_hf_dir(&dir, &config.eos_token_ids)?;
-                    t.check_vocab(config.vocab_size, &dir.join("tokenizer.json"))?;
+                    let t = TextTokenizer::from_hf_dir(&dir, &config.eos_token_ids)?.for_model(
+                        config.vocab_size,
+                        config.max_position_embeddings,
+                        &dir.join("tokenizer.json"),
+                    )?;
                     Some(t)
                 } else {
                     None
@@ -230,8 +233,11 @@ impl Model {
                 let weights = GgufStore::new(file.clone(), &config);
                 let decoder = Decoder::load(config.clone(), &weights)?;
                 let tokenizer = if file.get("tokenizer.ggml.tokens").is_some() {
-                    let t = TextTokenizer::from_gguf(&file)?;
-                    t.check_vocab(config.vocab_size, &file.path)?;
+                    let t = TextTokenizer::from_gguf(&file)?.for_model(
+                        config.vocab_size,
+                        config.max_position_embeddings,
+                        &file.path,
+                    )?;
                     Some(t)
                 } else {
                     None

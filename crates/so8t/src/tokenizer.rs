@@ -74,6 +74,8 @@ pub struct TextTokenizer {
     text_only: tokenizers::Tokenizer,
     /// Longest first, so that the first match at a position is the longest.
     specials: Vec<Special>,
+    /// Longest text that may fit the model's context ([`TextTokenizer::for_model`]).
+    max_text_bytes: Option<usize>,
     pub bos: Option<u32>,
     pub bos_text: String,
     pub eos_text: String,
@@ -109,6 +111,7 @@ impl TextTokenizer {
             inner,
             text_only,
             specials,
+            max_text_bytes: None,
             bos,
             bos_text,
             eos_text,
@@ -121,6 +124,7 @@ impl TextTokenizer {
     /// rendered from a chat template carries its own special tokens, so, as transformers'
     /// `apply_chat_template` does, it is encoded without.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        self.check_length(text)?;
         let enc = self
             .inner
             .encode(text, add_special)
@@ -197,6 +201,7 @@ impl TextTokenizer {
 
     /// `text` with special tokens' texts encoded as plain text (what message content is).
     pub fn encode_as_text(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        self.check_length(text)?;
         let enc = self
             .text_only
             .encode(text, add_special)
@@ -220,6 +225,7 @@ impl TextTokenizer {
     /// splits at added tokens first (honouring their `lstrip`/`rstrip`) and encodes the
     /// pieces separately.
     fn encode_rendered(&self, escaped: &str) -> Result<Vec<u32>> {
+        self.check_length(escaped)?;
         let mut ids = Vec::new();
         let mut piece_start = 0;
         let mut i = 0;
@@ -265,22 +271,36 @@ impl TextTokenizer {
         self.inner.get_vocab_size(true)
     }
 
-    /// The tokenizer must not produce ids the model has no embedding for.
-    pub fn check_vocab(&self, model_vocab: usize, path: &Path) -> Result<()> {
-        let max_id = self
-            .inner
-            .get_vocab(true)
-            .values()
-            .copied()
-            .max()
-            .unwrap_or(0) as usize;
+    /// The tokenizer for a model with `model_vocab` embeddings and a context of `context`
+    /// tokens: it must not produce ids the model has no embedding for, and it refuses
+    /// text that cannot fit the context before encoding it.
+    pub fn for_model(mut self, model_vocab: usize, context: usize, path: &Path) -> Result<TextTokenizer> {
+        let vocab = self.inner.get_vocab(true);
+        let max_id = vocab.values().copied().max().unwrap_or(0) as usize;
         if max_id >= model_vocab {
             return Err(Error::format(
                 path,
                 format!("tokenizer has token id {max_id} but the model's vocab_size is {model_vocab} (tokenizer does not match the model)"),
             ));
         }
-        Ok(())
+        // A token's string is at least as long as the text it stands for (byte-level
+        // BPE spells each byte with one or two characters, SentencePiece a space as `▁`).
+        let longest = vocab.keys().map(String::len).max().unwrap_or(1).max(1);
+        self.max_text_bytes = Some(context.saturating_mul(longest));
+        Ok(self)
+    }
+
+    /// Refuses text that certainly has more tokens than the context, before encoding it:
+    /// encoding takes hundreds of bytes of memory per byte of text (a 10 MB line took
+    /// 2.3 GB).
+    fn check_length(&self, text: &str) -> Result<()> {
+        match self.max_text_bytes {
+            Some(max) if text.len() > max => Err(Error::Invalid(format!(
+                "the prompt is {} bytes, more than the model's context can hold ({max} bytes at most)",
+                text.len()
+            ))),
+            _ => Ok(()),
+        }
     }
 
     pub fn from_hf_dir(dir: &Path, config_eos: &[u32]) -> Result<TextTokenizer> {

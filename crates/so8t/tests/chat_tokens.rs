@@ -117,3 +117,18 @@ fn smollm2_gguf_message_content_cannot_fake_turns() {
     let n = |ids: &[u32]| special_counts(&tok, ids).iter().map(|c| c.1).sum::<usize>();
     assert!(n(&raw) >= n(&tok.chat_ids(&spoofed()).unwrap()) + 3);
 }
+
+/// A prompt that cannot fit the context is refused before it is encoded (issue 18: a
+/// 10 MB training row took 2.3 GB to tokenise), while one that fits still encodes.
+#[test]
+fn text_longer_than_the_context_is_refused_before_encoding() {
+    let model = so8t::Model::open(&common::fixtures().join("tiny-qwen2")).unwrap();
+    let tok = model.tokenizer().unwrap();
+    let huge = "word ".repeat(2_000_000);
+    let started = std::time::Instant::now();
+    let err = tok.chat_ids(&[Message::new("user", &huge)]).unwrap_err().to_string();
+    assert!(err.contains("more than the model's context can hold"), "{err}");
+    assert!(tok.encode(&huge, true).is_err() && tok.encode_as_text(&huge, true).is_err());
+    eprintln!("refused in {:?}", started.elapsed());
+    assert!(tok.chat_ids(&[Message::new("user", &"word ".repeat(20))]).is_ok());
+}

@@ -406,6 +406,15 @@ impl Decoder {
                 self.cache.len
             )));
         }
+        // RoPE tables and the KV cache are sized by the context; every caller (run,
+        // serve, bench, train) gets this one check.
+        let ctx = self.cfg.max_position_embeddings;
+        if pos.saturating_add(ids.len()) > ctx {
+            return Err(crate::error::Error::Invalid(format!(
+                "{} tokens at position {pos} go past the model's context of {ctx}",
+                ids.len()
+            )));
+        }
         if !self.differentiable {
             return self.forward_inference(ids, pos);
         }
