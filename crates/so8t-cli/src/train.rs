@@ -3,7 +3,7 @@ use so8t::model::Site;
 use so8t::train::data::{read_jsonl, Dataset};
 use so8t::train::gates::{GatesOptions, RunControl, Trainer};
 use so8t::train::{
-    choose_thresholds, fit_heads, prepare_out, so8t_parts, write_result, Features, TRAIN_DIR,
+    choose_thresholds, fit_heads, so8t_parts, Features, TrainOut, TRAIN_DIR,
 };
 use so8t::so8::adapter::VerdictPosition;
 use so8t::Model;
@@ -201,7 +201,8 @@ pub fn main(a: Args) -> Result<()> {
         .as_deref()
         .map(|p| read(p, &config.labels, a.skip_bad))
         .transpose()?;
-    let out = prepare_out(&a.model, a.out.as_deref())?;
+    let dest = TrainOut::prepare(&a.model, a.out.as_deref(), a.resume)?;
+    let out = dest.work.clone();
     if let Some(k) = a.consecutive {
         config.thresholds.consecutive = k;
     }
@@ -370,7 +371,6 @@ pub fn main(a: Args) -> Result<()> {
     } else {
         eprintln!("no --val: thresholds stay at {:?}", config.thresholds);
     }
-    write_result(&out, &adapter, &config)?;
     summary["seconds"] = t0.elapsed().as_secs_f64().into();
     let dir = out.join(TRAIN_DIR);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -378,6 +378,8 @@ pub fn main(a: Args) -> Result<()> {
         &dir.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
+    dest.finish(&adapter, &config)?;
+    let out = &dest.target;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     eprintln!(
         "wrote {} (heads trained at layers {:?}; thresholds on prompts {:?}, on answers {:?} over {} consecutive tokens)",

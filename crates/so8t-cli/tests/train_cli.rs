@@ -309,3 +309,98 @@ fn gates_stop_resume_validate_and_plot_the_loss() {
         .unwrap()
         .contains("L_PET"));
 }
+
+/// sha256 of the adapter and the config together: which run's result a directory holds.
+fn result_of(dir: &Path) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for f in ["so8t_adapter.safetensors", "so8t_config.json"] {
+        h.update(std::fs::read(dir.join(f)).ok()?);
+    }
+    Some(format!("{:x}", h.finalize()))
+}
+
+/// `kill -9` at spread-out moments of a training run leaves the target with the complete
+/// old result or the complete new one, never a mix (adapter and config are swapped in
+/// together) and never a directory that reads as a plain model; the rerun succeeds.
+#[test]
+fn killed_training_leaves_the_old_or_the_new_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_so8t(tmp.path());
+    let old = result_of(Path::new(&model)).unwrap();
+    let orig = tmp.path().join("orig");
+    std::fs::create_dir(&orig).unwrap();
+    for f in ["so8t_adapter.safetensors", "so8t_config.json"] {
+        std::fs::copy(Path::new(&model).join(f), orig.join(f)).unwrap();
+    }
+    let train = |dir: &str, out: Option<&Path>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_so8t"));
+        c.args(["train", "--model", dir, "--data", &data(), "--mode", "heads"]);
+        if let Some(o) = out {
+            c.arg("--out").arg(o);
+        }
+        c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        c
+    };
+    // The new result, from a finished run on a copy (training is deterministic).
+    let copy = tmp.path().join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    for e in std::fs::read_dir(&model).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_file() {
+            std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
+        }
+    }
+    assert!(train(copy.to_str().unwrap(), None).status().unwrap().success());
+    let new = result_of(&copy).unwrap();
+    assert_ne!(old, new);
+    let out = tmp.path().join("out");
+    let mut seed = 12345u64;
+    let (mut saw_old, mut saw_new) = (0, 0);
+    for _ in 0..24 {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let delay = std::time::Duration::from_micros((seed >> 33) % 150_000);
+        for out in [None, Some(&out)] {
+            let mut run = train(&model, out.map(|p| p.as_path())).spawn().unwrap();
+            std::thread::sleep(delay);
+            let _ = run.kill();
+            let _ = run.wait();
+        }
+        let in_place = result_of(Path::new(&model));
+        assert!(in_place == Some(old.clone()) || in_place == Some(new.clone()), "in place after a kill at {delay:?}: {in_place:?}");
+        if in_place == Some(old.clone()) { saw_old += 1 } else { saw_new += 1 }
+        // Reset, so that every round can catch the swap.
+        if in_place == Some(new.clone()) {
+            for f in ["so8t_adapter.safetensors", "so8t_config.json"] {
+                let to = Path::new(&model).join(f);
+                std::fs::remove_file(&to).unwrap();
+                std::fs::copy(orig.join(f), to).unwrap();
+            }
+        }
+        match result_of(&out) {
+            None => assert!(!out.join("config.json").exists(), "a partial --out directory at {delay:?}"),
+            Some(r) => assert_eq!(r, new, "--out after a kill at {delay:?}"),
+        }
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    eprintln!("kills: {saw_old} left the old result in place, {saw_new} the new");
+    assert!(train(&model, None).status().unwrap().success());
+    assert_eq!(result_of(Path::new(&model)), Some(new.clone()));
+    assert!(train(&model, Some(&out)).status().unwrap().success());
+    assert_eq!(result_of(&out), Some(new));
+    let v = so8t(&["validate", out.to_str().unwrap()]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+    // Nothing of the killed runs is left beside the targets once a run has finished.
+    let left: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with('.'))
+        .chain(
+            std::fs::read_dir(&model)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+                .filter(|n| n.starts_with('.')),
+        )
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

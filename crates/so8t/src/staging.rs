@@ -1,7 +1,8 @@
 //! Writing a file or a directory all at once: it is written under a hidden sibling name,
-//! which replaces the target only when complete. An interrupted run leaves the target as
-//! it was (and at most a hidden `.NAME.tmp-PID` that the next run of the same process id
-//! removes).
+//! which replaces the target only when complete (a directory by an atomic exchange), so
+//! `kill -9` at any moment leaves the complete old state or the complete new one. An
+//! interrupted run leaves at most a hidden `.NAME.tmp-PID`, which the next run that writes
+//! the same target removes once that process is gone.
 
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ impl StagingDir {
         let path = temp_path(target)?;
         let parent = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        remove_stale(target);
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir(&path).map_err(|e| Error::io(&path, e))?;
         Ok(StagingDir {
@@ -39,10 +41,7 @@ impl StagingDir {
 
     pub fn commit(mut self) -> Result<()> {
         let path = self.path.take().expect("committed twice");
-        if self.target.exists() {
-            std::fs::remove_dir_all(&self.target).map_err(|e| Error::io(&self.target, e))?;
-        }
-        std::fs::rename(&path, &self.target).map_err(|e| Error::io(&self.target, e))
+        replace_dir(&path, &self.target)
     }
 }
 
@@ -54,8 +53,87 @@ impl Drop for StagingDir {
     }
 }
 
-/// The hidden sibling a target is written under before it is renamed into place.
-pub fn temp_path(target: &Path) -> Result<PathBuf> {
+/// Puts the complete directory `new` at `target`. An existing target is swapped with it
+/// in one step (Linux `renameat2(RENAME_EXCHANGE)`), then removed from `new`'s path;
+/// where the filesystem cannot exchange, the old one is moved aside first (a kill between
+/// the two renames leaves it at `.NAME.old-PID`).
+pub fn replace_dir(new: &Path, target: &Path) -> Result<()> {
+    if std::fs::symlink_metadata(target).is_err() {
+        return std::fs::rename(new, target).map_err(|e| Error::io(target, e));
+    }
+    if exchange(new, target).is_ok() {
+        let _ = std::fs::remove_dir_all(new);
+        return Ok(());
+    }
+    let aside = sibling(target, "old")?;
+    std::fs::rename(target, &aside).map_err(|e| Error::io(target, e))?;
+    std::fs::rename(new, target).map_err(|e| Error::io(target, e))?;
+    let _ = std::fs::remove_dir_all(&aside);
+    Ok(())
+}
+
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: two NUL-terminated paths that outlive the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_: &Path, _: &Path) -> std::io::Result<()> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}
+
+/// Removes `.NAME.tmp-PID` and `.NAME.old-PID` siblings of `target` left by processes
+/// that no longer run (killed mid-write).
+pub fn remove_stale(target: &Path) {
+    let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else {
+        return;
+    };
+    let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    let name = name.to_string_lossy();
+    for e in entries.flatten() {
+        let f = e.file_name().to_string_lossy().to_string();
+        let pid = [".tmp-", ".old-"]
+            .iter()
+            .find_map(|k| f.strip_prefix(&format!(".{name}{k}")))
+            .and_then(|p| p.parse::<u32>().ok());
+        let Some(pid) = pid else { continue };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let p = e.path();
+        let _ = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+    }
+}
+
+fn sibling(target: &Path, kind: &str) -> Result<PathBuf> {
     let parent = target
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -64,7 +142,12 @@ pub fn temp_path(target: &Path) -> Result<PathBuf> {
         .file_name()
         .ok_or_else(|| Error::format(target, "not a file or directory name"))?
         .to_string_lossy();
-    Ok(parent.join(format!(".{name}.tmp-{}", std::process::id())))
+    Ok(parent.join(format!(".{name}.{kind}-{}", std::process::id())))
+}
+
+/// The hidden sibling a target is written under before it is renamed into place.
+pub fn temp_path(target: &Path) -> Result<PathBuf> {
+    sibling(target, "tmp")
 }
 
 /// Writes the file `target` all at once: `write` fills the temporary name it is given,
@@ -72,6 +155,7 @@ pub fn temp_path(target: &Path) -> Result<PathBuf> {
 /// should name `target`: the temporary name is an implementation detail.
 pub fn write_file<T>(target: &Path, write: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
     let tmp = temp_path(target)?;
+    remove_stale(target);
     match write(&tmp) {
         Ok(v) => {
             std::fs::rename(&tmp, target).map_err(|e| Error::io(target, e))?;
@@ -89,4 +173,31 @@ pub fn write_bytes(target: &Path, bytes: &[u8]) -> Result<()> {
     write_file(target, |tmp| {
         std::fs::write(tmp, bytes).map_err(|e| Error::io(target, e))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replace_dir_swaps_and_stale_temporaries_go() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("model");
+        let new = tmp.path().join("new");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::write(target.join("a"), "old").unwrap();
+        std::fs::create_dir(&new).unwrap();
+        std::fs::write(new.join("a"), "new").unwrap();
+        replace_dir(&new, &target).unwrap();
+        assert_eq!(std::fs::read_to_string(target.join("a")).unwrap(), "new");
+        assert!(!new.exists());
+        // Leftovers of a process that is gone (pid 0 never names one) are removed; the
+        // running process's own are not.
+        let dead = tmp.path().join(".model.tmp-0");
+        let ours = temp_path(&target).unwrap();
+        std::fs::create_dir(&dead).unwrap();
+        std::fs::write(&ours, "x").unwrap();
+        remove_stale(&target);
+        assert!(!dead.exists() && ours.exists());
+    }
 }

@@ -396,37 +396,82 @@ pub fn choose_thresholds(
     Ok((t, reports))
 }
 
-/// The output directory of a run: the model directory itself (in place), or a new
-/// directory that gets the base files (hard links where the file system allows, else
-/// copies) so that it is a complete SO8T directory once the adapter is written.
-pub fn prepare_out(model_dir: &Path, out: Option<&Path>) -> Result<PathBuf> {
-    let out = match out {
-        Some(o) if !same_dir(o, model_dir) => o.to_path_buf(),
-        _ => return Ok(model_dir.to_path_buf()),
-    };
-    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-    for e in std::fs::read_dir(model_dir).map_err(|e| Error::io(model_dir, e))? {
-        let e = e.map_err(|e| Error::io(model_dir, e))?;
-        let name = e.file_name().to_string_lossy().to_string();
-        if !(e.path().is_file() && is_hf_model_file(&name, true)) {
-            continue;
-        }
-        let dst = out.join(&name);
-        let same = std::fs::metadata(&dst)
-            .ok()
-            .is_some_and(|m| Some(m.len()) == e.metadata().ok().map(|m| m.len()));
-        if same {
-            continue;
-        }
-        write_file(&dst, |tmp| {
-            let _ = std::fs::remove_file(tmp);
-            if std::fs::hard_link(e.path(), tmp).is_err() {
-                std::fs::copy(e.path(), tmp).map_err(|err| Error::io(&dst, err))?;
+/// Where a training run writes. It works in `work`, the hidden sibling `.NAME.partial`
+/// of its target (the base files hard-linked, and the checkpoint that `--resume` picks
+/// up after a stop or a kill), and [`TrainOut::finish`] puts the complete directory at
+/// `target` in one step. So the target is never a half-written directory that would
+/// read as a plain model, and training in place swaps adapter and config together.
+pub struct TrainOut {
+    pub target: PathBuf,
+    pub work: PathBuf,
+}
+
+impl TrainOut {
+    /// `out` `None` (or the model directory itself) trains in place.
+    pub fn prepare(model_dir: &Path, out: Option<&Path>, resume: bool) -> Result<TrainOut> {
+        let in_place = out.is_none_or(|o| same_dir(o, model_dir));
+        let target = match out {
+            Some(o) if !in_place => o.to_path_buf(),
+            _ => model_dir.to_path_buf(),
+        };
+        let name = target
+            .file_name()
+            .ok_or_else(|| Error::format(&target, "not a directory name"))?
+            .to_string_lossy()
+            .to_string();
+        let parent = target
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let work = parent.join(format!(".{name}.partial"));
+        if resume {
+            if !work.join(TRAIN_DIR).is_dir() {
+                return Err(Error::format(
+                    &work,
+                    "no checkpoint to resume from here (run without --resume)",
+                ));
             }
-            Ok(())
+            return Ok(TrainOut { target, work });
+        }
+        if work.exists() {
+            std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+        }
+        std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+        // In place, the swap replaces the whole directory: carry everything but the last
+        // run's training state. To a new directory, the base model's files.
+        link_tree(model_dir, &work, &|name: &str, is_file: bool| {
+            if in_place {
+                name != TRAIN_DIR
+            } else {
+                is_file && is_hf_model_file(name, true)
+            }
         })?;
+        Ok(TrainOut { target, work })
     }
-    Ok(out)
+
+    /// Writes the adapter and the config into the work directory and puts it in place.
+    pub fn finish(&self, adapter: &Adapter, config: &So8tConfig) -> Result<()> {
+        write_result(&self.work, adapter, config)?;
+        crate::staging::replace_dir(&self.work, &self.target)
+    }
+}
+
+/// Hard-links (or, across filesystems, copies) the entries of `src` that `keep` accepts
+/// (by name and whether it is a file) into `dst`, directories recursively.
+fn link_tree(src: &Path, dst: &Path, keep: &dyn Fn(&str, bool) -> bool) -> Result<()> {
+    for e in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
+        let e = e.map_err(|e| Error::io(src, e))?;
+        let name = e.file_name().to_string_lossy().to_string();
+        let (from, to) = (e.path(), dst.join(&name));
+        let ty = e.file_type().map_err(|err| Error::io(&from, err))?;
+        if ty.is_dir() && keep(&name, false) {
+            std::fs::create_dir_all(&to).map_err(|err| Error::io(&to, err))?;
+            link_tree(&from, &to, &|_, _| true)?;
+        } else if from.is_file() && keep(&name, true) && std::fs::hard_link(&from, &to).is_err() {
+            std::fs::copy(&from, &to).map_err(|err| Error::io(&to, err))?;
+        }
+    }
+    Ok(())
 }
 
 fn same_dir(a: &Path, b: &Path) -> bool {
