@@ -252,10 +252,14 @@ fn fields(r: &Record) -> [String; 16] {
 
 /// RFC 4180: quote a field that holds a comma, a quote or a line break.
 fn csv_field(s: &str) -> String {
+    // A cell that starts like a formula is run by spreadsheets when the file is opened
+    // (`=HYPERLINK(…)` in a prompt); OWASP's rule: prefix it with `'`. Numbers stay numbers.
+    let formula = s.starts_with(['=', '+', '-', '@', '\t', '\r']) && s.parse::<f64>().is_err();
+    let s = if formula { format!("'{s}") } else { s.to_string() };
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
-        s.to_string()
+        s
     }
 }
 
@@ -401,6 +405,15 @@ mod tests {
         let line = csv.lines().nth(1).unwrap();
         assert!(line.contains("\"a \"\"quoted\"\", text"), "{csv}");
         assert_eq!(csv.lines().next().unwrap().split(',').count(), 16);
+    }
+
+    /// Issue 18: a prompt `=HYPERLINK(…)` was written as a live formula.
+    #[test]
+    fn csv_defuses_formulas_but_keeps_numbers() {
+        assert_eq!(csv_field("=HYPERLINK(\"http://x\",\"y\")"), "\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\"");
+        assert_eq!(csv_field("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(csv_field("-0.25"), "-0.25");
+        assert_eq!(csv_field("+cmd|' /C calc'!A0"), "'+cmd|' /C calc'!A0");
     }
 
     #[test]
