@@ -36,10 +36,22 @@ pub struct Args {
     /// Model id in the API (default: the file or directory name).
     #[arg(long)]
     alias: Option<String>,
+    /// Open connections at most; beyond it a connection is closed at once.
+    #[arg(long, default_value_t = 256, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
+    max_connections: usize,
+    /// Seconds a client may take to send a request's headers (idle keep-alive
+    /// connections included) and, separately, its body.
+    #[arg(long, default_value_t = 10.0)]
+    read_timeout: f64,
 }
 
 pub fn main(a: Args) -> Result<()> {
+    if !(a.read_timeout.is_finite() && a.read_timeout > 0.0 && a.read_timeout <= 86_400.0) {
+        anyhow::bail!("--read-timeout must be a number of seconds in (0, 86400], got {}", a.read_timeout);
+    }
     so8t_serve::serve(so8t_serve::Options {
+        max_connections: a.max_connections,
+        read_timeout: std::time::Duration::from_secs_f64(a.read_timeout),
         model: a.model,
         host: a.host,
         port: a.port,

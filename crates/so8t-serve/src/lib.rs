@@ -29,6 +29,11 @@ pub struct Options {
     pub max_body: usize,
     pub default_max_tokens: usize,
     pub alias: Option<String>,
+    /// Open connections at most; more are closed at once (and counted).
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers (an idle keep-alive
+    /// connection included) and, separately, its body.
+    pub read_timeout: std::time::Duration,
 }
 
 /// sha256 of what the server loaded: the GGUF file, or every file of a model directory
@@ -91,12 +96,14 @@ pub fn serve(o: Options) -> Result<()> {
         api_key: o.api_key.clone(),
         default_max_tokens: o.default_max_tokens,
         max_body: o.max_body,
+        read_timeout: o.read_timeout,
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
     };
-    let app = server::router(Arc::new(state));
+    let state = Arc::new(state);
+    let app = server::router(state.clone());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -110,11 +117,60 @@ pub fn serve(o: Options) -> Result<()> {
             .with_context(|| format!("cannot listen on {addr}"))?;
         // Tests and scripts wait for this line (with --port 0 it names the port chosen).
         eprintln!("so8t serve: listening on http://{}", listener.local_addr()?);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown())
-            .await?;
+        accept(listener, app, &state, o.max_connections, o.read_timeout).await;
         Ok(())
     })
+}
+
+/// Serves connections until SIGINT/SIGTERM, then lets the open ones finish. Each
+/// connection holds one of `max_connections` slots (a flood of idle or slow clients
+/// cannot take the file descriptors: beyond the cap a connection is closed at once), and
+/// hyper closes one that takes longer than `read_timeout` to send a request's headers,
+/// which also ends idle keep-alive connections (slowloris).
+async fn accept(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    state: &server::AppState,
+    max_connections: usize,
+    read_timeout: std::time::Duration,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let stop = shutdown();
+    tokio::pin!(stop);
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                // Out of descriptors or similar: wait a little rather than spin.
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            state.metrics.add("so8t_refused_total", "reason=\"connections\"", 1.0);
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(read_timeout)
+            .serve_connection(
+                TokioIo::new(stream),
+                hyper_util::service::TowerToHyperService::new(app.clone()),
+            );
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
+    }
+    graceful.shutdown().await;
 }
 
 async fn shutdown() {

@@ -28,7 +28,12 @@ pub struct Metrics {
     inner: Mutex<Inner>,
 }
 
-const HELP: [(&str, &str, &str); 7] = [
+const HELP: [(&str, &str, &str); 8] = [
+    (
+        "so8t_refused_total",
+        "counter",
+        "Connections and requests refused before a handler ran, by reason",
+    ),
     (
         "so8t_requests_total",
         "counter",

@@ -50,6 +50,7 @@ pub struct AppState {
     pub api_key: Option<String>,
     pub default_max_tokens: usize,
     pub max_body: usize,
+    pub read_timeout: std::time::Duration,
     pub created: u64,
 }
 
@@ -74,8 +75,60 @@ pub fn router(st: St) -> Router {
         st.clone(),
         require_key,
     ))
+    .layer(axum::middleware::from_fn_with_state(st.clone(), read_body))
     .layer(axum::extract::DefaultBodyLimit::max(st.max_body))
     .with_state(st)
+}
+
+/// Reads the request body before any handler runs: refused at once when its
+/// `Content-Length` is over `--max-body`, and given up (408) when it does not arrive
+/// within the read timeout, so a slow client cannot hold a connection and a queue slot
+/// by trickling a body.
+async fn read_body(State(st): State<St>, req: Request, next: Next) -> Response {
+    let too_large = || {
+        st.metrics.add("so8t_refused_total", "reason=\"body_too_large\"", 1.0);
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            None,
+            "the request body is larger than the server's limit (--max-body)",
+        )
+        .into_response()
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > st.max_body as u64) {
+        return too_large();
+    }
+    let (parts, body) = req.into_parts();
+    let limited = http_body_util::Limited::new(body, st.max_body);
+    match tokio::time::timeout(st.read_timeout, http_body_util::BodyExt::collect(limited)).await {
+        Err(_) => {
+            st.metrics.add("so8t_refused_total", "reason=\"body_timeout\"", 1.0);
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                None,
+                format!("the request body did not arrive within {} s", st.read_timeout.as_secs_f32()),
+            )
+            .into_response()
+        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => too_large(),
+        Ok(Err(e)) => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            None,
+            format!("cannot read the request body: {e}"),
+        )
+        .into_response(),
+        Ok(Ok(collected)) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(collected.to_bytes())))
+                .await
+        }
+    }
 }
 
 fn unix_now() -> u64 {
