@@ -371,6 +371,22 @@ impl ChatRequest {
     }
 }
 
+/// Fuzzing entry point (`fuzz/`, FUZZING.md): a request body through every route's
+/// parsing and checks; whatever the bytes, it returns without panicking.
+pub fn fuzz_request(bytes: &[u8]) {
+    let Ok(body) = serde_json::from_slice::<Value>(bytes) else {
+        return;
+    };
+    if let Ok(r) = parse::<ChatRequest>(&body) {
+        let _ = r.messages();
+    }
+    if let Ok(s) = parse::<Sampling>(&body) {
+        let _ = s.check();
+    }
+    let _ = parse::<CompletionRequest>(&body);
+    let _ = parse::<ModerationRequest>(&body);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

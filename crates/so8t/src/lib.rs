@@ -8,6 +8,7 @@ pub mod error;
 pub mod eval;
 pub mod files;
 pub mod formats;
+pub mod fuzz;
 pub mod generate;
 pub mod load;
 pub mod model;

@@ -107,7 +107,7 @@ pub fn open_source(path: &Path) -> Result<Source> {
     Ok(Source::Gguf(Arc::new(GgufFile::open(path)?)))
 }
 
-fn fp8_block_size(config_text: &str, path: &Path) -> Result<Option<(usize, usize)>> {
+pub(crate) fn fp8_block_size(config_text: &str, path: &Path) -> Result<Option<(usize, usize)>> {
     let v: serde_json::Value = serde_json::from_str(config_text).in_file(path)?;
     let q = &v["quantization_config"];
     if q.is_null() {

@@ -306,12 +306,29 @@ impl TextTokenizer {
     pub fn from_hf_dir(dir: &Path, config_eos: &[u32]) -> Result<TextTokenizer> {
         let path = dir.join("tokenizer.json");
         let bytes = crate::files::read(&path, crate::files::TOKENIZER_LIMIT)?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
-            .map_err(|e| Error::format(&path, format!("cannot load tokenizer: {e}")))?;
         let cfg_path = dir.join("tokenizer_config.json");
-        let cfg: Value = match crate::files::read_text_if_exists(&cfg_path, crate::files::SETTINGS_LIMIT)? {
+        let cfg = crate::files::read_text_if_exists(&cfg_path, crate::files::SETTINGS_LIMIT)?;
+        let jinja = dir.join("chat_template.jinja");
+        let jinja_text = crate::files::read_text_if_exists(&jinja, crate::files::SETTINGS_LIMIT)?;
+        Self::from_hf_files(dir, &bytes, cfg.as_deref(), jinja_text, config_eos)
+    }
+
+    /// The tokenizer of an HF directory `dir` from the texts of its tokenizer.json,
+    /// tokenizer_config.json and chat_template.jinja (the last used only when the config
+    /// has no template).
+    pub fn from_hf_files(
+        dir: &Path,
+        tokenizer_json: &[u8],
+        tokenizer_config: Option<&str>,
+        jinja: Option<String>,
+        config_eos: &[u32],
+    ) -> Result<TextTokenizer> {
+        let path = dir.join("tokenizer.json");
+        let inner = parse_tokenizer_json(tokenizer_json, &path)?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: Value = match tokenizer_config {
             Some(text) => {
-                serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, e.to_string()))?
+                serde_json::from_str(text).map_err(|e| Error::format(&cfg_path, e.to_string()))?
             }
             None => Value::Null,
         };
@@ -336,9 +353,8 @@ impl TextTokenizer {
                 .map(str::to_string),
             _ => None,
         };
-        let jinja = dir.join("chat_template.jinja");
         if chat_template.is_none() {
-            chat_template = crate::files::read_text_if_exists(&jinja, crate::files::SETTINGS_LIMIT)?;
+            chat_template = jinja;
         }
         let bos_text = token_str("bos_token");
         let eos_text = token_str("eos_token");
@@ -470,6 +486,31 @@ impl TextTokenizer {
             eog,
         ))
     }
+}
+
+/// tokenizer.json as a `tokenizers::Tokenizer`. The library panics on some malformed
+/// files (`expect`s in its deserializers, found by fuzzing): a JSON syntax error inside
+/// `decoder`, a `Precompiled` normalizer whose charsmap does not parse. So the text is
+/// parsed to a JSON value first (syntax errors become errors) and every `Precompiled`
+/// is checked before the library sees it.
+fn parse_tokenizer_json(bytes: &[u8], path: &Path) -> Result<tokenizers::Tokenizer> {
+    let bad = |e: String| Error::format(path, format!("cannot load tokenizer: {e}"));
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+    fn check_precompiled(v: &Value) -> std::result::Result<(), String> {
+        match v {
+            Value::Object(o) => {
+                if o.get("type").and_then(Value::as_str) == Some("Precompiled") {
+                    serde_json::from_value::<tokenizers::normalizers::Precompiled>(v.clone())
+                        .map_err(|e| format!("Precompiled normalizer: {e}"))?;
+                }
+                o.values().try_for_each(check_precompiled)
+            }
+            Value::Array(a) => a.iter().try_for_each(check_precompiled),
+            _ => Ok(()),
+        }
+    }
+    check_precompiled(&v["normalizer"]).map_err(bad)?;
+    serde_json::from_value(v).map_err(|e| bad(e.to_string()))
 }
 
 /// llama.cpp's pre-tokenizer regexes (src/llama-vocab.cpp), by `tokenizer.ggml.pre`:

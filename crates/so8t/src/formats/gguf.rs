@@ -1,7 +1,7 @@
 //! GGUF files (v2, v3) of arch `llama`, `qwen2`, `qwen3`: metadata, tensors in any ggml type
 //! candle reads, mapped to HF names and layouts.
 
-use super::{shape_error, Embedding, Matrix, WeightStore};
+use super::{shape_error, Bytes, Embedding, Matrix, WeightStore};
 use crate::config::{Arch, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 pub struct GgufFile {
     pub path: PathBuf,
-    mmap: Mmap,
+    mmap: Bytes,
     pub content: Content,
 }
 
@@ -25,11 +25,20 @@ impl GgufFile {
         let file = crate::files::open(path)?;
         // SAFETY: read-only mapping; the file is assumed not to change while loaded.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let content = super::gguf_header::read(&mmap)
+        Self::from_bytes(path, Bytes::Mapped(mmap))
+    }
+
+    /// A GGUF file held in memory; `path` names it in errors.
+    pub fn from_vec(path: &Path, bytes: Vec<u8>) -> Result<GgufFile> {
+        Self::from_bytes(path, Bytes::Owned(bytes))
+    }
+
+    fn from_bytes(path: &Path, bytes: Bytes) -> Result<GgufFile> {
+        let content = super::gguf_header::read(&bytes)
             .map_err(|e| Error::format(path, format!("not a valid GGUF file: {e}")))?;
         let g = GgufFile {
             path: path.to_path_buf(),
-            mmap,
+            mmap: bytes,
             content,
         };
         g.check_tensor_bounds()?;

@@ -14,6 +14,22 @@ use so8t_kernels::{QMatrix, QType};
 use std::path::Path;
 use std::sync::Arc;
 
+/// A file's bytes: mapped, or (for fuzzing and tests) owned.
+pub(crate) enum Bytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
 /// A weight matrix `[out, in]`.
 #[derive(Clone)]
 pub enum Matrix {

@@ -20,7 +20,7 @@ struct Entry {
 
 pub struct SafetensorsStore {
     dir: PathBuf,
-    files: Vec<(PathBuf, Mmap)>,
+    files: Vec<(PathBuf, super::Bytes)>,
     entries: HashMap<String, Entry>,
     /// `quantization_config.weight_block_size` for FP8 checkpoints.
     fp8_block: Option<(usize, usize)>,
@@ -67,19 +67,36 @@ impl SafetensorsStore {
         fp8_block: Option<(usize, usize)>,
     ) -> Result<Self> {
         let mut files = Vec::new();
-        let mut entries = HashMap::new();
-        for (i, path) in names.into_iter().enumerate() {
+        for path in names {
             let file = crate::files::open(&path)?;
             // SAFETY: the file is opened read-only; like every mmap-based loader we assume
             // nobody truncates it while the model is loaded.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+            files.push((path, super::Bytes::Mapped(mmap)));
+        }
+        Self::from_files(dir, files, fp8_block)
+    }
+
+    /// One safetensors file held in memory; `path` names it in errors.
+    pub fn from_vec(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        Self::from_files(dir, vec![(path.to_path_buf(), super::Bytes::Owned(bytes))], None)
+    }
+
+    fn from_files(
+        dir: &Path,
+        files: Vec<(PathBuf, super::Bytes)>,
+        fp8_block: Option<(usize, usize)>,
+    ) -> Result<Self> {
+        let mut entries = HashMap::new();
+        for (i, (path, bytes)) in files.iter().enumerate() {
             // `deserialize` checks the header length against the file and every tensor's
             // offsets against the data section, before anything is allocated from them.
-            let st = safetensors::SafeTensors::deserialize(&mmap)
-                .map_err(|e| Error::format(&path, format!("not a valid safetensors file: {e}")))?;
+            let st = safetensors::SafeTensors::deserialize(bytes)
+                .map_err(|e| Error::format(path, format!("not a valid safetensors file: {e}")))?;
             for (name, view) in st.tensors() {
                 let data = view.data();
-                let start = data.as_ptr() as usize - mmap.as_ptr() as usize;
+                let start = data.as_ptr() as usize - bytes.as_ptr() as usize;
                 entries.insert(
                     name,
                     Entry {
@@ -91,7 +108,6 @@ impl SafetensorsStore {
                     },
                 );
             }
-            files.push((path, mmap));
         }
         Ok(SafetensorsStore {
             dir: dir.to_path_buf(),
@@ -99,6 +115,13 @@ impl SafetensorsStore {
             entries,
             fp8_block,
         })
+    }
+
+    /// Names of every tensor, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut n: Vec<String> = self.entries.keys().cloned().collect();
+        n.sort();
+        n
     }
 
     fn entry(&self, name: &str) -> Result<&Entry> {

@@ -482,6 +482,9 @@ pub fn read_gguf_heads(g: &GgufFile, hidden: usize) -> Result<Option<(Heads, So8
         let v = g.f32_array(key).ok_or_else(|| {
             Error::format(&g.path, format!("metadata `{key}` missing or not f32"))
         })?;
+        if v.iter().any(|x| !x.is_finite()) {
+            return Err(Error::format(&g.path, format!("metadata `{key}` holds NaN or Inf")));
+        }
         if v.len() != len {
             return Err(Error::format(
                 &g.path,

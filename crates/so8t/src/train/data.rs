@@ -177,6 +177,11 @@ fn parse_row(text: &str, line: usize, labels: &Labels) -> std::result::Result<Ex
 /// which leaves it out and records why. Blank lines are allowed.
 pub fn read_jsonl(path: &Path, labels: &Labels, skip_bad: bool) -> Result<Dataset> {
     let text = crate::files::read_text(path, crate::files::DATA_LIMIT)?;
+    parse_jsonl(&text, path, labels, skip_bad)
+}
+
+/// [`read_jsonl`] of text already read; `path` names it in errors.
+pub fn parse_jsonl(text: &str, path: &Path, labels: &Labels, skip_bad: bool) -> Result<Dataset> {
     let mut examples = Vec::new();
     let mut skipped = Vec::new();
     for (i, line) in text.lines().enumerate() {
