@@ -44,7 +44,7 @@ pub fn main(a: Args) -> Result<()> {
         },
     )?;
     match &a.out {
-        Some(p) => std::fs::write(p, text).with_context(|| p.display().to_string())?,
+        Some(p) => so8t::staging::write_bytes(p, text.as_bytes())?,
         None => print!("{text}"),
     }
     Ok(())

@@ -316,3 +316,38 @@ fn bench_beyond_the_context() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("past the model's context of 256"), "{err}");
 }
+
+/// Generators of 1e30 are finite, so they passed `validate` (NaN compares false) and
+/// `run` answered with NaN verdicts (issue 18): now both refuse them.
+#[test]
+fn huge_generators_are_refused_by_validate_and_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("s");
+    let so8t = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_so8t"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = so8t(&[
+        "convert",
+        fixtures().join("tiny-qwen2").to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+        "--init",
+        "random",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let path = dir.join("so8t_adapter.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+    let name = tensors.keys().find(|k| k.ends_with("generators")).unwrap().clone();
+    let huge = (tensors[&name].clone() * 1e30).unwrap();
+    tensors.insert(name, huge);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let v = so8t(&["validate", dir.to_str().unwrap()]);
+    assert!(!v.status.success(), "validate passed: {}", String::from_utf8_lossy(&v.stdout));
+    let r = so8t(&["run", "--model", dir.to_str().unwrap(), "--prompt", "hi", "-n", "1"]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(err.contains("not finite") && !err.contains("panicked"), "{err}");
+}

@@ -22,7 +22,7 @@ use so8t::chat::{Channel, Message, ReasoningSplitter};
 use so8t::generate::GenerateRequest;
 use so8t::load::GenerationDefaults;
 use so8t::sampling::SamplingParams;
-use so8t::so8::adapter::{ResponseJudge, So8tConfig, Verdict, VerdictPosition};
+use so8t::so8::adapter::{ResponseJudge, So8tConfig, Verdict};
 use so8t::tokenizer::TextTokenizer;
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -417,11 +417,9 @@ fn chat_prompt(
     let bad = |e: so8t::Error| ApiError::invalid(param, e.to_string());
     let so8t::tokenizer::ChatPrompt { text, ids } =
         st.tokenizer.chat_prompt(messages).map_err(bad)?;
-    let at = match st.so8t.as_ref().map(|c| c.verdict_position) {
-        Some(VerdictPosition::UserEnd) => {
-            Some(st.tokenizer.user_end_index(messages, &ids).map_err(bad)?)
-        }
-        _ => None,
+    let at = match &st.so8t {
+        Some(c) => c.verdict_position.index(&st.tokenizer, messages, &ids).map_err(bad)?,
+        None => None,
     };
     Ok((text, ids, at))
 }

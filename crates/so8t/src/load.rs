@@ -8,7 +8,7 @@ use crate::formats::safetensors::SafetensorsStore;
 use crate::formats::WeightStore;
 use crate::model::Decoder;
 use crate::so8::adapter::{
-    is_so8t_dir, Adapter, Heads, So8tConfig, Verdict, VerdictPosition, ADAPTER_FILE,
+    is_so8t_dir, Adapter, Heads, So8tConfig, Verdict, ADAPTER_FILE,
 };
 use crate::so8::bake::{read_heads, HEADS_FILE};
 use crate::tokenizer::TextTokenizer;
@@ -278,11 +278,9 @@ impl Model {
         messages: &[crate::chat::Message],
         ids: &[u32],
     ) -> Result<Option<usize>> {
-        match self.so8t.as_ref().map(|s| s.config.verdict_position) {
-            Some(VerdictPosition::UserEnd) => {
-                Ok(Some(self.tokenizer()?.user_end_index(messages, ids)?))
-            }
-            _ => Ok(None),
+        match &self.so8t {
+            Some(s) => s.config.verdict_position.index(self.tokenizer()?, messages, ids),
+            None => Ok(None),
         }
     }
 

@@ -179,6 +179,20 @@ impl VerdictPosition {
             VerdictPosition::UserEnd => "user_end",
         }
     }
+
+    /// The prompt token whose verdict is the prompt's, for `ids` = the chat prompt of
+    /// `messages` ([`crate::tokenizer::TextTokenizer::chat_prompt`]): `None` for the last.
+    pub fn index(
+        self,
+        tokenizer: &crate::tokenizer::TextTokenizer,
+        messages: &[crate::chat::Message],
+        ids: &[u32],
+    ) -> Result<Option<usize>> {
+        match self {
+            VerdictPosition::AssistantHeader => Ok(None),
+            VerdictPosition::UserEnd => Ok(Some(tokenizer.user_end_index(messages, ids)?)),
+        }
+    }
 }
 
 impl So8tConfig {
@@ -683,7 +697,22 @@ impl Adapter {
         let model = decoder.cfg.clone();
         for l in 0..model.num_layers {
             for &site in &cfg.sites {
-                *decoder.gates[l].slot(site) = Some(self.rotation(&model, cfg, l, site)?);
+                let r = self.rotation(&model, cfg, l, site)?;
+                // NaN, Inf or huge generators (1e30) give a rotation that is not a
+                // number; the model would answer with NaN verdicts instead of an error.
+                let finite = r
+                    .matrices()?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .all(|x| x.is_finite());
+                if !finite {
+                    return Err(Error::Invalid(format!(
+                        "{ADAPTER_FILE}: the generators of layer {l} site {} give a rotation that is not finite (NaN, Inf or far too large generators)",
+                        site.name()
+                    )));
+                }
+                *decoder.gates[l].slot(site) = Some(r);
             }
         }
         Ok(())

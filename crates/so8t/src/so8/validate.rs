@@ -208,7 +208,9 @@ pub fn validate(path: &Path) -> Vec<Check> {
             };
             for (u, m) in r.iter().enumerate() {
                 let m: Mat8 = std::array::from_fn(|i| std::array::from_fn(|j| m[i][j] as f64));
-                let (e, d) = (orthogonality_error(&m), (det(&m) - 1.0).abs());
+                // NaN compares false: count it as the worst error, not as none.
+                let worst = |x: f64| if x.is_nan() { f64::INFINITY } else { x };
+                let (e, d) = (worst(orthogonality_error(&m)), worst((det(&m) - 1.0).abs()));
                 if e > worst_orth {
                     worst_orth = e;
                     where_orth = format!("layer {l} site {} unit {u}", site.name());
@@ -224,7 +226,8 @@ pub fn validate(path: &Path) -> Vec<Check> {
                     .unwrap_or_default();
                 for row in &g {
                     let row: Vec<f64> = row.iter().map(|&x| x as f64).collect();
-                    triality_worst = triality_worst.max(triality_residual(&row));
+                    let r = triality_residual(&row);
+                    triality_worst = if r.is_nan() { f64::INFINITY } else { triality_worst.max(r) };
                 }
             }
         }
