@@ -486,6 +486,26 @@ fn a_full_queue_answers_429_and_a_client_that_leaves_frees_its_slot() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The same for a client that leaves while waiting for a whole (non-streaming) answer
+    // (issue 18: such a request left no row at all).
+    let addr = s.base.strip_prefix("http://").unwrap().to_string();
+    let body = chat_body("Tell me a long story about a lighthouse keeper.", 4000, false);
+    let mut sock = TcpStream::connect(&addr).unwrap();
+    write!(sock, "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(sock);
+    let t0 = Instant::now();
+    loop {
+        let rows = so8t_serve::audit::query(&db, &Default::default()).unwrap();
+        if rows.iter().filter(|r| r.finish_reason == "cancelled").count() == 2 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no cancelled row for the non-streaming client: {rows:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]

@@ -758,25 +758,40 @@ async fn whole_answer(
     p: &Prepared,
     mut rx: UnboundedReceiver<Event>,
 ) -> Result<Value, ApiError> {
-    let mut t = Tracker::new(p);
+    let mut c = Collecting {
+        st,
+        p,
+        t: Tracker::new(p),
+        audited: false,
+        finish: "cancelled",
+    };
     loop {
         match rx.recv().await {
-            None => return Err(ApiError::server("the engine stopped")),
-            Some(Event::Error(e)) => return Err(ApiError::server(e)),
-            Some(Event::Prompt { verdict }) => t.prompt_verdict = verdict,
+            None => {
+                c.finish = "error";
+                return Err(ApiError::server("the engine stopped"));
+            }
+            Some(Event::Error(e)) => {
+                c.finish = "error";
+                return Err(ApiError::server(e));
+            }
+            Some(Event::Prompt { verdict }) => c.t.prompt_verdict = verdict,
             Some(Event::Token { id, text, top, .. }) => {
-                t.token(st, p, id, &text, &top);
+                c.t.token(st, p, id, &text, &top);
             }
             Some(Event::Done { finish, judge }) => {
-                let rest = t.splitter.finish();
-                t.keep(&rest);
-                t.finish = Some(finish);
-                t.judge = judge;
+                let rest = c.t.splitter.finish();
+                c.t.keep(&rest);
+                c.t.finish = Some(finish);
+                c.t.judge = judge;
                 break;
             }
         }
     }
-    t.close(st, p).await?;
+    let closed = c.t.close(st, p).await;
+    c.audited = true;
+    closed?;
+    let t = &c.t;
     let finish = t.finish.map(|f| f.name());
     let choice = match p.kind {
         Kind::Chat => {
@@ -820,17 +835,40 @@ impl Drop for StreamState {
     /// A client that left before the end: its request still gets an audit row.
     fn drop(&mut self) {
         if !self.audited {
-            let rec = self
-                .t
-                .record(&self.st, &self.p, endpoint(self.p.kind), "cancelled");
-            let st = self.st.clone();
-            tokio::task::spawn_blocking(move || {
-                if let Some(a) = &st.audit {
-                    if let Err(e) = a.insert(&rec) {
-                        tracing::error!("{e:#}");
-                    }
-                }
-            });
+            audit_unfinished(&self.st, &self.p, &self.t, "cancelled");
+        }
+    }
+}
+
+/// The audit row of a request whose answer was never completed (its client left:
+/// `cancelled`; the engine failed: `error`), written from a `Drop`, so in the background.
+fn audit_unfinished(st: &St, p: &Prepared, t: &Tracker, finish: &str) {
+    let rec = t.record(st, p, endpoint(p.kind), finish);
+    let st = st.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Some(a) = &st.audit {
+            if let Err(e) = a.insert(&rec) {
+                tracing::error!("{e:#}");
+            }
+        }
+    });
+}
+
+/// A whole (non-streaming) answer being collected. hyper drops the handler when its
+/// client goes away; the request must still get its audit row.
+struct Collecting<'a> {
+    st: &'a St,
+    p: &'a Prepared,
+    t: Tracker,
+    audited: bool,
+    /// The finish reason the row gets if the answer is never completed.
+    finish: &'static str,
+}
+
+impl Drop for Collecting<'_> {
+    fn drop(&mut self) {
+        if !self.audited {
+            audit_unfinished(self.st, self.p, &self.t, self.finish);
         }
     }
 }
