@@ -105,7 +105,7 @@ fn mutate(rng: &mut Rng, seeds: &[(String, Vec<u8>)]) -> Vec<u8> {
 
 #[test]
 fn fuzz_targets_survive_their_corpora_and_mutations() {
-    let mut targets: Vec<(&str, fn(&[u8]))> = so8t::fuzz::TARGETS.to_vec();
+    let mut targets: Vec<(&str, so8t::fuzz::Target)> = so8t::fuzz::TARGETS.to_vec();
     targets.push(("request", so8t_serve::api::fuzz_request));
     let failures_dir = root().join("target/fuzz-failures");
     let mut failures = Vec::new();

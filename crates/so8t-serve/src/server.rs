@@ -811,7 +811,7 @@ async fn whole_answer(
         "created": unix_now(),
         "model": st.model_id,
         "choices": [choice],
-        "usage": usage(p, &t),
+        "usage": usage(p, t),
         "so8t": t.so8t(st, p.checked.moderation),
     }))
 }

@@ -106,8 +106,11 @@ pub fn jsonl(bytes: &[u8]) {
     }
 }
 
+/// A fuzz target: arbitrary bytes in, nothing out.
+pub type Target = fn(&[u8]);
+
 /// Every target by name, for drivers that replay corpora.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("gguf", gguf),
     ("safetensors", safetensors),
     ("model_config", model_config),

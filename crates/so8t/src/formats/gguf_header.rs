@@ -280,7 +280,7 @@ mod tests {
     }
 
     fn err(b: &[u8]) -> String {
-        read(b).err().expect("accepted a bad header")
+        read(b).expect_err("accepted a bad header")
     }
 
     #[test]
