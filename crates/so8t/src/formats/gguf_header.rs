@@ -2,7 +2,7 @@
 //! candle's `Content`, with the rules llama.cpp's `gguf_init_from_file` enforces and
 //! candle's reader does not: the little-endian magic only, no duplicate key or tensor
 //! name (else tools disagree on which one counts), `general.alignment` a power of two,
-//! every tensor offset aligned and inside the file. Every count and length is checked
+//! every tensor offset aligned and its data inside the file. Every count and length is checked
 //! against the bytes left before anything is allocated for it.
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMagic};
@@ -188,6 +188,9 @@ pub fn read(bytes: &[u8]) -> Res<Content> {
         }
     };
     let mut tensor_infos = HashMap::with_capacity(n_tensors as usize);
+    // (name, data offset, bytes), in file order, for the bounds check once the data
+    // section's start is known.
+    let mut extents = Vec::with_capacity(n_tensors as usize);
     for i in 0..n_tensors {
         let name = r.string(&format!("tensor #{i} name"))?;
         let what = format!("tensor `{name}`");
@@ -224,6 +227,10 @@ pub fn read(bytes: &[u8]) -> Res<Content> {
                 "{what}: data offset {offset} is not a multiple of the alignment {alignment}"
             ));
         }
+        let elems: usize = dims.iter().product();
+        let size = ((elems / ggml_dtype.block_size()) as u64)
+            .saturating_mul(ggml_dtype.type_size() as u64);
+        extents.push((name.clone(), offset, size));
         dims.reverse();
         let info = TensorInfo {
             ggml_dtype,
@@ -235,6 +242,16 @@ pub fn read(bytes: &[u8]) -> Res<Content> {
         }
     }
     let tensor_data_offset = (r.pos as u64).div_ceil(alignment) * alignment;
+    let len = bytes.len() as u64;
+    for (name, offset, size) in extents {
+        let start = tensor_data_offset.saturating_add(offset);
+        let end = start.saturating_add(size);
+        if end > len {
+            return Err(format!(
+                "tensor `{name}` needs bytes {start}..{end} but the file has {len} (truncated?)"
+            ));
+        }
+    }
     Ok(Content {
         magic,
         metadata,
@@ -313,6 +330,7 @@ mod tests {
         assert!(err(&header(&[], &[("w", &[1 << 40, 1 << 40], 0, 0)])).contains("overflows"));
         assert!(err(&header(&[], &[("w", &[32], 99, 0)])).contains("ggml type 99"));
         assert!(err(&header(&[], &[("w", &[1, 1, 1, 1, 1], 0, 0)])).contains("5 dimensions"));
+        assert!(err(&header(&[], &[("w", &[1 << 20], 0, 0)])).contains("(truncated?)"));
     }
 
     #[test]
