@@ -65,7 +65,7 @@ pub fn replace_dir(new: &Path, target: &Path) -> Result<()> {
         let _ = std::fs::remove_dir_all(new);
         return Ok(());
     }
-    let aside = sibling(target, "old")?;
+    let aside = own_sibling(target, "old")?;
     std::fs::rename(target, &aside).map_err(|e| Error::io(target, e))?;
     std::fs::rename(new, target).map_err(|e| Error::io(target, e))?;
     let _ = std::fs::remove_dir_all(&aside);
@@ -106,11 +106,10 @@ fn exchange(_: &Path, _: &Path) -> std::io::Result<()> {
 /// Removes `.NAME.tmp-PID` and `.NAME.old-PID` siblings of `target` left by processes
 /// that no longer run (killed mid-write).
 pub fn remove_stale(target: &Path) {
-    let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else {
+    let Some(name) = target.file_name() else {
         return;
     };
-    let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
-    let Ok(entries) = std::fs::read_dir(parent) else {
+    let Ok(entries) = std::fs::read_dir(parent_dir(target)) else {
         return;
     };
     let name = name.to_string_lossy();
@@ -133,21 +132,31 @@ pub fn remove_stale(target: &Path) {
     }
 }
 
-fn sibling(target: &Path, kind: &str) -> Result<PathBuf> {
-    let parent = target
+/// The directory `target` is in (`.` for a bare name).
+fn parent_dir(target: &Path) -> &Path {
+    target
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+        .unwrap_or(Path::new("."))
+}
+
+/// `.NAME.SUFFIX` beside `target` (NAME being its file name): where it is staged.
+pub fn hidden_sibling(target: &Path, suffix: &str) -> Result<PathBuf> {
     let name = target
         .file_name()
         .ok_or_else(|| Error::format(target, "not a file or directory name"))?
         .to_string_lossy();
-    Ok(parent.join(format!(".{name}.{kind}-{}", std::process::id())))
+    Ok(parent_dir(target).join(format!(".{name}.{suffix}")))
+}
+
+/// This process's `.NAME.KIND-PID` beside `target`.
+fn own_sibling(target: &Path, kind: &str) -> Result<PathBuf> {
+    hidden_sibling(target, &format!("{kind}-{}", std::process::id()))
 }
 
 /// The hidden sibling a target is written under before it is renamed into place.
 pub fn temp_path(target: &Path) -> Result<PathBuf> {
-    sibling(target, "tmp")
+    own_sibling(target, "tmp")
 }
 
 /// Writes the file `target` all at once: `write` fills the temporary name it is given,

@@ -15,7 +15,7 @@ use crate::so8::adapter::{
     ADAPTER_FILE, CONFIG_FILE,
 };
 use crate::so8::convert::is_hf_model_file;
-use crate::staging::{write_bytes, write_file};
+use crate::staging::{hidden_sibling, write_bytes, write_file};
 use crate::Model;
 use data::{Dataset, Example};
 use serde::Serialize;
@@ -414,16 +414,7 @@ impl TrainOut {
             Some(o) if !in_place => o.to_path_buf(),
             _ => model_dir.to_path_buf(),
         };
-        let name = target
-            .file_name()
-            .ok_or_else(|| Error::format(&target, "not a directory name"))?
-            .to_string_lossy()
-            .to_string();
-        let parent = target
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let work = parent.join(format!(".{name}.partial"));
+        let work = hidden_sibling(&target, "partial")?;
         if resume {
             if !work.join(TRAIN_DIR).is_dir() {
                 return Err(Error::format(
