@@ -124,12 +124,7 @@ impl TextTokenizer {
     /// rendered from a chat template carries its own special tokens, so, as transformers'
     /// `apply_chat_template` does, it is encoded without.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        self.check_length(text)?;
-        let enc = self
-            .inner
-            .encode(text, add_special)
-            .map_err(|e| Error::Invalid(format!("tokenizer: cannot encode prompt: {e}")))?;
-        Ok(enc.get_ids().to_vec())
+        self.encode_with(&self.inner, text, add_special)
     }
 
     /// A conversation as the model sees it before answering: the chat template with the
@@ -201,9 +196,17 @@ impl TextTokenizer {
 
     /// `text` with special tokens' texts encoded as plain text (what message content is).
     pub fn encode_as_text(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        self.encode_with(&self.text_only, text, add_special)
+    }
+
+    fn encode_with(
+        &self,
+        tokenizer: &tokenizers::Tokenizer,
+        text: &str,
+        add_special: bool,
+    ) -> Result<Vec<u32>> {
         self.check_length(text)?;
-        let enc = self
-            .text_only
+        let enc = tokenizer
             .encode(text, add_special)
             .map_err(|e| Error::Invalid(format!("tokenizer: cannot encode prompt: {e}")))?;
         Ok(enc.get_ids().to_vec())
