@@ -43,6 +43,16 @@ impl ApiError {
         }
     }
 
+    /// 413, whether the body said so in `Content-Length` or grew past the limit.
+    pub fn body_too_large() -> ApiError {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            None,
+            "the request body is larger than the server's limit (--max-body)",
+        )
+    }
+
     pub fn server(message: impl Into<String>) -> ApiError {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -68,18 +78,12 @@ impl From<axum::extract::rejection::JsonRejection> for ApiError {
         use axum::extract::rejection::JsonRejection as J;
         let status = match &r {
             J::BytesRejection(_) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                StatusCode::PAYLOAD_TOO_LARGE
+                return ApiError::body_too_large()
             }
             J::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             _ => StatusCode::BAD_REQUEST,
         };
-        let message = match status {
-            StatusCode::PAYLOAD_TOO_LARGE => {
-                "the request body is larger than the server's limit (--max-body)".to_string()
-            }
-            _ => r.body_text(),
-        };
-        ApiError::new(status, "invalid_request_error", None, message)
+        ApiError::new(status, "invalid_request_error", None, r.body_text())
     }
 }
 

@@ -87,13 +87,7 @@ pub fn router(st: St) -> Router {
 async fn read_body(State(st): State<St>, req: Request, next: Next) -> Response {
     let too_large = || {
         st.metrics.add("so8t_refused_total", "reason=\"body_too_large\"", 1.0);
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            None,
-            "the request body is larger than the server's limit (--max-body)",
-        )
-        .into_response()
+        ApiError::body_too_large().into_response()
     };
     let declared = req
         .headers()
