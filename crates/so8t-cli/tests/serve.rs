@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 fn root() -> PathBuf {
@@ -41,16 +41,22 @@ fn script(name: &str, args: &[&str], what: &str) -> Option<String> {
     }
 }
 
-/// The trained model, shared by the tests (built once into the cache).
-fn trained_model() -> Option<PathBuf> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    script(
+/// The trained model, shared by the tests (built once into the cache), and the machine.
+///
+/// Every test here runs a server on all the cores (`-t 2`) and waits on its answers, so
+/// the guard makes them take turns: two at once oversubscribe the cores, and candle's
+/// spinning worker threads then slow each server by far more than half (in CI the kill -9
+/// test got 10 answers in 120 s while the browser test ran beside it, and the browser
+/// test timed out).
+fn trained_model() -> Option<(PathBuf, MutexGuard<'static, ()>)> {
+    static MACHINE: Mutex<()> = Mutex::new(());
+    let guard = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    let model = script(
         "trained-smollm2.sh",
         &[env!("CARGO_BIN_EXE_so8t")],
         "SmolLM2-135M (for the trained SO8T model)",
-    )
-    .map(PathBuf::from)
+    )?;
+    Some((PathBuf::from(model), guard))
 }
 
 struct Server {
@@ -163,7 +169,7 @@ fn run_client(cmd: &mut Command, what: &str) -> String {
 /// request is refused, and typed control tokens cannot fake turns.
 #[test]
 fn run_allows_a_haiku_and_refuses_a_harmful_request() {
-    let Some(model) = trained_model() else { return };
+    let Some((model, _machine)) = trained_model() else { return };
     let decide = |prompt: &str| -> serde_json::Value {
         let out = Command::new(env!("CARGO_BIN_EXE_so8t"))
             .args(["run", "--model"])
@@ -198,7 +204,7 @@ fn run_allows_a_haiku_and_refuses_a_harmful_request() {
 
 #[test]
 fn openai_python_client_talks_to_the_server() {
-    let Some(model) = trained_model() else { return };
+    let Some((model, _machine)) = trained_model() else { return };
     let Some(python) = script("test-tools.sh", &["openai"], "the openai Python client") else {
         return;
     };
@@ -217,7 +223,7 @@ fn openai_python_client_talks_to_the_server() {
 
 #[test]
 fn chat_page_streams_coloured_tokens_in_headless_chromium() {
-    let Some(model) = trained_model() else { return };
+    let Some((model, _machine)) = trained_model() else { return };
     let Some(tools) = script(
         "test-tools.sh",
         &["browser"],
@@ -251,7 +257,7 @@ fn chat_page_streams_coloured_tokens_in_headless_chromium() {
 
 #[test]
 fn bad_requests_get_the_right_status_and_an_error_object() {
-    let Some(model) = trained_model() else { return };
+    let Some((model, _machine)) = trained_model() else { return };
     let s = Server::start(&model, &["--api-key", "k", "--max-body", "4096"]);
     let auth = [("Authorization", "Bearer k")];
     let chat = s.url("/v1/chat/completions");
@@ -430,7 +436,7 @@ fn open_stream(base: &str, body: &str) -> TcpStream {
 
 #[test]
 fn a_full_queue_answers_429_and_a_client_that_leaves_frees_its_slot() {
-    let Some(model) = trained_model() else { return };
+    let Some((model, _machine)) = trained_model() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let db = tmp.path().join("audit.sqlite");
     let s = Server::start(
@@ -510,7 +516,7 @@ fn a_full_queue_answers_429_and_a_client_that_leaves_frees_its_slot() {
 
 #[test]
 fn kill_9_under_load_leaves_a_sound_audit_log_with_every_answered_request() {
-    let Some(model) = trained_model() else { return };
+    let Some((model, _machine)) = trained_model() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let db = tmp.path().join("audit.sqlite");
     let mut s = Server::start(
@@ -678,7 +684,7 @@ fn read_until_closed(sock: &mut TcpStream, limit: Duration) -> (bool, String) {
 /// once, and /metrics counts what it refused.
 #[test]
 fn abusive_clients_cannot_starve_well_behaved_ones() {
-    let Some(model) = trained_model() else { return };
+    let Some((model, _machine)) = trained_model() else { return };
     let s = Server::start(
         &model,
         &["--read-timeout", "2", "--max-connections", "48", "--max-body", "4096", "--parallel", "2"],
