@@ -29,12 +29,18 @@ pub fn main(a: Args) -> Result<()> {
             );
         }
     }
-    let failed: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.name).collect();
+    // The error line carries each failure's detail: it is often the only line a script
+    // or a log keeps, and the detail names the file and the field.
+    let failed: Vec<String> = checks
+        .iter()
+        .filter(|c| !c.ok)
+        .map(|c| format!("{} ({})", c.name, c.detail))
+        .collect();
     if !failed.is_empty() {
         bail!(
             "{}: failed check(s): {}",
             a.path.display(),
-            failed.join(", ")
+            failed.join("; ")
         );
     }
     Ok(())

@@ -318,7 +318,8 @@ fn bench_beyond_the_context() {
 }
 
 /// Generators of 1e30 are finite, so they passed `validate` (NaN compares false) and
-/// `run` answered with NaN verdicts (issue 18): now both refuse them.
+/// `run` answered with NaN verdicts (issue 18): now every reader refuses them as damage
+/// (beyond `GENERATOR_LIMIT`), naming the adapter.
 #[test]
 fn huge_generators_are_refused_by_validate_and_run() {
     let tmp = tempfile::tempdir().unwrap();
@@ -349,5 +350,10 @@ fn huge_generators_are_refused_by_validate_and_run() {
     let r = so8t(&["run", "--model", dir.to_str().unwrap(), "--prompt", "hi", "-n", "1"]);
     let err = String::from_utf8_lossy(&r.stderr);
     assert_eq!(r.status.code(), Some(1), "{err}");
-    assert!(err.contains("not finite") && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("so8t_adapter.safetensors")
+            && err.contains("generators must be finite and within")
+            && !err.contains("panicked"),
+        "{err}"
+    );
 }

@@ -144,9 +144,9 @@ fn convert_validate_and_run_an_so8t_model() {
         .map(|c| c["name"].as_str().unwrap())
         .collect();
     for want in [
+        "base_finite",
         "base_checksum",
         "adapter_shapes",
-        "finite",
         "orthogonality",
         "determinant",
         "triality",

@@ -48,6 +48,7 @@ impl std::io::Write for Bounded {
     }
 }
 
+#[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos: String,

@@ -2,7 +2,7 @@
 //! One struct for every supported architecture; the differences between them are flags
 //! (spec §1), not separate model types.
 
-use crate::error::{Error, InFile, Result};
+use crate::error::{Error, Result};
 use serde::Deserialize;
 use std::path::Path;
 
@@ -190,6 +190,12 @@ impl ModelConfig {
     /// Checks the invariants the decoder relies on, so a bad file fails here with the
     /// field named instead of deep inside a matmul.
     pub fn validate(&self, path: &Path) -> Result<()> {
+        self.validate_fields(path, &|field| field.to_string())
+    }
+
+    /// As `validate`, naming each field as the file at `path` spells it (`field` maps a
+    /// `config.json` name to, say, its GGUF key).
+    pub fn validate_fields(&self, path: &Path, field: &dyn Fn(&str) -> String) -> Result<()> {
         let bad = |what: String| Err(Error::format(path, what));
         for (name, v) in [
             ("vocab_size", self.vocab_size),
@@ -199,48 +205,63 @@ impl ModelConfig {
             ("num_attention_heads", self.num_heads),
             ("num_key_value_heads", self.num_kv_heads),
             ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
         ] {
             if v == 0 {
-                return bad(format!("field `{name}` must be positive, got 0"));
+                return bad(format!("field `{}` must be positive, got 0", field(name)));
             }
             // Bounds well above any real model; they keep an edited header from sizing
-            // an allocation.
-            if v > (1 << 24) {
-                return bad(format!("field `{name}` = {v} is implausibly large"));
+            // an allocation. (A context is only a limit, never an allocation's size.)
+            if v > (1 << 24) && name != "max_position_embeddings" {
+                return bad(format!("field `{}` = {v} is implausibly large", field(name)));
             }
         }
         if self.num_layers > 1024 {
             return bad(format!(
-                "field `num_hidden_layers` = {} is implausibly large",
+                "field `{}` = {} is implausibly large",
+                field("num_hidden_layers"),
                 self.num_layers
             ));
         }
         if self.num_heads % self.num_kv_heads != 0 {
             return bad(format!(
-                "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
-                self.num_heads, self.num_kv_heads
+                "{} ({}) must be a multiple of {} ({})",
+                field("num_attention_heads"),
+                self.num_heads,
+                field("num_key_value_heads"),
+                self.num_kv_heads
             ));
         }
         if self.head_dim % 2 != 0 {
             return bad(format!(
-                "head_dim must be even for RoPE, got {}",
+                "{} must be even for RoPE, got {}",
+                field("head_dim"),
                 self.head_dim
             ));
         }
         // NaN, zero or negative here gives NaN logits, not an error, further on.
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return bad(format!("field `rope_theta` must be a positive number, got {}", self.rope_theta));
+            return bad(format!(
+                "field `{}` must be a positive number, got {}",
+                field("rope_theta"),
+                self.rope_theta
+            ));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
-            return bad(format!("field `rms_norm_eps` must be a positive number, got {}", self.rms_norm_eps));
+            return bad(format!(
+                "field `{}` must be a positive number, got {}",
+                field("rms_norm_eps"),
+                self.rms_norm_eps
+            ));
         }
         if let RopeScaling::Divisors(d) = &self.rope_scaling {
+            let name = field("rope_scaling");
             if let Some(x) = d.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
-                return bad(format!("rope_freqs must hold positive numbers, got {x}"));
+                return bad(format!("{name} must hold positive numbers, got {x}"));
             }
             if d.len() != self.head_dim / 2 {
                 return bad(format!(
-                    "rope_freqs has {} entries, expected head_dim/2 = {}",
+                    "{name} has {} entries, expected head_dim/2 = {}",
                     d.len(),
                     self.head_dim / 2
                 ));
@@ -255,7 +276,7 @@ impl ModelConfig {
     }
 
     pub fn from_hf_json(text: &str, path: &Path) -> Result<ModelConfig> {
-        let raw: HfConfig = serde_json::from_str(text).in_file(path)?;
+        let raw: HfConfig = crate::error::parse_json(text, path)?;
         let arch = Arch::parse(&raw.model_type).ok_or_else(|| {
             Error::format(
                 path,

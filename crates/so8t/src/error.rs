@@ -54,6 +54,24 @@ impl Error {
     }
 }
 
+/// A JSON settings file as `T`; the error names the file and the field at fault
+/// (`field `thresholds.unsafe`: invalid type: …`), which serde's own message does not.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
+    let de = &mut serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let at = e.path().to_string();
+        let msg = e.into_inner().to_string();
+        Error::format(
+            path,
+            if at == "." {
+                msg
+            } else {
+                format!("field `{at}`: {msg}")
+            },
+        )
+    })
+}
+
 /// Attaches a file to a lower-level error (candle, safetensors, serde).
 pub(crate) trait InFile<T> {
     fn in_file(self, path: &Path) -> Result<T>;

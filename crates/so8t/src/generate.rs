@@ -1,7 +1,7 @@
 //! The generation loop: prefill the prompt, then pick, stream and feed back one token at
 //! a time until an end-of-generation id, a stop string, or the token limit.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::load::Model;
 use crate::model::KvCache;
 use crate::sampling::{top_logprobs, Sampler, SamplingParams};
@@ -240,6 +240,17 @@ impl Sequence {
             .logits
             .take()
             .expect("logits are present until the sequence ends");
+        // NaN or Inf logits come from damaged weights (loading does not scan them, as
+        // llama.cpp does not): sampling from them would print a token chosen by nothing.
+        if let Some(x) = logits.iter().find(|x| !x.is_finite()) {
+            return Err(Error::format(
+                &model.path,
+                format!(
+                    "the model computed non-finite logits ({x}) at token {}: its weights hold NaN or Inf (`so8t validate` finds which)",
+                    self.tokens.len()
+                ),
+            ));
+        }
         let top = if self.req.top_logprobs > 0 {
             top_logprobs(&logits, self.req.top_logprobs)
         } else {

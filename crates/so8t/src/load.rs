@@ -174,7 +174,13 @@ impl Model {
             });
         }
         if let Some(s) = &m.so8t {
-            s.config.heads.check(m.config.num_layers, path)?;
+            // The file that holds the heads' settings, for the error.
+            let settings = if path.is_dir() {
+                path.join(if is_so8t_dir(path) { crate::so8::adapter::CONFIG_FILE } else { HEADS_FILE })
+            } else {
+                path.to_path_buf()
+            };
+            s.config.heads.check(m.config.num_layers, &settings)?;
             s.install_taps(&mut m.decoder)?;
         }
         Ok(m)
@@ -210,7 +216,7 @@ impl Model {
                     crate::files::SETTINGS_LIMIT,
                 )? {
                     Some(text) => {
-                        let g: GenerationDefaults = serde_json::from_str(&text).in_file(&gen_path)?;
+                        let g: GenerationDefaults = crate::error::parse_json(&text, &gen_path)?;
                         g.check()
                             .map_err(|b| Error::format(&gen_path, b.to_string()))?;
                         g

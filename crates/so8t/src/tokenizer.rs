@@ -5,7 +5,8 @@
 use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
 use serde_json::{json, Value};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// Token texts that llama.cpp treats as end-of-generation whatever their id.
 const EOG_TEXTS: &[&str] = &[
@@ -80,6 +81,10 @@ pub struct TextTokenizer {
     pub bos_text: String,
     pub eos_text: String,
     pub chat_template: Option<String>,
+    /// Where the template came from (file, field), for its errors.
+    template_origin: (PathBuf, &'static str),
+    /// The template, parsed on first use (once per model, not per request).
+    parsed_template: OnceLock<std::result::Result<crate::chat::ChatTemplate, String>>,
     /// Ids that end generation.
     pub eog: Vec<u32>,
 }
@@ -91,6 +96,7 @@ impl TextTokenizer {
         bos_text: String,
         eos_text: String,
         chat_template: Option<String>,
+        template_origin: (PathBuf, &'static str),
         eog: Vec<u32>,
     ) -> TextTokenizer {
         let mut text_only = inner.clone();
@@ -116,8 +122,31 @@ impl TextTokenizer {
             bos_text,
             eos_text,
             chat_template,
+            template_origin,
+            parsed_template: OnceLock::new(),
             eog,
         }
+    }
+
+    /// The chat template, parsed once; its errors (parsing here, rendering in the
+    /// callers) name the file and field it came from.
+    fn template(&self) -> Result<Option<&crate::chat::ChatTemplate>> {
+        let Some(src) = &self.chat_template else {
+            return Ok(None);
+        };
+        self.parsed_template
+            .get_or_init(|| {
+                crate::chat::ChatTemplate::new(src, &self.bos_text, &self.eos_text)
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map(Some)
+            .map_err(|e| self.template_error(e))
+    }
+
+    fn template_error(&self, e: impl std::fmt::Display) -> Error {
+        let (path, field) = &self.template_origin;
+        Error::format(path, format!("{field}: {e}"))
     }
 
     /// `add_special`: add BOS (and whatever the tokenizer's post-processor adds). Text
@@ -140,7 +169,7 @@ impl TextTokenizer {
     /// text is split at the special tokens left, and the pieces between them are encoded
     /// with the escapes removed and special-token matching off.
     pub fn chat_prompt(&self, messages: &[crate::chat::Message]) -> Result<ChatPrompt> {
-        let Some(src) = &self.chat_template else {
+        let Some(t) = self.template()? else {
             let text = messages
                 .last()
                 .map_or("", |m| m.content.as_str())
@@ -148,8 +177,9 @@ impl TextTokenizer {
             let ids = self.encode_as_text(&text, true)?;
             return Ok(ChatPrompt { text, ids });
         };
-        let t = crate::chat::ChatTemplate::new(src, &self.bos_text, &self.eos_text)?;
-        let escaped = t.render(&self.escape_messages(messages), true)?;
+        let escaped = t
+            .render(&self.escape_messages(messages), true)
+            .map_err(|e| self.template_error(e))?;
         let ids = self.encode_rendered(&escaped)?;
         Ok(ChatPrompt {
             text: unescape(&escaped),
@@ -170,17 +200,16 @@ impl TextTokenizer {
     /// Where a token straddles the content's end, the last token before it is taken.
     pub fn user_end_index(&self, messages: &[crate::chat::Message], ids: &[u32]) -> Result<usize> {
         const MARK: &str = "\u{E000}so8t-user-end\u{E001}";
-        let Some(src) = &self.chat_template else {
+        let Some(t) = self.template()? else {
             return Ok(ids.len().max(1) - 1);
         };
-        let t = crate::chat::ChatTemplate::new(src, &self.bos_text, &self.eos_text)?;
         let escaped = self.escape_messages(messages);
-        let text = t.render(&escaped, true)?;
+        let text = t.render(&escaped, true).map_err(|e| self.template_error(e))?;
         let mut marked = escaped;
         if let Some(last) = marked.last_mut() {
             last.content.push_str(MARK);
         }
-        let marked_text = t.render(&marked, true)?;
+        let marked_text = t.render(&marked, true).map_err(|e| self.template_error(e))?;
         let end = marked_text
             .find(MARK)
             .filter(|&e| text.get(..e) == marked_text.get(..e))
@@ -346,18 +375,34 @@ impl TextTokenizer {
                 _ => String::new(),
             }
         };
+        // As transformers reads it: a string, or a list of named templates of which
+        // "default" is used; anything else is a broken file, not a model without one.
         let mut chat_template = match &cfg["chat_template"] {
             Value::String(s) => Some(s.clone()),
-            // A list of named templates: use "default".
-            Value::Array(list) => list
-                .iter()
-                .find(|t| t["name"] == "default")
-                .and_then(|t| t["template"].as_str())
-                .map(str::to_string),
-            _ => None,
+            Value::Null => None,
+            Value::Array(list) => Some(
+                list.iter()
+                    .find(|t| t["name"] == "default")
+                    .and_then(|t| t["template"].as_str())
+                    .map(str::to_string)
+                    .ok_or_else(|| {
+                        Error::format(
+                            &cfg_path,
+                            "field `chat_template`: a list of templates needs one named \"default\" with a string `template`",
+                        )
+                    })?,
+            ),
+            other => {
+                return Err(Error::format(
+                    &cfg_path,
+                    format!("field `chat_template` must be a string or a list of named templates, got {other}"),
+                ))
+            }
         };
+        let mut template_origin = (cfg_path.clone(), "field `chat_template`");
         if chat_template.is_none() {
             chat_template = jinja;
+            template_origin = (dir.join("chat_template.jinja"), "template");
         }
         let bos_text = token_str("bos_token");
         let eos_text = token_str("eos_token");
@@ -376,12 +421,13 @@ impl TextTokenizer {
             bos_text,
             eos_text,
             chat_template,
+            template_origin,
             eog,
         ))
     }
 
     pub fn from_gguf(g: &GgufFile) -> Result<TextTokenizer> {
-        let model = g.opt_str("tokenizer.ggml.model").unwrap_or("");
+        let model = g.opt_str("tokenizer.ggml.model")?.unwrap_or("");
         if model != "gpt2" {
             return Err(Error::format(
                 &g.path,
@@ -401,7 +447,7 @@ impl TextTokenizer {
                 ),
             ));
         }
-        let pre = g.opt_str("tokenizer.ggml.pre").unwrap_or("default");
+        let pre = g.opt_str("tokenizer.ggml.pre")?.unwrap_or("default");
         let (regexes, ignore_merges, pre_add_bos) = pre_tokenizer(pre).ok_or_else(|| {
             Error::format(&g.path, format!("tokenizer.ggml.pre `{pre}` is not supported (known: gpt-2, default, llama-bpe, qwen2, smollm)"))
         })?;
@@ -423,10 +469,10 @@ impl TextTokenizer {
             .collect();
         pretok.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}));
         let bos = g
-            .opt_usize("tokenizer.ggml.bos_token_id")
+            .opt_usize("tokenizer.ggml.bos_token_id")?
             .and_then(|id| tokens.get(id).map(|t| (id as u32, t.to_string())));
         let add_bos = g
-            .opt_bool("tokenizer.ggml.add_bos_token")
+            .opt_bool("tokenizer.ggml.add_bos_token")?
             .unwrap_or(pre_add_bos);
         // BOS as transformers adds it, in the post-processor, so that the tokenizer saved
         // as tokenizer.json (convert) behaves the same.
@@ -460,18 +506,18 @@ impl TextTokenizer {
                     format!("cannot build tokenizer from tokenizer.ggml.*: {e}"),
                 )
             })?;
-        let id_text = |key: &str| {
-            g.opt_usize(key)
-                .and_then(|id| tokens.get(id).map(|t| (id as u32, t.to_string())))
+        let id_text = |key: &str| -> Result<Option<(u32, String)>> {
+            Ok(g.opt_usize(key)?
+                .and_then(|id| tokens.get(id).map(|t| (id as u32, t.to_string()))))
         };
-        let eos = id_text("tokenizer.ggml.eos_token_id");
+        let eos = id_text("tokenizer.ggml.eos_token_id")?;
         let mut eog: Vec<u32> = Vec::new();
         for key in [
             "tokenizer.ggml.eos_token_id",
             "tokenizer.ggml.eot_token_id",
             "tokenizer.ggml.eom_token_id",
         ] {
-            if let Some((id, _)) = id_text(key) {
+            if let Some((id, _)) = id_text(key)? {
                 eog.push(id);
             }
         }
@@ -485,7 +531,8 @@ impl TextTokenizer {
             bos.as_ref().map(|b| b.0),
             bos.map(|b| b.1).unwrap_or_default(),
             eos.map(|b| b.1).unwrap_or_default(),
-            g.opt_str("tokenizer.chat_template").map(str::to_string),
+            g.opt_str("tokenizer.chat_template")?.map(str::to_string),
+            (g.path.clone(), "metadata `tokenizer.chat_template`"),
             eog,
         ))
     }

@@ -166,15 +166,21 @@ fn validate_passes_a_fresh_conversion_and_catches_each_defect() {
     assert!(failed_checks(&dir).is_empty(), "{:?}", validate(&dir));
     let name = "layers.1.k.cmd.generators";
 
-    // The adapter stores generators, so a hand-written "rotation" that is not one can only
-    // arise numerically: a generator so large (1e12 → 44 squarings) that exp breaks down.
-    edit_adapter(&dir, |a| {
-        let g = a.generators[name].clone();
-        a.generators
-            .insert(name.into(), ((g * 0.0).unwrap() + 1.0e12).unwrap());
-    });
-    let failed = failed_checks(&dir);
-    assert!(failed.contains(&"orthogonality"), "{:?}", validate(&dir));
+    // The adapter stores generators, so a "rotation" that is not one can only arise
+    // numerically, from a generator so large that the f32 exponential breaks down (1e12).
+    // At the largest entry an adapter may hold (GENERATOR_LIMIT) the rotations are still
+    // orthogonal to validate's tolerance; beyond it the adapter is refused as damaged.
+    let set = |v: f32| {
+        edit_adapter(&dir, |a| {
+            let g = a.generators[name].clone();
+            a.generators
+                .insert(name.into(), ((g * 0.0).unwrap() + v as f64).unwrap());
+        })
+    };
+    set(so8t::so8::adapter::GENERATOR_LIMIT);
+    assert!(failed_checks(&dir).is_empty(), "{:?}", validate(&dir));
+    set(1.0e12);
+    assert_eq!(failed_checks(&dir), vec!["adapter_shapes"]);
 
     edit_adapter(&dir, |a| {
         a.generators.insert(
@@ -192,7 +198,7 @@ fn validate_passes_a_fresh_conversion_and_catches_each_defect() {
             Tensor::from_vec(v, (2, 28), &Device::Cpu).unwrap(),
         );
     });
-    assert_eq!(failed_checks(&dir), vec!["finite"]);
+    assert_eq!(failed_checks(&dir), vec!["adapter_shapes"]);
 
     let dir = converted("qwen3", &tmp, &random(4));
     let mut text = std::fs::read_to_string(dir.join("config.json")).unwrap();

@@ -48,41 +48,56 @@ impl GgufFile {
     }
 
     pub fn usize(&self, key: &str) -> Result<usize> {
-        let v = self
-            .get(key)
-            .ok_or_else(|| Error::format(&self.path, format!("missing metadata key `{key}`")))?;
-        value_usize(v).ok_or_else(|| {
-            Error::format(
-                &self.path,
-                format!("metadata `{key}` must be a non-negative integer"),
-            )
+        self.opt_usize(key)?
+            .ok_or_else(|| Error::format(&self.path, format!("missing metadata key `{key}`")))
+    }
+
+    /// A key's value if the file has it. A key present with another type is an error,
+    /// as in llama.cpp's loader: read as a default instead, an `f32` epsilon stored as
+    /// `u32` (its bits as an integer) or a head count stored as `f32` made a model that
+    /// loaded and computed garbage. Integers of any width are one type here (the value
+    /// must fit), floats of either width another.
+    pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        self.typed(key, "a non-negative integer", value_usize)
+    }
+
+    pub fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+        self.typed(key, "a float", |v| match v {
+            Value::F32(v) => Some(*v as f64),
+            Value::F64(v) => Some(*v),
+            _ => None,
         })
     }
 
-    pub fn opt_usize(&self, key: &str) -> Option<usize> {
-        self.get(key).and_then(value_usize)
-    }
-
-    pub fn opt_f64(&self, key: &str) -> Option<f64> {
-        match self.get(key)? {
-            Value::F32(v) => Some(*v as f64),
-            Value::F64(v) => Some(*v),
-            v => value_usize(v).map(|x| x as f64),
-        }
-    }
-
-    pub fn opt_str(&self, key: &str) -> Option<&str> {
-        match self.get(key)? {
+    pub fn opt_str(&self, key: &str) -> Result<Option<&str>> {
+        self.typed(key, "a string", |v| match v {
             Value::String(s) => Some(s.as_str()),
             _ => None,
-        }
+        })
     }
 
-    pub fn opt_bool(&self, key: &str) -> Option<bool> {
-        match self.get(key)? {
+    pub fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+        self.typed(key, "a bool", |v| match v {
             Value::Bool(b) => Some(*b),
             _ => None,
-        }
+        })
+    }
+
+    fn typed<'a, T>(
+        &'a self,
+        key: &str,
+        expected: &str,
+        read: impl FnOnce(&'a Value) -> Option<T>,
+    ) -> Result<Option<T>> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        read(v).map(Some).ok_or_else(|| {
+            Error::format(
+                &self.path,
+                format!("metadata `{key}` must be {expected}, got {}", value_kind(v)),
+            )
+        })
     }
 
     pub fn str_array(&self, key: &str) -> Result<Vec<&str>> {
@@ -135,7 +150,7 @@ impl GgufFile {
     }
 
     pub fn architecture(&self) -> Result<Arch> {
-        let name = self.opt_str("general.architecture").ok_or_else(|| {
+        let name = self.opt_str("general.architecture")?.ok_or_else(|| {
             Error::format(&self.path, "missing metadata key `general.architecture`")
         })?;
         Arch::parse(name).ok_or_else(|| {
@@ -146,6 +161,12 @@ impl GgufFile {
                 ),
             )
         })
+    }
+
+    pub fn tensor_names(&self) -> Vec<String> {
+        let mut n: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
+        n.sort();
+        n
     }
 
     pub fn tensor_shape(&self, name: &str) -> Option<&[usize]> {
@@ -179,7 +200,7 @@ impl GgufFile {
             .ok_or_else(|| Error::format(&self.path, "missing tensor `token_embd.weight`"))?;
         let vocab = embd[0];
         let head_dim = self
-            .opt_usize(&format!("{a}.attention.key_length"))
+            .opt_usize(&format!("{a}.attention.key_length"))?
             .unwrap_or(hidden / heads);
         let rope_scaling = if self.content.tensor_infos.contains_key("rope_freqs.weight") {
             let t = self
@@ -195,7 +216,7 @@ impl GgufFile {
             "tokenizer.ggml.eot_token_id",
             "tokenizer.ggml.eom_token_id",
         ] {
-            if let Some(id) = self.opt_usize(key) {
+            if let Some(id) = self.opt_usize(key)? {
                 if !eos.contains(&(id as u32)) {
                     eos.push(id as u32);
                 }
@@ -209,18 +230,22 @@ impl GgufFile {
             num_layers: self.usize(&format!("{a}.block_count"))?,
             num_heads: heads,
             num_kv_heads: self
-                .opt_usize(&format!("{a}.attention.head_count_kv"))
+                .opt_usize(&format!("{a}.attention.head_count_kv"))?
                 .unwrap_or(heads),
             head_dim,
-            rms_norm_eps: self
-                .opt_f64(&format!("{a}.attention.layer_norm_rms_epsilon"))
-                .unwrap_or(1e-6),
+            // Required, as llama.cpp requires it: no default fits every family.
+            rms_norm_eps: {
+                let key = format!("{a}.attention.layer_norm_rms_epsilon");
+                self.opt_f64(&key)?.ok_or_else(|| {
+                    Error::format(&self.path, format!("missing metadata key `{key}`"))
+                })?
+            },
             rope_theta: self
-                .opt_f64(&format!("{a}.rope.freq_base"))
+                .opt_f64(&format!("{a}.rope.freq_base"))?
                 .unwrap_or(10_000.0) as f32,
             rope_scaling,
             max_position_embeddings: self
-                .opt_usize(&format!("{a}.context_length"))
+                .opt_usize(&format!("{a}.context_length"))?
                 .unwrap_or(4096),
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             qkv_bias: self.content.tensor_infos.contains_key("blk.0.attn_q.bias"),
@@ -229,12 +254,20 @@ impl GgufFile {
                 .tensor_infos
                 .contains_key("blk.0.attn_q_norm.weight"),
             bos_token_id: self
-                .opt_usize("tokenizer.ggml.bos_token_id")
+                .opt_usize("tokenizer.ggml.bos_token_id")?
                 .map(|v| v as u32),
             eos_token_ids: eos,
         };
-        cfg.validate(&self.path)?;
+        cfg.validate_fields(&self.path, &|field| gguf_key(a, field))?;
         Ok(cfg)
+    }
+}
+
+fn value_kind(v: &Value) -> String {
+    match v {
+        Value::Array(items) => format!("an array of {}", items.len()),
+        Value::String(_) => "a string".into(),
+        v => format!("{:?}", v.value_type()).to_lowercase(),
     }
 }
 
@@ -249,6 +282,24 @@ fn value_usize(v: &Value) -> Option<usize> {
         Value::I32(x) => usize::try_from(x).ok(),
         Value::I64(x) => usize::try_from(x).ok(),
         _ => None,
+    }
+}
+
+/// The GGUF key that holds a `config.json` field, for errors about a GGUF's values.
+fn gguf_key(arch: &str, hf_field: &str) -> String {
+    match hf_field {
+        "vocab_size" => "token_embd.weight".into(),
+        "hidden_size" => format!("{arch}.embedding_length"),
+        "intermediate_size" => format!("{arch}.feed_forward_length"),
+        "num_hidden_layers" => format!("{arch}.block_count"),
+        "num_attention_heads" => format!("{arch}.attention.head_count"),
+        "num_key_value_heads" => format!("{arch}.attention.head_count_kv"),
+        "head_dim" => format!("{arch}.attention.key_length"),
+        "rope_theta" => format!("{arch}.rope.freq_base"),
+        "rms_norm_eps" => format!("{arch}.attention.layer_norm_rms_epsilon"),
+        "max_position_embeddings" => format!("{arch}.context_length"),
+        "rope_scaling" => "rope_freqs.weight".into(),
+        other => other.into(),
     }
 }
 

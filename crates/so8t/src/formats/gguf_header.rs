@@ -17,7 +17,6 @@ const DEFAULT_ALIGNMENT: u64 = 32;
 struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
-    v1: bool,
 }
 
 type Res<T> = std::result::Result<T, String>;
@@ -50,13 +49,9 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(self.array(what)?))
     }
 
-    /// A count or length: u32 in v1, u64 after.
+    /// A count or length.
     fn len(&mut self, what: &str) -> Res<u64> {
-        if self.v1 {
-            self.u32(what).map(u64::from)
-        } else {
-            self.u64(what)
-        }
+        self.u64(what)
     }
 
     fn left(&self) -> u64 {
@@ -95,8 +90,8 @@ impl<'a> Reader<'a> {
                     2 | 3 => 2,
                     4..=6 => 4,
                     10..=12 => 8,
-                    8 => if self.v1 { 4 } else { 8 },
-                    9 => if self.v1 { 8 } else { 12 },
+                    8 => 8,
+                    9 => 12,
                     t => return Err(format!("{what}: unknown array item type {t}")),
                 };
                 if n.saturating_mul(min) > self.left() {
@@ -143,7 +138,7 @@ fn dtype(t: u32) -> Option<GgmlDType> {
 
 /// The header of the GGUF file `bytes`; errors name the field.
 pub fn read(bytes: &[u8]) -> Res<Content> {
-    let mut r = Reader { bytes, pos: 0, v1: false };
+    let mut r = Reader { bytes, pos: 0 };
     let magic = r.array::<4>("magic")?;
     if &magic != b"GGUF" {
         return Err(if &magic == b"FUGG" {
@@ -153,13 +148,14 @@ pub fn read(bytes: &[u8]) -> Res<Content> {
         });
     }
     let version = r.u32("version")?;
+    // Version 1 (u32 counts) is refused, as llama.cpp refuses it: nothing has written
+    // it since 2023, and a reader nobody exercises is attack surface.
     let magic = match version {
-        1 => VersionedMagic::GgufV1,
         2 => VersionedMagic::GgufV2,
         3 => VersionedMagic::GgufV3,
-        v => return Err(format!("version is {v}, expected 1, 2 or 3")),
+        1 => return Err("version is 1, which is no longer supported (as in llama.cpp); expected 2 or 3".into()),
+        v => return Err(format!("version is {v}, expected 2 or 3")),
     };
-    r.v1 = version == 1;
     let n_tensors = r.len("tensor_count")?;
     let n_kv = r.len("metadata_kv_count")?;
     // A key/value pair takes at least 13 bytes (v2+), a tensor entry at least 24.

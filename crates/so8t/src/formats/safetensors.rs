@@ -124,10 +124,20 @@ impl SafetensorsStore {
         n
     }
 
+    /// The file that holds tensor `name` (for errors about its values).
+    pub fn file_holding(&self, name: &str) -> Option<&Path> {
+        self.entries.get(name).map(|e| self.file_of(e))
+    }
+
     fn entry(&self, name: &str) -> Result<&Entry> {
         self.entries.get(name).ok_or_else(|| {
+            // The one file, or the directory of the shards.
+            let at = match self.files.as_slice() {
+                [(path, _)] => path.as_path(),
+                _ => self.dir.as_path(),
+            };
             Error::format(
-                &self.dir,
+                at,
                 format!("tensor `{name}` not found in the safetensors files"),
             )
         })

@@ -4,7 +4,7 @@
 use super::algebra::N_GEN;
 use super::gates::{site_rotation, Granularity, SiteShape};
 use crate::config::ModelConfig;
-use crate::error::{Error, InFile, Result};
+use crate::error::{Error, Result};
 use crate::model::{BlockRotation, Decoder, Site};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -160,6 +160,27 @@ impl HeadsConfig {
     }
 }
 
+/// Largest generator entry an adapter may hold. A generator entry is an angle in
+/// radians (spec §3) and training moves it by fractions of one; f32 resolves an angle of
+/// 1e4 only to about 1e-3, so a larger entry carries nothing a trained one would: the
+/// file is damaged. (The exponential itself stays orthogonal to 3e-7 up to 1e8 and breaks
+/// down by 1e12, which is what `bake` used to write without a word.)
+pub const GENERATOR_LIMIT: f32 = 1e4;
+
+/// Factor names become tensor names (`layers.L.SITE.FACTOR.generators`): identifiers,
+/// each once.
+pub fn check_factors(factors: &[String]) -> std::result::Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    match factors.iter().find(|f| {
+        f.is_empty()
+            || !f.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            || !seen.insert(f.as_str())
+    }) {
+        Some(f) => Err(format!("factors must be distinct identifiers, got `{f}`")),
+        None => Ok(()),
+    }
+}
+
 /// Which token of a prompt carries its verdict (spec §5).
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -199,7 +220,7 @@ impl So8tConfig {
     pub fn read(dir: &Path) -> Result<So8tConfig> {
         let path = dir.join(CONFIG_FILE);
         let text = crate::files::read_text(&path, crate::files::SETTINGS_LIMIT)?;
-        let c: So8tConfig = serde_json::from_str(&text).in_file(&path)?;
+        let c: So8tConfig = crate::error::parse_json(&text, &path)?;
         if c.version != FORMAT_VERSION {
             return Err(Error::format(
                 &path,
@@ -222,16 +243,21 @@ impl So8tConfig {
                 "factors must name at least one factor",
             ));
         }
+        check_factors(&self.factors).map_err(|e| Error::format(path, e))?;
         let t = &self.thresholds;
-        if let Some(bad) = t
-            .prompt()
+        let named = [
+            ("unsafe", Some(t.unsafe_)),
+            ("escalate", Some(t.escalate)),
+            ("response_unsafe", t.response_unsafe),
+            ("response_escalate", t.response_escalate),
+        ];
+        if let Some((name, Some(bad))) = named
             .into_iter()
-            .chain(t.response())
-            .find(|p| !(0.0..=1.0).contains(p))
+            .find(|(_, p)| p.is_some_and(|p| !(0.0..=1.0).contains(&p)))
         {
             return Err(Error::format(
                 path,
-                format!("thresholds must be probabilities in [0, 1], got {bad}"),
+                format!("thresholds.{name} must be a probability in [0, 1], got {bad}"),
             ));
         }
         if t.consecutive == 0 {
@@ -607,8 +633,12 @@ impl Adapter {
     }
 
     /// Every tensor's shape against the base config; names each mismatch.
+    /// The adapter at `path` against the base and the settings beside it (whose layer
+    /// choices are checked here too: every reader of an SO8T directory comes through).
     pub fn check_shapes(&self, model: &ModelConfig, cfg: &So8tConfig, path: &Path) -> Result<()> {
-        self.heads.check_shapes(model.hidden_size, path)?;
+        cfg.heads
+            .check(model.num_layers, &path.with_file_name(CONFIG_FILE))?;
+        self.heads.check(model.hidden_size, path)?;
         let mut expected = 0;
         for l in 0..model.num_layers {
             for &site in &cfg.sites {
@@ -626,6 +656,17 @@ impl Adapter {
                                 "tensor `{name}` has shape {:?}, expected [{n}, {N_GEN}]",
                                 t.dims()
                             ),
+                        ));
+                    }
+                    let big = t
+                        .flatten_all()?
+                        .to_vec1::<f32>()?
+                        .into_iter()
+                        .find(|x| !(x.abs() <= GENERATOR_LIMIT));
+                    if let Some(x) = big {
+                        return Err(Error::format(
+                            path,
+                            format!("tensor `{name}` holds {x}: generators must be finite and within ±{GENERATOR_LIMIT}"),
                         ));
                     }
                     expected += 1;

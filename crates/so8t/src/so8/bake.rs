@@ -175,7 +175,7 @@ pub fn read_heads(dir: &Path) -> Result<(Heads, So8tConfig)> {
         .as_ref()
         .and_then(|m| m.get(CONFIG_KEY))
         .ok_or_else(|| Error::format(&path, format!("metadata `{CONFIG_KEY}` missing")))?;
-    let cfg: So8tConfig = serde_json::from_str(cfg_json).in_file(&path)?;
+    let cfg: So8tConfig = crate::error::parse_json(cfg_json, &path)?;
     cfg.check(&path)?;
     let t =
         candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu).in_file(&path)?;

@@ -55,22 +55,15 @@ pub fn convert(base: &Path, out: &Path, opts: &ConvertOptions) -> Result<So8tCon
             "convert needs at least one site and one factor".into(),
         ));
     }
-    let mut seen = std::collections::HashSet::new();
-    for f in &opts.factors {
-        if f.is_empty()
-            || !f.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            || !seen.insert(f)
-        {
-            return Err(Error::Invalid(format!(
-                "factor names must be distinct identifiers, got `{f}`"
-            )));
-        }
-    }
+    super::adapter::check_factors(&opts.factors).map_err(Error::Invalid)?;
     let staging = StagingDir::new(out, opts.force)?;
     let tmp_path = staging.path().to_path_buf();
 
     let arch = match open_source(base)? {
-        Source::Hf { dir, config, .. } => {
+        Source::Hf { dir, config, fp8_block } => {
+            // The weight files' headers and tensor table (offsets, sizes, dtypes) must hold
+            // before they are copied and their checksum recorded as the base.
+            crate::formats::safetensors::SafetensorsStore::open(&dir, fp8_block)?;
             copy_base_files(&dir, &tmp_path)?;
             config.arch
         }

@@ -5,7 +5,7 @@
 use super::adapter::{Adapter, Heads, So8tConfig};
 use super::bake::read_heads;
 use crate::config::{Arch, ModelConfig, RopeScaling};
-use crate::error::{Error, InFile, Result};
+use crate::error::{Error, Result};
 use crate::formats::gguf::{gguf_name, GgufFile, GgufStore};
 use crate::formats::gguf_write::{write, Meta, PlannedTensor};
 use crate::formats::safetensors::SafetensorsStore;
@@ -473,10 +473,10 @@ fn so8t_metadata(h: &Heads, c: &So8tConfig, n_layers: usize) -> Result<Vec<(Stri
 
 /// Heads and SO8T config from an exported GGUF's `so8t.*` metadata, if any.
 pub fn read_gguf_heads(g: &GgufFile, hidden: usize) -> Result<Option<(Heads, So8tConfig)>> {
-    let Some(cfg_json) = g.opt_str("so8t.config") else {
+    let Some(cfg_json) = g.opt_str("so8t.config")? else {
         return Ok(None);
     };
-    let cfg: So8tConfig = serde_json::from_str(cfg_json).in_file(&g.path)?;
+    let cfg: So8tConfig = crate::error::parse_json(cfg_json, &g.path)?;
     cfg.check(&g.path)?;
     let arr = |key: &str, len: usize| -> Result<Tensor> {
         let v = g.f32_array(key).ok_or_else(|| {

@@ -20,6 +20,10 @@ pub struct ModelfileOptions<'a> {
 
 pub fn modelfile(gguf: &Path, opts: &ModelfileOptions) -> Result<String> {
     let g = GgufFile::open(gguf)?;
+    // A Modelfile for a file Ollama cannot load helps nobody: the model's settings are
+    // checked as every loader checks them (the tensors' shapes are not: that needs the
+    // decoder's layout, and loading a large model only to write a text file is too slow).
+    g.config()?;
     let tok = TextTokenizer::from_gguf(&g)?;
     let src = tok
         .chat_template

@@ -48,6 +48,21 @@ pub fn validate(path: &Path) -> Vec<Check> {
             return out;
         }
     }
+    match non_finite_weights(path) {
+        Ok(bad) if bad.is_empty() => out.push(check("base_finite", true, "no NaN or Inf in the weights")),
+        Ok(bad) => {
+            out.push(check(
+                "base_finite",
+                false,
+                format!("NaN or Inf in {}", bad.join(", ")),
+            ));
+            return out;
+        }
+        Err(e) => {
+            out.push(check("base_finite", false, e.to_string()));
+            return out;
+        }
+    }
     let model_cfg = base.as_ref().unwrap().config.clone();
     if !is_so8t_dir(path) {
         if path.is_file() {
@@ -146,7 +161,7 @@ pub fn validate(path: &Path) -> Vec<Check> {
             "adapter_shapes",
             true,
             format!(
-                "{} generator tensors and 2 heads match the base config",
+                "{} generator tensors and 2 heads match the base config, all finite and in range",
                 adapter.generators.len()
             ),
         )),
@@ -155,37 +170,6 @@ pub fn validate(path: &Path) -> Vec<Check> {
             return out;
         }
     }
-    let mut bad = Vec::new();
-    let mut all: Vec<(String, &candle_core::Tensor)> = adapter
-        .generators
-        .iter()
-        .map(|(k, v)| (k.clone(), v))
-        .collect();
-    all.extend(adapter.heads.tensors().map(|(n, t)| (n.to_string(), t)));
-    all.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, t) in &all {
-        let v = t
-            .flatten_all()
-            .and_then(|t| t.to_vec1::<f32>())
-            .unwrap_or_default();
-        if v.iter().any(|x| !x.is_finite()) {
-            bad.push(name.clone());
-        }
-    }
-    let finite = bad.is_empty();
-    out.push(check(
-        "finite",
-        finite,
-        if finite {
-            "no NaN or Inf".to_string()
-        } else {
-            format!("NaN or Inf in {}", bad.join(", "))
-        },
-    ));
-    if !finite {
-        return out;
-    }
-
     // Rotations as the runtime applies them (f32), per site, factors composed.
     let (mut worst_orth, mut worst_det, mut where_orth, mut where_det) =
         (0f64, 0f64, String::new(), String::new());
@@ -301,4 +285,34 @@ pub fn triality_residual(g: &[f64]) -> f64 {
         }
     }
     worst
+}
+
+/// Every weight of the base model at `path` (GGUF or HF safetensors, quantised blocks
+/// dequantised) that holds a NaN or an Inf, as `FILE: tensor `NAME``. Loading does not
+/// scan the weights (a cost at every start, as llama.cpp decides too, unless
+/// `--check-tensors`); `validate` is where a damaged file is found.
+fn non_finite_weights(path: &Path) -> crate::error::Result<Vec<String>> {
+    let mut bad = Vec::new();
+    let mut scan = |file: &Path, name: &str, values: Vec<f32>| {
+        if values.iter().any(|x| !x.is_finite()) {
+            bad.push(format!("{}: tensor `{name}`", file.display()));
+        }
+    };
+    match crate::load::open_source(path)? {
+        crate::load::Source::Gguf(g) => {
+            for name in g.tensor_names() {
+                let t = g.qtensor(&name)?.dequantize(&candle_core::Device::Cpu)?;
+                scan(path, &name, t.flatten_all()?.to_vec1::<f32>()?);
+            }
+        }
+        crate::load::Source::Hf { dir, fp8_block, .. } => {
+            let store = crate::formats::safetensors::SafetensorsStore::open(&dir, fp8_block)?;
+            for name in store.names() {
+                let t = store.load_f32(&name)?;
+                let file = store.file_holding(&name).unwrap_or(path).to_path_buf();
+                scan(&file, &name, t.flatten_all()?.to_vec1::<f32>()?);
+            }
+        }
+    }
+    Ok(bad)
 }
