@@ -356,6 +356,9 @@ def hf_cases():
     case("config.json model_type unknown", "hf", [{"file": c, "json_set": ["model_type"], "value": "gpt99"}], every,
          "gpt99")
     case("config.json not JSON", "hf", [{"file": c, "text": "{\"hidden_size\": 64,"}], every, "config.json")
+    original = open(os.path.join(FIX, "tiny-qwen2", c)).read()
+    case("config.json with text after the object", "hf", [{"file": c, "text": original + " {}"}], every,
+         "trailing characters")
     case("config.json empty", "hf", [{"file": c, "text": ""}], every, "config.json")
     case("config.json an array", "hf", [{"file": c, "text": "[1, 2, 3]"}], every, "config.json")
     case("config.json missing", "hf", [{"file": c, "delete": True}], every, "config.json")

@@ -378,6 +378,13 @@ pub fn main(a: Args) -> Result<()> {
         &dir.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
+    // What every reader will check, checked before the result replaces anything (a
+    // diverged run must not swap a good directory for one nobody can open).
+    adapter.check_shapes(
+        &model.config,
+        &config,
+        &dest.target.join(so8t::so8::adapter::ADAPTER_FILE),
+    )?;
     dest.finish(&adapter, &config)?;
     let out = &dest.target;
     println!("{}", serde_json::to_string_pretty(&summary)?);

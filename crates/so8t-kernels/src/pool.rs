@@ -11,7 +11,7 @@
 //! costs a scheduler time slice per job, hundreds per token (decoding ran at a quarter of
 //! its speed beside one busy process). Now the caller does the work itself instead.
 
-use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,8 @@ struct Shared {
     next: AtomicUsize,
     done: AtomicUsize,
     sleepers: AtomicUsize,
+    /// A task panicked on a worker during the current job (read by the caller after it).
+    panicked: AtomicBool,
     sleep: Mutex<()>,
     wake: Condvar,
 }
@@ -75,6 +77,7 @@ impl Pool {
             next: AtomicUsize::new(0),
             done: AtomicUsize::new(0),
             sleepers: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
             sleep: Mutex::new(()),
             wake: Condvar::new(),
         }));
@@ -102,9 +105,14 @@ impl Pool {
             (0..tasks).for_each(f);
             return;
         }
-        let Ok(_guard) = self.submit.try_lock() else {
-            (0..tasks).for_each(f);
-            return;
+        // Poisoned only by a task's panic, which `Finish` has already cleaned up after.
+        let _guard = match self.submit.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                (0..tasks).for_each(f);
+                return;
+            }
         };
         let s = self.shared;
         let job: *const &Task = &f;
@@ -112,6 +120,7 @@ impl Pool {
         s.tasks.store(tasks, Relaxed);
         s.next.store(0, Relaxed);
         s.done.store(0, Relaxed);
+        s.panicked.store(false, Relaxed);
         // New generation, nobody joined, open: publishes the fields above to joiners.
         let next = (generation(s.state.load(Relaxed)) + 1) << GENERATION;
         s.state.store(next, SeqCst);
@@ -119,7 +128,22 @@ impl Pool {
             let _l = s.sleep.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
         }
+        // Closes the job and waits for the workers that joined it, also when a task
+        // panics on this thread: they read `f`, which must outlive them.
+        let finish = Finish(s);
         drain(s, f);
+        drop(finish);
+        if s.panicked.swap(false, Relaxed) {
+            panic!("a task of the thread pool panicked on a worker thread");
+        }
+    }
+}
+
+struct Finish(&'static Shared);
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        let s = self.0;
         let joined = (s.state.fetch_or(CLOSED, AcqRel) & JOINED) as usize;
         let mut polls = 0u32;
         while s.done.load(Acquire) < joined {
@@ -204,7 +228,12 @@ fn worker(s: &'static Shared) {
         // SAFETY: the job was open when this worker joined it, so the caller waits for
         // this worker's `done` before it returns and the closure is dropped.
         let f: &Task = unsafe { *(s.job.load(Relaxed) as *const &Task) };
-        drain(s, f);
+        // A panicking task must still count as done (or the caller waits forever) and
+        // must not kill the worker; the caller re-raises it.
+        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drain(s, f))).is_ok();
+        if !ok {
+            s.panicked.store(true, Relaxed);
+        }
         s.done.fetch_add(1, Release);
     }
 }
@@ -236,5 +265,28 @@ mod tests {
             }
         });
         assert!(data.iter().enumerate().all(|(i, &x)| x == i as u32));
+    }
+
+    /// A panicking task, on whichever thread it runs, reaches the caller as a panic once
+    /// every joined worker is done; the pool keeps working afterwards.
+    #[test]
+    fn a_panicking_task_reaches_the_caller_and_the_pool_survives() {
+        let pool = Pool::new(3);
+        for _ in 0..50 {
+            let r = std::panic::catch_unwind(|| {
+                pool.run(64, &|t| {
+                    if t % 7 == 3 {
+                        panic!("task {t}");
+                    }
+                    std::hint::black_box(t);
+                })
+            });
+            assert!(r.is_err());
+        }
+        let sum = AtomicUsize::new(0);
+        pool.run(100, &|t| {
+            sum.fetch_add(t, Relaxed);
+        });
+        assert_eq!(sum.load(Relaxed), 4950);
     }
 }

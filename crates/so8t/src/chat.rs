@@ -48,11 +48,18 @@ impl std::io::Write for Bounded {
     }
 }
 
+/// Prefix of the errors a template raises on purpose about the messages
+/// (`raise_exception("Conversation roles must alternate…")`): the request's fault, not
+/// the template's, so they are reported without the template's file.
+const RAISED: &str = "the chat template refused the messages: ";
+
 #[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos: String,
     eos: String,
+    /// The file and field the template came from, named in errors that are its fault.
+    origin: Option<(std::path::PathBuf, &'static str)>,
 }
 
 impl ChatTemplate {
@@ -67,7 +74,7 @@ impl ChatTemplate {
             |msg: String| -> std::result::Result<Value, minijinja::Error> {
                 Err(minijinja::Error::new(
                     minijinja::ErrorKind::InvalidOperation,
-                    msg,
+                    format!("{RAISED}{msg}"),
                 ))
             },
         );
@@ -83,7 +90,23 @@ impl ChatTemplate {
             env,
             bos: bos.to_string(),
             eos: eos.to_string(),
+            origin: None,
         })
+    }
+
+    /// As [`ChatTemplate::new`], for a template read from `path`'s `field`: its parse
+    /// errors and the render errors that are its fault (fuel, output size, recursion, a
+    /// bad expression) name them; errors it raises about the messages do not.
+    pub fn from_file(
+        source: &str,
+        bos: &str,
+        eos: &str,
+        path: &std::path::Path,
+        field: &'static str,
+    ) -> Result<ChatTemplate> {
+        let mut t = Self::new(source, bos, eos).map_err(|e| Error::format(path, format!("{field}: {e}")))?;
+        t.origin = Some((path.to_path_buf(), field));
+        Ok(t)
     }
 
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
@@ -111,7 +134,12 @@ impl ChatTemplate {
                 }
                 _ => e.to_string(),
             };
-            Error::Invalid(format!("chat template failed: {why}"))
+            match &self.origin {
+                Some((path, field)) if !e.detail().is_some_and(|d| d.starts_with(RAISED)) => {
+                    Error::format(path, format!("{field}: chat template failed: {why}"))
+                }
+                _ => Error::Invalid(format!("chat template failed: {why}")),
+            }
         })?;
         String::from_utf8(out.0)
             .map_err(|_| Error::Invalid("chat template failed: output is not UTF-8".into()))
@@ -262,6 +290,26 @@ fn partial_suffix(s: &str, tag: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Errors that are the template's fault name its file; what it raises about the
+    /// messages is the request's fault and names no file (the server sends it to clients).
+    #[test]
+    fn template_errors_name_the_file_only_when_the_template_is_at_fault() {
+        let path = std::path::Path::new("/models/m/tokenizer_config.json");
+        let looping = "{% for a in range(100000000) %}{% for b in range(100000000) %}x{% endfor %}{% endfor %}";
+        let t = ChatTemplate::from_file(looping, "", "", path, "field `chat_template`").unwrap();
+        let e = t.render(&[Message::new("user", "hi")], true).unwrap_err().to_string();
+        assert!(e.contains("tokenizer_config.json: field `chat_template`"), "{e}");
+        let raising = "{{ raise_exception('roles must alternate') }}";
+        let t = ChatTemplate::from_file(raising, "", "", path, "field `chat_template`").unwrap();
+        let e = t.render(&[Message::new("user", "hi")], true).unwrap_err().to_string();
+        assert!(e.contains("roles must alternate") && !e.contains("/models/"), "{e}");
+        let e = ChatTemplate::from_file("{% for %}", "", "", path, "field `chat_template`")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("tokenizer_config.json: field `chat_template`: chat template does not parse"), "{e}");
+    }
 
     /// Hostile templates end with an error naming the limit, in bounded time and memory
     /// (issue 18: a nested loop wedged the server).

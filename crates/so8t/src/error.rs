@@ -57,8 +57,8 @@ impl Error {
 /// A JSON settings file as `T`; the error names the file and the field at fault
 /// (`field `thresholds.unsafe`: invalid type: …`), which serde's own message does not.
 pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
-    let de = &mut serde_json::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let at = e.path().to_string();
         let msg = e.into_inner().to_string();
         Error::format(
@@ -69,7 +69,10 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(text: &str, path: &Path
                 format!("field `{at}`: {msg}")
             },
         )
-    })
+    })?;
+    // What `serde_json::from_str` also refuses: anything after the value.
+    de.end().map_err(|e| Error::format(path, e.to_string()))?;
+    Ok(value)
 }
 
 /// Attaches a file to a lower-level error (candle, safetensors, serde).
@@ -80,5 +83,35 @@ pub(crate) trait InFile<T> {
 impl<T, E: std::fmt::Display> InFile<T> for std::result::Result<T, E> {
     fn in_file(self, path: &Path) -> Result<T> {
         self.map_err(|e| Error::format(path, e.to_string().lines().next().unwrap_or_default()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Settings {
+        thresholds: Thresholds,
+    }
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Thresholds {
+        unsafe_: f32,
+    }
+
+    #[test]
+    fn json_errors_name_the_field_and_trailing_text_is_refused() {
+        let p = Path::new("so8t_config.json");
+        let e = parse_json::<Settings>(r#"{"thresholds": {"unsafe_": "high"}}"#, p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("so8t_config.json") && e.contains("field `thresholds.unsafe_`"), "{e}");
+        let e = parse_json::<Settings>(r#"{"thresholds": {"unsafe_": 0.5}} {"#, p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("trailing characters"), "{e}");
+        assert!(parse_json::<Settings>(r#" {"thresholds": {"unsafe_": 0.5}} "#, p).is_ok());
     }
 }

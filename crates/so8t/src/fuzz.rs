@@ -35,7 +35,7 @@ pub fn gguf(bytes: &[u8]) {
         return;
     };
     let Ok(config) = g.config() else { return };
-    let _ = crate::so8::export::read_gguf_heads(&g, config.hidden_size);
+    let _ = crate::so8::export::read_gguf_heads(&g, &config);
     if let Ok(tok) = TextTokenizer::from_gguf(&g)
         .and_then(|t| t.for_model(config.vocab_size, config.max_position_embeddings, Path::new(NAME)))
     {

@@ -146,7 +146,7 @@ impl Model {
         let mut m = Self::from_source(source)?;
         if let Some(g) = gguf {
             if let Some((heads, config)) =
-                crate::so8::export::read_gguf_heads(&g, m.config.hidden_size)?
+                crate::so8::export::read_gguf_heads(&g, &m.config)?
             {
                 m.so8t = Some(So8tState {
                     config,
@@ -165,22 +165,15 @@ impl Model {
                 baked: false,
             });
         } else if path.is_dir() && path.join(HEADS_FILE).exists() {
-            let (heads, config) = read_heads(path)?;
-            heads.check(m.config.hidden_size, &path.join(HEADS_FILE))?;
+            let (heads, config) = read_heads(path, &m.config)?;
             m.so8t = Some(So8tState {
                 config,
                 heads,
                 baked: true,
             });
         }
+        // Every reader above has checked the heads against the model.
         if let Some(s) = &m.so8t {
-            // The file that holds the heads' settings, for the error.
-            let settings = if path.is_dir() {
-                path.join(if is_so8t_dir(path) { crate::so8::adapter::CONFIG_FILE } else { HEADS_FILE })
-            } else {
-                path.to_path_buf()
-            };
-            s.config.heads.check(m.config.num_layers, &settings)?;
             s.install_taps(&mut m.decoder)?;
         }
         Ok(m)

@@ -134,19 +134,15 @@ impl TextTokenizer {
         let Some(src) = &self.chat_template else {
             return Ok(None);
         };
+        let (path, field) = &self.template_origin;
         self.parsed_template
             .get_or_init(|| {
-                crate::chat::ChatTemplate::new(src, &self.bos_text, &self.eos_text)
+                crate::chat::ChatTemplate::from_file(src, &self.bos_text, &self.eos_text, path, field)
                     .map_err(|e| e.to_string())
             })
             .as_ref()
             .map(Some)
-            .map_err(|e| self.template_error(e))
-    }
-
-    fn template_error(&self, e: impl std::fmt::Display) -> Error {
-        let (path, field) = &self.template_origin;
-        Error::format(path, format!("{field}: {e}"))
+            .map_err(|e| Error::Invalid(e.clone()))
     }
 
     /// `add_special`: add BOS (and whatever the tokenizer's post-processor adds). Text
@@ -177,9 +173,7 @@ impl TextTokenizer {
             let ids = self.encode_as_text(&text, true)?;
             return Ok(ChatPrompt { text, ids });
         };
-        let escaped = t
-            .render(&self.escape_messages(messages), true)
-            .map_err(|e| self.template_error(e))?;
+        let escaped = t.render(&self.escape_messages(messages), true)?;
         let ids = self.encode_rendered(&escaped)?;
         Ok(ChatPrompt {
             text: unescape(&escaped),
@@ -204,12 +198,12 @@ impl TextTokenizer {
             return Ok(ids.len().max(1) - 1);
         };
         let escaped = self.escape_messages(messages);
-        let text = t.render(&escaped, true).map_err(|e| self.template_error(e))?;
+        let text = t.render(&escaped, true)?;
         let mut marked = escaped;
         if let Some(last) = marked.last_mut() {
             last.content.push_str(MARK);
         }
-        let marked_text = t.render(&marked, true).map_err(|e| self.template_error(e))?;
+        let marked_text = t.render(&marked, true)?;
         let end = marked_text
             .find(MARK)
             .filter(|&e| text.get(..e) == marked_text.get(..e))
@@ -380,18 +374,13 @@ impl TextTokenizer {
         let mut chat_template = match &cfg["chat_template"] {
             Value::String(s) => Some(s.clone()),
             Value::Null => None,
-            Value::Array(list) => Some(
-                list.iter()
-                    .find(|t| t["name"] == "default")
-                    .and_then(|t| t["template"].as_str())
-                    .map(str::to_string)
-                    .ok_or_else(|| {
-                        Error::format(
-                            &cfg_path,
-                            "field `chat_template`: a list of templates needs one named \"default\" with a string `template`",
-                        )
-                    })?,
-            ),
+            // A list without "default" loads in transformers too (it asks for a name
+            // only when applied); without one, chat_template.jinja is used if present.
+            Value::Array(list) => list
+                .iter()
+                .find(|t| t["name"] == "default")
+                .and_then(|t| t["template"].as_str())
+                .map(str::to_string),
             other => {
                 return Err(Error::format(
                     &cfg_path,

@@ -164,7 +164,9 @@ fn write_heads(h: &Heads, cfg: &So8tConfig, path: &Path) -> Result<()> {
 }
 
 /// Heads and the SO8T config of a baked directory.
-pub fn read_heads(dir: &Path) -> Result<(Heads, So8tConfig)> {
+/// The heads of a baked directory and their settings, checked against the model they
+/// sit on (shapes, finite values, the layers they read).
+pub fn read_heads(dir: &Path, model: &crate::config::ModelConfig) -> Result<(Heads, So8tConfig)> {
     let path = dir.join(HEADS_FILE);
     // Two rows of `hidden` floats each, and the config.
     let bytes = crate::files::read(&path, crate::files::SETTINGS_LIMIT)?;
@@ -184,5 +186,7 @@ pub fn read_heads(dir: &Path) -> Result<(Heads, So8tConfig)> {
             .cloned()
             .ok_or_else(|| Error::format(&path, format!("missing tensor `{n}`")))
     })?;
+    heads.check(model.hidden_size, &path)?;
+    cfg.heads.check(model.num_layers, &path)?;
     Ok((heads, cfg))
 }

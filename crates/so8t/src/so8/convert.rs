@@ -102,7 +102,12 @@ pub fn convert(base: &Path, out: &Path, opts: &ConvertOptions) -> Result<So8tCon
         Init::Zero => None,
         Init::Random { seed, scale } => Some((seed, scale)),
     };
-    Adapter::init(&model_cfg, &config, random)?.write(&tmp_path.join(ADAPTER_FILE))?;
+    let adapter = Adapter::init(&model_cfg, &config, random)?;
+    // A --scale that no reader would accept fails here, not at the next command.
+    adapter
+        .check_shapes(&model_cfg, &config, &tmp_path.join(ADAPTER_FILE))
+        .map_err(|e| Error::Invalid(format!("the initial generators are out of range (a smaller --scale): {e}")))?;
+    adapter.write(&tmp_path.join(ADAPTER_FILE))?;
     let cfg_path = tmp_path.join(CONFIG_FILE);
     std::fs::write(&cfg_path, serde_json::to_string_pretty(&config).unwrap())
         .map_err(|e| Error::io(&cfg_path, e))?;

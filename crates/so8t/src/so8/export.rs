@@ -365,7 +365,9 @@ fn model_metadata(cfg: &ModelConfig, quant: Quant, name: &str) -> Vec<(String, M
         (k("block_count"), Meta::U32(cfg.num_layers as u32)),
         (
             k("context_length"),
-            Meta::U32(cfg.max_position_embeddings as u32),
+            // Saturating: a context past u32 (absurd, but a limit, not an allocation)
+            // must not wrap to a small or zero one.
+            Meta::U32(u32::try_from(cfg.max_position_embeddings).unwrap_or(u32::MAX)),
         ),
         (k("embedding_length"), Meta::U32(cfg.hidden_size as u32)),
         (
@@ -472,7 +474,12 @@ fn so8t_metadata(h: &Heads, c: &So8tConfig, n_layers: usize) -> Result<Vec<(Stri
 }
 
 /// Heads and SO8T config from an exported GGUF's `so8t.*` metadata, if any.
-pub fn read_gguf_heads(g: &GgufFile, hidden: usize) -> Result<Option<(Heads, So8tConfig)>> {
+/// Checked against the model the file holds (shapes, finite values, the layers read).
+pub fn read_gguf_heads(
+    g: &GgufFile,
+    model: &crate::config::ModelConfig,
+) -> Result<Option<(Heads, So8tConfig)>> {
+    let hidden = model.hidden_size;
     let Some(cfg_json) = g.opt_str("so8t.config")? else {
         return Ok(None);
     };
@@ -499,6 +506,8 @@ pub fn read_gguf_heads(g: &GgufFile, hidden: usize) -> Result<Option<(Heads, So8
         authority_w: arr("so8t.head.authority.weight", 2 * hidden)?.reshape((2, hidden))?,
         authority_b: arr("so8t.head.authority.bias", 2)?,
     };
+    heads.check(hidden, &g.path)?;
+    cfg.heads.check(model.num_layers, &g.path)?;
     Ok(Some((heads, cfg)))
 }
 
@@ -506,7 +515,7 @@ fn open_input(src: &Path) -> Result<Input> {
     match open_source(src)? {
         Source::Gguf(file) => {
             let config = file.config()?;
-            let heads = read_gguf_heads(&file, config.hidden_size)?;
+            let heads = read_gguf_heads(&file, &config)?;
             // The vocabulary as it is: every tokenizer.* key of the source, verbatim.
             let mut tokenizer = Vec::new();
             let mut keys: Vec<&String> = file
@@ -546,7 +555,7 @@ fn open_input(src: &Path) -> Result<Input> {
                 rotations = adapter.fold_rotations(&config, &c)?;
                 heads = Some((adapter.heads, c));
             } else if dir.join(super::bake::HEADS_FILE).exists() {
-                heads = Some(read_heads(&dir)?);
+                heads = Some(read_heads(&dir, &config)?);
             }
             let tokenizer = super::export_tokenizer::from_hf_dir(&dir, config.vocab_size)?;
             Ok(Input {

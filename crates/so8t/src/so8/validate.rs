@@ -67,24 +67,21 @@ pub fn validate(path: &Path) -> Vec<Check> {
     if !is_so8t_dir(path) {
         if path.is_file() {
             let heads = crate::formats::gguf::GgufFile::open(path)
-                .and_then(|g| super::export::read_gguf_heads(&g, model_cfg.hidden_size));
+                .and_then(|g| super::export::read_gguf_heads(&g, &model_cfg));
             match heads {
-                Ok(Some((h, c))) => match h.check(model_cfg.hidden_size, path) {
-                    Ok(()) => out.push(check(
-                        "baked_heads",
-                        true,
-                        format!(
-                            "GGUF with SO8T heads ({}) in so8t.* metadata; sites {:?} baked",
-                            if c.heads_trained {
-                                "trained"
-                            } else {
-                                "untrained"
-                            },
-                            c.sites
-                        ),
-                    )),
-                    Err(e) => out.push(check("baked_heads", false, e.to_string())),
-                },
+                Ok(Some((_, c))) => out.push(check(
+                    "baked_heads",
+                    true,
+                    format!(
+                        "GGUF with SO8T heads ({}) in so8t.* metadata; sites {:?} baked",
+                        if c.heads_trained {
+                            "trained"
+                        } else {
+                            "untrained"
+                        },
+                        c.sites
+                    ),
+                )),
                 Ok(None) => out.push(check(
                     "so8t",
                     true,
@@ -93,12 +90,8 @@ pub fn validate(path: &Path) -> Vec<Check> {
                 Err(e) => out.push(check("baked_heads", false, e.to_string())),
             }
         } else if path.is_dir() && path.join(super::bake::HEADS_FILE).exists() {
-            let heads = super::bake::read_heads(path).and_then(|(h, c)| {
-                h.check(model_cfg.hidden_size, &path.join(super::bake::HEADS_FILE))
-                    .map(|_| c)
-            });
-            match heads {
-                Ok(c) => out.push(check(
+            match super::bake::read_heads(path, &model_cfg) {
+                Ok((_, c)) => out.push(check(
                     "baked_heads",
                     true,
                     format!(
@@ -308,6 +301,12 @@ fn non_finite_weights(path: &Path) -> crate::error::Result<Vec<String>> {
         crate::load::Source::Hf { dir, fp8_block, .. } => {
             let store = crate::formats::safetensors::SafetensorsStore::open(&dir, fp8_block)?;
             for name in store.names() {
+                // Integer buffers (a checkpoint may carry some the decoder never reads)
+                // have no NaN to find.
+                use safetensors::Dtype::*;
+                if !matches!(store.dtype(&name), Some(F64 | F32 | F16 | BF16 | F8_E4M3 | F8_E5M2)) {
+                    continue;
+                }
                 let t = store.load_f32(&name)?;
                 let file = store.file_holding(&name).unwrap_or(path).to_path_buf();
                 scan(&file, &name, t.flatten_all()?.to_vec1::<f32>()?);
