@@ -457,9 +457,12 @@ impl TextTokenizer {
             .map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}))
             .collect();
         pretok.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}));
-        let bos = g
-            .opt_usize("tokenizer.ggml.bos_token_id")?
-            .and_then(|id| tokens.get(id).map(|t| (id as u32, t.to_string())));
+        // A special token's id and text, when the id is in the vocabulary.
+        let id_text = |key: &str| -> Result<Option<(u32, String)>> {
+            Ok(g.opt_usize(key)?
+                .and_then(|id| tokens.get(id).map(|t| (id as u32, t.to_string()))))
+        };
+        let bos = id_text("tokenizer.ggml.bos_token_id")?;
         let add_bos = g
             .opt_bool("tokenizer.ggml.add_bos_token")?
             .unwrap_or(pre_add_bos);
@@ -495,10 +498,6 @@ impl TextTokenizer {
                     format!("cannot build tokenizer from tokenizer.ggml.*: {e}"),
                 )
             })?;
-        let id_text = |key: &str| -> Result<Option<(u32, String)>> {
-            Ok(g.opt_usize(key)?
-                .and_then(|id| tokens.get(id).map(|t| (id as u32, t.to_string()))))
-        };
         let eos = id_text("tokenizer.ggml.eos_token_id")?;
         let mut eog: Vec<u32> = Vec::new();
         for key in [

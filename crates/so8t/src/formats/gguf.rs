@@ -48,8 +48,15 @@ impl GgufFile {
     }
 
     pub fn usize(&self, key: &str) -> Result<usize> {
-        self.opt_usize(key)?
-            .ok_or_else(|| Error::format(&self.path, format!("missing metadata key `{key}`")))
+        self.opt_usize(key)?.ok_or_else(|| self.missing(key))
+    }
+
+    pub fn f64(&self, key: &str) -> Result<f64> {
+        self.opt_f64(key)?.ok_or_else(|| self.missing(key))
+    }
+
+    fn missing(&self, key: &str) -> Error {
+        Error::format(&self.path, format!("missing metadata key `{key}`"))
     }
 
     /// A key's value if the file has it. A key present with another type is an error,
@@ -150,9 +157,9 @@ impl GgufFile {
     }
 
     pub fn architecture(&self) -> Result<Arch> {
-        let name = self.opt_str("general.architecture")?.ok_or_else(|| {
-            Error::format(&self.path, "missing metadata key `general.architecture`")
-        })?;
+        let name = self
+            .opt_str("general.architecture")?
+            .ok_or_else(|| self.missing("general.architecture"))?;
         Arch::parse(name).ok_or_else(|| {
             Error::format(
                 &self.path,
@@ -187,12 +194,14 @@ impl GgufFile {
     pub fn config(&self) -> Result<ModelConfig> {
         let arch = self.architecture()?;
         let a = arch.name();
-        let hidden = self.usize(&format!("{a}.embedding_length"))?;
-        let heads = self.usize(&format!("{a}.attention.head_count"))?;
+        // One table names the keys for reading and for the errors about their values.
+        let key = |field: &str| gguf_key(a, field);
+        let hidden = self.usize(&key("hidden_size"))?;
+        let heads = self.usize(&key("num_attention_heads"))?;
         if heads == 0 {
             return Err(Error::format(
                 &self.path,
-                format!("metadata `{a}.attention.head_count` must be positive"),
+                format!("metadata `{}` must be positive", key("num_attention_heads")),
             ));
         }
         let embd = self
@@ -200,7 +209,7 @@ impl GgufFile {
             .ok_or_else(|| Error::format(&self.path, "missing tensor `token_embd.weight`"))?;
         let vocab = embd[0];
         let head_dim = self
-            .opt_usize(&format!("{a}.attention.key_length"))?
+            .opt_usize(&key("head_dim"))?
             .unwrap_or(hidden / heads);
         let rope_scaling = if self.content.tensor_infos.contains_key("rope_freqs.weight") {
             let t = self
@@ -226,26 +235,21 @@ impl GgufFile {
             arch,
             vocab_size: vocab,
             hidden_size: hidden,
-            intermediate_size: self.usize(&format!("{a}.feed_forward_length"))?,
-            num_layers: self.usize(&format!("{a}.block_count"))?,
+            intermediate_size: self.usize(&key("intermediate_size"))?,
+            num_layers: self.usize(&key("num_hidden_layers"))?,
             num_heads: heads,
             num_kv_heads: self
-                .opt_usize(&format!("{a}.attention.head_count_kv"))?
+                .opt_usize(&key("num_key_value_heads"))?
                 .unwrap_or(heads),
             head_dim,
             // Required, as llama.cpp requires it: no default fits every family.
-            rms_norm_eps: {
-                let key = format!("{a}.attention.layer_norm_rms_epsilon");
-                self.opt_f64(&key)?.ok_or_else(|| {
-                    Error::format(&self.path, format!("missing metadata key `{key}`"))
-                })?
-            },
+            rms_norm_eps: self.f64(&key("rms_norm_eps"))?,
             rope_theta: self
-                .opt_f64(&format!("{a}.rope.freq_base"))?
+                .opt_f64(&key("rope_theta"))?
                 .unwrap_or(10_000.0) as f32,
             rope_scaling,
             max_position_embeddings: self
-                .opt_usize(&format!("{a}.context_length"))?
+                .opt_usize(&key("max_position_embeddings"))?
                 .unwrap_or(4096),
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             qkv_bias: self.content.tensor_infos.contains_key("blk.0.attn_q.bias"),
@@ -258,7 +262,7 @@ impl GgufFile {
                 .map(|v| v as u32),
             eos_token_ids: eos,
         };
-        cfg.validate_fields(&self.path, &|field| gguf_key(a, field))?;
+        cfg.validate_fields(&self.path, &key)?;
         Ok(cfg)
     }
 }
@@ -285,8 +289,9 @@ fn value_usize(v: &Value) -> Option<usize> {
     }
 }
 
-/// The GGUF key that holds a `config.json` field, for errors about a GGUF's values.
-fn gguf_key(arch: &str, hf_field: &str) -> String {
+/// The GGUF key (llama.cpp's name) that holds a `config.json` field: what the reader
+/// reads, the exporter writes and errors about a GGUF's values name.
+pub fn gguf_key(arch: &str, hf_field: &str) -> String {
     match hf_field {
         "vocab_size" => "token_embd.weight".into(),
         "hidden_size" => format!("{arch}.embedding_length"),

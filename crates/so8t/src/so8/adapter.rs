@@ -632,9 +632,10 @@ impl Adapter {
             .map_err(|e| Error::format(path, crate::error::candle_message(&e)))
     }
 
-    /// Every tensor's shape against the base config; names each mismatch.
-    /// The adapter at `path` against the base and the settings beside it (whose layer
-    /// choices are checked here too: every reader of an SO8T directory comes through).
+    /// The adapter at `path` against the base and the settings beside it: every tensor's
+    /// shape (each mismatch named), heads finite, generators finite and within
+    /// [`GENERATOR_LIMIT`], and the heads' layers (every reader of an SO8T directory
+    /// comes through here).
     pub fn check_shapes(&self, model: &ModelConfig, cfg: &So8tConfig, path: &Path) -> Result<()> {
         cfg.heads
             .check(model.num_layers, &path.with_file_name(CONFIG_FILE))?;

@@ -6,7 +6,7 @@ use super::adapter::{Adapter, Heads, So8tConfig};
 use super::bake::read_heads;
 use crate::config::{Arch, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
-use crate::formats::gguf::{gguf_name, GgufFile, GgufStore};
+use crate::formats::gguf::{gguf_key, gguf_name, GgufFile, GgufStore};
 use crate::formats::gguf_write::{write, Meta, PlannedTensor};
 use crate::formats::safetensors::SafetensorsStore;
 use crate::formats::WeightStore;
@@ -354,6 +354,7 @@ fn rope_factors(cfg: &ModelConfig) -> Option<Vec<f32>> {
 fn model_metadata(cfg: &ModelConfig, quant: Quant, name: &str) -> Vec<(String, Meta)> {
     let a = cfg.arch.name();
     let k = |s: &str| format!("{a}.{s}");
+    let key = |field: &str| gguf_key(a, field);
     let mut m = vec![
         ("general.architecture".to_string(), Meta::Str(a.into())),
         ("general.type".into(), Meta::Str("model".into())),
@@ -362,33 +363,33 @@ fn model_metadata(cfg: &ModelConfig, quant: Quant, name: &str) -> Vec<(String, M
             "general.alignment".into(),
             Meta::U32(crate::formats::gguf_write::ALIGNMENT as u32),
         ),
-        (k("block_count"), Meta::U32(cfg.num_layers as u32)),
+        (key("num_hidden_layers"), Meta::U32(cfg.num_layers as u32)),
         (
-            k("context_length"),
+            key("max_position_embeddings"),
             // Saturating: a context past u32 (absurd, but a limit, not an allocation)
             // must not wrap to a small or zero one.
             Meta::U32(u32::try_from(cfg.max_position_embeddings).unwrap_or(u32::MAX)),
         ),
-        (k("embedding_length"), Meta::U32(cfg.hidden_size as u32)),
+        (key("hidden_size"), Meta::U32(cfg.hidden_size as u32)),
         (
-            k("feed_forward_length"),
+            key("intermediate_size"),
             Meta::U32(cfg.intermediate_size as u32),
         ),
-        (k("attention.head_count"), Meta::U32(cfg.num_heads as u32)),
+        (key("num_attention_heads"), Meta::U32(cfg.num_heads as u32)),
         (
-            k("attention.head_count_kv"),
+            key("num_key_value_heads"),
             Meta::U32(cfg.num_kv_heads as u32),
         ),
-        (k("rope.freq_base"), Meta::F32(cfg.rope_theta)),
+        (key("rope_theta"), Meta::F32(cfg.rope_theta)),
         (
-            k("attention.layer_norm_rms_epsilon"),
+            key("rms_norm_eps"),
             Meta::F32(cfg.rms_norm_eps as f32),
         ),
         ("general.file_type".into(), Meta::U32(file_type(quant))),
         ("general.quantization_version".into(), Meta::U32(2)),
     ];
     if cfg.arch != Arch::Qwen2 {
-        m.push((k("attention.key_length"), Meta::U32(cfg.head_dim as u32)));
+        m.push((key("head_dim"), Meta::U32(cfg.head_dim as u32)));
         m.push((k("attention.value_length"), Meta::U32(cfg.head_dim as u32)));
     }
     if cfg.arch == Arch::Llama {
