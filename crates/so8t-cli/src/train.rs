@@ -2,8 +2,9 @@ use anyhow::{bail, Context, Result};
 use so8t::model::Site;
 use so8t::train::data::{read_jsonl, Dataset};
 use so8t::train::gates::{GatesOptions, RunControl, Trainer};
+use so8t::train::feature_cache::FeatureCache;
 use so8t::train::{
-    choose_thresholds, fit_heads, so8t_parts, Features, TrainOut, TRAIN_DIR,
+    choose_thresholds, fit_heads, so8t_parts, AnswerWeight, Features, TrainOut, TRAIN_DIR,
 };
 use so8t::so8::adapter::VerdictPosition;
 use so8t::Model;
@@ -90,6 +91,16 @@ pub struct Args {
     /// computes, and the pass runs on the quantised kernels (several times faster).
     #[arg(long, value_parser = ["q8_0"])]
     features_quant: Option<String>,
+    /// Heads: what the read tokens of one answer weigh together in the fit, against one
+    /// prompt: `tokens` (each token as much as a prompt), a number, or `auto` (chosen with
+    /// the weight decay by the loss on whole training families held out in turn).
+    #[arg(long, default_value = "tokens")]
+    answer_weight: String,
+    /// Heads and thresholds: keep the hidden states of the data here and reuse them when
+    /// the model, its gates, the weight quantisation, the data and the layers read are
+    /// the same (a refit then takes seconds instead of the pass).
+    #[arg(long)]
+    features_cache: Option<PathBuf>,
     /// False positive rate on the validation split that the thresholds aim at.
     #[arg(long, default_value_t = 0.05)]
     target_fpr: f64,
@@ -152,11 +163,12 @@ fn features(
     data: &Dataset,
     layers: &[usize],
     cap: Option<usize>,
+    cache: Option<&FeatureCache>,
     what: &str,
 ) -> Result<Features> {
     let b = bar(data.examples.len(), what);
     let t0 = Instant::now();
-    let f = Features::compute(model, data, layers, cap, |i| {
+    let f = Features::compute(model, data, layers, cap, cache, |i| {
         b.set_position(i as u64);
         if b.is_hidden() && i % 1000 == 0 {
             eprintln!("{what}: {i}/{} after {:.0} s", data.examples.len(), t0.elapsed().as_secs_f64());
@@ -217,6 +229,16 @@ pub fn main(a: Args) -> Result<()> {
     if a.mode == Mode::Thresholds && (val.is_none() || !config.heads_trained) {
         bail!("--mode thresholds needs trained heads and --val");
     }
+    let cache = match &a.features_cache {
+        Some(dir) if a.mode != Mode::Gates => Some(FeatureCache::new(
+            dir,
+            &a.model,
+            &adapter,
+            a.features_quant.as_deref(),
+        )?),
+        Some(_) => bail!("--features-cache is for --mode heads and thresholds (gates change the states)"),
+        None => None,
+    };
     let mode = match a.mode {
         Mode::Heads => "heads",
         Mode::Gates => "gates",
@@ -237,11 +259,26 @@ pub fn main(a: Args) -> Result<()> {
                     Position::UserEnd => VerdictPosition::UserEnd,
                 };
             }
+            let answer_weight = match a.answer_weight.as_str() {
+                "auto" => AnswerWeight::ByFamilies,
+                "tokens" => AnswerWeight::Tokens,
+                w => match w.parse::<f64>() {
+                    Ok(v) if v.is_finite() && v >= 0.0 => AnswerWeight::Fixed(v),
+                    _ => bail!("--answer-weight {w}: expected `tokens`, `auto` or a number ≥ 0"),
+                },
+            };
             let t = Instant::now();
-            let tf = features(&mut model, &train, &layers, Some(a.response_tokens), "train rows")?;
+            let tf = features(
+                &mut model,
+                &train,
+                &layers,
+                Some(a.response_tokens),
+                cache.as_ref(),
+                "train rows",
+            )?;
             let vf = val
                 .as_ref()
-                .map(|v| features(&mut model, v, &layers, None, "val rows"))
+                .map(|v| features(&mut model, v, &layers, None, cache.as_ref(), "val rows"))
                 .transpose()?;
             let feature_seconds = t.elapsed().as_secs_f64();
             let t = Instant::now();
@@ -249,6 +286,7 @@ pub fn main(a: Args) -> Result<()> {
                 &tf,
                 vf.as_ref(),
                 a.weight_decay,
+                answer_weight,
                 config.verdict_position,
                 (&adapter.heads, &config.heads),
             )?;
@@ -354,7 +392,7 @@ pub fn main(a: Args) -> Result<()> {
                 let mut layers = vec![s, h, n_layers];
                 layers.sort_unstable();
                 layers.dedup();
-                features(&mut model, v, &layers, None, "val rows")?
+                features(&mut model, v, &layers, None, cache.as_ref(), "val rows")?
             }
         };
         let (t, reports) = choose_thresholds(

@@ -207,6 +207,85 @@ fn heads_then_eval_with_report() {
     }
     let md = std::fs::read_to_string(report.join("report.md")).unwrap();
     assert!(md.contains("| safety (`unsafe` = 1) | 9 (3) |"), "{md}");
+    // A second report replaces the first in one step, keeps the user's own files, and
+    // leaves no staging directory behind.
+    std::fs::write(report.join("notes.txt"), "mine").unwrap();
+    std::fs::write(report.join("report.md"), "old").unwrap();
+    ok(&[
+        "eval", "--model", trained.to_str().unwrap(), "--data", &data(),
+        "--report", report.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read_to_string(report.join("notes.txt")).unwrap(), "mine");
+    assert!(std::fs::read_to_string(report.join("report.md")).unwrap().contains("| safety"));
+    let hidden: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(hidden.is_empty(), "{hidden:?}");
+    // A file where the report directory should be is an error, and stays as it was.
+    let file = tmp.path().join("report-file");
+    std::fs::write(&file, "x").unwrap();
+    let out = so8t(&[
+        "eval", "--model", trained.to_str().unwrap(), "--data", &data(),
+        "--report", file.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a directory"));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
+}
+
+/// The hidden states cached by one heads fit serve the next one with the same model and
+/// data (same heads, bit for bit, no new entry), a damaged entry is computed again, and
+/// other data gets its own entries.
+#[test]
+fn features_cache_reuses_states_only_for_the_same_reading() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_so8t(tmp.path());
+    let cache = tmp.path().join("cache");
+    let train = |data: &str, out: &str| {
+        let out = tmp.path().join(out);
+        ok(&[
+            "train", "--model", &model, "--data", data, "--val", data, "--mode", "heads",
+            "--features-cache", cache.to_str().unwrap(), "--out", out.to_str().unwrap(),
+        ]);
+        std::fs::read(out.join("so8t_adapter.safetensors")).unwrap()
+    };
+    let entries = || {
+        let mut v: Vec<(PathBuf, std::time::SystemTime)> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| (p.clone(), std::fs::metadata(&p).unwrap().modified().unwrap()))
+            .collect();
+        v.sort();
+        v
+    };
+    let first = train(&data(), "a");
+    let stored = entries();
+    // train rows (16 answer tokens) and val rows (all): two readings of one file
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    assert_eq!(train(&data(), "b"), first);
+    assert_eq!(entries(), stored, "a hit must not rewrite the entry");
+    // A damaged entry is reported and replaced, with the same result.
+    let damaged = &stored[0].0;
+    let bytes = std::fs::read(damaged).unwrap();
+    std::fs::write(damaged, &bytes[..bytes.len() / 2]).unwrap();
+    assert_eq!(train(&data(), "c"), first);
+    assert_eq!(std::fs::read(damaged).unwrap().len(), bytes.len());
+    // Other rows, other entries.
+    let fewer = tmp.path().join("fewer.jsonl");
+    let text = std::fs::read_to_string(data()).unwrap();
+    let kept: Vec<&str> = text.lines().skip(1).collect();
+    std::fs::write(&fewer, kept.join("\n") + "\n").unwrap();
+    train(fewer.to_str().unwrap(), "d");
+    assert_eq!(entries().len(), 4);
+    // Gates change the states as they train: no cache there.
+    let out = so8t(&[
+        "train", "--model", &model, "--data", &data(), "--mode", "gates",
+        "--features-cache", cache.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--features-cache is for --mode heads"));
 }
 
 #[test]

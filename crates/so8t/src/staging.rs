@@ -184,6 +184,24 @@ pub fn write_bytes(target: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// Hard-links (or, across filesystems, copies) the entries of `src` that `keep` accepts
+/// (by name and whether it is a file) into `dst`, directories recursively.
+pub fn link_tree(src: &Path, dst: &Path, keep: &dyn Fn(&str, bool) -> bool) -> Result<()> {
+    for e in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
+        let e = e.map_err(|e| Error::io(src, e))?;
+        let name = e.file_name().to_string_lossy().to_string();
+        let (from, to) = (e.path(), dst.join(&name));
+        let ty = e.file_type().map_err(|err| Error::io(&from, err))?;
+        if ty.is_dir() && keep(&name, false) {
+            std::fs::create_dir_all(&to).map_err(|err| Error::io(&to, err))?;
+            link_tree(&from, &to, &|_, _| true)?;
+        } else if from.is_file() && keep(&name, true) && std::fs::hard_link(&from, &to).is_err() {
+            std::fs::copy(&from, &to).map_err(|err| Error::io(&to, err))?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

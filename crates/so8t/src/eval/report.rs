@@ -408,27 +408,38 @@ pub fn markdown(report: &EvalReport, train_log: Option<&[StepLog]>, notes: &str)
     md
 }
 
-/// Writes `report.md`, `report.json` and the plots into `dir`.
+/// Writes `report.md`, `report.json` and the plots into `dir` all at once: they are
+/// made in a staging directory that replaces `dir` in one step, so a stopped or failed
+/// run leaves the previous report whole, never one file of each. Other files in an
+/// existing `dir` are carried over.
 pub fn write(
     report: &EvalReport,
     train_log: Option<&[StepLog]>,
     notes: &str,
     dir: &Path,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    roc_plot(report, &dir.join("roc.png"))?;
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::format(dir, "exists and is not a directory; expected a report directory"));
+    }
+    let stage = crate::staging::StagingDir::new(dir, true)?;
+    let out = stage.path();
+    roc_plot(report, &out.join("roc.png"))?;
     for h in &report.heads {
-        histogram_plot(h, &dir.join(format!("scores-{}.png", h.head)))?;
+        histogram_plot(h, &out.join(format!("scores-{}.png", h.head)))?;
     }
     if let Some(log) = train_log {
-        loss_plot(log, &dir.join("loss.png"))?;
+        loss_plot(log, &out.join("loss.png"))?;
     }
-    crate::staging::write_bytes(
-        &dir.join("report.json"),
-        serde_json::to_string_pretty(report).unwrap().as_bytes(),
-    )?;
-    crate::staging::write_bytes(
-        &dir.join("report.md"),
-        markdown(report, train_log, notes).as_bytes(),
+    std::fs::write(
+        out.join("report.json"),
+        serde_json::to_string_pretty(report).unwrap(),
     )
+    .map_err(|e| Error::io(&dir.join("report.json"), e))?;
+    std::fs::write(out.join("report.md"), markdown(report, train_log, notes))
+        .map_err(|e| Error::io(&dir.join("report.md"), e))?;
+    if dir.is_dir() {
+        let made = |name: &str| out.join(name).exists();
+        crate::staging::link_tree(dir, out, &|name: &str, _| !made(name))?;
+    }
+    stage.commit()
 }

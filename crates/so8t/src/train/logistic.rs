@@ -1,5 +1,6 @@
 //! The heads-only fit: one L2-regularised, class-weighted logistic regression per head on
-//! cached hidden states, solved by Newton's method (IRLS) to the optimum, so the result
+//! cached hidden states (each sample with its own weight, the classes balanced over the
+//! weighted totals), solved by Newton's method (IRLS) to the optimum, so the result
 //! does not depend on a learning rate or an epoch count.
 //!
 //! Features are standardised for the solve (hidden states have a few huge outlier
@@ -56,6 +57,27 @@ pub fn balanced_weights(y: &[bool]) -> (f64, f64) {
     )
 }
 
+/// Per-sample weights scaled so that each class carries half the total weight and the
+/// mean weight is 1 (`sample` `None`: every sample alike, as [`balanced_weights`]).
+pub fn balanced_sample_weights(y: &[bool], sample: Option<&[f64]>) -> Vec<f64> {
+    let w = |i: usize| sample.map_or(1.0, |s| s[i]);
+    let (mut pos, mut neg) = (0f64, 0f64);
+    for (i, &v) in y.iter().enumerate() {
+        if v {
+            pos += w(i);
+        } else {
+            neg += w(i);
+        }
+    }
+    let n = y.len() as f64;
+    let scale = |class_total: f64| if class_total > 0.0 { n / (2.0 * class_total) } else { 1.0 };
+    let (sn, sp) = (scale(neg), scale(pos));
+    y.iter()
+        .enumerate()
+        .map(|(i, &v)| w(i) * if v { sp } else { sn })
+        .collect()
+}
+
 fn sigmoid(z: f64) -> f64 {
     if z >= 0.0 {
         1.0 / (1.0 + (-z).exp())
@@ -76,13 +98,18 @@ fn nll(z: f64, y: bool) -> f64 {
     }
 }
 
-/// Class-weighted mean cross-entropy of logits against labels.
-pub fn weighted_loss(z: &[f64], y: &[bool], weights: (f64, f64)) -> f64 {
-    let c = |v: bool| if v { weights.1 } else { weights.0 };
-    let total: f64 = y.iter().map(|&v| c(v)).sum();
+/// The cross-entropy of each logit against its label.
+pub fn sample_losses(z: &[f64], y: &[bool]) -> Vec<f64> {
+    z.iter().zip(y).map(|(&z, &v)| nll(z, v)).collect()
+}
+
+/// Weighted mean cross-entropy of logits against labels, one weight per sample.
+pub fn weighted_loss(z: &[f64], y: &[bool], weights: &[f64]) -> f64 {
+    let total: f64 = weights.iter().sum();
     z.iter()
         .zip(y)
-        .map(|(&z, &v)| c(v) * nll(z, v))
+        .zip(weights)
+        .map(|((&z, &v), &w)| w * nll(z, v))
         .sum::<f64>()
         / total.max(1e-300)
 }
@@ -120,9 +147,16 @@ fn cholesky_solve(mut a: Vec<f64>, b: &[f64]) -> Option<Vec<f64>> {
     Some(y)
 }
 
-/// Fits p(y=1|x) = σ(w·x + b) on `x` (`n×d`, row-major) minimising the class-weighted mean
-/// cross-entropy + (λ/2)‖w‖² (bias not penalised).
-pub fn fit(x: &[f32], d: usize, y: &[bool], weight_decay: f64) -> Result<Fit> {
+/// Fits p(y=1|x) = σ(w·x + b) on `x` (`n×d`, row-major) minimising the weighted mean
+/// cross-entropy + (λ/2)‖w‖² (bias not penalised), the samples weighted by `sample`
+/// (all alike if `None`) and the classes balanced ([`balanced_sample_weights`]).
+pub fn fit(
+    x: &[f32],
+    d: usize,
+    y: &[bool],
+    sample: Option<&[f64]>,
+    weight_decay: f64,
+) -> Result<Fit> {
     let n = y.len();
     if n == 0 || x.len() != n * d {
         return Err(Error::Invalid(format!(
@@ -135,23 +169,30 @@ pub fn fit(x: &[f32], d: usize, y: &[bool], weight_decay: f64) -> Result<Fit> {
             "logistic fit needs examples of both classes".into(),
         ));
     }
-    // Standardise.
+    if sample.is_some_and(|s| s.len() != n || s.iter().any(|w| !(w.is_finite() && *w >= 0.0))) {
+        return Err(Error::Invalid(format!(
+            "logistic fit: expected {n} finite, non-negative sample weights"
+        )));
+    }
+    // Standardise, with the samples' weights (so a weight of 2 is exactly a duplicate).
+    let sw = |i: usize| sample.map_or(1.0, |s| s[i]);
+    let sum_w: f64 = (0..n).map(sw).sum::<f64>().max(1e-300);
     let mut mean = vec![0f64; d];
     let mut var = vec![0f64; d];
-    for row in x.chunks(d) {
+    for (i, row) in x.chunks(d).enumerate() {
         for (m, &v) in mean.iter_mut().zip(row) {
-            *m += v as f64;
+            *m += sw(i) * v as f64;
         }
     }
-    mean.iter_mut().for_each(|m| *m /= n as f64);
-    for row in x.chunks(d) {
+    mean.iter_mut().for_each(|m| *m /= sum_w);
+    for (i, row) in x.chunks(d).enumerate() {
         for ((s, &v), m) in var.iter_mut().zip(row).zip(&mean) {
-            *s += (v as f64 - m).powi(2);
+            *s += sw(i) * (v as f64 - m).powi(2);
         }
     }
     let scale: Vec<f64> = var
         .iter()
-        .map(|s| (s / n as f64).sqrt())
+        .map(|s| (s / sum_w).sqrt())
         .map(|s| if s > 1e-12 { s } else { 1.0 })
         .collect();
     // Design matrix with a trailing 1 for the bias, f64.
@@ -164,11 +205,7 @@ pub fn fit(x: &[f32], d: usize, y: &[bool], weight_decay: f64) -> Result<Fit> {
         z[i * p + d] = 1.0;
     }
     let zt = Tensor::from_vec(z.clone(), (n, p), &Device::Cpu)?;
-    let weights = balanced_weights(y);
-    let cw: Vec<f64> = y
-        .iter()
-        .map(|&v| if v { weights.1 } else { weights.0 })
-        .collect();
+    let cw = balanced_sample_weights(y, sample);
     let total: f64 = cw.iter().sum();
     let objective = |beta: &[f64]| -> (Vec<f64>, f64) {
         let logits: Vec<f64> = z
@@ -176,7 +213,7 @@ pub fn fit(x: &[f32], d: usize, y: &[bool], weight_decay: f64) -> Result<Fit> {
             .map(|r| r.iter().zip(beta).map(|(a, b)| a * b).sum())
             .collect();
         let reg: f64 = beta[..d].iter().map(|b| b * b).sum::<f64>() * weight_decay / 2.0;
-        let loss = weighted_loss(&logits, y, weights) + reg;
+        let loss = weighted_loss(&logits, y, &cw) + reg;
         (logits, loss)
     };
     let mut beta = vec![0f64; p];
@@ -278,7 +315,7 @@ mod tests {
             y.push(u < sigmoid(4.0 * z));
             x.extend(row.iter().map(|&v| v as f32));
         }
-        let f = fit(&x, d, &y, 1e-4).unwrap();
+        let f = fit(&x, d, &y, None, 1e-4).unwrap();
         let norm = |v: &[f64]| v.iter().map(|a| a * a).sum::<f64>().sqrt();
         let got: Vec<f64> = f.w.iter().map(|&v| v as f64).collect();
         let cos =
@@ -316,6 +353,31 @@ mod tests {
 
     #[test]
     fn refuses_one_class_data() {
-        assert!(fit(&[1.0, 2.0], 1, &[true, true], 1e-3).is_err());
+        assert!(fit(&[1.0, 2.0], 1, &[true, true], None, 1e-3).is_err());
+        assert!(fit(&[1.0, 2.0], 1, &[true, false], Some(&[1.0]), 1e-3).is_err());
+        assert!(fit(&[1.0, 2.0], 1, &[true, false], Some(&[1.0, f64::NAN]), 1e-3).is_err());
+    }
+
+    /// Weights are what they say: a sample of weight 2 fits like the same sample twice.
+    #[test]
+    fn a_weight_of_two_is_a_duplicate() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let (n, d) = (300, 3);
+        let x: Vec<f32> = (0..n * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let y: Vec<bool> = (0..n).map(|i| x[i * d] + 0.5 * rng.random_range(-1.0..1.0f32) > 0.2).collect();
+        let w: Vec<f64> = (0..n).map(|i| if i % 3 == 0 { 2.0 } else { 1.0 }).collect();
+        let weighted = fit(&x, d, &y, Some(&w), 1e-3).unwrap();
+        let (mut xd, mut yd) = (x.clone(), y.clone());
+        for i in (0..n).filter(|i| i % 3 == 0) {
+            xd.extend_from_slice(&x[i * d..(i + 1) * d]);
+            yd.push(y[i]);
+        }
+        let duplicated = fit(&xd, d, &yd, None, 1e-3).unwrap();
+        // One problem solved twice: equal up to the Newton tolerance and f64 sums in
+        // another order.
+        for (a, b) in weighted.w.iter().zip(&duplicated.w) {
+            assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+        }
+        assert!((weighted.b - duplicated.b).abs() < 1e-4, "{} vs {}", weighted.b, duplicated.b);
     }
 }

@@ -4,6 +4,7 @@
 //! SO8T directory's adapter and config replaced atomically.
 
 pub mod data;
+pub mod feature_cache;
 pub mod features;
 pub mod gates;
 pub mod logistic;
@@ -54,12 +55,14 @@ pub struct Features {
 impl Features {
     /// One pass over `data` tapping `layers`; with `response_cap`, at most that many tokens
     /// of each response (see [`features::positions`]). A prompt repeated with other
-    /// responses adds its prompt samples once.
+    /// responses adds its prompt samples once. With `cache`, an entry for exactly this
+    /// model, data and reading is loaded instead of the pass, and the pass's result stored.
     pub fn compute(
         model: &mut Model,
         data: &Dataset,
         layers: &[usize],
         response_cap: Option<usize>,
+        cache: Option<&feature_cache::FeatureCache>,
         mut progress: impl FnMut(usize),
     ) -> Result<Features> {
         let (ids, prompt_lens) = features::dataset_ids(model, &data.examples, &data.path)?;
@@ -68,6 +71,22 @@ impl Features {
             pos.push(features::positions(model, ex, &ids[i], prompt_lens[i], response_cap)?);
         }
         let hidden = model.config.hidden_size;
+        let entry = cache.map(|c| c.path(&ids, &pos, layers, response_cap));
+        let cached = entry
+            .as_deref()
+            .and_then(|p| feature_cache::FeatureCache::load(p, ids.len(), layers, hidden));
+        let feats = |c: feature_cache::Cached| Features {
+            hidden,
+            layers: layers.to_vec(),
+            samples: c.samples,
+            x: c.x,
+            examples: data.examples.clone(),
+        };
+        if let Some(c) = cached {
+            tracing::info!("hidden states of {} from the cache", data.path.display());
+            progress(ids.len());
+            return Ok(feats(c));
+        }
         let mut x = vec![Vec::new(); layers.len()];
         let mut samples = Vec::new();
         let mut seen_prompts = std::collections::HashSet::new();
@@ -97,13 +116,11 @@ impl Features {
             progress(i + 1);
             Ok(())
         })?;
-        Ok(Features {
-            hidden,
-            layers: layers.to_vec(),
-            samples,
-            x,
-            examples: data.examples.clone(),
-        })
+        let c = feature_cache::Cached { samples, x };
+        if let Some(path) = &entry {
+            feature_cache::FeatureCache::store(path, layers, hidden, &c)?;
+        }
+        Ok(feats(c))
     }
 
     /// The label of head `h` that sample `s` carries, if its rows are read at `position`.
@@ -135,6 +152,27 @@ impl Features {
         (x, y, idx)
     }
 
+    /// Fit weights of the samples `idx` (as [`Features::labelled`] lists them): a prompt
+    /// weighs 1 and the read tokens of one answer together weigh `answer_weight`, however
+    /// many of its tokens were read (`None`: every token weighs 1).
+    pub fn sample_weights(&self, idx: &[usize], answer_weight: Option<f64>) -> Vec<f64> {
+        let Some(answer_weight) = answer_weight else {
+            return vec![1.0; idx.len()];
+        };
+        let mut per_row: std::collections::HashMap<usize, usize> = Default::default();
+        for &k in idx {
+            if let SampleKind::Response { .. } = self.samples[k].kind {
+                *per_row.entry(self.samples[k].row).or_default() += 1;
+            }
+        }
+        idx.iter()
+            .map(|&k| match self.samples[k].kind {
+                SampleKind::Prompt(_) => 1.0,
+                SampleKind::Response { .. } => answer_weight / per_row[&self.samples[k].row] as f64,
+            })
+            .collect()
+    }
+
     fn layer_index(&self, layer: usize) -> usize {
         self.layers
             .iter()
@@ -159,11 +197,17 @@ pub struct HeadFitReport {
     pub layer: usize,
     pub rows: usize,
     pub positives: usize,
+    /// What one answer's tokens weigh together, against one prompt (`null`: each token
+    /// as much as a prompt).
+    pub answer_weight: Option<f64>,
     pub weight_decay: f64,
     pub newton_iterations: usize,
     pub train_loss: f64,
     /// Validation loss per layer tried (weight decay 1e-2, on a sample of the training rows).
     pub layer_search: Vec<(usize, f64)>,
+    /// With `--answer-weight auto`: (answer weight, weight decay, held-out-family loss)
+    /// per pair tried ([`family_criterion`]); the lowest is used.
+    pub family_search: Vec<(f64, f64, f64)>,
     /// Validation loss per weight decay tried (when a validation set was given).
     pub weight_decay_search: Vec<(f64, f64)>,
 }
@@ -173,9 +217,9 @@ pub const WEIGHT_DECAYS: [f64; 5] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0];
 /// layers, the final fit uses every sample.
 const LAYER_SEARCH_SAMPLES: usize = 20_000;
 
-fn subsample(x: &[f32], y: &[bool], d: usize, n: usize) -> (Vec<f32>, Vec<bool>) {
+fn subsample(x: &[f32], y: &[bool], w: &[f64], d: usize, n: usize) -> (Vec<f32>, Vec<bool>, Vec<f64>) {
     if y.len() <= n {
-        return (x.to_vec(), y.to_vec());
+        return (x.to_vec(), y.to_vec(), w.to_vec());
     }
     use rand::{seq::SliceRandom, SeedableRng};
     let mut idx: Vec<usize> = (0..y.len()).collect();
@@ -183,33 +227,150 @@ fn subsample(x: &[f32], y: &[bool], d: usize, n: usize) -> (Vec<f32>, Vec<bool>)
     idx.truncate(n);
     idx.sort_unstable();
     let xs = idx.iter().flat_map(|&i| x[i * d..(i + 1) * d].iter().copied()).collect();
-    (xs, idx.iter().map(|&i| y[i]).collect())
+    (xs, idx.iter().map(|&i| y[i]).collect(), idx.iter().map(|&i| w[i]).collect())
 }
 
-fn val_loss(x: &[f32], y: &[bool], d: usize, wd: f64, val: (&[f32], &[bool])) -> Result<f64> {
-    let f = logistic::fit(x, d, y, wd)?;
+/// A labelled set for one head: features, labels and fit weights.
+struct Labelled {
+    x: Vec<f32>,
+    y: Vec<bool>,
+    w: Vec<f64>,
+}
+
+fn val_loss(train: &Labelled, d: usize, wd: f64, val: &Labelled) -> Result<f64> {
+    let f = logistic::fit(&train.x, d, &train.y, Some(&train.w), wd)?;
     Ok(logistic::weighted_loss(
-        &f.logits(val.0, d),
-        val.1,
-        logistic::balanced_weights(val.1),
+        &f.logits(&val.x, d),
+        &val.y,
+        &logistic::balanced_sample_weights(&val.y, Some(&val.w)),
     ))
+}
+
+/// What one answer's read tokens weigh together against one prompt in a heads fit.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum AnswerWeight {
+    /// Every read token weighs as much as a prompt.
+    Tokens,
+    /// An answer's read tokens together weigh this many prompts.
+    Fixed(f64),
+    /// Chosen with the weight decay from [`ANSWER_WEIGHTS`] × [`FAMILY_WEIGHT_DECAYS`] by
+    /// [`family_criterion`]: the validation split shares its families with the training
+    /// rows and rewards source recognition, which does not carry to new families.
+    ByFamilies,
+}
+
+pub const ANSWER_WEIGHTS: [f64; 4] = [0.25, 1.0, 4.0, 16.0];
+const FAMILY_FOLDS: usize = 5;
+/// The middle of [`WEIGHT_DECAYS`]: the ends were never chosen on validation, and each
+/// value costs a fit per fold and answer weight.
+const FAMILY_WEIGHT_DECAYS: [f64; 3] = [1e-3, 1e-2, 1e-1];
+
+/// Each sample's fold: the families (or sources) in sorted order dealt round the `k` folds,
+/// so a family is never split across folds. `None` with fewer than `k` families.
+fn family_folds(f: &Features, k: usize) -> Option<Vec<usize>> {
+    let families: std::collections::BTreeSet<&str> = f.examples.iter().map(|e| e.group()).collect();
+    if families.len() < k {
+        return None;
+    }
+    let fold: std::collections::HashMap<&str, usize> =
+        families.into_iter().enumerate().map(|(i, g)| (g, i % k)).collect();
+    Some(f.samples.iter().map(|s| fold[f.examples[s.row].group()]).collect())
+}
+
+/// Out-of-fold loss with whole families held out: each fold of families is predicted by a
+/// fit (weight decay `wd`, at most [`LAYER_SEARCH_SAMPLES`] samples) on the other folds;
+/// the pooled predictions are scored as half the class-balanced loss on prompts and half
+/// on answers (each answer's tokens together one unit), so that the score does not depend
+/// on the answer weight being compared. `x`, `y`, `w`, `idx` as one head's labelled set.
+#[allow(clippy::too_many_arguments)]
+fn family_criterion(
+    f: &Features,
+    x: &[f32],
+    y: &[bool],
+    w: &[f64],
+    idx: &[usize],
+    folds: &[usize],
+    d: usize,
+    wd: f64,
+) -> Result<f64> {
+    let mut logits = vec![0f64; y.len()];
+    for j in 0..FAMILY_FOLDS {
+        let (mut tx, mut ty, mut tw) = (Vec::new(), Vec::new(), Vec::new());
+        let mut held = Vec::new();
+        for (i, &k) in idx.iter().enumerate() {
+            if folds[k] == j {
+                held.push(i);
+            } else {
+                tx.extend_from_slice(&x[i * d..(i + 1) * d]);
+                ty.push(y[i]);
+                tw.push(w[i]);
+            }
+        }
+        if held.is_empty() || !(ty.iter().any(|&v| v) && ty.iter().any(|&v| !v)) {
+            continue;
+        }
+        let (sx, sy, sw) = subsample(&tx, &ty, &tw, d, LAYER_SEARCH_SAMPLES);
+        let fit = logistic::fit(&sx, d, &sy, Some(&sw), wd)?;
+        let hx: Vec<f32> = held.iter().flat_map(|&i| x[i * d..(i + 1) * d].iter().copied()).collect();
+        for (&i, z) in held.iter().zip(fit.logits(&hx, d)) {
+            logits[i] = z;
+        }
+    }
+    let prompt = |i: usize| matches!(f.samples[idx[i]].kind, SampleKind::Prompt(_));
+    let part = |keep: &dyn Fn(usize) -> bool, unit_w: &dyn Fn(usize) -> f64| {
+        let sel: Vec<usize> = (0..y.len()).filter(|&i| keep(i)).collect();
+        let sy: Vec<bool> = sel.iter().map(|&i| y[i]).collect();
+        if !(sy.iter().any(|&v| v) && sy.iter().any(|&v| !v)) {
+            return None;
+        }
+        let sw: Vec<f64> = sel.iter().map(|&i| unit_w(i)).collect();
+        let z: Vec<f64> = sel.iter().map(|&i| logits[i]).collect();
+        Some(logistic::weighted_loss(&z, &sy, &logistic::balanced_sample_weights(&sy, Some(&sw))))
+    };
+    let per_answer = f.sample_weights(idx, Some(1.0));
+    let p = part(&|i| prompt(i), &|_| 1.0);
+    let a = part(&|i| !prompt(i), &|i| per_answer[i]);
+    Ok(match (p, a) {
+        (Some(p), Some(a)) => (p + a) / 2.0,
+        (Some(l), None) | (None, Some(l)) => l,
+        (None, None) => f64::INFINITY,
+    })
 }
 
 /// The heads-only fit, each head at the layer of `train.layers` with the lowest
 /// class-weighted validation loss (the only layer without `val`), prompts read at
-/// `position`. With `val`, the weight decay is the one of [`WEIGHT_DECAYS`] with the
-/// lowest validation loss, unless `weight_decay` fixes it.
+/// `position`, an answer's tokens together weighing `answer_weight` prompts (in the fit
+/// and in the validation loss alike). With `val`, the weight decay is chosen from
+/// [`WEIGHT_DECAYS`] with the lowest validation loss, unless `weight_decay` fixes it.
 pub fn fit_heads(
     train: &Features,
     val: Option<&Features>,
     weight_decay: Option<f64>,
+    answer_weight: AnswerWeight,
     position: VerdictPosition,
     current: (&Heads, &HeadsConfig),
 ) -> Result<(Heads, HeadsConfig, Vec<HeadFitReport>)> {
+    if let AnswerWeight::Fixed(w) = answer_weight {
+        if !(w.is_finite() && w >= 0.0) {
+            return Err(Error::Invalid(format!(
+                "answer weight {w}: expected a finite number ≥ 0"
+            )));
+        }
+    }
     let (mut heads, mut setting) = (current.0.clone(), current.1.clone());
     let d = train.hidden;
     let mut reports = Vec::new();
     let both = |y: &[bool]| y.iter().any(|&v| v) && y.iter().any(|&v| !v);
+    // Until the families choose one, the weighting asked for (tokens for `ByFamilies`).
+    let given = match answer_weight {
+        AnswerWeight::Fixed(w) => Some(w),
+        AnswerWeight::Tokens | AnswerWeight::ByFamilies => None,
+    };
+    let labelled = |f: &Features, h: usize, layer: usize, answer_weight: Option<f64>| {
+        let (x, y, idx) = f.labelled(h, layer, position);
+        let w = f.sample_weights(&idx, answer_weight);
+        Labelled { x, y, w }
+    };
     for (h, name) in HEAD_NAMES.iter().enumerate() {
         let last = *train.layers.last().expect("at least one layer");
         let y: Vec<bool> = train
@@ -222,32 +383,62 @@ pub fn fit_heads(
             continue;
         }
         let val_of = |layer: usize| {
-            val.map(|v| v.labelled(h, layer, position))
-                .filter(|(_, vy, _)| both(vy))
+            val.map(|v| labelled(v, h, layer, given))
+                .filter(|l| both(&l.y))
         };
         let mut layer_search = Vec::new();
         let mut layer = last;
         if train.layers.len() > 1 && val_of(last).is_some() {
             let mut best = f64::INFINITY;
             for &l in &train.layers {
-                let (x, y, _) = train.labelled(h, l, position);
-                let (xs, ys) = subsample(&x, &y, d, LAYER_SEARCH_SAMPLES);
-                let (vx, vy, _) = val_of(l).expect("checked above");
-                let loss = val_loss(&xs, &ys, d, 1e-2, (&vx, &vy))?;
+                let t = labelled(train, h, l, given);
+                let (x, y, w) = subsample(&t.x, &t.y, &t.w, d, LAYER_SEARCH_SAMPLES);
+                let v = val_of(l).expect("checked above");
+                let loss = val_loss(&Labelled { x, y, w }, d, 1e-2, &v)?;
                 layer_search.push((l, loss));
                 if loss < best {
                     (best, layer) = (loss, l);
                 }
             }
         }
-        let (x, y, _) = train.labelled(h, layer, position);
+        // Answer weight and weight decay by held-out families, when asked.
+        let mut family_search = Vec::new();
+        let (answer_weight, family_wd) = match answer_weight {
+            AnswerWeight::Fixed(_) | AnswerWeight::Tokens => (given, None),
+            AnswerWeight::ByFamilies => match family_folds(train, FAMILY_FOLDS) {
+                None => {
+                    tracing::warn!("fewer than {FAMILY_FOLDS} families in the training data: every answer token weighs 1");
+                    (None, None)
+                }
+                Some(folds) => {
+                    let (x, y, idx) = train.labelled(h, layer, position);
+                    let wds: Vec<f64> = match weight_decay {
+                        Some(wd) => vec![wd],
+                        None => FAMILY_WEIGHT_DECAYS.to_vec(),
+                    };
+                    let mut best = (f64::INFINITY, 1.0, 1e-2);
+                    for &aw in &ANSWER_WEIGHTS {
+                        let w = train.sample_weights(&idx, Some(aw));
+                        for &wd in &wds {
+                            let c = family_criterion(train, &x, &y, &w, &idx, &folds, d, wd)?;
+                            family_search.push((aw, wd, c));
+                            if c < best.0 {
+                                best = (c, aw, wd);
+                            }
+                        }
+                    }
+                    (Some(best.1), Some(best.2))
+                }
+            },
+        };
+        let t = labelled(train, h, layer, answer_weight);
         let mut search = Vec::new();
-        let chosen = match (weight_decay, val_of(layer)) {
+        let chosen = match (weight_decay.or(family_wd), val_of(layer)) {
             (Some(wd), _) => wd,
-            (None, Some((vx, vy, _))) => {
+            (None, Some(v)) => {
                 let mut best = (f64::INFINITY, 1e-2);
                 for wd in WEIGHT_DECAYS {
-                    let loss = val_loss(&x, &y, d, wd, (&vx, &vy))?;
+                    let loss = val_loss(&t, d, wd, &v)?;
                     search.push((wd, loss));
                     if loss < best.0 {
                         best = (loss, wd);
@@ -257,7 +448,7 @@ pub fn fit_heads(
             }
             (None, None) => 1e-2,
         };
-        let f = logistic::fit(&x, d, &y, chosen)?;
+        let f = logistic::fit(&t.x, d, &t.y, Some(&t.w), chosen)?;
         let (w, b) = f.head()?;
         let stored_layer = Some(layer);
         if h == 0 {
@@ -270,13 +461,15 @@ pub fn fit_heads(
         reports.push(HeadFitReport {
             head: name,
             layer,
-            rows: y.len(),
-            positives: y.iter().filter(|&&v| v).count(),
+            rows: t.y.len(),
+            positives: t.y.iter().filter(|&&v| v).count(),
+            answer_weight,
             weight_decay: chosen,
             newton_iterations: f.iterations,
             train_loss: f.loss,
             layer_search,
             weight_decay_search: search,
+            family_search,
         });
     }
     Ok((heads, setting, reports))
@@ -430,7 +623,7 @@ impl TrainOut {
         std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
         // In place, the swap replaces the whole directory: carry everything but the last
         // run's training state. To a new directory, the base model's files.
-        link_tree(model_dir, &work, &|name: &str, is_file: bool| {
+        crate::staging::link_tree(model_dir, &work, &|name: &str, is_file: bool| {
             if in_place {
                 name != TRAIN_DIR
             } else {
@@ -445,24 +638,6 @@ impl TrainOut {
         write_result(&self.work, adapter, config)?;
         crate::staging::replace_dir(&self.work, &self.target)
     }
-}
-
-/// Hard-links (or, across filesystems, copies) the entries of `src` that `keep` accepts
-/// (by name and whether it is a file) into `dst`, directories recursively.
-fn link_tree(src: &Path, dst: &Path, keep: &dyn Fn(&str, bool) -> bool) -> Result<()> {
-    for e in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
-        let e = e.map_err(|e| Error::io(src, e))?;
-        let name = e.file_name().to_string_lossy().to_string();
-        let (from, to) = (e.path(), dst.join(&name));
-        let ty = e.file_type().map_err(|err| Error::io(&from, err))?;
-        if ty.is_dir() && keep(&name, false) {
-            std::fs::create_dir_all(&to).map_err(|err| Error::io(&to, err))?;
-            link_tree(&from, &to, &|_, _| true)?;
-        } else if from.is_file() && keep(&name, true) && std::fs::hard_link(&from, &to).is_err() {
-            std::fs::copy(&from, &to).map_err(|err| Error::io(&to, err))?;
-        }
-    }
-    Ok(())
 }
 
 fn same_dir(a: &Path, b: &Path) -> bool {
@@ -553,6 +728,41 @@ mod tests {
         }
     }
 
+    /// With families to hold out, `ByFamilies` tries every answer weight and weight decay
+    /// and uses the pair with the lowest held-out-family loss; with one family it falls
+    /// back to token weights.
+    #[test]
+    fn answer_weight_by_families_searches_the_grid() {
+        let mut train = synthetic(400, 3);
+        let heads = Heads::zeros(4).unwrap();
+        let fit = |train: &Features| {
+            fit_heads(
+                train,
+                None,
+                None,
+                AnswerWeight::ByFamilies,
+                VerdictPosition::AssistantHeader,
+                (&heads, &HeadsConfig::default()),
+            )
+            .unwrap()
+            .2
+        };
+        let r = &fit(&train)[0];
+        assert!(r.family_search.is_empty() && r.answer_weight.is_none(), "{r:?}");
+        for (i, e) in train.examples.iter_mut().enumerate() {
+            e.family = Some(format!("family {}", i % 12));
+        }
+        let r = &fit(&train)[0];
+        assert_eq!(r.family_search.len(), ANSWER_WEIGHTS.len() * FAMILY_WEIGHT_DECAYS.len());
+        let best = r
+            .family_search
+            .iter()
+            .min_by(|a, b| a.2.total_cmp(&b.2))
+            .unwrap();
+        assert_eq!((r.answer_weight, r.weight_decay), (Some(best.0), best.1));
+        assert!(best.2 < 0.5, "the signal is linear and shared by every family: {best:?}");
+    }
+
     #[test]
     fn the_layer_with_the_signal_is_chosen_and_thresholds_hold_on_answers() {
         let (train, val) = (synthetic(400, 1), synthetic(200, 2));
@@ -561,6 +771,7 @@ mod tests {
             &train,
             Some(&val),
             None,
+            AnswerWeight::Fixed(1.0),
             VerdictPosition::AssistantHeader,
             (&heads, &HeadsConfig::default()),
         )
