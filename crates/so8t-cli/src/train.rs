@@ -233,6 +233,7 @@ pub fn main(a: Args) -> Result<()> {
         Some(dir) if a.mode != Mode::Gates => Some(FeatureCache::new(
             dir,
             &a.model,
+            &config,
             &adapter,
             a.features_quant.as_deref(),
         )?),
@@ -263,8 +264,8 @@ pub fn main(a: Args) -> Result<()> {
                 "auto" => AnswerWeight::ByFamilies,
                 "tokens" => AnswerWeight::Tokens,
                 w => match w.parse::<f64>() {
-                    Ok(v) if v.is_finite() && v >= 0.0 => AnswerWeight::Fixed(v),
-                    _ => bail!("--answer-weight {w}: expected `tokens`, `auto` or a number ≥ 0"),
+                    Ok(v) if v.is_finite() && v > 0.0 => AnswerWeight::Fixed(v),
+                    _ => bail!("--answer-weight {w}: expected `tokens`, `auto` or a number > 0"),
                 },
             };
             let t = Instant::now();

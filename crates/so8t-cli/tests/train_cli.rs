@@ -210,12 +210,14 @@ fn heads_then_eval_with_report() {
     // A second report replaces the first in one step, keeps the user's own files, and
     // leaves no staging directory behind.
     std::fs::write(report.join("notes.txt"), "mine").unwrap();
+    std::os::unix::fs::symlink("notes.txt", report.join("link")).unwrap();
     std::fs::write(report.join("report.md"), "old").unwrap();
     ok(&[
         "eval", "--model", trained.to_str().unwrap(), "--data", &data(),
         "--report", report.to_str().unwrap(),
     ]);
     assert_eq!(std::fs::read_to_string(report.join("notes.txt")).unwrap(), "mine");
+    assert_eq!(std::fs::read_link(report.join("link")).unwrap(), Path::new("notes.txt"));
     assert!(std::fs::read_to_string(report.join("report.md")).unwrap().contains("| safety"));
     let hidden: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()

@@ -202,6 +202,38 @@ pub fn link_tree(src: &Path, dst: &Path, keep: &dyn Fn(&str, bool) -> bool) -> R
     Ok(())
 }
 
+/// Puts every entry of `src` except those named in `skip` into `dst`, as it is: files
+/// hard-linked (copied across filesystems), directories recursively, symlinks recreated
+/// with the same target. Any other kind of entry (FIFO, socket, device) is an error,
+/// not silently left behind.
+pub fn carry_over(src: &Path, dst: &Path, skip: &[std::ffi::OsString]) -> Result<()> {
+    for e in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
+        let e = e.map_err(|e| Error::io(src, e))?;
+        if skip.contains(&e.file_name()) {
+            continue;
+        }
+        let (from, to) = (e.path(), dst.join(e.file_name()));
+        let ty = e.file_type().map_err(|err| Error::io(&from, err))?;
+        if ty.is_symlink() {
+            let target = std::fs::read_link(&from).map_err(|err| Error::io(&from, err))?;
+            std::os::unix::fs::symlink(&target, &to).map_err(|err| Error::io(&to, err))?;
+        } else if ty.is_dir() {
+            std::fs::create_dir(&to).map_err(|err| Error::io(&to, err))?;
+            carry_over(&from, &to, &[])?;
+        } else if ty.is_file() {
+            if std::fs::hard_link(&from, &to).is_err() {
+                std::fs::copy(&from, &to).map_err(|err| Error::io(&to, err))?;
+            }
+        } else {
+            return Err(Error::format(
+                &from,
+                "is not a file, directory or symlink, so it cannot be kept; move it away first",
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

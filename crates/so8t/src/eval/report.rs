@@ -410,8 +410,10 @@ pub fn markdown(report: &EvalReport, train_log: Option<&[StepLog]>, notes: &str)
 
 /// Writes `report.md`, `report.json` and the plots into `dir` all at once: they are
 /// made in a staging directory that replaces `dir` in one step, so a stopped or failed
-/// run leaves the previous report whole, never one file of each. Other files in an
-/// existing `dir` are carried over.
+/// run leaves the previous report whole, never one file of each. The other entries of an
+/// existing `dir` (files, directories, symlinks) and its permissions are carried over;
+/// an entry that cannot be (a FIFO, a socket, a device) stops the run before anything
+/// is replaced.
 pub fn write(
     report: &EvalReport,
     train_log: Option<&[StepLog]>,
@@ -421,6 +423,12 @@ pub fn write(
     if dir.exists() && !dir.is_dir() {
         return Err(Error::format(dir, "exists and is not a directory; expected a report directory"));
     }
+    // `.` or `..` has no name to stage beside: use the directory's real path.
+    let dir = &if dir.exists() {
+        dir.canonicalize().map_err(|e| Error::io(dir, e))?
+    } else {
+        dir.to_path_buf()
+    };
     let stage = crate::staging::StagingDir::new(dir, true)?;
     let out = stage.path();
     roc_plot(report, &out.join("roc.png"))?;
@@ -438,8 +446,13 @@ pub fn write(
     std::fs::write(out.join("report.md"), markdown(report, train_log, notes))
         .map_err(|e| Error::io(&dir.join("report.md"), e))?;
     if dir.is_dir() {
-        let made = |name: &str| out.join(name).exists();
-        crate::staging::link_tree(dir, out, &|name: &str, _| !made(name))?;
+        let made: Vec<std::ffi::OsString> = std::fs::read_dir(out)
+            .map_err(|e| Error::io(out, e))?
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .collect();
+        crate::staging::carry_over(dir, out, &made)?;
+        let perms = std::fs::metadata(dir).map_err(|e| Error::io(dir, e))?.permissions();
+        std::fs::set_permissions(out, perms).map_err(|e| Error::io(dir, e))?;
     }
     stage.commit()
 }

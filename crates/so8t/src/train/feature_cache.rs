@@ -8,7 +8,7 @@
 
 use super::{Sample, SampleKind};
 use crate::error::{Error, Result};
-use crate::so8::adapter::{base_checksum, Adapter, VerdictPosition};
+use crate::so8::adapter::{base_checksum, Adapter, So8tConfig, VerdictPosition};
 use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -30,21 +30,41 @@ pub struct Cached {
 }
 
 impl FeatureCache {
-    /// A cache in `dir` for the model in `model_dir` with `adapter`'s gates, its weights
-    /// quantised to `quant` (`None`: as stored). Reads the base weights once to hash them.
-    pub fn new(dir: &Path, model_dir: &Path, adapter: &Adapter, quant: Option<&str>) -> Result<Self> {
+    /// A cache in `dir` for the model in `model_dir` with `adapter`'s gates placed as
+    /// `config` says, its weights quantised to `quant` (`None`: as stored). Reads the base
+    /// weights once to hash them.
+    pub fn new(
+        dir: &Path,
+        model_dir: &Path,
+        config: &So8tConfig,
+        adapter: &Adapter,
+        quant: Option<&str>,
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut h = Sha256::new();
-        h.update(FORMAT);
-        h.update(base_checksum(model_dir)?);
-        h.update([0]);
-        h.update(quant.unwrap_or("as stored"));
+        // Every variable-length part is preceded by its length: no two keys' inputs can
+        // run into each other.
+        let part = |h: &mut Sha256, bytes: &[u8]| {
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        };
+        part(&mut h, FORMAT.as_bytes());
+        part(&mut h, env!("CARGO_PKG_VERSION").as_bytes());
+        part(&mut h, base_checksum(model_dir)?.as_bytes());
+        part(&mut h, quant.unwrap_or("as stored").as_bytes());
+        // Where the gates sit and the order their factors multiply in (R_last·…·R_first).
+        let placement = serde_json::json!({
+            "sites": config.sites,
+            "granularity": config.granularity,
+            "factors": config.factors,
+        });
+        part(&mut h, placement.to_string().as_bytes());
         let mut names: Vec<&String> = adapter.generators.keys().collect();
         names.sort();
         for n in names {
-            h.update(n);
-            h.update([0]);
+            part(&mut h, n.as_bytes());
             let v = adapter.generators[n].flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            h.update((v.len() as u64).to_le_bytes());
             for x in v {
                 h.update(x.to_le_bytes());
             }
@@ -65,6 +85,7 @@ impl FeatureCache {
     ) -> PathBuf {
         let mut h = Sha256::new();
         h.update(&self.model_key);
+        h.update((layers.len() as u64).to_le_bytes());
         for l in layers {
             h.update((*l as u64).to_le_bytes());
         }
@@ -118,6 +139,7 @@ impl FeatureCache {
                 return Err(bad(format!("sample of row {row}, but the data has {rows} rows")));
             }
             let kind = match s[1] {
+                // `token as u32 + 2`: see `store`
                 0 => SampleKind::Prompt(VerdictPosition::AssistantHeader),
                 1 => SampleKind::Prompt(VerdictPosition::UserEnd),
                 c => SampleKind::Response { token: c as usize - 2 },
@@ -150,7 +172,8 @@ impl FeatureCache {
                 let code = match s.kind {
                     SampleKind::Prompt(VerdictPosition::AssistantHeader) => 0,
                     SampleKind::Prompt(VerdictPosition::UserEnd) => 1,
-                    SampleKind::Response { token } => token as u32 + 2,
+                    // A token index near 2^32 cannot occur: the context is far shorter.
+                    SampleKind::Response { token } => u32::try_from(token + 2).unwrap_or(u32::MAX),
                 };
                 [s.row as u32, code]
             })

@@ -169,10 +169,18 @@ pub fn fit(
             "logistic fit needs examples of both classes".into(),
         ));
     }
-    if sample.is_some_and(|s| s.len() != n || s.iter().any(|w| !(w.is_finite() && *w >= 0.0))) {
-        return Err(Error::Invalid(format!(
-            "logistic fit: expected {n} finite, non-negative sample weights"
-        )));
+    if let Some(s) = sample {
+        if s.len() != n || s.iter().any(|w| !(w.is_finite() && *w >= 0.0)) {
+            return Err(Error::Invalid(format!(
+                "logistic fit: expected {n} finite, non-negative sample weights"
+            )));
+        }
+        let class_total = |c: bool| y.iter().zip(s).filter(|(&v, _)| v == c).map(|(_, w)| w).sum::<f64>();
+        if class_total(true) <= 0.0 || class_total(false) <= 0.0 {
+            return Err(Error::Invalid(
+                "logistic fit: one class has no weight (every sample of it weighs 0)".into(),
+            ));
+        }
     }
     // Standardise, with the samples' weights (so a weight of 2 is exactly a duplicate).
     let sw = |i: usize| sample.map_or(1.0, |s| s[i]);
@@ -356,6 +364,7 @@ mod tests {
         assert!(fit(&[1.0, 2.0], 1, &[true, true], None, 1e-3).is_err());
         assert!(fit(&[1.0, 2.0], 1, &[true, false], Some(&[1.0]), 1e-3).is_err());
         assert!(fit(&[1.0, 2.0], 1, &[true, false], Some(&[1.0, f64::NAN]), 1e-3).is_err());
+        assert!(fit(&[1.0, 2.0], 1, &[true, false], Some(&[1.0, 0.0]), 1e-3).is_err());
     }
 
     /// Weights are what they say: a sample of weight 2 fits like the same sample twice.

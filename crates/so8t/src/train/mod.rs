@@ -118,7 +118,10 @@ impl Features {
         })?;
         let c = feature_cache::Cached { samples, x };
         if let Some(path) = &entry {
-            feature_cache::FeatureCache::store(path, layers, hidden, &c)?;
+            // The pass is done: a cache that cannot be written must not throw it away.
+            if let Err(e) = feature_cache::FeatureCache::store(path, layers, hidden, &c) {
+                tracing::warn!("{}: hidden states not cached: {e}", path.display());
+            }
         }
         Ok(feats(c))
     }
@@ -265,23 +268,27 @@ const FAMILY_FOLDS: usize = 5;
 /// value costs a fit per fold and answer weight.
 const FAMILY_WEIGHT_DECAYS: [f64; 3] = [1e-3, 1e-2, 1e-1];
 
-/// Each sample's fold: the families (or sources) in sorted order dealt round the `k` folds,
-/// so a family is never split across folds. `None` with fewer than `k` families.
-fn family_folds(f: &Features, k: usize) -> Option<Vec<usize>> {
-    let families: std::collections::BTreeSet<&str> = f.examples.iter().map(|e| e.group()).collect();
+/// The fold of each of the samples `idx`: their families (or sources) in sorted order dealt
+/// round the `k` folds, so a family is never split across folds. `None` with fewer than
+/// `k` families among them.
+fn family_folds(f: &Features, idx: &[usize], k: usize) -> Option<Vec<usize>> {
+    let group = |i: usize| f.examples[f.samples[i].row].group();
+    let families: std::collections::BTreeSet<&str> = idx.iter().map(|&i| group(i)).collect();
     if families.len() < k {
         return None;
     }
     let fold: std::collections::HashMap<&str, usize> =
         families.into_iter().enumerate().map(|(i, g)| (g, i % k)).collect();
-    Some(f.samples.iter().map(|s| fold[f.examples[s.row].group()]).collect())
+    Some(idx.iter().map(|&i| fold[group(i)]).collect())
 }
 
 /// Out-of-fold loss with whole families held out: each fold of families is predicted by a
 /// fit (weight decay `wd`, at most [`LAYER_SEARCH_SAMPLES`] samples) on the other folds;
 /// the pooled predictions are scored as half the class-balanced loss on prompts and half
 /// on answers (each answer's tokens together one unit), so that the score does not depend
-/// on the answer weight being compared. `x`, `y`, `w`, `idx` as one head's labelled set.
+/// on the answer weight being compared. A fold whose other folds hold one class only is
+/// not predicted and not scored; `None` when no fold could be. `x`, `y`, `w`, `idx` as one
+/// head's labelled set, `folds` per entry of `idx`.
 #[allow(clippy::too_many_arguments)]
 fn family_criterion(
     f: &Features,
@@ -292,13 +299,14 @@ fn family_criterion(
     folds: &[usize],
     d: usize,
     wd: f64,
-) -> Result<f64> {
+) -> Result<Option<f64>> {
     let mut logits = vec![0f64; y.len()];
+    let mut predicted = vec![false; y.len()];
     for j in 0..FAMILY_FOLDS {
         let (mut tx, mut ty, mut tw) = (Vec::new(), Vec::new(), Vec::new());
         let mut held = Vec::new();
-        for (i, &k) in idx.iter().enumerate() {
-            if folds[k] == j {
+        for (i, &fold) in folds.iter().enumerate() {
+            if fold == j {
                 held.push(i);
             } else {
                 tx.extend_from_slice(&x[i * d..(i + 1) * d]);
@@ -314,11 +322,12 @@ fn family_criterion(
         let hx: Vec<f32> = held.iter().flat_map(|&i| x[i * d..(i + 1) * d].iter().copied()).collect();
         for (&i, z) in held.iter().zip(fit.logits(&hx, d)) {
             logits[i] = z;
+            predicted[i] = true;
         }
     }
     let prompt = |i: usize| matches!(f.samples[idx[i]].kind, SampleKind::Prompt(_));
     let part = |keep: &dyn Fn(usize) -> bool, unit_w: &dyn Fn(usize) -> f64| {
-        let sel: Vec<usize> = (0..y.len()).filter(|&i| keep(i)).collect();
+        let sel: Vec<usize> = (0..y.len()).filter(|&i| predicted[i] && keep(i)).collect();
         let sy: Vec<bool> = sel.iter().map(|&i| y[i]).collect();
         if !(sy.iter().any(|&v| v) && sy.iter().any(|&v| !v)) {
             return None;
@@ -331,17 +340,18 @@ fn family_criterion(
     let p = part(&|i| prompt(i), &|_| 1.0);
     let a = part(&|i| !prompt(i), &|i| per_answer[i]);
     Ok(match (p, a) {
-        (Some(p), Some(a)) => (p + a) / 2.0,
-        (Some(l), None) | (None, Some(l)) => l,
-        (None, None) => f64::INFINITY,
+        (Some(p), Some(a)) => Some((p + a) / 2.0),
+        (Some(l), None) | (None, Some(l)) => Some(l),
+        (None, None) => None,
     })
 }
 
 /// The heads-only fit, each head at the layer of `train.layers` with the lowest
 /// class-weighted validation loss (the only layer without `val`), prompts read at
 /// `position`, an answer's tokens together weighing `answer_weight` prompts (in the fit
-/// and in the validation loss alike). With `val`, the weight decay is chosen from
-/// [`WEIGHT_DECAYS`] with the lowest validation loss, unless `weight_decay` fixes it.
+/// and in the validation loss alike). The weight decay is `weight_decay` if given, else
+/// the one [`AnswerWeight::ByFamilies`] chose with the answer weight, else (with `val`)
+/// the one of [`WEIGHT_DECAYS`] with the lowest validation loss, else 1e-2.
 pub fn fit_heads(
     train: &Features,
     val: Option<&Features>,
@@ -351,9 +361,9 @@ pub fn fit_heads(
     current: (&Heads, &HeadsConfig),
 ) -> Result<(Heads, HeadsConfig, Vec<HeadFitReport>)> {
     if let AnswerWeight::Fixed(w) = answer_weight {
-        if !(w.is_finite() && w >= 0.0) {
+        if !(w.is_finite() && w > 0.0) {
             return Err(Error::Invalid(format!(
-                "answer weight {w}: expected a finite number ≥ 0"
+                "answer weight {w}: expected a finite number > 0"
             )));
         }
     }
@@ -405,31 +415,36 @@ pub fn fit_heads(
         let mut family_search = Vec::new();
         let (answer_weight, family_wd) = match answer_weight {
             AnswerWeight::Fixed(_) | AnswerWeight::Tokens => (given, None),
-            AnswerWeight::ByFamilies => match family_folds(train, FAMILY_FOLDS) {
-                None => {
-                    tracing::warn!("fewer than {FAMILY_FOLDS} families in the training data: every answer token weighs 1");
-                    (None, None)
-                }
-                Some(folds) => {
-                    let (x, y, idx) = train.labelled(h, layer, position);
-                    let wds: Vec<f64> = match weight_decay {
-                        Some(wd) => vec![wd],
-                        None => FAMILY_WEIGHT_DECAYS.to_vec(),
-                    };
-                    let mut best = (f64::INFINITY, 1.0, 1e-2);
+            AnswerWeight::ByFamilies => {
+                let (x, y, idx) = train.labelled(h, layer, position);
+                let wds: Vec<f64> = match weight_decay {
+                    Some(wd) => vec![wd],
+                    None => FAMILY_WEIGHT_DECAYS.to_vec(),
+                };
+                let mut best = None;
+                if let Some(folds) = family_folds(train, &idx, FAMILY_FOLDS) {
                     for &aw in &ANSWER_WEIGHTS {
                         let w = train.sample_weights(&idx, Some(aw));
                         for &wd in &wds {
-                            let c = family_criterion(train, &x, &y, &w, &idx, &folds, d, wd)?;
+                            let Some(c) = family_criterion(train, &x, &y, &w, &idx, &folds, d, wd)?
+                            else {
+                                continue;
+                            };
                             family_search.push((aw, wd, c));
-                            if c < best.0 {
-                                best = (c, aw, wd);
+                            if best.is_none_or(|(b, _, _)| c < b) {
+                                best = Some((c, aw, wd));
                             }
                         }
                     }
-                    (Some(best.1), Some(best.2))
                 }
-            },
+                match best {
+                    Some((_, aw, wd)) => (Some(aw), Some(wd)),
+                    None => {
+                        tracing::warn!("the {name} head's labelled rows do not span {FAMILY_FOLDS} families with both classes to hold out: every answer token weighs 1");
+                        (None, None)
+                    }
+                }
+            }
         };
         let t = labelled(train, h, layer, answer_weight);
         let mut search = Vec::new();
