@@ -33,7 +33,7 @@ heads() { # name gguf fetch-name [train args…]
   bash scripts/fetch-models.sh "$fetch"
   $so8t convert "$cache/$gguf" --out "$work/$name" --force
   $so8t train --model "$work/$name" --data $data/train.jsonl --val $data/val.jsonl --mode heads \
-    --layer auto --features-quant q8_0 --out "$work/$name-heads" "$@" | tee "$work/$name-heads.json"
+    --layer auto --features-quant q8_0 --out "$work/$name-heads" --force "$@" | tee "$work/$name-heads.json"
   evaluate "$work/$name-heads" "$name-heads" \
     "$name, zero gates; heads fitted by \`so8t train --mode heads --layer auto --features-quant q8_0\` on data/safety/train.jsonl (prompts and 16 tokens of each answer, hidden states from the Q8_0-quantised weights); layer, weight decay and thresholds (5% FPR on prompts, and on benign answers under the streaming rule with k = 2) chosen on val.jsonl. Made by scripts/train-eval.sh."
   mkdir -p "eval/$name/model"

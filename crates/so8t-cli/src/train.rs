@@ -107,6 +107,9 @@ pub struct Args {
     /// Write the trained SO8T directory here (default: update --model in place).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Replace --out if it exists (as convert, bake and export do).
+    #[arg(long)]
+    force: bool,
     /// Gates: continue from the checkpoint in OUT/so8t_train.
     #[arg(long)]
     resume: bool,
@@ -213,7 +216,7 @@ pub fn main(a: Args) -> Result<()> {
         .as_deref()
         .map(|p| read(p, &config.labels, a.skip_bad))
         .transpose()?;
-    let dest = TrainOut::prepare(&a.model, a.out.as_deref(), a.resume)?;
+    let dest = TrainOut::prepare(&a.model, a.out.as_deref(), a.resume, a.force)?;
     let out = dest.work.clone();
     if let Some(k) = a.consecutive {
         config.thresholds.consecutive = k;

@@ -485,3 +485,31 @@ fn killed_training_leaves_the_old_or_the_new_result() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// `--out` naming an existing directory other than the model is replaced only with
+/// `--force` (the final swap would discard it), as convert, bake and export do.
+#[test]
+fn train_out_replaces_an_existing_directory_only_with_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_so8t(tmp.path());
+    let out = tmp.path().join("mine");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("notes.txt"), "keep me").unwrap();
+    let (d, o) = (data(), out.to_str().unwrap().to_string());
+    let run = |force: bool| {
+        let mut a = vec!["train", "--model", &model, "--data", &d, "--mode", "heads", "--out", &o];
+        if force {
+            a.push("--force");
+        }
+        so8t(&a)
+    };
+    let refused = run(false);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert!(err.contains("mine: already exists (use --force to replace it)"), "{err}");
+    assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "keep me");
+    assert!(run(true).status.success());
+    assert!(result_of(&out).is_some() && !out.join("notes.txt").exists());
+    // Training in place needs no --force.
+    assert!(so8t(&["train", "--model", &model, "--data", &d, "--mode", "heads", "--out", &model]).status.success());
+}

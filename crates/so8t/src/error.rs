@@ -52,6 +52,16 @@ impl Error {
             error,
         }
     }
+
+    /// The same error about `path` instead: a file written under a staging name is
+    /// reported under the name the user gave.
+    pub fn at(self, path: impl AsRef<Path>) -> Self {
+        match self {
+            Error::Format { what, .. } => Error::format(path, what),
+            Error::Io { error, .. } => Error::io(path, error),
+            e => e,
+        }
+    }
 }
 
 /// A JSON settings file as `T`; the error names the file and the field at fault

@@ -159,22 +159,42 @@ pub fn temp_path(target: &Path) -> Result<PathBuf> {
     own_sibling(target, "tmp")
 }
 
-/// Writes the file `target` all at once: `write` fills the temporary name it is given,
-/// which replaces `target` when `write` succeeds and is removed when it fails. Errors
-/// should name `target`: the temporary name is an implementation detail.
+/// Writes the file `target` all at once: `write` fills a path inside this process's
+/// hidden `.NAME.tmp-PID` directory beside the target, and that file is renamed onto
+/// `target` when `write` succeeds. The directory goes afterwards, whatever happened, and
+/// with it anything else a writer left there (the safetensors crate stages each file
+/// under its own random `.tmpXXXXXX` name, which a kill would otherwise strand beside the
+/// target). The file gets the mode any new file gets here (the umask's), not the 0600 of
+/// such private temporaries. Errors should name `target`: the temporary name is an
+/// implementation detail.
 pub fn write_file<T>(target: &Path, write: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
-    let tmp = temp_path(target)?;
+    let dir = temp_path(target)?;
+    let name = target
+        .file_name()
+        .ok_or_else(|| Error::format(target, "not a file name"))?;
     remove_stale(target);
-    match write(&tmp) {
-        Ok(v) => {
-            std::fs::rename(&tmp, target).map_err(|e| Error::io(target, e))?;
-            Ok(v)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
-        }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+    let tmp = dir.join(name);
+    let written = write(&tmp).and_then(|v| {
+        give_new_file_mode(&dir, &tmp).map_err(|e| Error::io(target, e))?;
+        std::fs::rename(&tmp, target).map_err(|e| Error::io(target, e))?;
+        Ok(v)
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    written
+}
+
+/// Sets `file`'s permissions to those a file created in `dir` gets (mode 0666 less the
+/// umask), which a probe file shows without touching the process-wide umask.
+fn give_new_file_mode(dir: &Path, file: &Path) -> std::io::Result<()> {
+    let probe = dir.join(".mode");
+    let usual = std::fs::File::create(&probe)?.metadata()?.permissions();
+    std::fs::remove_file(&probe)?;
+    if std::fs::metadata(file)?.permissions() != usual {
+        std::fs::set_permissions(file, usual)?;
     }
+    Ok(())
 }
 
 /// [`write_file`] of bytes.
@@ -258,5 +278,38 @@ mod tests {
         std::fs::write(&ours, "x").unwrap();
         remove_stale(&target);
         assert!(!dead.exists() && ours.exists());
+    }
+
+    /// A writer's own temporaries go with the staging directory, whether it succeeds or
+    /// fails, and the file gets the usual mode, not the 0600 of a private temporary.
+    #[test]
+    fn write_file_leaves_only_the_target_with_the_usual_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("w.safetensors");
+        let usual = {
+            let p = tmp.path().join("probe");
+            std::fs::write(&p, "").unwrap();
+            let m = std::fs::metadata(&p).unwrap().permissions().mode();
+            std::fs::remove_file(&p).unwrap();
+            m
+        };
+        write_file(&target, |t| {
+            std::fs::write(t.with_file_name(".tmpXYZ"), "stray").unwrap();
+            std::fs::write(t, "data").unwrap();
+            std::fs::set_permissions(t, std::fs::Permissions::from_mode(0o600)).unwrap();
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "data");
+        assert_eq!(std::fs::metadata(&target).unwrap().permissions().mode(), usual);
+        let err = write_file(&target, |t| {
+            std::fs::write(t, "half").unwrap();
+            Err::<(), _>(Error::format(&target, "disk full"))
+        });
+        assert!(err.is_err());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "data");
+        let names: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["w.safetensors"]);
     }
 }

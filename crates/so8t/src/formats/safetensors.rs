@@ -244,6 +244,20 @@ fn convert_into<const W: usize>(out: &mut [f32], bytes: &[u8], f: impl Fn([u8; W
         });
 }
 
+/// Writes `tensors` (with string metadata) as a safetensors file, all at once: staged
+/// and renamed by [`crate::staging::write_file`], so a kill leaves the old file or the
+/// new one and no stray temporary, and the file gets the usual mode.
+pub fn write<'a, S: AsRef<str> + Ord + std::fmt::Display>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (S, &'a Tensor)>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    crate::staging::write_file(path, |tmp| {
+        safetensors::serialize_to_file(tensors, metadata, tmp)
+            .map_err(|e| Error::format(path, format!("cannot write: {e}")))
+    })
+}
+
 /// All 256 e4m3fn values (1 sign, 4 exponent bits with bias 7, 3 mantissa bits, no
 /// infinities, 0x7f/0xff are NaN).
 pub fn fp8_e4m3_table() -> [f32; 256] {

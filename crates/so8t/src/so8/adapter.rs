@@ -628,8 +628,7 @@ impl Adapter {
                 .tensors()
                 .map(|(n, t)| (n.to_string(), t.clone())),
         );
-        candle_core::safetensors::save(&all, path)
-            .map_err(|e| Error::format(path, crate::error::candle_message(&e)))
+        crate::formats::safetensors::write(path, &all, None)
     }
 
     /// The adapter at `path` against the base and the settings beside it: every tensor's

@@ -126,12 +126,8 @@ pub fn bake(src: &Path, out: &Path, opts: &BakeOptions) -> Result<()> {
     }
     let st = dir.join("model.safetensors");
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(
-        tensors.iter().map(|(n, t)| (n.as_str(), t)),
-        Some(meta),
-        &st,
-    )
-    .map_err(|e| Error::format(out.join("model.safetensors"), format!("cannot write: {e}")))?;
+    crate::formats::safetensors::write(&st, tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
+        .map_err(|e| e.at(out.join("model.safetensors")))?;
     drop(tensors);
 
     // config.json: the base's, in the output dtype and without FP8 quantisation.
@@ -159,8 +155,7 @@ pub fn bake(src: &Path, out: &Path, opts: &BakeOptions) -> Result<()> {
 fn write_heads(h: &Heads, cfg: &So8tConfig, path: &Path) -> Result<()> {
     let tensors = h.tensors();
     let meta = HashMap::from([(CONFIG_KEY.to_string(), serde_json::to_string(cfg).unwrap())]);
-    safetensors::serialize_to_file(tensors, Some(meta), path)
-        .map_err(|e| Error::format(path, e.to_string()))
+    crate::formats::safetensors::write(path, tensors, Some(meta))
 }
 
 /// Heads and the SO8T config of a baked directory.

@@ -172,8 +172,7 @@ fn write_hf_from_gguf(file: &std::sync::Arc<GgufFile>, dir: &Path) -> Result<cra
         tensors.insert(name.clone(), store.dense(&name, &shape)?);
     }
     let st = dir.join("model.safetensors");
-    candle_core::safetensors::save(&tensors, &st)
-        .map_err(|e| Error::format(&st, crate::error::candle_message(&e)))?;
+    crate::formats::safetensors::write(&st, &tensors, None)?;
     drop(tensors);
     if file.get("tokenizer.ggml.tokens").is_some() {
         let tok = TextTokenizer::from_gguf(file)?;

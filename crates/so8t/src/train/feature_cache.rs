@@ -183,8 +183,6 @@ impl FeatureCache {
         for (l, x) in layers.iter().zip(&c.x) {
             t.insert(format!("layer.{l}"), Tensor::from_slice(x, (n, hidden), &Device::Cpu)?);
         }
-        crate::staging::write_file(path, |tmp| {
-            candle_core::safetensors::save(&t, tmp).map_err(|e| Error::format(path, e.to_string()))
-        })
+        crate::formats::safetensors::write(path, &t, None)
     }
 }

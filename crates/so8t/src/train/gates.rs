@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::model::Site;
 use crate::so8::adapter::{generator_name, Adapter, Heads, So8tConfig};
 use crate::so8::gates::{site_rotation, SiteShape};
-use crate::staging::{write_bytes, write_file};
+use crate::staging::write_bytes;
 use crate::Model;
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
@@ -514,10 +514,7 @@ impl<'a> Trainer<'a> {
             all.insert(format!("adam_m.{n}"), self.m[i].clone());
             all.insert(format!("adam_v.{n}"), self.v[i].clone());
         }
-        write_file(&tensors_path, |tmp| {
-            candle_core::safetensors::save(&all, tmp)
-                .map_err(|e| Error::format(&tensors_path, crate::error::candle_message(&e)))
-        })?;
+        crate::formats::safetensors::write(&tensors_path, &all, None)?;
         let meta = serde_json::json!({ "step": self.step, "fingerprint": self.fingerprint() });
         write_bytes(
             &meta_path,

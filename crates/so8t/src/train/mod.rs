@@ -16,7 +16,7 @@ use crate::so8::adapter::{
     ADAPTER_FILE, CONFIG_FILE,
 };
 use crate::so8::convert::is_hf_model_file;
-use crate::staging::{hidden_sibling, write_bytes, write_file};
+use crate::staging::{hidden_sibling, write_bytes};
 use crate::Model;
 use data::{Dataset, Example};
 use serde::Serialize;
@@ -615,13 +615,18 @@ pub struct TrainOut {
 }
 
 impl TrainOut {
-    /// `out` `None` (or the model directory itself) trains in place.
-    pub fn prepare(model_dir: &Path, out: Option<&Path>, resume: bool) -> Result<TrainOut> {
+    /// `out` `None` (or the model directory itself) trains in place. Another existing
+    /// `out` is replaced only with `force` (the swap at the end would discard whatever
+    /// directory was there); `resume` continues a run that already passed this check.
+    pub fn prepare(model_dir: &Path, out: Option<&Path>, resume: bool, force: bool) -> Result<TrainOut> {
         let in_place = out.is_none_or(|o| same_dir(o, model_dir));
         let target = match out {
             Some(o) if !in_place => o.to_path_buf(),
             _ => model_dir.to_path_buf(),
         };
+        if !in_place && !resume && !force && std::fs::symlink_metadata(&target).is_ok() {
+            return Err(Error::format(&target, "already exists (use --force to replace it)"));
+        }
         let work = hidden_sibling(&target, "partial")?;
         if resume {
             if !work.join(TRAIN_DIR).is_dir() {
@@ -664,7 +669,7 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 
 /// Writes the adapter, then the config, each to a temporary name renamed into place.
 pub fn write_result(out: &Path, adapter: &Adapter, config: &So8tConfig) -> Result<()> {
-    write_file(&out.join(ADAPTER_FILE), |tmp| adapter.write(tmp))?;
+    adapter.write(&out.join(ADAPTER_FILE))?;
     write_bytes(
         &out.join(CONFIG_FILE),
         serde_json::to_string_pretty(config).unwrap().as_bytes(),
