@@ -12,9 +12,17 @@ pub struct Args {
     /// Port (0 picks a free one; the address is printed).
     #[arg(long, default_value_t = 8080)]
     port: u16,
-    /// Require `Authorization: Bearer KEY` on every route but / and /health.
+    /// Require `Authorization: Bearer KEY` on every route but / and /health; several
+    /// keys comma-separated (as llama.cpp's server takes them), each with its own rate.
     #[arg(long, env = "SO8T_API_KEY")]
     api_key: Option<String>,
+    /// Requests per minute per API key (per client address without keys), in bursts of
+    /// as many; past it a 429 with Retry-After. Default: no limit.
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<u32>::new().range(1..=1_000_000))]
+    rate_limit: Option<u32>,
+    /// Open connections per client address at most (default: only --max-connections).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
+    max_connections_per_client: Option<usize>,
     /// Requests that generate at once (interleaved token by token).
     #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
     parallel: usize,
@@ -46,6 +54,14 @@ pub struct Args {
 }
 
 pub fn main(a: Args) -> Result<()> {
+    let api_keys: Vec<String> = match &a.api_key {
+        None => Vec::new(),
+        Some(list) => list.split(',').map(|k| k.trim().to_string()).collect(),
+    };
+    if api_keys.iter().any(String::is_empty) {
+        // The keys themselves stay out of the message (it may reach a log).
+        anyhow::bail!("--api-key: an empty key in the list (keys are comma-separated, none empty)");
+    }
     if !(a.read_timeout.is_finite() && a.read_timeout > 0.0 && a.read_timeout <= 86_400.0) {
         anyhow::bail!("--read-timeout must be a number of seconds in (0, 86400], got {}", a.read_timeout);
     }
@@ -55,7 +71,9 @@ pub fn main(a: Args) -> Result<()> {
         model: a.model,
         host: a.host,
         port: a.port,
-        api_key: a.api_key,
+        api_keys,
+        rate_limit: a.rate_limit,
+        max_connections_per_client: a.max_connections_per_client,
         parallel: a.parallel,
         queue: a.queue,
         audit: a.audit,

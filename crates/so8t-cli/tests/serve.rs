@@ -49,14 +49,33 @@ fn script(name: &str, args: &[&str], what: &str) -> Option<String> {
 /// test got 10 answers in 120 s while the browser test ran beside it, and the browser
 /// test timed out).
 fn trained_model() -> Option<(PathBuf, MutexGuard<'static, ()>)> {
-    static MACHINE: Mutex<()> = Mutex::new(());
-    let guard = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    let guard = machine();
     let model = script(
         "trained-smollm2.sh",
         &[env!("CARGO_BIN_EXE_so8t")],
         "SmolLM2-135M (for the trained SO8T model)",
     )?;
     Some((PathBuf::from(model), guard))
+}
+
+/// This test's turn on the machine (see [`trained_model`]).
+fn machine() -> MutexGuard<'static, ()> {
+    static MACHINE: Mutex<()> = Mutex::new(());
+    MACHINE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The tiny fixture model as an SO8T directory (random gates, untrained heads): a server
+/// on it starts and answers in milliseconds.
+fn tiny_so8t(dir: &Path) -> PathBuf {
+    let model = dir.join("so8t");
+    let st = Command::new(env!("CARGO_BIN_EXE_so8t"))
+        .args(["convert", root().join("fixtures/tiny-qwen3").to_str().unwrap(), "--out"])
+        .arg(&model)
+        .args(["--init", "random", "--scale", "0.1"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    model
 }
 
 struct Server {
@@ -659,6 +678,72 @@ fn kill_9_under_load_leaves_a_sound_audit_log_with_every_answered_request() {
 }
 
 /// Reads until the server closes the connection (or `limit` passes); what it sent.
+/// `kill -9` of a serving process at 50 random moments (`SO8T_KILLS` sets how many),
+/// each time restarted on the same audit database: after every kill the database passes
+/// `PRAGMA integrity_check` and holds every request a client got a whole answer to. On
+/// the tiny fixture model, so that a round costs a fraction of a second and the kills
+/// land anywhere from start-up to mid-answer.
+#[test]
+fn the_audit_database_survives_kill_9_at_random_moments() {
+    let kills: usize = std::env::var("SO8T_KILLS")
+        .ok()
+        .map(|v| v.parse().expect("SO8T_KILLS: a number of kills"))
+        .unwrap_or(50);
+    let _turn = machine();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_so8t(tmp.path());
+    let db = tmp.path().join("audit.sqlite");
+    let mut seed = 0xa0d1_u64;
+    let mut answered_total = 0;
+    for round in 0..kills {
+        let mut s = Server::start(
+            &model,
+            &["--parallel", "2", "--audit", db.to_str().unwrap(), "--audit-text"],
+        );
+        let answered = Arc::new(Mutex::new(Vec::<String>::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients: Vec<_> = (0..3)
+            .map(|i| {
+                let (answered, stop, chat) = (answered.clone(), stop.clone(), s.url("/v1/chat/completions"));
+                let body = chat_body(&format!("Name a colour ({round}, {i})."), 4 + i, false);
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let Ok(mut resp) = agent().post(&chat).header("Content-Type", "application/json").send(&body)
+                        else {
+                            break;
+                        };
+                        let Ok(text) = resp.body_mut().read_to_string() else { break };
+                        if let Some(id) = serde_json::from_str::<serde_json::Value>(&text)
+                            .ok()
+                            .and_then(|v| v["id"].as_str().map(String::from))
+                        {
+                            answered.lock().unwrap().push(id);
+                        }
+                    }
+                })
+            })
+            .collect();
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        std::thread::sleep(Duration::from_millis((seed >> 33) % 400));
+        s.child.kill().unwrap(); // SIGKILL
+        s.child.wait().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        clients.into_iter().for_each(|c| c.join().unwrap());
+        assert_eq!(so8t_serve::audit::integrity_check(&db).unwrap(), "ok", "after kill {round}");
+        let rows = so8t_serve::audit::query(&db, &Default::default()).unwrap();
+        let answered = answered.lock().unwrap();
+        for id in answered.iter() {
+            assert!(
+                rows.iter().any(|r| &r.request_id == id),
+                "kill {round}: answered request {id} is not in the audit log"
+            );
+        }
+        answered_total += answered.len();
+    }
+    eprintln!("{kills} kills, {answered_total} answered requests, every one in the audit log");
+    assert!(answered_total > 0, "no request was answered before any kill");
+}
+
 fn read_until_closed(sock: &mut TcpStream, limit: Duration) -> (bool, String) {
     sock.set_read_timeout(Some(limit)).unwrap();
     let mut seen = Vec::new();
@@ -750,6 +835,74 @@ fn abusive_clients_cannot_starve_well_behaved_ones() {
         assert!(
             metrics.contains(&format!("so8t_refused_total{{reason=\"{reason}\"}}")),
             "{reason} not counted: {metrics}"
+        );
+    }
+}
+
+/// `--api-key` with two keys, `--rate-limit` per key and `--max-connections-per-client`:
+/// a key past its requests per minute gets 429 with Retry-After (OpenAI's error and
+/// headers) while the other key is still served; a wrong key is refused before it costs
+/// anything; an address past its connections is closed at once while another address
+/// is served; `/metrics` counts both refusals.
+#[test]
+fn rate_limits_per_key_and_connection_caps_per_address() {
+    let _turn = machine();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_so8t(tmp.path());
+    let s = Server::start(
+        &model,
+        &["--api-key", "key-one,key-two", "--rate-limit", "3", "--max-connections-per-client", "4"],
+    );
+    let models = s.url("/v1/models");
+    let call = |key: &str| {
+        let mut resp = agent()
+            .get(&models)
+            .header("Authorization", &format!("Bearer {key}"))
+            .call()
+            .unwrap();
+        let h = |n: &str| resp.headers().get(n).map(|v| v.to_str().unwrap().to_string());
+        let (retry, remaining) = (h("retry-after"), h("x-ratelimit-remaining-requests"));
+        (resp.status().as_u16(), retry, remaining, resp.body_mut().read_to_string().unwrap())
+    };
+    for left in ["2", "1", "0"] {
+        let (status, _, remaining, body) = call("key-one");
+        assert_eq!((status, remaining.as_deref()), (200, Some(left)), "{body}");
+    }
+    let (status, retry, _, body) = call("key-one");
+    assert_eq!(status, 429, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["type"], "rate_limit_error", "{body}");
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded", "{body}");
+    // 3 a minute: the next one in 20 s.
+    let retry: u64 = retry.expect("Retry-After").parse().unwrap();
+    assert!((19..=20).contains(&retry), "Retry-After: {retry}");
+    assert_eq!(call("key-two").0, 200, "the other key has its own rate");
+    assert_eq!(call("key-three").0, 401);
+    assert_eq!(get(&s.url("/health"), &[]).0, 200, "/health is never limited");
+
+    // Connections: four idle ones from 127.0.0.1 are all this address may hold.
+    std::thread::sleep(Duration::from_millis(300)); // the calls' own connections close
+    let addr: std::net::SocketAddr = s.base.strip_prefix("http://").unwrap().parse().unwrap();
+    let idle: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut fifth = TcpStream::connect(addr).unwrap();
+    let (closed, _) = read_until_closed(&mut fifth, Duration::from_secs(5));
+    assert!(closed, "a fifth connection from one address stayed open");
+    // Another address is served meanwhile.
+    let other = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    other.bind(&"127.0.0.2:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    other.connect(&addr.into()).unwrap();
+    let mut other: TcpStream = other.into();
+    write!(other, "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let (_, answer) = read_until_closed(&mut other, Duration::from_secs(10));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(200));
+    let (_, metrics) = get(&s.url("/metrics"), &[("Authorization", "Bearer key-two")]);
+    for reason in ["rate_limit", "client_connections"] {
+        assert!(
+            metrics.contains(&format!("so8t_refused_total{{reason=\"{reason}\"}} 1")),
+            "{reason} not counted once: {metrics}"
         );
     }
 }

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod audit;
 pub mod engine;
+pub mod limits;
 pub mod metrics;
 pub mod server;
 
@@ -21,7 +22,12 @@ pub struct Options {
     pub model: PathBuf,
     pub host: String,
     pub port: u16,
-    pub api_key: Option<String>,
+    /// Requests must present one of these keys (empty: none needed).
+    pub api_keys: Vec<String>,
+    /// Requests per minute per key (per client address without keys).
+    pub rate_limit: Option<u32>,
+    /// Open connections per client address at most.
+    pub max_connections_per_client: Option<usize>,
     pub parallel: usize,
     pub queue: usize,
     pub audit: Option<PathBuf>,
@@ -93,7 +99,8 @@ pub fn serve(o: Options) -> Result<()> {
         audit,
         audit_text: o.audit_text,
         metrics: metrics::Metrics::default(),
-        api_key: o.api_key.clone(),
+        api_keys: o.api_keys.clone(),
+        rate_limit: o.rate_limit.map(limits::RateLimiter::new),
         default_max_tokens: o.default_max_tokens,
         max_body: o.max_body,
         read_timeout: o.read_timeout,
@@ -117,7 +124,8 @@ pub fn serve(o: Options) -> Result<()> {
             .with_context(|| format!("cannot listen on {addr}"))?;
         // Tests and scripts wait for this line (with --port 0 it names the port chosen).
         eprintln!("so8t serve: listening on http://{}", listener.local_addr()?);
-        accept(listener, app, &state, o.max_connections, o.read_timeout).await;
+        let per_client = o.max_connections_per_client.map(limits::ConnectionsPerAddr::new);
+        accept(listener, app, &state, o.max_connections, per_client, o.read_timeout).await;
         Ok(())
     })
 }
@@ -126,12 +134,15 @@ pub fn serve(o: Options) -> Result<()> {
 /// connection holds one of `max_connections` slots (a flood of idle or slow clients
 /// cannot take the file descriptors: beyond the cap a connection is closed at once), and
 /// hyper closes one that takes longer than `read_timeout` to send a request's headers,
-/// which also ends idle keep-alive connections (slowloris).
+/// which also ends idle keep-alive connections (slowloris). With `per_client`, one
+/// address cannot hold more than its share of the slots either. Every request carries
+/// its connection's peer address, for the per-address rate limit.
 async fn accept(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     state: &server::AppState,
     max_connections: usize,
+    per_client: Option<limits::ConnectionsPerAddr>,
     read_timeout: std::time::Duration,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
@@ -142,7 +153,7 @@ async fn accept(
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
-                Ok((s, _)) => s,
+                Ok(s) => s,
                 // Out of descriptors or similar: wait a little rather than spin.
                 Err(_) => {
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -151,23 +162,40 @@ async fn accept(
             },
             _ = &mut stop => break,
         };
+        let (stream, peer) = stream;
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             state.metrics.add("so8t_refused_total", "reason=\"connections\"", 1.0);
             drop(stream);
             continue;
         };
+        let client_slot = match &per_client {
+            Some(per) => match per.try_open(peer.ip()) {
+                Some(s) => Some(s),
+                None => {
+                    state.metrics.add("so8t_refused_total", "reason=\"client_connections\"", 1.0);
+                    drop(stream);
+                    continue;
+                }
+            },
+            None => None,
+        };
         let _ = stream.set_nodelay(true);
+        let peer = limits::Peer(peer.ip());
+        let service = tower::ServiceExt::map_request(app.clone(), move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(peer);
+            req
+        });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(read_timeout)
             .serve_connection(
                 TokioIo::new(stream),
-                hyper_util::service::TowerToHyperService::new(app.clone()),
+                hyper_util::service::TowerToHyperService::new(service),
             );
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;
-            drop(slot);
+            drop((slot, client_slot));
         });
     }
     graceful.shutdown().await;

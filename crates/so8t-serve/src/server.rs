@@ -6,6 +6,7 @@ use crate::api::{
 };
 use crate::audit::{self, Audit, Record};
 use crate::engine::{Engine, Event, Finish, Job};
+use crate::limits::{Client, Decision, Peer, RateLimiter};
 use crate::metrics::Metrics;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{MatchedPath, Request, State};
@@ -47,7 +48,10 @@ pub struct AppState {
     pub audit: Option<Audit>,
     pub audit_text: bool,
     pub metrics: Metrics,
-    pub api_key: Option<String>,
+    /// `--api-key`: requests must present one of these (none: no key needed).
+    pub api_keys: Vec<String>,
+    /// `--rate-limit`: requests per minute per key (per address without keys).
+    pub rate_limit: Option<RateLimiter>,
     pub default_max_tokens: usize,
     pub max_body: usize,
     pub read_timeout: std::time::Duration,
@@ -67,17 +71,14 @@ pub fn router(st: St) -> Router {
         .route("/v1/moderations", post(moderations))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
-    api.layer(axum::middleware::from_fn_with_state(
-        st.clone(),
-        count_requests,
-    ))
-    .layer(axum::middleware::from_fn_with_state(
-        st.clone(),
-        require_key,
-    ))
-    .layer(axum::middleware::from_fn_with_state(st.clone(), read_body))
-    .layer(axum::extract::DefaultBodyLimit::max(st.max_body))
-    .with_state(st)
+    // Outermost first: the key, then the client's rate, are checked on the headers
+    // alone, before any body is read for a request that would be refused.
+    api.layer(axum::middleware::from_fn_with_state(st.clone(), count_requests))
+        .layer(axum::middleware::from_fn_with_state(st.clone(), read_body))
+        .layer(axum::middleware::from_fn_with_state(st.clone(), rate_limit))
+        .layer(axum::middleware::from_fn_with_state(st.clone(), require_key))
+        .layer(axum::extract::DefaultBodyLimit::max(st.max_body))
+        .with_state(st)
 }
 
 /// Reads the request body before any handler runs: refused at once when its
@@ -153,29 +154,83 @@ fn same_key(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn require_key(State(st): State<St>, req: Request, next: Next) -> Response {
-    // `/` is the static chat page (no data; it asks for the key itself) and `/health` is
-    // for load balancers: both stay open, as in llama.cpp's server.
-    if let Some(key) = &st.api_key {
-        let path = req.uri().path();
-        if path != "/health" && path != "/" {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
-            if !given.is_some_and(|g| same_key(g.as_bytes(), key.as_bytes())) {
-                return ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "invalid_request_error",
-                    Some("invalid_api_key"),
-                    "Incorrect or missing API key (Authorization: Bearer KEY)",
-                )
-                .into_response();
-            }
-        }
+/// `/` is the static chat page (no data; it asks for the key itself) and `/health` is
+/// for load balancers: both stay open, as in llama.cpp's server.
+fn open_route(path: &str) -> bool {
+    path == "/health" || path == "/"
+}
+
+async fn require_key(State(st): State<St>, mut req: Request, next: Next) -> Response {
+    if !st.api_keys.is_empty() && !open_route(req.uri().path()) {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let Some(i) = given.and_then(|g| {
+            st.api_keys
+                .iter()
+                .position(|k| same_key(g.as_bytes(), k.as_bytes()))
+        }) else {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                Some("invalid_api_key"),
+                "Incorrect or missing API key (Authorization: Bearer KEY)",
+            )
+            .into_response();
+        };
+        req.extensions_mut().insert(Client::Key(i));
     }
     next.run(req).await
+}
+
+/// `--rate-limit`: each key (each address, without keys) gets its requests per minute
+/// on every route but the open ones; past them a 429 says when to retry (`Retry-After`,
+/// and OpenAI's `x-ratelimit-*` headers on every answer).
+async fn rate_limit(State(st): State<St>, req: Request, next: Next) -> Response {
+    let Some(limiter) = &st.rate_limit else {
+        return next.run(req).await;
+    };
+    let client = req
+        .extensions()
+        .get::<Client>()
+        .copied()
+        .or_else(|| req.extensions().get::<Peer>().map(|p| Client::Addr(p.0)));
+    let Some(client) = client.filter(|_| !open_route(req.uri().path())) else {
+        return next.run(req).await;
+    };
+    let limit = limiter.per_minute().to_string();
+    match limiter.check(client, Instant::now()) {
+        Decision::Allowed { remaining } => {
+            let mut resp = next.run(req).await;
+            let h = resp.headers_mut();
+            h.insert("x-ratelimit-limit-requests", limit.parse().unwrap());
+            h.insert("x-ratelimit-remaining-requests", remaining.into());
+            resp
+        }
+        Decision::Refused { retry_after } => {
+            st.metrics.add("so8t_refused_total", "reason=\"rate_limit\"", 1.0);
+            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            let who = match client {
+                Client::Key(_) => "this API key",
+                Client::Addr(_) => "this client address",
+            };
+            let mut resp = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                Some("rate_limit_exceeded"),
+                format!("Rate limit reached: {limit} requests per minute for {who}; retry in {secs} s"),
+            )
+            .into_response();
+            let h = resp.headers_mut();
+            h.insert(header::RETRY_AFTER, secs.into());
+            h.insert("x-ratelimit-limit-requests", limit.parse().unwrap());
+            h.insert("x-ratelimit-remaining-requests", 0u32.into());
+            h.insert("x-ratelimit-reset-requests", format!("{secs}s").parse().unwrap());
+            resp
+        }
+    }
 }
 
 async fn count_requests(State(st): State<St>, req: Request, next: Next) -> Response {
