@@ -61,7 +61,7 @@ pub fn model_config(bytes: &[u8]) {
         let _ = c.validate(Path::new(NAME));
         let _ = c.rope_inv_freq();
     }
-    let _ = crate::load::fp8_block_size(text, Path::new(NAME));
+    let _ = crate::formats::source::fp8_block_size(text, Path::new(NAME));
 }
 
 /// An `so8t_config.json`.

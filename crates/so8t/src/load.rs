@@ -2,8 +2,9 @@
 //! tokenizer and its generation defaults.
 
 use crate::config::ModelConfig;
-use crate::error::{Error, InFile, Result};
-use crate::formats::gguf::{GgufFile, GgufStore};
+use crate::error::{Error, Result};
+use crate::formats::gguf::GgufStore;
+use crate::formats::source::{open_source, Source};
 use crate::formats::safetensors::SafetensorsStore;
 use crate::formats::WeightStore;
 use crate::model::Decoder;
@@ -13,7 +14,6 @@ use crate::so8::adapter::{
 use crate::so8::bake::{read_heads, HEADS_FILE};
 use crate::tokenizer::TextTokenizer;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -70,67 +70,6 @@ impl So8tState {
             });
         }
         self.heads.verdicts_of([&inputs[0], &inputs[1]])
-    }
-}
-
-pub enum Source {
-    Hf {
-        dir: PathBuf,
-        config: ModelConfig,
-        fp8_block: Option<(usize, usize)>,
-    },
-    Gguf(Arc<GgufFile>),
-}
-
-/// Reads what a path is without loading tensors.
-pub fn open_source(path: &Path) -> Result<Source> {
-    if !path.exists() {
-        return Err(Error::format(path, "no such file or directory"));
-    }
-    if path.is_dir() {
-        let cfg_path = path.join("config.json");
-        if !cfg_path.exists() {
-            return Err(Error::format(
-                path,
-                "not a model directory: config.json is missing",
-            ));
-        }
-        let text = crate::files::read_text(&cfg_path, crate::files::SETTINGS_LIMIT)?;
-        let config = ModelConfig::from_hf_json(&text, &cfg_path)?;
-        let fp8_block = fp8_block_size(&text, &cfg_path)?;
-        return Ok(Source::Hf {
-            dir: path.to_path_buf(),
-            config,
-            fp8_block,
-        });
-    }
-    Ok(Source::Gguf(Arc::new(GgufFile::open(path)?)))
-}
-
-pub(crate) fn fp8_block_size(config_text: &str, path: &Path) -> Result<Option<(usize, usize)>> {
-    let v: serde_json::Value = serde_json::from_str(config_text).in_file(path)?;
-    let q = &v["quantization_config"];
-    if q.is_null() {
-        return Ok(None);
-    }
-    let method = q["quant_method"].as_str().unwrap_or("");
-    if method != "fp8" {
-        return Err(Error::format(
-            path,
-            format!("quantization_config.quant_method `{method}` is not supported (expected fp8)"),
-        ));
-    }
-    match q["weight_block_size"]
-        .as_array()
-        .map(|a| a.iter().map(|x| x.as_u64()).collect::<Vec<_>>())
-    {
-        Some(b) if b.len() == 2 && b.iter().all(|x| x.is_some_and(|x| x > 0)) => {
-            Ok(Some((b[0].unwrap() as usize, b[1].unwrap() as usize)))
-        }
-        _ => Err(Error::format(
-            path,
-            "quantization_config.weight_block_size must be two positive integers",
-        )),
     }
 }
 

@@ -6,6 +6,7 @@ pub mod gguf;
 pub mod gguf_header;
 pub mod gguf_write;
 pub mod safetensors;
+pub mod source;
 
 use crate::error::{Error, Result};
 use candle_core::quantized::{QMatMul, QTensor};

@@ -389,7 +389,7 @@ pub fn base_checksum(dir: &Path) -> Result<String> {
         .map_err(|e| Error::io(dir, e))?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| n == "config.json" || super::convert::is_weight_file(n))
+        .filter(|n| n == "config.json" || crate::formats::source::is_weight_file(n))
         .collect();
     names.sort();
     let mut h = Sha256::new();

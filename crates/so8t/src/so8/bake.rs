@@ -144,7 +144,7 @@ pub fn bake(src: &Path, out: &Path, opts: &BakeOptions) -> Result<()> {
     for e in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
         let e = e.map_err(|e| Error::io(src, e))?;
         let n = e.file_name().to_string_lossy().to_string();
-        if e.path().is_file() && n != "config.json" && super::convert::is_hf_model_file(&n, false) {
+        if e.path().is_file() && n != "config.json" && crate::formats::source::is_hf_model_file(&n, false) {
             std::fs::copy(e.path(), dir.join(&n)).map_err(|err| Error::io(e.path(), err))?;
         }
     }

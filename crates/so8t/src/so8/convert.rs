@@ -11,7 +11,7 @@ use super::gates::Granularity;
 use crate::error::{Error, Result};
 use crate::formats::gguf::{GgufFile, GgufStore};
 use crate::formats::WeightStore;
-use crate::load::{open_source, Source};
+use crate::formats::source::{is_hf_model_file, open_source, Source};
 use crate::model::Site;
 use crate::staging::StagingDir;
 use crate::tokenizer::TextTokenizer;
@@ -114,35 +114,6 @@ pub fn convert(base: &Path, out: &Path, opts: &ConvertOptions) -> Result<So8tCon
 
     staging.commit()?;
     Ok(config)
-}
-
-/// Files of an HF model directory that belong to the model: config, weights, tokenizer,
-/// templates. Anything else (other formats of the weights, notes, SO8T files) stays behind,
-/// so that no stale copy of the weights travels with a converted or baked model.
-pub fn is_hf_model_file(name: &str, with_weights: bool) -> bool {
-    const FILES: [&str; 10] = [
-        "config.json",
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "vocab.json",
-        "merges.txt",
-        "added_tokens.json",
-        "chat_template.jinja",
-        "chat_template.json",
-    ];
-    if name.starts_with("so8t_") || name.starts_with('.') {
-        return false;
-    }
-    FILES.contains(&name) || name.ends_with(".model") /* sentencepiece */ || (with_weights && is_weight_file(name))
-}
-
-/// HF's weight file names: `model.safetensors`, `model-00001-of-00002.safetensors`, and the index.
-pub fn is_weight_file(name: &str) -> bool {
-    name == "model.safetensors"
-        || name == "model.safetensors.index.json"
-        || (name.starts_with("model-") && name.ends_with(".safetensors"))
 }
 
 fn copy_base_files(src: &Path, dst: &Path) -> Result<()> {

@@ -10,7 +10,7 @@ use crate::formats::gguf::{gguf_key, gguf_name, GgufFile, GgufStore};
 use crate::formats::gguf_write::{write, Meta, PlannedTensor};
 use crate::formats::safetensors::SafetensorsStore;
 use crate::formats::WeightStore;
-use crate::load::{open_source, Source};
+use crate::formats::source::{open_source, Source};
 use crate::model::Site;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Tensor};

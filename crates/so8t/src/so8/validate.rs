@@ -291,14 +291,14 @@ fn non_finite_weights(path: &Path) -> crate::error::Result<Vec<String>> {
             bad.push(format!("{}: tensor `{name}`", file.display()));
         }
     };
-    match crate::load::open_source(path)? {
-        crate::load::Source::Gguf(g) => {
+    match crate::formats::source::open_source(path)? {
+        crate::formats::source::Source::Gguf(g) => {
             for name in g.tensor_names() {
                 let t = g.qtensor(&name)?.dequantize(&candle_core::Device::Cpu)?;
                 scan(path, &name, t.flatten_all()?.to_vec1::<f32>()?);
             }
         }
-        crate::load::Source::Hf { dir, fp8_block, .. } => {
+        crate::formats::source::Source::Hf { dir, fp8_block, .. } => {
             let store = crate::formats::safetensors::SafetensorsStore::open(&dir, fp8_block)?;
             for name in store.names() {
                 // Integer buffers (a checkpoint may carry some the decoder never reads)

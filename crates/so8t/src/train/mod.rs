@@ -15,7 +15,7 @@ use crate::so8::adapter::{
     rule_score, Adapter, Heads, HeadsConfig, So8tConfig, Thresholds, VerdictPosition,
     ADAPTER_FILE, CONFIG_FILE,
 };
-use crate::so8::convert::is_hf_model_file;
+use crate::formats::source::is_hf_model_file;
 use crate::staging::{hidden_sibling, write_bytes};
 use crate::Model;
 use data::{Dataset, Example};
