@@ -1,14 +1,19 @@
 //! `so8t serve`: an OpenAI-compatible HTTP server for SO8T models (and plain ones), with
 //! a safety and escalation verdict on every token, moderation, an SQLite audit log and a
-//! chat page. The modules follow a request: `api` (shapes and checks) → `server`
-//! (routes, admission, streams) → `engine` (the model's thread) → `audit`.
+//! chat page. The modules follow a request: `limits` (per-client rates and connections)
+//! → `server` (routes, key/rate/body checks, handlers) → `api` (shapes and checks) →
+//! `answer` (a generation request to its answer and audit row; `stream` for SSE) →
+//! `engine` (the model's thread) → `audit`. `state` is what they all share.
 
+pub mod answer;
 pub mod api;
 pub mod audit;
 pub mod engine;
 pub mod limits;
 pub mod metrics;
 pub mod server;
+pub mod state;
+pub mod stream;
 
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
@@ -85,7 +90,7 @@ pub fn serve(o: Options) -> Result<()> {
     let tokenizer = model.tokenizer()?.clone();
     let audit = o.audit.as_deref().map(audit::Audit::open).transpose()?;
     let sha = model_sha256(&o.model)?;
-    let state = server::AppState {
+    let state = state::AppState {
         model_id: o.alias.clone().unwrap_or_else(|| model_id(&o.model)),
         model_sha256: sha,
         tokenizer,
@@ -124,8 +129,18 @@ pub fn serve(o: Options) -> Result<()> {
             .with_context(|| format!("cannot listen on {addr}"))?;
         // Tests and scripts wait for this line (with --port 0 it names the port chosen).
         eprintln!("so8t serve: listening on http://{}", listener.local_addr()?);
-        let per_client = o.max_connections_per_client.map(limits::ConnectionsPerAddr::new);
-        accept(listener, app, &state, o.max_connections, per_client, o.read_timeout).await;
+        let per_client = o
+            .max_connections_per_client
+            .map(limits::ConnectionsPerAddr::new);
+        accept(
+            listener,
+            app,
+            &state,
+            o.max_connections,
+            per_client,
+            o.read_timeout,
+        )
+        .await;
         Ok(())
     })
 }
@@ -140,7 +155,7 @@ pub fn serve(o: Options) -> Result<()> {
 async fn accept(
     listener: tokio::net::TcpListener,
     app: axum::Router,
-    state: &server::AppState,
+    state: &state::AppState,
     max_connections: usize,
     per_client: Option<limits::ConnectionsPerAddr>,
     read_timeout: std::time::Duration,
@@ -164,7 +179,9 @@ async fn accept(
         };
         let (stream, peer) = stream;
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            state.metrics.add("so8t_refused_total", "reason=\"connections\"", 1.0);
+            state
+                .metrics
+                .add("so8t_refused_total", "reason=\"connections\"", 1.0);
             drop(stream);
             continue;
         };
@@ -172,7 +189,9 @@ async fn accept(
             Some(per) => match per.try_open(peer.ip()) {
                 Some(s) => Some(s),
                 None => {
-                    state.metrics.add("so8t_refused_total", "reason=\"client_connections\"", 1.0);
+                    state
+                        .metrics
+                        .add("so8t_refused_total", "reason=\"client_connections\"", 1.0);
                     drop(stream);
                     continue;
                 }
@@ -181,10 +200,13 @@ async fn accept(
         };
         let _ = stream.set_nodelay(true);
         let peer = limits::Peer(peer.ip());
-        let service = tower::ServiceExt::map_request(app.clone(), move |mut req: axum::extract::Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(peer);
-            req
-        });
+        let service = tower::ServiceExt::map_request(
+            app.clone(),
+            move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(peer);
+                req
+            },
+        );
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(read_timeout)

@@ -146,19 +146,34 @@ mod tests {
         // Empty: the next token comes after 60 s / 3.
         match limiter.check(a, t0) {
             Decision::Refused { retry_after } => {
-                assert!((retry_after.as_secs_f64() - 20.0).abs() < 1e-6, "{retry_after:?}")
+                assert!(
+                    (retry_after.as_secs_f64() - 20.0).abs() < 1e-6,
+                    "{retry_after:?}"
+                )
             }
             d => panic!("{d:?}"),
         }
         // Other clients have their own buckets.
-        assert!(matches!(limiter.check(Client::Key(1), t0), Decision::Allowed { .. }));
+        assert!(matches!(
+            limiter.check(Client::Key(1), t0),
+            Decision::Allowed { .. }
+        ));
         let ip = Client::Addr("127.0.0.2".parse().unwrap());
         assert!(matches!(limiter.check(ip, t0), Decision::Allowed { .. }));
         // Refused requests do not count against the client; a refill interval later one
         // request goes through, and never more than the burst after a long pause.
-        assert!(matches!(limiter.check(a, t0 + Duration::from_secs(19)), Decision::Refused { .. }));
-        assert!(matches!(limiter.check(a, t0 + Duration::from_secs(20)), Decision::Allowed { remaining: 0 }));
-        assert!(matches!(limiter.check(a, t0 + Duration::from_secs(3600)), Decision::Allowed { remaining: 2 }));
+        assert!(matches!(
+            limiter.check(a, t0 + Duration::from_secs(19)),
+            Decision::Refused { .. }
+        ));
+        assert!(matches!(
+            limiter.check(a, t0 + Duration::from_secs(20)),
+            Decision::Allowed { remaining: 0 }
+        ));
+        assert!(matches!(
+            limiter.check(a, t0 + Duration::from_secs(3600)),
+            Decision::Allowed { remaining: 2 }
+        ));
     }
 
     #[test]
@@ -170,7 +185,10 @@ mod tests {
             limiter.check(addr(i), t0);
         }
         // All mid-burst: a new one is let through untracked.
-        assert!(matches!(limiter.check(addr(1 << 30), t0), Decision::Allowed { .. }));
+        assert!(matches!(
+            limiter.check(addr(1 << 30), t0),
+            Decision::Allowed { .. }
+        ));
         assert_eq!(limiter.buckets.lock().unwrap().len(), MAX_TRACKED);
         // A minute later they are full again and make room.
         limiter.check(addr(1 << 30), t0 + Duration::from_secs(60));
@@ -187,6 +205,9 @@ mod tests {
         assert!(per.try_open(b).is_some());
         drop(s1);
         assert!(per.try_open(a).is_some());
-        assert!(per.open.lock().unwrap().get(&b).is_none(), "freed addresses leave the table");
+        assert!(
+            per.open.lock().unwrap().get(&b).is_none(),
+            "freed addresses leave the table"
+        );
     }
 }
