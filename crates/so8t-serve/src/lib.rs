@@ -16,7 +16,6 @@ pub mod state;
 pub mod stream;
 
 use anyhow::{Context, Result};
-use sha2::{Digest, Sha256};
 use so8t::Model;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -50,29 +49,17 @@ pub struct Options {
 /// sha256 of what the server loaded: the GGUF file, or every file of a model directory
 /// in name order (each as its name, a NUL, its bytes), training state excluded.
 pub fn model_sha256(path: &Path) -> Result<String> {
-    let mut h = Sha256::new();
-    let feed = |h: &mut Sha256, p: &Path| -> Result<()> {
-        let mut f =
-            std::fs::File::open(p).with_context(|| format!("{}: cannot read", p.display()))?;
-        std::io::copy(&mut f, h).with_context(|| format!("{}: cannot read", p.display()))?;
-        Ok(())
-    };
-    if path.is_dir() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-            .with_context(|| format!("{}: cannot list", path.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file())
-            .collect();
-        files.sort();
-        for f in files {
-            h.update(f.file_name().unwrap_or_default().as_encoded_bytes());
-            h.update([0]);
-            feed(&mut h, &f)?;
-        }
-    } else {
-        feed(&mut h, path)?;
+    if !path.is_dir() {
+        return Ok(so8t::files::sha256_file(path)?);
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    let mut names: Vec<String> = std::fs::read_dir(path)
+        .with_context(|| format!("{}: cannot list", path.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_file())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    Ok(so8t::files::sha256_named(path, &names)?)
 }
 
 fn model_id(path: &Path) -> String {

@@ -4,6 +4,7 @@
 //! or size an allocation.
 
 use crate::error::{Error, Result};
+use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::Path;
 
@@ -92,5 +93,36 @@ mod tests {
         assert!(read(&big, 10).unwrap_err().to_string().contains("11 bytes"));
         assert_eq!(read(&big, 11).unwrap().len(), 11);
         assert_eq!(read_text_if_exists(&tmp.path().join("none"), 10).unwrap(), None);
+    }
+}
+
+/// sha256 of a file's bytes, read in 1 MiB pieces.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut h = Sha256::new();
+    feed(&mut h, path)?;
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// sha256 over the files `names` of `dir`, in the order given, each as its name, a NUL
+/// and its bytes: renaming a file changes it as much as changing a byte does.
+pub fn sha256_named(dir: &Path, names: &[String]) -> Result<String> {
+    let mut h = Sha256::new();
+    for n in names {
+        h.update(n.as_bytes());
+        h.update([0u8]);
+        feed(&mut h, &dir.join(n))?;
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+fn feed(h: &mut Sha256, path: &Path) -> Result<()> {
+    let mut f = open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let k = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if k == 0 {
+            return Ok(());
+        }
+        h.update(&buf[..k]);
     }
 }

@@ -8,9 +8,7 @@ use crate::error::{Error, Result};
 use crate::model::{BlockRotation, Decoder, Site};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::Path;
 
 pub const CONFIG_FILE: &str = "so8t_config.json";
@@ -392,22 +390,7 @@ pub fn base_checksum(dir: &Path) -> Result<String> {
         .filter(|n| n == "config.json" || crate::formats::source::is_weight_file(n))
         .collect();
     names.sort();
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    for n in names {
-        let path = dir.join(&n);
-        h.update(n.as_bytes());
-        h.update([0u8]);
-        let mut f = crate::files::open(&path)?;
-        loop {
-            let k = f.read(&mut buf).map_err(|e| Error::io(&path, e))?;
-            if k == 0 {
-                break;
-            }
-            h.update(&buf[..k]);
-        }
-    }
-    Ok(format!("{:x}", h.finalize()))
+    crate::files::sha256_named(dir, &names)
 }
 
 /// Safety and authority heads: `Linear(hidden, 2)` with bias on the hidden state of the
