@@ -6,7 +6,6 @@
 //! against the bytes left before anything is allocated for it.
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMagic};
-use candle_core::quantized::GgmlDType;
 use std::collections::HashMap;
 
 /// llama.cpp's limits (ggml/src/gguf.cpp; GGML_MAX_DIMS).
@@ -115,27 +114,6 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn dtype(t: u32) -> Option<GgmlDType> {
-    Some(match t {
-        0 => GgmlDType::F32,
-        1 => GgmlDType::F16,
-        2 => GgmlDType::Q4_0,
-        3 => GgmlDType::Q4_1,
-        6 => GgmlDType::Q5_0,
-        7 => GgmlDType::Q5_1,
-        8 => GgmlDType::Q8_0,
-        9 => GgmlDType::Q8_1,
-        10 => GgmlDType::Q2K,
-        11 => GgmlDType::Q3K,
-        12 => GgmlDType::Q4K,
-        13 => GgmlDType::Q5K,
-        14 => GgmlDType::Q6K,
-        15 => GgmlDType::Q8K,
-        30 => GgmlDType::BF16,
-        _ => return None,
-    })
-}
-
 /// The header of the GGUF file `bytes`; errors name the field.
 pub fn read(bytes: &[u8]) -> Res<Content> {
     let mut r = Reader { bytes, pos: 0 };
@@ -209,7 +187,7 @@ pub fn read(bytes: &[u8]) -> Res<Content> {
             return Err(format!("{what}: shape {dims:?} overflows"));
         }
         let t = r.u32(&what)?;
-        let ggml_dtype = dtype(t).ok_or_else(|| format!("{what}: ggml type {t} is not supported"))?;
+        let ggml_dtype = super::ggml_dtype(t).ok_or_else(|| format!("{what}: ggml type {t} is not supported"))?;
         let row = dims.first().copied().unwrap_or(1);
         if row % ggml_dtype.block_size() != 0 {
             return Err(format!(

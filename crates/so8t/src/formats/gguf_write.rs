@@ -28,26 +28,6 @@ pub struct PlannedTensor {
     pub dtype: GgmlDType,
 }
 
-pub fn ggml_type_id(t: GgmlDType) -> u32 {
-    match t {
-        GgmlDType::F32 => 0,
-        GgmlDType::F16 => 1,
-        GgmlDType::Q4_0 => 2,
-        GgmlDType::Q4_1 => 3,
-        GgmlDType::Q5_0 => 6,
-        GgmlDType::Q5_1 => 7,
-        GgmlDType::Q8_0 => 8,
-        GgmlDType::Q8_1 => 9,
-        GgmlDType::Q2K => 10,
-        GgmlDType::Q3K => 11,
-        GgmlDType::Q4K => 12,
-        GgmlDType::Q5K => 13,
-        GgmlDType::Q6K => 14,
-        GgmlDType::Q8K => 15,
-        GgmlDType::BF16 => 30,
-    }
-}
-
 impl PlannedTensor {
     pub fn nbytes(&self) -> u64 {
         let n: usize = self.dims.iter().product();
@@ -160,7 +140,7 @@ pub fn write(
             for d in t.dims.iter().rev() {
                 head.extend_from_slice(&(*d as u64).to_le_bytes());
             }
-            head.extend_from_slice(&ggml_type_id(t.dtype).to_le_bytes());
+            head.extend_from_slice(&super::ggml_type_id(t.dtype).to_le_bytes());
             head.extend_from_slice(&offset.to_le_bytes());
             offset += t.nbytes();
             offset += (ALIGNMENT - offset % ALIGNMENT) % ALIGNMENT;

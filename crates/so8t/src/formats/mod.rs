@@ -9,7 +9,7 @@ pub mod safetensors;
 pub mod source;
 
 use crate::error::{Error, Result};
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use so8t_kernels::{QMatrix, QType};
 use std::path::Path;
@@ -45,7 +45,7 @@ pub enum Matrix {
 impl Matrix {
     /// A quantised tensor as the best matrix for it.
     pub fn from_qtensor(q: Arc<QTensor>) -> candle_core::Result<Matrix> {
-        let ty = ggml_id(q.dtype()).and_then(QType::from_ggml_id);
+        let ty = QType::from_ggml_id(ggml_type_id(q.dtype()));
         match ty {
             Some(ty) => {
                 let (rows, cols) = q.shape().dims2()?;
@@ -87,21 +87,38 @@ impl Matrix {
     }
 }
 
-fn ggml_id(t: candle_core::quantized::GgmlDType) -> Option<u32> {
-    use candle_core::quantized::GgmlDType as G;
-    Some(match t {
-        G::Q4_0 => 2,
-        G::Q4_1 => 3,
-        G::Q5_0 => 6,
-        G::Q5_1 => 7,
-        G::Q8_0 => 8,
-        G::Q4K => 12,
-        G::Q5K => 13,
-        G::Q6K => 14,
-        G::F16 => 1,
-        G::BF16 => 30,
-        _ => return None,
-    })
+/// ggml's type ids (`enum ggml_type`) of the types candle holds: the one table the GGUF
+/// reader, the GGUF writer and the kernels' dispatch go through.
+const GGML_TYPES: [(u32, GgmlDType); 15] = [
+    (0, GgmlDType::F32),
+    (1, GgmlDType::F16),
+    (2, GgmlDType::Q4_0),
+    (3, GgmlDType::Q4_1),
+    (6, GgmlDType::Q5_0),
+    (7, GgmlDType::Q5_1),
+    (8, GgmlDType::Q8_0),
+    (9, GgmlDType::Q8_1),
+    (10, GgmlDType::Q2K),
+    (11, GgmlDType::Q3K),
+    (12, GgmlDType::Q4K),
+    (13, GgmlDType::Q5K),
+    (14, GgmlDType::Q6K),
+    (15, GgmlDType::Q8K),
+    (30, GgmlDType::BF16),
+];
+
+/// The type of ggml type id `id`, if candle holds it.
+pub fn ggml_dtype(id: u32) -> Option<GgmlDType> {
+    GGML_TYPES.iter().find(|(i, _)| *i == id).map(|&(_, t)| t)
+}
+
+/// ggml's type id of `t`.
+pub fn ggml_type_id(t: GgmlDType) -> u32 {
+    GGML_TYPES
+        .iter()
+        .find(|(_, d)| *d == t)
+        .map(|&(i, _)| i)
+        .expect("every GgmlDType is in GGML_TYPES")
 }
 
 /// A token embedding table; quantised tables stay quantised and only the looked-up rows
