@@ -276,10 +276,14 @@ impl<'a> Trainer<'a> {
     /// Class-weighted cross-entropy of head `head` on states `[rows, hidden]` that all
     /// carry `label`, averaged over the rows.
     fn head_ce(&self, rows: &Tensor, head: usize, label: bool) -> candle_core::Result<Tensor> {
-        // The heads are the last four parameters, in Heads::NAMES order.
-        let base = self.params.vars.len() - 4;
-        let w = self.params.vars[base + 2 * head].as_tensor();
-        let b = self.params.vars[base + 2 * head + 1].as_tensor();
+        let param = |name: &str| {
+            self.params
+                .get(name)
+                .map(Var::as_tensor)
+                .ok_or_else(|| candle_core::Error::Msg(format!("no trainable `{name}`")))
+        };
+        let w = param(Heads::NAMES[2 * head])?;
+        let b = param(Heads::NAMES[2 * head + 1])?;
         let z = rows.matmul(&w.t()?)?.broadcast_add(b)?;
         let logp = candle_nn::ops::log_softmax(&z, D::Minus1)?;
         let cw = if label {
@@ -423,7 +427,7 @@ impl<'a> Trainer<'a> {
             let mhat = (&self.m[i] / (1.0 - b1.powi(t)))?;
             let vhat = (&self.v[i] / (1.0 - b2.powi(t)))?;
             let var = &self.params.vars[i];
-            let lr = if i + 4 >= self.params.vars.len() {
+            let lr = if Heads::NAMES.contains(&self.params.names[i].as_str()) {
                 self.opts.head_lr
             } else {
                 self.opts.lr
