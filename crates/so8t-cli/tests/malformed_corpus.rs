@@ -147,7 +147,7 @@ struct Outcome {
 }
 
 /// `so8t ARGS` under the memory and time bounds. `serve` is stopped once it listens
-/// (it accepted the model) or when it exits (it refused it).
+/// (it accepted the model) or when it exits (it refused it); no server outlives the test.
 fn so8t(args: &[&str], serve: bool) -> Outcome {
     let mut child = Command::new("sh")
         .arg("-c")
@@ -165,7 +165,9 @@ fn so8t(args: &[&str], serve: bool) -> Outcome {
         let mut line = String::new();
         while lines.read_line(&mut line).unwrap_or(0) > 0 {
             if line.contains("so8t serve: listening on ") {
-                let _ = child.kill();
+                // SIGTERM to `timeout`, which passes it on to the server (a SIGKILL
+                // would stop `timeout` alone and leave the server running, orphaned).
+                let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
                 let _ = child.wait();
                 return Outcome {
                     code: Some(0),
