@@ -139,16 +139,16 @@ pub(crate) fn chat_prompt(
 
 /// What the answer so far holds; feeds the final response, the audit row and metrics.
 pub(crate) struct Tracker {
-    pub(crate) started: Instant,
+    started: Instant,
     pub(crate) prompt_verdict: Option<Verdict>,
     /// The streaming rule over the answer (the engine's, at the end); its `max` is the
     /// response's verdict.
     pub(crate) judge: ResponseJudge,
-    pub(crate) first_token: Option<Instant>,
-    pub(crate) tokens: Vec<u32>,
+    first_token: Option<Instant>,
+    tokens: Vec<u32>,
     pub(crate) logprobs: Vec<Value>,
-    pub(crate) answer: String,
-    pub(crate) reasoning: String,
+    answer: String,
+    reasoning: String,
     pub(crate) splitter: ReasoningSplitter,
     pub(crate) finish: Option<Finish>,
 }
@@ -451,12 +451,12 @@ pub(crate) fn audit_unfinished(st: &St, p: &Prepared, t: &Tracker, finish: &str)
 /// A whole (non-streaming) answer being collected. hyper drops the handler when its
 /// client goes away; the request must still get its audit row.
 pub(crate) struct Collecting<'a> {
-    pub(crate) st: &'a St,
-    pub(crate) p: &'a Prepared,
-    pub(crate) t: Tracker,
-    pub(crate) audited: bool,
+    st: &'a St,
+    p: &'a Prepared,
+    t: Tracker,
+    audited: bool,
     /// The finish reason the row gets if the answer is never completed.
-    pub(crate) finish: &'static str,
+    finish: &'static str,
 }
 
 impl Drop for Collecting<'_> {

@@ -15,19 +15,19 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use crate::answer::{audit_unfinished, legacy_logprobs, usage, Kind, Prepared, Tracker};
 use crate::state::{unix_now, St, Ticket};
 
-pub(crate) struct StreamState {
-    pub(crate) st: St,
-    pub(crate) p: Prepared,
-    pub(crate) rx: UnboundedReceiver<Event>,
-    pub(crate) t: Tracker,
-    pub(crate) out: VecDeque<SseEvent>,
+struct StreamState {
+    st: St,
+    p: Prepared,
+    rx: UnboundedReceiver<Event>,
+    t: Tracker,
+    out: VecDeque<SseEvent>,
     /// Verdicts and logprobs of tokens whose text is not out yet (held by the splitter).
-    pub(crate) held: Vec<Verdict>,
-    pub(crate) held_logprobs: Vec<Value>,
-    pub(crate) text_offset: usize,
-    pub(crate) done: bool,
-    pub(crate) audited: bool,
-    pub(crate) _ticket: Ticket,
+    held: Vec<Verdict>,
+    held_logprobs: Vec<Value>,
+    text_offset: usize,
+    done: bool,
+    audited: bool,
+    _ticket: Ticket,
 }
 
 impl Drop for StreamState {
@@ -40,7 +40,7 @@ impl Drop for StreamState {
 }
 
 impl StreamState {
-    pub(crate) fn chunk(&self, choice: Value, so8t: Value) -> SseEvent {
+    fn chunk(&self, choice: Value, so8t: Value) -> SseEvent {
         let mut v = json!({
             "id": self.p.id,
             "object": if self.p.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
@@ -55,14 +55,14 @@ impl StreamState {
     }
 
     /// The verdict of the tokens a chunk carries: the most unsafe of them.
-    pub(crate) fn held_verdict(&mut self) -> Value {
+    fn held_verdict(&mut self) -> Value {
         match self.held.drain(..).reduce(Verdict::max) {
             Some(v) => json!({"p_unsafe": v.p_unsafe, "p_escalate": v.p_escalate}),
             None => Value::Null,
         }
     }
 
-    pub(crate) fn emit(&mut self, pieces: Vec<(Channel, String)>) {
+    fn emit(&mut self, pieces: Vec<(Channel, String)>) {
         for (channel, text) in pieces {
             let so8t = self.held_verdict();
             let lp: Vec<Value> = self.held_logprobs.drain(..).collect();
@@ -86,7 +86,7 @@ impl StreamState {
         }
     }
 
-    pub(crate) async fn next_events(&mut self) {
+    async fn next_events(&mut self) {
         match self.rx.recv().await {
             None => self.fail(ApiError::server("the engine stopped")),
             Some(Event::Error(e)) => self.fail(ApiError::server(e)),
@@ -159,7 +159,7 @@ impl StreamState {
         }
     }
 
-    pub(crate) fn fail(&mut self, e: ApiError) {
+    fn fail(&mut self, e: ApiError) {
         tracing::error!("{}: {}", self.p.id, e.message);
         self.out
             .push_back(SseEvent::default().data(e.body().to_string()));

@@ -21,12 +21,9 @@ impl StagingDir {
                 "already exists (use --force to replace it)",
             ));
         }
-        let path = temp_path(target)?;
-        let parent = path.parent().unwrap_or(Path::new("."));
+        let parent = parent_dir(target);
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        remove_stale(target);
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir(&path).map_err(|e| Error::io(&path, e))?;
+        let path = fresh_temp_dir(target)?;
         Ok(StagingDir {
             path: Some(path),
             target: target.to_path_buf(),
@@ -159,6 +156,16 @@ pub fn temp_path(target: &Path) -> Result<PathBuf> {
     own_sibling(target, "tmp")
 }
 
+/// This process's [`temp_path`] of `target`, created empty, after the leftovers of killed
+/// writers of the same target are removed.
+fn fresh_temp_dir(target: &Path) -> Result<PathBuf> {
+    let dir = temp_path(target)?;
+    remove_stale(target);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+    Ok(dir)
+}
+
 /// Writes the file `target` all at once: `write` fills a path inside this process's
 /// hidden `.NAME.tmp-PID` directory beside the target, and that file is renamed onto
 /// `target` when `write` succeeds. The directory goes afterwards, whatever happened, and
@@ -168,13 +175,10 @@ pub fn temp_path(target: &Path) -> Result<PathBuf> {
 /// such private temporaries. Errors should name `target`: the temporary name is an
 /// implementation detail.
 pub fn write_file<T>(target: &Path, write: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
-    let dir = temp_path(target)?;
     let name = target
         .file_name()
         .ok_or_else(|| Error::format(target, "not a file name"))?;
-    remove_stale(target);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+    let dir = fresh_temp_dir(target)?;
     let tmp = dir.join(name);
     let written = write(&tmp).and_then(|v| {
         give_new_file_mode(&dir, &tmp).map_err(|e| Error::io(target, e))?;
