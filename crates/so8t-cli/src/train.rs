@@ -4,7 +4,7 @@ use so8t::train::data::{read_jsonl, Dataset};
 use so8t::train::gates::{GatesOptions, RunControl, Trainer};
 use so8t::train::feature_cache::FeatureCache;
 use so8t::train::{
-    choose_thresholds, fit_heads, so8t_parts, AnswerWeight, Features, TrainOut, TRAIN_DIR,
+    choose_thresholds, fit_heads, held_out_thresholds, so8t_parts, AnswerWeight, Features, TrainOut, TRAIN_DIR,
 };
 use so8t::so8::adapter::VerdictPosition;
 use so8t::Model;
@@ -104,6 +104,10 @@ pub struct Args {
     /// False positive rate on the validation split that the thresholds aim at.
     #[arg(long, default_value_t = 0.05)]
     target_fpr: f64,
+    /// Heads: choose the thresholds on `val` (--val), or on `families`: each training
+    /// family scored by a fit that never saw it, the scores a new source of traffic gets.
+    #[arg(long, default_value = "val", value_parser = ["val", "families"])]
+    thresholds_from: String,
     /// Write the trained SO8T directory here (default: update --model in place).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -232,6 +236,10 @@ pub fn main(a: Args) -> Result<()> {
     if a.mode == Mode::Thresholds && (val.is_none() || !config.heads_trained) {
         bail!("--mode thresholds needs trained heads and --val");
     }
+    let from_families = a.thresholds_from == "families";
+    if from_families && a.mode != Mode::Heads {
+        bail!("--thresholds-from families is for --mode heads (its held-out fits read the training rows' states)");
+    }
     let cache = match &a.features_cache {
         Some(dir) if a.mode != Mode::Gates => Some(FeatureCache::new(
             dir,
@@ -293,6 +301,7 @@ pub fn main(a: Args) -> Result<()> {
                 answer_weight,
                 config.verdict_position,
                 (&adapter.heads, &config.heads),
+                from_families,
             )?;
             if reports.is_empty() {
                 bail!("{}: no head has labels of both classes", a.data.display());
@@ -300,6 +309,20 @@ pub fn main(a: Args) -> Result<()> {
             adapter.heads = heads;
             config.heads = setting;
             summary["heads"] = serde_json::to_value(&reports)?;
+            if from_families {
+                let (t, chosen) = held_out_thresholds(
+                    &tf,
+                    &reports,
+                    config.verdict_position,
+                    a.target_fpr,
+                    &config.thresholds,
+                );
+                if chosen.len() < reports.len() {
+                    bail!("{}: --thresholds-from families needs each trained head's rows in at least 5 families (`family` or `source`)", a.data.display());
+                }
+                config.thresholds = t;
+                summary["thresholds"] = serde_json::to_value(&chosen)?;
+            }
             summary["feature_seconds"] = feature_seconds.into();
             summary["fit_seconds"] = t.elapsed().as_secs_f64().into();
             val_features = vf;
@@ -388,7 +411,8 @@ pub fn main(a: Args) -> Result<()> {
         }
     }
     config.heads_trained = true;
-    if let Some(v) = &val {
+    // --thresholds-from families chose them with the heads.
+    if let (Some(v), false) = (&val, from_families) {
         let vf = match val_features {
             Some(f) => f,
             None => {
@@ -410,7 +434,7 @@ pub fn main(a: Args) -> Result<()> {
         )?;
         config.thresholds = t;
         summary["thresholds"] = serde_json::to_value(&reports)?;
-    } else {
+    } else if !from_families {
         eprintln!("no --val: thresholds stay at {:?}", config.thresholds);
     }
     summary["seconds"] = t0.elapsed().as_secs_f64().into();

@@ -249,10 +249,9 @@ pub fn evaluate(
         let rrows: Vec<usize> = (0..n)
             .filter(|&i| !rows_scored[i].response.is_empty() && data.examples[i].response_label(h).is_some())
             .collect();
-        // Without answers of both classes there is nothing to measure the rule by (the
-        // authority head has no escalating answers in these data).
-        let classes: Vec<bool> = rrows.iter().filter_map(|&i| data.examples[i].response_label(h)).collect();
-        if !(classes.contains(&true) && classes.contains(&false)) {
+        // Answers of one class still measure something: benign answers flagged (a set of
+        // the model's own benign answers is exactly that), or harmful ones caught.
+        if rrows.is_empty() {
             continue;
         }
         let t = response_thresholds[h];
