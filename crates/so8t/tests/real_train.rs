@@ -120,11 +120,12 @@ fn trained_verdicts_survive_bake_and_q8_0_export() {
     // hidden states of the Q8_0-quantised weights (`train --features-quant q8_0`); issue
     // 13 asks for the same decision as f32 on ≥ 99% of rows, and this model does NOT
     // reach it (README, "Training results"): rounding weights and activations to 8 bits
-    // moves p by up to 0.35 on these 200 rows (the heads are steep near 0.5, and an
-    // answer's streaming rule can turn on one token), and 5 of 200 decisions (2.5%)
-    // differ; Q4_K_M: 0.55 and 14 of 200 (7%). Every differing decision must still sit at
-    // a row whose f32 p lies within the bound of a threshold. Bounds, from those figures
-    // with margin: Q8_0 |Δp| ≤ 0.45 and ≤ 4% of decisions; Q4_K_M ≤ 0.6 and ≤ 9%.
+    // moves p by up to 0.067 on these 200 rows, and 4 of 200 decisions (2%) differ (an
+    // answer's streaming rule can turn on one token near its threshold); Q4_K_M: 0.244
+    // and 18 of 200 (9%). (The previous, steeper heads: 0.35 / 2.5% and 0.55 / 7%.)
+    // Every differing decision must still sit at a row whose f32 p lies within the bound
+    // of a threshold. Bounds, from those figures with margin: Q8_0 |Δp| ≤ 0.15 and ≤ 4%
+    // of decisions; Q4_K_M ≤ 0.35 and ≤ 12%.
     let gguf = tmp.path().join("q8_0.gguf");
     export(&dir, &gguf, parse_quant("q8_0").unwrap(), |_, _, _| {}).unwrap();
     let sha = format!("{:x}", Sha256::digest(std::fs::read(&gguf).unwrap()));
@@ -136,8 +137,8 @@ fn trained_verdicts_survive_bake_and_q8_0_export() {
     let q4 = tmp.path().join("q4_k_m.gguf");
     export(&dir, &q4, parse_quant("q4_k_m").unwrap(), |_, _, _| {}).unwrap();
     let (q8_rows, q4_rows) = (verdicts(&gguf, &data), verdicts(&q4, &data));
-    compare("gguf q8_0", &reference, &q8_rows, &config, 0.45, 0.04);
-    compare("gguf q4_k_m", &reference, &q4_rows, &config, 0.6, 0.09);
+    compare("gguf q8_0", &reference, &q8_rows, &config, 0.15, 0.04);
+    compare("gguf q4_k_m", &reference, &q4_rows, &config, 0.35, 0.12);
 
     let mut m = Model::open(&gguf).unwrap();
     check_against_llama_cpp(
