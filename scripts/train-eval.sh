@@ -43,7 +43,7 @@ evaluate() { # model-dir report-name notes
 
 heads() { # name gguf fetch-name [train args…]
   local name=$1 gguf=$2 fetch=$3; shift 3
-  local notes="$name, zero gates; heads fitted by \`so8t train --mode heads --layer auto --features-quant q8_0 --answer-weight auto --thresholds-from families\` on data/safety/train.jsonl (prompts and 16 tokens of each answer, hidden states from the Q8_0-quantised weights); layer chosen on val.jsonl; answer weight and weight decay by the loss on training families held out in turn (5 folds); thresholds at 5% FPR on those held-out-family scores (prompts, and benign answers under the streaming rule with k = 2). Made by scripts/train-eval.sh."
+  local notes="$name, zero gates; heads fitted by \`so8t train --mode heads --layer auto --features-quant q8_0 --answer-weight auto --thresholds-from families\` on data/safety/train.jsonl (fitted on prompts and 16 tokens of each answer, hidden states from the Q8_0-quantised weights); layer chosen on val.jsonl; answer weight and weight decay by the loss on training families held out in turn (5 folds); thresholds at 5% FPR on those held-out-family scores (prompts, and benign answers under the streaming rule with k = 2 over all their tokens). Made by scripts/train-eval.sh."
   if [[ $only_score == score ]]; then
     evaluate "$work/$name-heads" "$name-heads" "$notes"
     return

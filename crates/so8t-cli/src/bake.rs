@@ -1,5 +1,5 @@
 use anyhow::Result;
-use so8t::so8::bake::{bake, BakeOptions, OutDType};
+use so8t::artifact::bake::{bake, BakeOptions, OutDType};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]

@@ -10,7 +10,7 @@
 use anyhow::Result;
 use so8t::formats::Embedding;
 use so8t::sampling::argmax;
-use so8t::so8::adapter::Heads;
+use so8t::so8::verdict::Heads;
 use so8t::Model;
 use std::path::PathBuf;
 use std::time::Instant;

@@ -1,6 +1,6 @@
 use anyhow::{bail, Result};
 use so8t::model::Site;
-use so8t::so8::convert::{convert, ConvertOptions, Init};
+use so8t::artifact::convert::{convert, ConvertOptions, Init};
 use so8t::so8::gates::Granularity;
 use std::path::PathBuf;
 

@@ -1,5 +1,5 @@
 use anyhow::Result;
-use so8t::so8::export::{export, parse_quant};
+use so8t::artifact::export::{export, parse_quant};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]

@@ -1,6 +1,6 @@
 use anyhow::{Context, Result};
 use so8t::load::GenerationDefaults;
-use so8t::so8::modelfile::{modelfile, ModelfileOptions};
+use so8t::artifact::modelfile::{modelfile, ModelfileOptions};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]

@@ -2,7 +2,7 @@ use anyhow::{bail, Context, Result};
 use so8t::chat::{split_reasoning, Message};
 use so8t::generate::{generate, Control, GenerateRequest};
 use so8t::sampling::SamplingRequest;
-use so8t::so8::adapter::Verdict;
+use so8t::so8::verdict::Verdict;
 use so8t::Model;
 use std::io::Write;
 use std::path::PathBuf;

@@ -3,10 +3,12 @@ use so8t::model::Site;
 use so8t::train::data::{read_jsonl, Dataset};
 use so8t::train::gates::{GatesOptions, RunControl, Trainer};
 use so8t::train::feature_cache::FeatureCache;
+use so8t::train::heads::{family_folds, FAMILY_FOLDS};
 use so8t::train::{
-    choose_thresholds, fit_heads, held_out_thresholds, so8t_parts, AnswerWeight, Features, TrainOut, TRAIN_DIR,
+    choose_thresholds, fit_heads, held_out_thresholds, so8t_parts, AnswerWeight, Features, FitOptions, TrainOut,
+    HEAD_NAMES, TRAIN_DIR,
 };
-use so8t::so8::adapter::VerdictPosition;
+use so8t::so8::verdict::VerdictPosition;
 use so8t::Model;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -82,8 +84,8 @@ pub struct Args {
     /// answer (default: the model's setting, 2 for a new one).
     #[arg(long)]
     consecutive: Option<usize>,
-    /// Heads: response tokens read per training row (the first half in a row, the rest
-    /// spread over the answer); validation reads all.
+    /// Heads: response tokens fitted on per training row (the first half in a row, the
+    /// rest spread over the answer); validation, and held-out thresholds, read all.
     #[arg(long, default_value_t = 16)]
     response_tokens: usize,
     /// Heads: read the hidden states with the f32 weights quantised to this type (ggml's
@@ -101,7 +103,7 @@ pub struct Args {
     /// the same (a refit then takes seconds instead of the pass).
     #[arg(long)]
     features_cache: Option<PathBuf>,
-    /// False positive rate on the validation split that the thresholds aim at.
+    /// False positive rate the thresholds aim at, on the scores --thresholds-from names.
     #[arg(long, default_value_t = 0.05)]
     target_fpr: f64,
     /// Heads: choose the thresholds on `val` (--val), or on `families`: each training
@@ -141,7 +143,7 @@ pub(crate) fn bar(len: usize, what: &str) -> indicatif::ProgressBar {
 /// Reads labelled JSONL, saying how many rows `--skip-bad` left out and why the first was.
 pub(crate) fn read(
     path: &Path,
-    labels: &so8t::so8::adapter::Labels,
+    labels: &so8t::artifact::adapter::Labels,
     skip_bad: bool,
 ) -> Result<Dataset> {
     let d = read_jsonl(path, labels, skip_bad)?;
@@ -220,6 +222,35 @@ pub fn main(a: Args) -> Result<()> {
         .as_deref()
         .map(|p| read(p, &config.labels, a.skip_bad))
         .transpose()?;
+    let from_families = a.thresholds_from == "families";
+    if from_families && a.mode != Mode::Heads {
+        bail!("--thresholds-from families is for --mode heads (its held-out fits read the training rows' states)");
+    }
+    if from_families {
+        for (h, name) in HEAD_NAMES.iter().enumerate() {
+            let labels: Vec<bool> = train
+                .examples
+                .iter()
+                .flat_map(|e| [e.label(h), e.response_label(h)])
+                .flatten()
+                .collect();
+            let both = labels.iter().any(|&v| v) && labels.iter().any(|&v| !v);
+            if both && family_folds(&train.examples, h).is_none() {
+                bail!(
+                    "{}: --thresholds-from families needs the {name} head's rows in at least {FAMILY_FOLDS} families (`family`, else `source`), to hold out in turn",
+                    a.data.display()
+                );
+            }
+        }
+    }
+    let answer_weight = match a.answer_weight.as_str() {
+        "auto" => AnswerWeight::ByFamilies,
+        "tokens" => AnswerWeight::Tokens,
+        w => match w.parse::<f64>() {
+            Ok(v) if v.is_finite() && v > 0.0 => AnswerWeight::Fixed(v),
+            _ => bail!("--answer-weight {w}: expected `tokens`, `auto` or a number > 0"),
+        },
+    };
     let dest = TrainOut::prepare(&a.model, a.out.as_deref(), a.resume, a.force)?;
     let out = dest.work.clone();
     if let Some(k) = a.consecutive {
@@ -235,10 +266,6 @@ pub fn main(a: Args) -> Result<()> {
     }
     if a.mode == Mode::Thresholds && (val.is_none() || !config.heads_trained) {
         bail!("--mode thresholds needs trained heads and --val");
-    }
-    let from_families = a.thresholds_from == "families";
-    if from_families && a.mode != Mode::Heads {
-        bail!("--thresholds-from families is for --mode heads (its held-out fits read the training rows' states)");
     }
     let cache = match &a.features_cache {
         Some(dir) if a.mode != Mode::Gates => Some(FeatureCache::new(
@@ -271,38 +298,26 @@ pub fn main(a: Args) -> Result<()> {
                     Position::UserEnd => VerdictPosition::UserEnd,
                 };
             }
-            let answer_weight = match a.answer_weight.as_str() {
-                "auto" => AnswerWeight::ByFamilies,
-                "tokens" => AnswerWeight::Tokens,
-                w => match w.parse::<f64>() {
-                    Ok(v) if v.is_finite() && v > 0.0 => AnswerWeight::Fixed(v),
-                    _ => bail!("--answer-weight {w}: expected `tokens`, `auto` or a number > 0"),
-                },
-            };
             let t = Instant::now();
-            let tf = features(
-                &mut model,
-                &train,
-                &layers,
-                Some(a.response_tokens),
-                cache.as_ref(),
-                "train rows",
-            )?;
+            // Held-out thresholds run the streaming rule over whole answers, so that pass
+            // reads every token; the fit still takes --response-tokens of each.
+            let read_tokens = (!from_families).then_some(a.response_tokens);
+            let tf = features(&mut model, &train, &layers, read_tokens, cache.as_ref(), "train rows")?;
             let vf = val
                 .as_ref()
                 .map(|v| features(&mut model, v, &layers, None, cache.as_ref(), "val rows"))
                 .transpose()?;
             let feature_seconds = t.elapsed().as_secs_f64();
             let t = Instant::now();
-            let (heads, setting, reports) = fit_heads(
-                &tf,
-                vf.as_ref(),
-                a.weight_decay,
+            let opts = FitOptions {
+                weight_decay: a.weight_decay,
                 answer_weight,
-                config.verdict_position,
-                (&adapter.heads, &config.heads),
-                from_families,
-            )?;
+                position: config.verdict_position,
+                response_tokens: Some(a.response_tokens),
+                held_out_scores: from_families,
+            };
+            let (heads, setting, reports) =
+                fit_heads(&tf, vf.as_ref(), &opts, (&adapter.heads, &config.heads))?;
             if reports.is_empty() {
                 bail!("{}: no head has labels of both classes", a.data.display());
             }
@@ -310,15 +325,16 @@ pub fn main(a: Args) -> Result<()> {
             config.heads = setting;
             summary["heads"] = serde_json::to_value(&reports)?;
             if from_families {
+                let scores: Vec<_> = reports.iter().filter_map(|r| r.held_out.as_ref()).collect();
                 let (t, chosen) = held_out_thresholds(
                     &tf,
-                    &reports,
+                    &scores,
                     config.verdict_position,
                     a.target_fpr,
                     &config.thresholds,
                 );
                 if chosen.len() < reports.len() {
-                    bail!("{}: --thresholds-from families needs each trained head's rows in at least 5 families (`family` or `source`)", a.data.display());
+                    bail!("{}: --thresholds-from families: a trained head's held-out families give no prompts of both classes to set its threshold on", a.data.display());
                 }
                 config.thresholds = t;
                 summary["thresholds"] = serde_json::to_value(&chosen)?;
@@ -449,7 +465,7 @@ pub fn main(a: Args) -> Result<()> {
     adapter.check_shapes(
         &model.config,
         &config,
-        &dest.target.join(so8t::so8::adapter::ADAPTER_FILE),
+        &dest.target.join(so8t::artifact::adapter::ADAPTER_FILE),
     )?;
     dest.finish(&adapter, &config)?;
     let out = &dest.target;

@@ -1,5 +1,5 @@
 use anyhow::{bail, Result};
-use so8t::so8::validate::validate;
+use so8t::artifact::validate::validate;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]

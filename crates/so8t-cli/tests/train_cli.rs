@@ -290,6 +290,63 @@ fn features_cache_reuses_states_only_for_the_same_reading() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--features-cache is for --mode heads"));
 }
 
+/// `--thresholds-from families`: with fewer than five families it stops before the pass,
+/// leaving nothing behind; with six, each head's thresholds come from its held-out-family
+/// scores, prompts and whole answers (longer than the 16 tokens fitted on).
+#[test]
+fn thresholds_from_held_out_families() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_so8t(tmp.path());
+    let trained = tmp.path().join("trained");
+    let train = |data: &str| {
+        so8t(&[
+            "train", "--model", &model, "--data", data, "--mode", "heads", "--layer", "2",
+            "--thresholds-from", "families", "--out", trained.to_str().unwrap(),
+        ])
+    };
+    let out = train(&data());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("tiny.jsonl") && err.contains("safety head") && err.contains("at least 5 families"),
+        "{err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("so8t")], "nothing written: {left:?}");
+
+    let rows = tmp.path().join("families.jsonl");
+    let long = "word ".repeat(30);
+    let text: String = (0..36)
+        .map(|i| {
+            let (unsafe_, escalate) = (i % 2 == 1, i % 3 == 0);
+            serde_json::json!({
+                "prompt": format!("request {i} {}", if unsafe_ { "harm" } else { "help" }),
+                "safety": if unsafe_ { "unsafe" } else { "safe" },
+                "authority": if escalate { "escalate" } else { "handle" },
+                "response": format!("answer {i} {long}"),
+                "response_safety": if unsafe_ { "unsafe" } else { "safe" },
+                "family": format!("family {}", i % 6),
+            })
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&rows, text).unwrap();
+    let out = train(rows.to_str().unwrap());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let chosen = summary["thresholds"].as_array().unwrap();
+    assert_eq!(chosen.len(), 2, "{summary}");
+    assert!(chosen.iter().all(|t| t["chosen_on"] == "held-out families"), "{summary}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(trained.join("so8t_config.json")).unwrap()).unwrap();
+    let stored = |key: &str| cfg["thresholds"][key].as_f64().unwrap() as f32;
+    let reported = |h: usize, key: &str| chosen[h][key].as_f64().unwrap() as f32;
+    assert_eq!(stored("unsafe"), reported(0, "prompt_threshold"));
+    assert_eq!(stored("response_unsafe"), reported(0, "response_threshold"));
+    assert_eq!(stored("escalate"), reported(1, "prompt_threshold"));
+}
+
 #[test]
 fn gates_stop_resume_validate_and_plot_the_loss() {
     let tmp = tempfile::tempdir().unwrap();

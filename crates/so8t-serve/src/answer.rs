@@ -11,7 +11,8 @@ use rand::Rng;
 use serde_json::{json, Value};
 use so8t::chat::{Channel, Message, ReasoningSplitter};
 use so8t::generate::GenerateRequest;
-use so8t::so8::adapter::{ResponseJudge, So8tConfig, Verdict};
+use so8t::artifact::adapter::So8tConfig;
+use so8t::so8::verdict::{ResponseJudge, Verdict};
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedReceiver;
 

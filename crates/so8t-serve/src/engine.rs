@@ -5,7 +5,7 @@
 //! independent (a closed connection frees its slot at the next turn).
 
 use so8t::generate::{FinishReason, GenerateRequest, Sequence};
-use so8t::so8::adapter::{ResponseJudge, Verdict};
+use so8t::so8::verdict::{ResponseJudge, Verdict};
 use so8t::Model;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};

@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use so8t::chat::Message;
 use so8t::generate::GenerateRequest;
 use so8t::sampling::SamplingParams;
-use so8t::so8::adapter::ResponseJudge;
+use so8t::so8::verdict::ResponseJudge;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 

@@ -9,7 +9,7 @@ use crate::metrics::Metrics;
 use axum::http::StatusCode;
 use rand::Rng;
 use so8t::load::GenerationDefaults;
-use so8t::so8::adapter::So8tConfig;
+use so8t::artifact::adapter::So8tConfig;
 use so8t::tokenizer::TextTokenizer;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

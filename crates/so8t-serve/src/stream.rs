@@ -7,7 +7,7 @@ use axum::response::sse::Event as SseEvent;
 use futures_util::stream::{self, Stream};
 use serde_json::{json, Value};
 use so8t::chat::Channel;
-use so8t::so8::adapter::Verdict;
+use so8t::so8::verdict::Verdict;
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use tokio::sync::mpsc::UnboundedReceiver;

@@ -6,7 +6,7 @@
 
 use crate::chat::{ChatTemplate, Message};
 use crate::formats::gguf::GgufFile;
-use crate::so8::adapter::{Labels, So8tConfig};
+use crate::artifact::adapter::{Labels, So8tConfig};
 use crate::tokenizer::TextTokenizer;
 use std::path::Path;
 
@@ -35,7 +35,7 @@ pub fn gguf(bytes: &[u8]) {
         return;
     };
     let Ok(config) = g.config() else { return };
-    let _ = crate::so8::export::read_gguf_heads(&g, &config);
+    let _ = crate::artifact::export::read_gguf_heads(&g, &config);
     if let Ok(tok) = TextTokenizer::from_gguf(&g)
         .and_then(|t| t.for_model(config.vocab_size, config.max_position_embeddings, Path::new(NAME)))
     {

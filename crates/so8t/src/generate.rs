@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::load::Model;
 use crate::model::KvCache;
 use crate::sampling::{top_logprobs, Sampler, SamplingParams};
-use crate::so8::adapter::{Decision, ResponseJudge, Verdict};
+use crate::so8::verdict::{Decision, ResponseJudge, Verdict};
 use std::time::Instant;
 
 #[derive(Clone, Debug)]

@@ -5,6 +5,7 @@
 //! doc comments is its section N: §1 Base decoder, §2 so(8) and SO(8), §3 Triality,
 //! §4 Gates, §5 Triality heads, §6 Training, §7 Files.
 
+pub mod artifact;
 pub mod chat;
 pub mod config;
 pub mod error;

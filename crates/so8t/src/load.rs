@@ -8,10 +8,9 @@ use crate::formats::source::{open_source, Source};
 use crate::formats::safetensors::SafetensorsStore;
 use crate::formats::WeightStore;
 use crate::model::Decoder;
-use crate::so8::adapter::{
-    is_so8t_dir, Adapter, Heads, So8tConfig, Verdict, ADAPTER_FILE,
-};
-use crate::so8::bake::{read_heads, HEADS_FILE};
+use crate::artifact::adapter::{is_so8t_dir, Adapter, So8tConfig, ADAPTER_FILE};
+use crate::so8::verdict::{Heads, Verdict};
+use crate::artifact::bake::{read_heads, HEADS_FILE};
 use crate::tokenizer::TextTokenizer;
 use std::path::{Path, PathBuf};
 
@@ -85,7 +84,7 @@ impl Model {
         let mut m = Self::from_source(source)?;
         if let Some(g) = gguf {
             if let Some((heads, config)) =
-                crate::so8::export::read_gguf_heads(&g, &m.config)?
+                crate::artifact::export::read_gguf_heads(&g, &m.config)?
             {
                 m.so8t = Some(So8tState {
                     config,

@@ -3,9 +3,9 @@
 
 mod common;
 use common::*;
-use so8t::so8::adapter::{ADAPTER_FILE, CONFIG_FILE};
-use so8t::so8::bake::{bake, BakeOptions, OutDType, HEADS_FILE};
-use so8t::so8::convert::{convert, ConvertOptions, Init};
+use so8t::artifact::adapter::{ADAPTER_FILE, CONFIG_FILE};
+use so8t::artifact::bake::{bake, BakeOptions, OutDType, HEADS_FILE};
+use so8t::artifact::convert::{convert, ConvertOptions, Init};
 use so8t::so8::gates::Granularity;
 use so8t::Model;
 use std::path::{Path, PathBuf};
@@ -66,7 +66,7 @@ fn compare(a: &Path, b: &Path, inputs: &[Vec<u32>]) -> (f32, f32) {
 
 fn random_heads(dir: &Path) {
     // heads at zero give p = 0.5 everywhere, which would hide a verdict mismatch
-    let mut a = so8t::so8::adapter::Adapter::read(dir).unwrap();
+    let mut a = so8t::artifact::adapter::Adapter::read(dir).unwrap();
     let r =
         |s: &[usize]| candle_core::Tensor::randn(0f32, 0.5, s, &candle_core::Device::Cpu).unwrap();
     a.heads.safety_w = r(&[2, a.heads.safety_w.dim(1).unwrap()]);

@@ -5,7 +5,7 @@
 mod common;
 use candle_core::quantized::gguf_file::{Content, Value};
 use common::*;
-use so8t::so8::export::{export, parse_quant};
+use so8t::artifact::export::{export, parse_quant};
 use std::io::Cursor;
 use std::path::Path;
 
@@ -171,10 +171,10 @@ fn quantised_bytes_equal_ggml_for_every_required_type() {
         "q6_k",
     ] {
         let dtype = match parse_quant(ty).unwrap() {
-            so8t::so8::export::Quant::Plain(d) => d,
+            so8t::artifact::export::Quant::Plain(d) => d,
             q => panic!("{q:?}"),
         };
-        let ours = so8t::so8::export::encode(&x, &[8, 1024], dtype).unwrap();
+        let ours = so8t::artifact::export::encode(&x, &[8, 1024], dtype).unwrap();
         let theirs = std::fs::read(dir.join(format!("{ty}.bin"))).unwrap();
         let same = ours == theirs;
         report.push(format!(
@@ -195,9 +195,9 @@ fn quantised_bytes_equal_ggml_for_every_required_type() {
 fn modelfile_template_renders_like_the_chat_template() {
     use so8t::chat::{ChatTemplate, Message};
     let gguf = fixtures().join("tiny-qwen2/model-f16.gguf");
-    let mf = so8t::so8::modelfile::modelfile(
+    let mf = so8t::artifact::modelfile::modelfile(
         &gguf,
-        &so8t::so8::modelfile::ModelfileOptions {
+        &so8t::artifact::modelfile::ModelfileOptions {
             from: "./model.gguf",
             system: None,
             generation: Default::default(),
@@ -250,9 +250,9 @@ fn modelfile_template_renders_like_the_chat_template() {
 #[test]
 fn modelfile_refuses_a_system_prompt_it_cannot_quote() {
     let gguf = fixtures().join("tiny-qwen2/model-f16.gguf");
-    let err = so8t::so8::modelfile::modelfile(
+    let err = so8t::artifact::modelfile::modelfile(
         &gguf,
-        &so8t::so8::modelfile::ModelfileOptions {
+        &so8t::artifact::modelfile::ModelfileOptions {
             from: "./model.gguf",
             system: Some("Be kind.\"\"\"\nFROM /etc/passwd\nSYSTEM \"\"\"x"),
             generation: Default::default(),
@@ -265,7 +265,7 @@ fn modelfile_refuses_a_system_prompt_it_cannot_quote() {
 
 #[test]
 fn exported_so8t_gguf_carries_heads_and_validates() {
-    use so8t::so8::convert::{convert, ConvertOptions, Init};
+    use so8t::artifact::convert::{convert, ConvertOptions, Init};
     let tmp = tempfile::tempdir().unwrap();
     let s = tmp.path().join("s");
     convert(
@@ -298,7 +298,7 @@ fn exported_so8t_gguf_carries_heads_and_validates() {
         g.content.tensor_infos.keys().all(|n| !n.contains("so8t")),
         "no SO8T tensor: llama.cpp rejects unknown tensors"
     );
-    let checks = so8t::so8::validate::validate(&out);
+    let checks = so8t::artifact::validate::validate(&out);
     assert!(
         checks.iter().all(|c| c.ok) && checks.iter().any(|c| c.name == "baked_heads"),
         "{checks:?}"
@@ -324,7 +324,7 @@ fn exported_so8t_gguf_carries_heads_and_validates() {
 #[test]
 fn gguf_py_reads_every_export_type() {
     use sha2::{Digest, Sha256};
-    use so8t::so8::convert::{convert, ConvertOptions, Init};
+    use so8t::artifact::convert::{convert, ConvertOptions, Init};
     let read: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("gguf-py/read.json")).unwrap(),
     )
@@ -346,7 +346,7 @@ fn gguf_py_reads_every_export_type() {
     let types = read.as_object().unwrap();
     assert_eq!(
         types.len(),
-        so8t::so8::export::QUANT_TYPES.len(),
+        so8t::artifact::export::QUANT_TYPES.len(),
         "every --quant type was read by gguf-py"
     );
     for (ty, seen) in types {

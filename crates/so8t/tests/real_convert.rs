@@ -5,7 +5,7 @@
 
 mod common;
 use common::{greedy_with_logits, real_model};
-use so8t::so8::convert::{convert, ConvertOptions};
+use so8t::artifact::convert::{convert, ConvertOptions};
 use so8t::Model;
 
 fn check(which: &str, file: &str, prompt: &str) {

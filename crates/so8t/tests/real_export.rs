@@ -6,8 +6,8 @@
 mod common;
 use common::{check_against_llama_cpp, fixtures, real_model};
 use sha2::{Digest, Sha256};
-use so8t::so8::convert::{convert, ConvertOptions, Init};
-use so8t::so8::export::{export, parse_quant};
+use so8t::artifact::convert::{convert, ConvertOptions, Init};
+use so8t::artifact::export::{export, parse_quant};
 use so8t::Model;
 
 fn check(which: &str) {

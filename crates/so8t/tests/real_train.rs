@@ -7,10 +7,10 @@
 mod common;
 use common::{check_against_llama_cpp, fixtures, real_model};
 use sha2::{Digest, Sha256};
-use so8t::so8::adapter::{So8tConfig, ADAPTER_FILE, CONFIG_FILE};
-use so8t::so8::bake::{bake, BakeOptions};
-use so8t::so8::convert::{convert, ConvertOptions};
-use so8t::so8::export::{export, parse_quant};
+use so8t::artifact::adapter::{So8tConfig, ADAPTER_FILE, CONFIG_FILE};
+use so8t::artifact::bake::{bake, BakeOptions};
+use so8t::artifact::convert::{convert, ConvertOptions};
+use so8t::artifact::export::{export, parse_quant};
 use so8t::train::data::{read_jsonl, Dataset};
 use so8t::eval::score_rows;
 use so8t::Model;

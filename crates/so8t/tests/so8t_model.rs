@@ -5,10 +5,10 @@
 mod common;
 use candle_core::{Device, Tensor};
 use common::*;
-use so8t::model::Site;
-use so8t::so8::adapter::{Adapter, So8tConfig, ADAPTER_FILE, CONFIG_FILE};
-use so8t::so8::convert::{convert, ConvertOptions, Init};
-use so8t::so8::validate::validate;
+use so8t::model::{Decoder, Site};
+use so8t::artifact::adapter::{Adapter, So8tConfig, ADAPTER_FILE, CONFIG_FILE};
+use so8t::artifact::convert::{convert, ConvertOptions, Init};
+use so8t::artifact::validate::validate;
 use so8t::Model;
 use std::path::{Path, PathBuf};
 
@@ -177,7 +177,7 @@ fn validate_passes_a_fresh_conversion_and_catches_each_defect() {
                 .insert(name.into(), ((g * 0.0).unwrap() + v as f64).unwrap());
         })
     };
-    set(so8t::so8::adapter::GENERATOR_LIMIT);
+    set(so8t::artifact::adapter::GENERATOR_LIMIT);
     assert!(failed_checks(&dir).is_empty(), "{:?}", validate(&dir));
     set(1.0e12);
     assert_eq!(failed_checks(&dir), vec!["adapter_shapes"]);
@@ -252,11 +252,11 @@ fn inference_path_matches_the_differentiable_path() {
         let dir = converted(arch, &tmp, &random(7));
         let mut m = Model::open(&dir).unwrap();
         let mut run = |differentiable: bool| -> Vec<f32> {
-            m.decoder.differentiable = differentiable;
+            let forward = if differentiable { Decoder::forward_hidden_autograd } else { Decoder::forward_hidden };
             m.decoder.clear_cache();
-            let mut h = m.decoder.forward_hidden(&ids[..20], 0).unwrap();
+            let mut h = forward(&mut m.decoder, &ids[..20], 0).unwrap();
             for (p, &t) in ids.iter().enumerate().skip(20) {
-                let step = m.decoder.forward_hidden(&[t], p).unwrap();
+                let step = forward(&mut m.decoder, &[t], p).unwrap();
                 h = Tensor::cat(&[&h, &step], 0).unwrap();
             }
             h.flatten_all().unwrap().to_vec1::<f32>().unwrap()
@@ -289,9 +289,9 @@ fn tapped_layers_agree_between_paths_and_are_unit_normed() {
         let layers = [1, n.div_ceil(2), n];
         m.decoder.set_taps(&layers).unwrap();
         let mut run = |differentiable: bool| -> (Vec<Vec<f32>>, Vec<f32>) {
-            m.decoder.differentiable = differentiable;
+            let forward = if differentiable { Decoder::forward_hidden_autograd } else { Decoder::forward_hidden };
             m.decoder.clear_cache();
-            let h = m.decoder.forward_hidden(&ids, 0).unwrap();
+            let h = forward(&mut m.decoder, &ids, 0).unwrap();
             let taps = m
                 .decoder
                 .tapped()

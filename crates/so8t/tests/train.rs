@@ -4,8 +4,8 @@
 mod common;
 
 use candle_core::{DType, Tensor};
-use so8t::so8::adapter::Adapter;
-use so8t::so8::convert::{convert, ConvertOptions, Init};
+use so8t::artifact::adapter::Adapter;
+use so8t::artifact::convert::{convert, ConvertOptions, Init};
 use so8t::train::data::read_jsonl;
 use so8t::train::gates::{GatesOptions, RunControl, Trainer};
 use so8t::train::{so8t_parts, write_result};
@@ -245,7 +245,7 @@ fn trained_gates_still_validate() {
     let (adapter, mut trained) = t.result().unwrap();
     trained.thresholds = config.thresholds.clone();
     write_result(&dir, &adapter, &trained).unwrap();
-    let checks = so8t::so8::validate::validate(&dir);
+    let checks = so8t::artifact::validate::validate(&dir);
     for c in &checks {
         assert!(c.ok, "{}: {}", c.name, c.detail);
     }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use so8t::so8::adapter::Labels;
+use so8t::artifact::adapter::Labels;
 use so8t::train::data::read_jsonl;
 use std::collections::HashSet;
 use std::path::PathBuf;

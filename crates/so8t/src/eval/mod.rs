@@ -5,7 +5,7 @@ pub mod metrics;
 pub mod report;
 
 use crate::error::{Error, Result};
-use crate::so8::adapter::{rule_score, ResponseJudge, Verdict};
+use crate::so8::verdict::{rule_score, ResponseJudge, Verdict};
 use crate::train::data::Dataset;
 use crate::train::{features, HEAD_NAMES};
 use crate::Model;
@@ -139,7 +139,7 @@ pub struct RowScore {
     /// Per head, the largest over runs of `consecutive` response tokens of the run's
     /// smallest p (the rule fires when this reaches the threshold); 0 without a response.
     pub rule_score: [f32; 2],
-    pub decision: Option<crate::so8::adapter::Decision>,
+    pub decision: Option<crate::so8::verdict::Decision>,
 }
 
 /// Every row through the model's own runtime path: the prompt's verdict at the model's

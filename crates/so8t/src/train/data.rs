@@ -8,7 +8,7 @@
 
 use crate::chat::Message;
 use crate::error::{Error, Result};
-use crate::so8::adapter::Labels;
+use crate::artifact::adapter::Labels;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 

@@ -8,7 +8,8 @@
 
 use super::{Sample, SampleKind};
 use crate::error::{Error, Result};
-use crate::so8::adapter::{base_checksum, Adapter, So8tConfig, VerdictPosition};
+use crate::artifact::adapter::{base_checksum, Adapter, So8tConfig};
+use crate::so8::verdict::VerdictPosition;
 use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;

@@ -4,7 +4,7 @@
 
 use super::data::Example;
 use crate::error::{Error, Result};
-use crate::so8::adapter::VerdictPosition;
+use crate::so8::verdict::VerdictPosition;
 use crate::Model;
 use candle_core::Tensor;
 
@@ -71,9 +71,24 @@ impl Positions {
     }
 }
 
-/// The positions of an example with `ids` of which `prompt_len` are the prompt's. With
-/// `cap`, at most `cap` response tokens are read: the first half of them in a row (where
-/// the streaming rule must decide early) and the rest spread evenly over the remainder.
+/// Which of an answer's `n` tokens are read with `cap`: all of them if they are at most
+/// `cap`, else the first half of `cap` in a row (where the streaming rule must decide
+/// early) and the rest spread evenly over the remainder.
+pub fn picked_tokens(n: usize, cap: Option<usize>) -> Vec<usize> {
+    match cap {
+        Some(c) if n > c => {
+            let head = c / 2;
+            let rest = c - head;
+            let mut v: Vec<usize> = (0..head).collect();
+            v.extend((0..rest).map(|j| head + j * (n - head) / rest));
+            v
+        }
+        _ => (0..n).collect(),
+    }
+}
+
+/// The positions of an example with `ids` of which `prompt_len` are the prompt's, the
+/// response's tokens [`picked_tokens`] with `cap`.
 pub fn positions(
     model: &Model,
     ex: &Example,
@@ -85,20 +100,10 @@ pub fn positions(
         .tokenizer()?
         .user_end_index(&ex.messages, &ids[..prompt_len])?;
     let n = ids.len() - prompt_len;
-    let picked: Vec<usize> = match cap {
-        Some(c) if n > c => {
-            let head = c / 2;
-            let rest = c - head;
-            let mut v: Vec<usize> = (0..head).collect();
-            v.extend((0..rest).map(|j| head + j * (n - head) / rest));
-            v
-        }
-        _ => (0..n).collect(),
-    };
     Ok(Positions {
         assistant_header: prompt_len - 1,
         user_end,
-        response: picked.into_iter().map(|j| prompt_len + j).collect(),
+        response: picked_tokens(n, cap).into_iter().map(|j| prompt_len + j).collect(),
     })
 }
 

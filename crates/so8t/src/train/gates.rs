@@ -10,7 +10,8 @@ use super::logistic::balanced_weights;
 use super::TRAIN_DIR;
 use crate::error::{Error, Result};
 use crate::model::Site;
-use crate::so8::adapter::{generator_name, Adapter, Heads, So8tConfig};
+use crate::artifact::adapter::{generator_name, Adapter, So8tConfig};
+use crate::so8::verdict::Heads;
 use crate::so8::gates::{site_rotation, SiteShape};
 use crate::staging::write_bytes;
 use crate::Model;
@@ -200,7 +201,6 @@ impl<'a> Trainer<'a> {
                 .collect::<Vec<_>>()
         };
         let class_weights = [balanced_weights(&labels(0)), balanced_weights(&labels(1))];
-        model.decoder.differentiable = true;
         Ok(Trainer {
             model,
             config,
@@ -305,7 +305,7 @@ impl<'a> Trainer<'a> {
             let ids = self.ids[i].clone();
             let len = ids.len();
             self.model.decoder.clear_cache();
-            let h = self.model.decoder.forward_hidden(&ids, 0)?;
+            let h = self.model.decoder.forward_hidden_autograd(&ids, 0)?;
             // Next-token loss on the response when there is one, else on the prompt.
             let start = if self.examples[i].response.is_some() {
                 self.prompt_lens[i] - 1
@@ -316,7 +316,7 @@ impl<'a> Trainer<'a> {
                 let logits = self
                     .model
                     .decoder
-                    .logits(&h.narrow(0, start, len - 1 - start)?)?;
+                    .logits_autograd(&h.narrow(0, start, len - 1 - start)?)?;
                 let targets = Tensor::new(&ids[start + 1..], &Device::Cpu)?;
                 let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
                 lm = (lm + candle_nn::loss::nll(&logp, &targets)?)?;
@@ -492,7 +492,6 @@ impl<'a> Trainer<'a> {
             }
         }
         self.save_checkpoint()?;
-        self.model.decoder.differentiable = false;
         Ok(self.step == total)
     }
 

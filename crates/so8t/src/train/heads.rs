@@ -1,22 +1,14 @@
 //! The heads-only fit on cached hidden states (spec §5, §6): each head's layer, answer
-//! weight and weight decay, and the decision thresholds, chosen on validation data or on
-//! whole training families held out in turn.
+//! weight and weight decay, chosen on validation data or on whole training families held
+//! out in turn; and the scores those held-out fits give, for [`super::thresholds`].
 
+use super::data::Example;
+use super::thresholds::HeldOutScores;
 use super::{logistic, Features, SampleKind, HEAD_NAMES};
 use crate::error::{Error, Result};
-use crate::eval::metrics::{binary_metrics, threshold_for_fpr, BinaryMetrics};
-use crate::so8::adapter::{rule_score, Heads, HeadsConfig, Thresholds, VerdictPosition};
+use crate::so8::verdict::{Heads, HeadsConfig, VerdictPosition};
 use serde::Serialize;
-
-/// p(class 1) of one head (`head` 0 safety, 1 authority) for every row of `x`.
-pub fn head_scores(heads: &Heads, head: usize, x: &[f32], hidden: usize) -> Result<Vec<f32>> {
-    let n = x.len() / hidden;
-    let t = candle_core::Tensor::from_vec(x.to_vec(), (n, hidden), &candle_core::Device::Cpu)?;
-    let v = heads.verdicts(&t)?;
-    Ok(v.iter()
-        .map(|v| if head == 0 { v.p_unsafe } else { v.p_escalate })
-        .collect())
-}
+use std::collections::{BTreeSet, HashMap};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct HeadFitReport {
@@ -43,31 +35,10 @@ pub struct HeadFitReport {
     pub held_out: Option<HeldOutScores>,
 }
 
-/// Scores of training samples predicted with their family held out ([`fit_heads`]).
-#[derive(Clone, Debug)]
-pub struct HeldOutScores {
-    /// Samples of the training features, and p(class 1) of each.
-    pub idx: Vec<usize>,
-    pub scores: Vec<f32>,
-}
-
 pub const WEIGHT_DECAYS: [f64; 5] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0];
 /// Training samples the layer search fits on (seeded subsample): the search compares
 /// layers, the final fit uses every sample.
 const LAYER_SEARCH_SAMPLES: usize = 20_000;
-
-fn subsample(x: &[f32], y: &[bool], w: &[f64], d: usize, n: usize) -> (Vec<f32>, Vec<bool>, Vec<f64>) {
-    if y.len() <= n {
-        return (x.to_vec(), y.to_vec(), w.to_vec());
-    }
-    use rand::{seq::SliceRandom, SeedableRng};
-    let mut idx: Vec<usize> = (0..y.len()).collect();
-    idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(0x5eed));
-    idx.truncate(n);
-    idx.sort_unstable();
-    let xs = idx.iter().flat_map(|&i| x[i * d..(i + 1) * d].iter().copied()).collect();
-    (xs, idx.iter().map(|&i| y[i]).collect(), idx.iter().map(|&i| w[i]).collect())
-}
 
 /// A labelled set for one head: features, labels and fit weights.
 struct Labelled {
@@ -76,6 +47,32 @@ struct Labelled {
     w: Vec<f64>,
     /// The samples of the features the rows are.
     idx: Vec<usize>,
+}
+
+impl Labelled {
+    /// At most `n` of the rows (seeded subsample).
+    fn subsample(&self, d: usize, n: usize) -> Labelled {
+        if self.y.len() <= n {
+            return self.rows(d, 0..self.y.len());
+        }
+        use rand::{seq::SliceRandom, SeedableRng};
+        let mut idx: Vec<usize> = (0..self.y.len()).collect();
+        idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(0x5eed));
+        idx.truncate(n);
+        idx.sort_unstable();
+        self.rows(d, idx)
+    }
+
+    fn rows(&self, d: usize, rows: impl IntoIterator<Item = usize>) -> Labelled {
+        let mut l = Labelled { x: Vec::new(), y: Vec::new(), w: Vec::new(), idx: Vec::new() };
+        for i in rows {
+            l.x.extend_from_slice(&self.x[i * d..(i + 1) * d]);
+            l.y.push(self.y[i]);
+            l.w.push(self.w[i]);
+            l.idx.push(self.idx[i]);
+        }
+        l
+    }
 }
 
 fn val_loss(train: &Labelled, d: usize, wd: f64, val: &Labelled) -> Result<f64> {
@@ -101,95 +98,78 @@ pub enum AnswerWeight {
 }
 
 pub const ANSWER_WEIGHTS: [f64; 4] = [0.25, 1.0, 4.0, 16.0];
-const FAMILY_FOLDS: usize = 5;
+pub const FAMILY_FOLDS: usize = 5;
 /// The middle of [`WEIGHT_DECAYS`]: the ends were never chosen on validation, and each
 /// value costs a fit per fold and answer weight.
 const FAMILY_WEIGHT_DECAYS: [f64; 3] = [1e-3, 1e-2, 1e-1];
 
-/// The fold of each of the samples `idx`: their families (or sources) in sorted order dealt
-/// round the `k` folds, so a family is never split across folds. `None` with fewer than
-/// `k` families among them.
-fn family_folds(f: &Features, idx: &[usize], k: usize) -> Option<Vec<usize>> {
-    let group = |i: usize| f.examples[f.samples[i].row].group();
-    let families: std::collections::BTreeSet<&str> = idx.iter().map(|&i| group(i)).collect();
-    if families.len() < k {
-        return None;
-    }
-    let fold: std::collections::HashMap<&str, usize> =
-        families.into_iter().enumerate().map(|(i, g)| (g, i % k)).collect();
-    Some(idx.iter().map(|&i| fold[group(i)]).collect())
+/// The fold of each family (or source) of the examples labelled for head `h`: in sorted
+/// order, dealt round [`FAMILY_FOLDS`] folds, so a family is never split across folds.
+/// `None` with fewer families than folds.
+pub fn family_folds(examples: &[Example], h: usize) -> Option<HashMap<&str, usize>> {
+    let families: BTreeSet<&str> = examples
+        .iter()
+        .filter(|e| e.label(h).is_some() || e.response_label(h).is_some())
+        .map(Example::group)
+        .collect();
+    (families.len() >= FAMILY_FOLDS)
+        .then(|| families.into_iter().enumerate().map(|(i, g)| (g, i % FAMILY_FOLDS)).collect())
 }
 
-/// Out-of-fold logits with whole families held out: each fold of families is predicted by a
-/// fit (weight decay `wd`, on at most `max_samples` samples) on the other folds. A fold
-/// whose other folds hold one class only is not predicted (`None`). `x`, `y`, `w` as one
-/// head's labelled set, `folds` per row.
-#[allow(clippy::too_many_arguments)]
+/// The fold of each of the samples `idx` of `f`.
+fn sample_folds(f: &Features, folds: &HashMap<&str, usize>, idx: &[usize]) -> Vec<usize> {
+    idx.iter()
+        .map(|&k| folds[f.examples[f.samples[k].row].group()])
+        .collect()
+}
+
+/// Out-of-fold logits with whole families held out: the rows `predict` (features, folds)
+/// of each fold are predicted by a fit (weight decay `wd`, on at most `max_samples` rows)
+/// on the rows of `fit` in the other folds. A fold whose other folds hold one class only
+/// is not predicted (`None`).
 fn family_oof_logits(
-    x: &[f32],
-    y: &[bool],
-    w: &[f64],
-    folds: &[usize],
+    fit: (&Labelled, &[usize]),
+    predict: (&[f32], &[usize]),
     d: usize,
     wd: f64,
     max_samples: usize,
 ) -> Result<Vec<Option<f64>>> {
-    let mut logits = vec![None; y.len()];
+    let (px, pfolds) = predict;
+    let mut logits = vec![None; pfolds.len()];
     for j in 0..FAMILY_FOLDS {
-        let (mut tx, mut ty, mut tw) = (Vec::new(), Vec::new(), Vec::new());
-        let mut held = Vec::new();
-        for (i, &fold) in folds.iter().enumerate() {
-            if fold == j {
-                held.push(i);
-            } else {
-                tx.extend_from_slice(&x[i * d..(i + 1) * d]);
-                ty.push(y[i]);
-                tw.push(w[i]);
-            }
-        }
-        if held.is_empty() || !(ty.iter().any(|&v| v) && ty.iter().any(|&v| !v)) {
+        let held: Vec<usize> = (0..pfolds.len()).filter(|&i| pfolds[i] == j).collect();
+        let others = fit.0.rows(d, (0..fit.1.len()).filter(|&i| fit.1[i] != j));
+        if held.is_empty() || !(others.y.iter().any(|&v| v) && others.y.iter().any(|&v| !v)) {
             continue;
         }
-        let (sx, sy, sw) = subsample(&tx, &ty, &tw, d, max_samples);
-        let fit = logistic::fit(&sx, d, &sy, Some(&sw), wd)?;
-        let hx: Vec<f32> = held.iter().flat_map(|&i| x[i * d..(i + 1) * d].iter().copied()).collect();
-        for (&i, z) in held.iter().zip(fit.logits(&hx, d)) {
+        let s = others.subsample(d, max_samples);
+        let model = logistic::fit(&s.x, d, &s.y, Some(&s.w), wd)?;
+        let hx: Vec<f32> = held.iter().flat_map(|&i| px[i * d..(i + 1) * d].iter().copied()).collect();
+        for (&i, z) in held.iter().zip(model.logits(&hx, d)) {
             logits[i] = Some(z);
         }
     }
     Ok(logits)
 }
 
-/// [`family_oof_logits`] (at most [`LAYER_SEARCH_SAMPLES`] samples per fit) scored as half
-/// the class-balanced loss on prompts and half on answers (each answer's tokens together
-/// one unit), so that the score does not depend on the answer weight being compared. Rows
-/// not predicted are not scored; `None` when none could be. `idx`: the rows' samples.
-#[allow(clippy::too_many_arguments)]
-fn family_criterion(
-    f: &Features,
-    x: &[f32],
-    y: &[bool],
-    w: &[f64],
-    idx: &[usize],
-    folds: &[usize],
-    d: usize,
-    wd: f64,
-) -> Result<Option<f64>> {
-    let oof = family_oof_logits(x, y, w, folds, d, wd, LAYER_SEARCH_SAMPLES)?;
-    let predicted: Vec<bool> = oof.iter().map(Option::is_some).collect();
-    let logits: Vec<f64> = oof.iter().map(|z| z.unwrap_or(0.0)).collect();
-    let prompt = |i: usize| matches!(f.samples[idx[i]].kind, SampleKind::Prompt(_));
+/// [`family_oof_logits`] of `t` on itself (at most [`LAYER_SEARCH_SAMPLES`] rows per fit)
+/// scored as half the class-balanced loss on prompts and half on answers (each answer's
+/// tokens together one unit), so that the score does not depend on the answer weight
+/// being compared. Rows not predicted are not scored; `None` when none could be.
+fn family_criterion(f: &Features, t: &Labelled, folds: &[usize], d: usize, wd: f64) -> Result<Option<f64>> {
+    let oof = family_oof_logits((t, folds), (&t.x, folds), d, wd, LAYER_SEARCH_SAMPLES)?;
+    let prompt = |i: usize| matches!(f.samples[t.idx[i]].kind, SampleKind::Prompt(_));
+    let per_answer = f.sample_weights(&t.idx, Some(1.0));
     let part = |keep: &dyn Fn(usize) -> bool, unit_w: &dyn Fn(usize) -> f64| {
-        let sel: Vec<usize> = (0..y.len()).filter(|&i| predicted[i] && keep(i)).collect();
-        let sy: Vec<bool> = sel.iter().map(|&i| y[i]).collect();
+        let sel: Vec<usize> = (0..t.y.len()).filter(|&i| oof[i].is_some() && keep(i)).collect();
+        let sy: Vec<bool> = sel.iter().map(|&i| t.y[i]).collect();
         if !(sy.iter().any(|&v| v) && sy.iter().any(|&v| !v)) {
             return None;
         }
         let sw: Vec<f64> = sel.iter().map(|&i| unit_w(i)).collect();
-        let z: Vec<f64> = sel.iter().map(|&i| logits[i]).collect();
+        let z: Vec<f64> = sel.iter().map(|&i| oof[i].expect("selected")).collect();
         Some(logistic::weighted_loss(&z, &sy, &logistic::balanced_sample_weights(&sy, Some(&sw))))
     };
-    let per_answer = f.sample_weights(idx, Some(1.0));
     let p = part(&|i| prompt(i), &|_| 1.0);
     let a = part(&|i| !prompt(i), &|i| per_answer[i]);
     Ok(match (p, a) {
@@ -199,24 +179,34 @@ fn family_criterion(
     })
 }
 
+/// How [`fit_heads`] fits.
+#[derive(Clone, Copy, Debug)]
+pub struct FitOptions {
+    /// `None`: the one [`AnswerWeight::ByFamilies`] chose with the answer weight, else
+    /// (with validation rows) the one of [`WEIGHT_DECAYS`] with the lowest validation
+    /// loss, else 1e-2.
+    pub weight_decay: Option<f64>,
+    /// What an answer's fitted tokens weigh together against a prompt (in the fit and in
+    /// the validation loss alike).
+    pub answer_weight: AnswerWeight,
+    /// Where prompts are read.
+    pub position: VerdictPosition,
+    /// At most this many tokens of each training answer are fitted on
+    /// ([`Features::response_cap_mask`]); held-out scores cover every token held.
+    pub response_tokens: Option<usize>,
+    /// Compute each head's [`HeldOutScores`] with its final setting (five more fits).
+    pub held_out_scores: bool,
+}
+
 /// The heads-only fit, each head at the layer of `train.layers` with the lowest
-/// class-weighted validation loss (the only layer without `val`), prompts read at
-/// `position`, an answer's tokens together weighing `answer_weight` prompts (in the fit
-/// and in the validation loss alike). The weight decay is `weight_decay` if given, else
-/// the one [`AnswerWeight::ByFamilies`] chose with the answer weight, else (with `val`)
-/// the one of [`WEIGHT_DECAYS`] with the lowest validation loss, else 1e-2. With
-/// `held_out_scores`, each head's [`HeldOutScores`] are computed with its final setting
-/// (five more fits on all samples) for [`held_out_thresholds`].
+/// class-weighted validation loss (the only layer without `val`).
 pub fn fit_heads(
     train: &Features,
     val: Option<&Features>,
-    weight_decay: Option<f64>,
-    answer_weight: AnswerWeight,
-    position: VerdictPosition,
+    opts: &FitOptions,
     current: (&Heads, &HeadsConfig),
-    held_out_scores: bool,
 ) -> Result<(Heads, HeadsConfig, Vec<HeadFitReport>)> {
-    if let AnswerWeight::Fixed(w) = answer_weight {
+    if let AnswerWeight::Fixed(w) = opts.answer_weight {
         if !(w.is_finite() && w > 0.0) {
             return Err(Error::Invalid(format!(
                 "answer weight {w}: expected a finite number > 0"
@@ -224,17 +214,19 @@ pub fn fit_heads(
         }
     }
     let (mut heads, mut setting) = (current.0.clone(), current.1.clone());
-    let d = train.hidden;
+    let (d, position) = (train.hidden, opts.position);
     let mut reports = Vec::new();
     let both = |y: &[bool]| y.iter().any(|&v| v) && y.iter().any(|&v| !v);
     // Until the families choose one, the weighting asked for (tokens for `ByFamilies`).
-    let given = match answer_weight {
+    let given = match opts.answer_weight {
         AnswerWeight::Fixed(w) => Some(w),
         AnswerWeight::Tokens | AnswerWeight::ByFamilies => None,
     };
-    let labelled = |f: &Features, h: usize, layer: usize, answer_weight: Option<f64>| {
-        let (x, y, idx) = f.labelled(h, layer, position);
-        let w = f.sample_weights(&idx, answer_weight);
+    let fitted = train.response_cap_mask(opts.response_tokens);
+    // The head's rows of `layer` that are fitted on, weighted for `answer_weight`.
+    let fit_rows = |h: usize, layer: usize, answer_weight: Option<f64>| {
+        let (x, y, idx) = train.labelled_where(h, layer, position, |k| fitted[k]);
+        let w = train.sample_weights(&idx, answer_weight);
         Labelled { x, y, w, idx }
     };
     for (h, name) in HEAD_NAMES.iter().enumerate() {
@@ -249,62 +241,61 @@ pub fn fit_heads(
             continue;
         }
         let val_of = |layer: usize| {
-            val.map(|v| labelled(v, h, layer, given))
-                .filter(|l| both(&l.y))
+            val.map(|v| {
+                let (x, y, idx) = v.labelled(h, layer, position);
+                let w = v.sample_weights(&idx, given);
+                Labelled { x, y, w, idx }
+            })
+            .filter(|l| both(&l.y))
         };
         let mut layer_search = Vec::new();
         let mut layer = last;
         if train.layers.len() > 1 && val_of(last).is_some() {
             let mut best = f64::INFINITY;
             for &l in &train.layers {
-                let t = labelled(train, h, l, given);
-                let (x, y, w) = subsample(&t.x, &t.y, &t.w, d, LAYER_SEARCH_SAMPLES);
-                let v = val_of(l).expect("checked above");
-                let loss = val_loss(&Labelled { x, y, w, idx: Vec::new() }, d, 1e-2, &v)?;
+                let t = fit_rows(h, l, given).subsample(d, LAYER_SEARCH_SAMPLES);
+                let loss = val_loss(&t, d, 1e-2, &val_of(l).expect("checked above"))?;
                 layer_search.push((l, loss));
                 if loss < best {
                     (best, layer) = (loss, l);
                 }
             }
         }
+        let mut t = fit_rows(h, layer, given);
+        let needs_folds = opts.answer_weight == AnswerWeight::ByFamilies || opts.held_out_scores;
+        let folds = needs_folds.then(|| family_folds(&train.examples, h)).flatten();
+        if needs_folds && folds.is_none() {
+            tracing::warn!("the {name} head's rows span fewer than {FAMILY_FOLDS} families: none is held out");
+        }
+        let t_folds = folds.as_ref().map(|f| sample_folds(train, f, &t.idx));
         // Answer weight and weight decay by held-out families, when asked.
         let mut family_search = Vec::new();
-        let (answer_weight, family_wd) = match answer_weight {
-            AnswerWeight::Fixed(_) | AnswerWeight::Tokens => (given, None),
-            AnswerWeight::ByFamilies => {
-                let (x, y, idx) = train.labelled(h, layer, position);
-                let wds: Vec<f64> = match weight_decay {
-                    Some(wd) => vec![wd],
-                    None => FAMILY_WEIGHT_DECAYS.to_vec(),
-                };
+        let (answer_weight, family_wd) = match (opts.answer_weight, &t_folds) {
+            (AnswerWeight::ByFamilies, Some(t_folds)) => {
+                let wds = opts.weight_decay.map_or(FAMILY_WEIGHT_DECAYS.to_vec(), |wd| vec![wd]);
                 let mut best = None;
-                if let Some(folds) = family_folds(train, &idx, FAMILY_FOLDS) {
-                    for &aw in &ANSWER_WEIGHTS {
-                        let w = train.sample_weights(&idx, Some(aw));
-                        for &wd in &wds {
-                            let Some(c) = family_criterion(train, &x, &y, &w, &idx, &folds, d, wd)?
-                            else {
-                                continue;
-                            };
-                            family_search.push((aw, wd, c));
-                            if best.is_none_or(|(b, _, _)| c < b) {
-                                best = Some((c, aw, wd));
-                            }
+                for &aw in &ANSWER_WEIGHTS {
+                    t.w = train.sample_weights(&t.idx, Some(aw));
+                    for &wd in &wds {
+                        let Some(c) = family_criterion(train, &t, t_folds, d, wd)? else {
+                            continue;
+                        };
+                        family_search.push((aw, wd, c));
+                        if best.is_none_or(|(b, _, _)| c < b) {
+                            best = Some((c, aw, wd));
                         }
                     }
                 }
                 match best {
                     Some((_, aw, wd)) => (Some(aw), Some(wd)),
-                    None => {
-                        tracing::warn!("the {name} head's labelled rows do not span {FAMILY_FOLDS} families with both classes to hold out: every answer token weighs 1");
-                        (None, None)
-                    }
+                    None => (None, None),
                 }
             }
+            _ => (given, None),
         };
-        let t = labelled(train, h, layer, answer_weight);
+        t.w = train.sample_weights(&t.idx, answer_weight);
         let mut search = Vec::new();
-        let chosen = match (weight_decay.or(family_wd), val_of(layer)) {
+        let chosen = match (opts.weight_decay.or(family_wd), val_of(layer)) {
             (Some(wd), _) => wd,
             (None, Some(v)) => {
                 let mut best = (f64::INFINITY, 1e-2);
@@ -320,22 +311,20 @@ pub fn fit_heads(
             (None, None) => 1e-2,
         };
         let f = logistic::fit(&t.x, d, &t.y, Some(&t.w), chosen)?;
-        let held_out = match held_out_scores.then(|| family_folds(train, &t.idx, FAMILY_FOLDS)) {
-            Some(Some(folds)) => {
-                let z = family_oof_logits(&t.x, &t.y, &t.w, &folds, d, chosen, usize::MAX)?;
-                let (idx, scores) = t
-                    .idx
+        let held_out = match (opts.held_out_scores, &folds, &t_folds) {
+            (true, Some(folds), Some(t_folds)) => {
+                // Every token held is scored, also those not fitted on: the streaming rule
+                // runs over whole answers.
+                let (x, _, idx) = train.labelled(h, layer, position);
+                let z = family_oof_logits((&t, t_folds), (&x, &sample_folds(train, folds, &idx)), d, chosen, usize::MAX)?;
+                let (idx, scores) = idx
                     .iter()
                     .zip(z)
                     .filter_map(|(&k, z)| z.map(|z| (k, (1.0 / (1.0 + (-z).exp())) as f32)))
                     .unzip();
-                Some(HeldOutScores { idx, scores })
+                Some(HeldOutScores { head: h, idx, scores })
             }
-            Some(None) => {
-                tracing::warn!("the {name} head's labelled rows span fewer than {FAMILY_FOLDS} families: no held-out scores");
-                None
-            }
-            None => None,
+            _ => None,
         };
         let (w, b) = f.head()?;
         let stored_layer = Some(layer);
@@ -364,180 +353,25 @@ pub fn fit_heads(
     Ok((heads, setting, reports))
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub struct ThresholdReport {
-    pub head: &'static str,
-    pub target_fpr: f64,
-    /// The threshold on prompts, and the streaming rule's on answers (when the
-    /// validation rows have answers labelled for this head).
-    pub prompt_threshold: f32,
-    pub response_threshold: Option<f32>,
-    /// What the thresholds were chosen on: `validation` or `held-out families`.
-    pub chosen_on: &'static str,
-    /// Prompts at the prompt threshold; answers under the streaming rule at theirs.
-    pub validation: BinaryMetrics,
-    pub response_validation: Option<BinaryMetrics>,
-}
-
-/// Per response of `f`, the score at which the streaming rule of `k` consecutive tokens
-/// fires ([`rule_score`]), with its label, for the responses labelled for `head`, less
-/// the benign answers to requests labelled class 1 (a refusal of a harmful request: the
-/// prompt's verdict decides those). `f` must hold every response token.
-pub fn response_rule_scores(
-    f: &Features,
-    scores: &[f32],
-    idx: &[usize],
-    head: usize,
-    k: usize,
-) -> (Vec<f32>, Vec<bool>) {
-    let mut per_row: std::collections::BTreeMap<usize, Vec<(usize, f32)>> = Default::default();
-    for (&k_s, &sc) in idx.iter().zip(scores) {
-        if let SampleKind::Response { token } = f.samples[k_s].kind {
-            per_row.entry(f.samples[k_s].row).or_default().push((token, sc));
-        }
-    }
-    let (mut out, mut labels) = (Vec::new(), Vec::new());
-    for (row, mut toks) in per_row {
-        let e = &f.examples[row];
-        let Some(label) = e.response_label(head) else {
-            continue;
-        };
-        // A benign answer to a flagged request (a refusal) is decided by the prompt; the
-        // rule decides the answers to requests that pass, so those are its negatives.
-        if !label && e.label(head) == Some(true) {
-            continue;
-        }
-        toks.sort_by_key(|t| t.0);
-        let p: Vec<f32> = toks.iter().map(|t| t.1).collect();
-        out.push(rule_score(&p, k));
-        labels.push(label);
-    }
-    (out, labels)
-}
-
-/// The lowest thresholds of head `h` whose false positive rate on the scored samples
-/// `idx` of `f` is at most `target_fpr`: one on prompts (safe prompts flagged unsafe;
-/// handle requests escalated), one on answers under the streaming rule of `consecutive`
-/// tokens (benign answers flagged). `None` without prompts of both classes.
-#[allow(clippy::too_many_arguments)]
-fn head_thresholds(
-    f: &Features,
-    scores: &[f32],
-    idx: &[usize],
-    h: usize,
-    position: VerdictPosition,
-    consecutive: usize,
-    target_fpr: f64,
-    chosen_on: &'static str,
-) -> Option<ThresholdReport> {
-    let (ps, py): (Vec<f32>, Vec<bool>) = idx
-        .iter()
-        .zip(scores)
-        .filter(|(&k, _)| matches!(f.samples[k].kind, SampleKind::Prompt(_)))
-        .map(|(&k, &s)| (s, f.label(&f.samples[k], h, position).unwrap()))
-        .unzip();
-    if py.iter().all(|&v| v) || py.iter().all(|&v| !v) {
-        return None;
-    }
-    let prompt_threshold = threshold_for_fpr(&ps, &py, target_fpr);
-    let (rs, ry) = response_rule_scores(f, scores, idx, h, consecutive);
-    // Only where there are answers of both classes: a threshold set from benign answers
-    // alone would flag target_fpr of them for nothing it was shown to catch. Otherwise
-    // the prompt's threshold applies to answers too.
-    let response_threshold = (ry.iter().any(|&v| v) && ry.iter().any(|&v| !v))
-        .then(|| threshold_for_fpr(&rs, &ry, target_fpr));
-    // A benign score of exactly 1 (saturated softmax) puts the bound just above 1:
-    // nothing can be flagged then, and 1 says the same as a probability.
-    let prompt_threshold = prompt_threshold.min(1.0);
-    let response_threshold = response_threshold.map(|r| r.min(1.0));
-    Some(ThresholdReport {
-        head: HEAD_NAMES[h],
-        target_fpr,
-        prompt_threshold,
-        response_threshold,
-        chosen_on,
-        validation: binary_metrics(&ps, &py, prompt_threshold),
-        response_validation: response_threshold.map(|r| binary_metrics(&rs, &ry, r)),
-    })
-}
-
-fn set_thresholds(t: &mut Thresholds, h: usize, r: &ThresholdReport) {
-    if h == 0 {
-        t.unsafe_ = r.prompt_threshold;
-        t.response_unsafe = r.response_threshold;
-    } else {
-        t.escalate = r.prompt_threshold;
-        t.response_escalate = r.response_threshold;
-    }
-}
-
-/// Per head, the thresholds of [`head_thresholds`] on the validation split. `val` must
-/// hold every response token.
-pub fn choose_thresholds(
-    heads: &Heads,
-    setting: &HeadsConfig,
-    position: VerdictPosition,
-    val: &Features,
-    n_layers: usize,
-    target_fpr: f64,
-    current: &Thresholds,
-) -> Result<(Thresholds, Vec<ThresholdReport>)> {
-    let mut t = current.clone();
-    let mut reports = Vec::new();
-    let layers = setting.layers(n_layers);
-    for (h, name) in HEAD_NAMES.iter().enumerate() {
-        if !val.layers.contains(&layers[h]) {
-            tracing::warn!(
-                "the validation pass did not read layer {} (the {name} head's): its threshold stays",
-                layers[h]
-            );
-            continue;
-        }
-        let (x, _, idx) = val.labelled(h, layers[h], position);
-        let scores = head_scores(heads, h, &x, val.hidden)?;
-        let k = current.consecutive;
-        if let Some(r) = head_thresholds(val, &scores, &idx, h, position, k, target_fpr, "validation") {
-            set_thresholds(&mut t, h, &r);
-            reports.push(r);
-        }
-    }
-    Ok((t, reports))
-}
-
-/// Per head, the thresholds of [`head_thresholds`] on its [`HeldOutScores`]: the score
-/// distribution of families the head has not seen, which is what a new source of traffic
-/// is. The validation split shares its families with the training rows, and thresholds set
-/// there sit too high or too low for new ones. The training pass reads at most
-/// `--response-tokens` of each answer, so the streaming rule runs over those. A head
-/// without held-out scores keeps its thresholds.
-pub fn held_out_thresholds(
-    train: &Features,
-    reports: &[HeadFitReport],
-    position: VerdictPosition,
-    target_fpr: f64,
-    current: &Thresholds,
-) -> (Thresholds, Vec<ThresholdReport>) {
-    let mut t = current.clone();
-    let mut out = Vec::new();
-    for r in reports {
-        let Some(s) = &r.held_out else { continue };
-        let h = HEAD_NAMES.iter().position(|&n| n == r.head).expect("a head's name");
-        let k = current.consecutive;
-        let chosen = "held-out families";
-        if let Some(r) = head_thresholds(train, &s.scores, &s.idx, h, position, k, target_fpr, chosen) {
-            set_thresholds(&mut t, h, &r);
-            out.push(r);
-        }
-    }
-    (t, out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::chat::Message;
     use crate::train::{data::Example, Sample};
+    use crate::eval::metrics::binary_metrics;
+    use crate::so8::verdict::Thresholds;
+    use crate::train::thresholds::{choose_thresholds, held_out_thresholds, response_rule_scores};
     use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    fn options(weight_decay: Option<f64>, answer_weight: AnswerWeight, held_out_scores: bool) -> FitOptions {
+        FitOptions {
+            weight_decay,
+            answer_weight,
+            position: VerdictPosition::AssistantHeader,
+            response_tokens: None,
+            held_out_scores,
+        }
+    }
 
     fn example(unsafe_: bool, response: Option<bool>) -> Example {
         Example {
@@ -590,6 +424,19 @@ mod tests {
         }
     }
 
+    /// A cap keeps the first half of an answer's tokens and spreads the rest; prompts and
+    /// answers within the cap are kept whole.
+    #[test]
+    fn response_cap_keeps_the_tokens_a_capped_pass_reads() {
+        assert_eq!(super::super::features::picked_tokens(10, Some(4)), vec![0, 1, 2, 6]);
+        assert_eq!(super::super::features::picked_tokens(3, Some(4)), vec![0, 1, 2]);
+        let f = synthetic(2, 0);
+        let kept = |cap| f.response_cap_mask(cap);
+        assert_eq!(kept(None), vec![true; 8]);
+        // each row: prompt, tokens 0, 1, 2 → with cap 2, tokens 0 and 1
+        assert_eq!(kept(Some(2)), [true, true, true, false].repeat(2));
+    }
+
     /// With families to hold out, `ByFamilies` tries every answer weight and weight decay
     /// and uses the pair with the lowest held-out-family loss; with one family it falls
     /// back to token weights.
@@ -598,15 +445,8 @@ mod tests {
         let mut train = synthetic(400, 3);
         let heads = Heads::zeros(4).unwrap();
         let fit = |train: &Features| {
-            fit_heads(
-                train,
-                None,
-                None,
-                AnswerWeight::ByFamilies,
-                VerdictPosition::AssistantHeader,
-                (&heads, &HeadsConfig::default()),
-                false,
-            )
+            let opts = options(None, AnswerWeight::ByFamilies, false);
+            fit_heads(train, None, &opts, (&heads, &HeadsConfig::default()))
             .unwrap()
             .2
         };
@@ -630,16 +470,9 @@ mod tests {
     fn the_layer_with_the_signal_is_chosen_and_thresholds_hold_on_answers() {
         let (train, val) = (synthetic(400, 1), synthetic(200, 2));
         let heads = Heads::zeros(4).unwrap();
-        let (heads, setting, reports) = fit_heads(
-            &train,
-            Some(&val),
-            None,
-            AnswerWeight::Fixed(1.0),
-            VerdictPosition::AssistantHeader,
-            (&heads, &HeadsConfig::default()),
-            false,
-        )
-        .unwrap();
+        let opts = options(None, AnswerWeight::Fixed(1.0), false);
+        let (heads, setting, reports) =
+            fit_heads(&train, Some(&val), &opts, (&heads, &HeadsConfig::default())).unwrap();
         assert_eq!(setting.safety.layer, Some(2), "{reports:?}");
         let search = &reports[0].layer_search;
         assert!(search[1].1 < search[0].1 * 0.5, "{search:?}");
@@ -661,7 +494,7 @@ mod tests {
         assert_eq!(t.response_unsafe, r.response_threshold);
         // the streaming rule at that threshold flags at most 5% of the benign answers
         let (x, _, idx) = val.labelled(0, 2, VerdictPosition::AssistantHeader);
-        let scores = head_scores(&heads, 0, &x, 4).unwrap();
+        let scores = heads.scores(0, &x, 4).unwrap();
         let (rs, ry) = response_rule_scores(&val, &scores, &idx, 0, 2);
         let benign: Vec<f32> = rs.iter().zip(&ry).filter(|(_, &y)| !y).map(|(&s, _)| s).collect();
         let flagged = benign.iter().filter(|&&s| s >= t.response()[0]).count();
@@ -678,30 +511,27 @@ mod tests {
         }
         let heads = Heads::zeros(4).unwrap();
         let position = VerdictPosition::AssistantHeader;
-        let (heads, _, reports) = fit_heads(
-            &train,
-            None,
-            Some(1e-2),
-            AnswerWeight::Fixed(1.0),
-            position,
-            (&heads, &HeadsConfig::default()),
-            true,
-        )
-        .unwrap();
+        // Fitted on two of each answer's three tokens; every token is scored.
+        let opts = FitOptions {
+            response_tokens: Some(2),
+            ..options(Some(1e-2), AnswerWeight::Fixed(1.0), true)
+        };
+        let (heads, _, reports) = fit_heads(&train, None, &opts, (&heads, &HeadsConfig::default())).unwrap();
         let held = reports[0].held_out.as_ref().unwrap();
         let (_, _, idx) = train.labelled(0, 2, position);
+        assert_eq!(reports[0].rows, 600 * 3);
         assert_eq!(held.idx, idx, "every labelled sample is predicted");
         // each prediction comes from a fit without its family, not from the final head
         let (x, _, _) = train.labelled(0, 2, position);
-        let own = head_scores(&heads, 0, &x, 4).unwrap();
+        let own = heads.scores(0, &x, 4).unwrap();
         assert!(own.iter().zip(&held.scores).any(|(a, b)| (a - b).abs() > 1e-4));
-        let (t, r) = held_out_thresholds(&train, &reports, position, 0.05, &Thresholds::default());
+        let (t, r) = held_out_thresholds(&train, &[held], position, 0.05, &Thresholds::default());
         assert_eq!((r.len(), r[0].chosen_on), (1, "held-out families"));
         assert!(r[0].validation.fpr <= 0.05, "{r:?}");
         assert_eq!((t.unsafe_, t.response_unsafe), (r[0].prompt_threshold, r[0].response_threshold));
         let new = synthetic(400, 5);
         let (x, y, idx) = new.labelled(0, 2, position);
-        let scores = head_scores(&heads, 0, &x, 4).unwrap();
+        let scores = heads.scores(0, &x, 4).unwrap();
         let prompts: Vec<(f32, bool)> = idx
             .iter()
             .zip(scores.iter().zip(&y))

@@ -346,7 +346,7 @@ mod tests {
         );
         // The head form gives the same probabilities.
         let (w, b) = f.head().unwrap();
-        let h = crate::so8::adapter::Heads {
+        let h = crate::so8::verdict::Heads {
             safety_w: w.clone(),
             safety_b: b.clone(),
             authority_w: w,

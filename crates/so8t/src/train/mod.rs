@@ -9,16 +9,18 @@ pub mod features;
 pub mod gates;
 pub mod heads;
 pub mod logistic;
+pub mod thresholds;
 
 use crate::error::{Error, Result};
-use crate::so8::adapter::{Adapter, So8tConfig, VerdictPosition, ADAPTER_FILE, CONFIG_FILE};
+use crate::artifact::adapter::{Adapter, So8tConfig, ADAPTER_FILE, CONFIG_FILE};
+use crate::so8::verdict::VerdictPosition;
 use crate::formats::source::is_hf_model_file;
 use crate::staging::{hidden_sibling, write_bytes};
 use crate::Model;
 use data::{Dataset, Example};
-pub use heads::{
-    choose_thresholds, fit_heads, head_scores, held_out_thresholds, response_rule_scores,
-    AnswerWeight, HeadFitReport, HeldOutScores, ThresholdReport,
+pub use heads::{fit_heads, AnswerWeight, FitOptions, HeadFitReport};
+pub use thresholds::{
+    choose_thresholds, held_out_thresholds, response_rule_scores, HeldOutScores, ThresholdReport,
 };
 use std::path::{Path, PathBuf};
 
@@ -143,9 +145,23 @@ impl Features {
         layer: usize,
         position: VerdictPosition,
     ) -> (Vec<f32>, Vec<bool>, Vec<usize>) {
+        self.labelled_where(head, layer, position, |_| true)
+    }
+
+    /// [`Features::labelled`] of the samples `keep` accepts (by sample index).
+    pub fn labelled_where(
+        &self,
+        head: usize,
+        layer: usize,
+        position: VerdictPosition,
+        keep: impl Fn(usize) -> bool,
+    ) -> (Vec<f32>, Vec<bool>, Vec<usize>) {
         let li = self.layer_index(layer);
         let (mut x, mut y, mut idx) = (Vec::new(), Vec::new(), Vec::new());
         for (k, s) in self.samples.iter().enumerate() {
+            if !keep(k) {
+                continue;
+            }
             if let Some(l) = self.label(s, head, position) {
                 x.extend_from_slice(&self.x[li][k * self.hidden..(k + 1) * self.hidden]);
                 y.push(l);
@@ -174,6 +190,28 @@ impl Features {
                 SampleKind::Response { .. } => answer_weight / per_row[&self.samples[k].row] as f64,
             })
             .collect()
+    }
+
+    /// Per sample, whether it is one of the at most `cap` tokens of its answer that a pass
+    /// with that cap would have read ([`features::picked_tokens`] over the answer's tokens
+    /// held here); prompts always are.
+    pub fn response_cap_mask(&self, cap: Option<usize>) -> Vec<bool> {
+        let mut per_row: std::collections::HashMap<usize, Vec<(usize, usize)>> = Default::default();
+        for (k, s) in self.samples.iter().enumerate() {
+            if let SampleKind::Response { token } = s.kind {
+                per_row.entry(s.row).or_default().push((token, k));
+            }
+        }
+        let mut keep = vec![true; self.samples.len()];
+        for mut toks in per_row.into_values() {
+            toks.sort_unstable();
+            let picked: std::collections::HashSet<usize> =
+                features::picked_tokens(toks.len(), cap).into_iter().collect();
+            for (rank, (_, k)) in toks.into_iter().enumerate() {
+                keep[k] = picked.contains(&rank);
+            }
+        }
+        keep
     }
 
     fn layer_index(&self, layer: usize) -> usize {

@@ -1,11 +1,9 @@
 //! `validate`: the checks an SO8T directory must pass, each named, so that a failure says
 //! which one.
 
-use super::adapter::{
-    base_checksum, generator_name, is_so8t_dir, Adapter, So8tConfig, ADAPTER_FILE,
-};
-use super::algebra::{det, expm, matvec, orthogonality_error, skew, Mat8, N_GEN};
-use super::triality::{family_generator, mul, Family};
+use super::adapter::{base_checksum, generator_name, is_so8t_dir, Adapter, So8tConfig, ADAPTER_FILE};
+use crate::so8::algebra::{det, expm, matvec, orthogonality_error, skew, Mat8, N_GEN};
+use crate::so8::triality::{family_generator, mul, Family};
 use crate::load::Model;
 use std::path::Path;
 

@@ -2,7 +2,8 @@
 //! directory is baked on the fly (each projection folded as it is read); the heads and the
 //! SO8T config travel as `so8t.*` metadata (spec §7), which llama.cpp ignores.
 
-use super::adapter::{Adapter, Heads, So8tConfig};
+use super::adapter::{Adapter, So8tConfig};
+use crate::so8::verdict::Heads;
 use super::bake::read_heads;
 use crate::config::{Arch, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};

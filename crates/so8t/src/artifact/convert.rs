@@ -3,11 +3,9 @@
 //! fresh adapter and `so8t_config.json`. Everything is written into a temporary directory
 //! beside the target and renamed into place only when complete.
 
-use super::adapter::{
-    base_checksum, Adapter, BaseInfo, InitInfo, Labels, So8tConfig, Thresholds, ADAPTER_FILE,
-    CONFIG_FILE, FORMAT_VERSION,
-};
-use super::gates::Granularity;
+use super::adapter::{base_checksum, Adapter, BaseInfo, InitInfo, Labels, So8tConfig, ADAPTER_FILE, CONFIG_FILE, FORMAT_VERSION};
+use crate::so8::verdict::Thresholds;
+use crate::so8::gates::Granularity;
 use crate::error::{Error, Result};
 use crate::formats::gguf::{GgufFile, GgufStore};
 use crate::formats::WeightStore;

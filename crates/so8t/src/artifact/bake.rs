@@ -3,7 +3,8 @@
 //! in its metadata. Output sites (q, k, v): W' = R·W, b' = R·b. Input sites (o, mlp):
 //! W' = W·R (for mlp, both gate_proj and up_proj). Products are computed in f64.
 
-use super::adapter::{Adapter, Heads, So8tConfig, ADAPTER_FILE};
+use super::adapter::{Adapter, So8tConfig, ADAPTER_FILE};
+use crate::so8::verdict::Heads;
 use crate::config::ModelConfig;
 use crate::error::{Error, InFile, Result};
 use crate::formats::safetensors::SafetensorsStore;

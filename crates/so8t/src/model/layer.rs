@@ -1,0 +1,73 @@
+//! What the layer loop runs on: one layer's weights, and the KV cache its attention
+//! appends to.
+
+use crate::error::Result;
+use crate::formats::{Matrix, WeightStore};
+
+pub(super) struct Projection {
+    pub(super) w: Matrix,
+    pub(super) b: Option<Vec<f32>>,
+}
+
+impl Projection {
+    pub(super) fn load(
+        ws: &dyn WeightStore,
+        prefix: &str,
+        rows: usize,
+        cols: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let w = ws.matrix(&format!("{prefix}.weight"), rows, cols)?;
+        let b = if bias {
+            Some(ws.vector(&format!("{prefix}.bias"), rows)?.to_vec1::<f32>()?)
+        } else {
+            None
+        };
+        Ok(Projection { w, b })
+    }
+}
+
+pub(super) struct Layer {
+    pub(super) attn_norm: Vec<f32>,
+    pub(super) q: Projection,
+    pub(super) k: Projection,
+    pub(super) v: Projection,
+    pub(super) o: Projection,
+    pub(super) q_norm: Option<Vec<f32>>,
+    pub(super) k_norm: Option<Vec<f32>>,
+    pub(super) ffn_norm: Vec<f32>,
+    pub(super) gate: Projection,
+    pub(super) up: Projection,
+    pub(super) down: Projection,
+}
+
+/// Keys and values of the positions seen so far: per layer, `[len, kv_heads, head_dim]`
+/// f32, appended in place (capacity doubles, so a token costs no allocation).
+/// Made by [`Decoder::new_cache`], which knows its row width.
+#[derive(Clone)]
+pub struct KvCache {
+    pub(super) layers: Vec<(Vec<f32>, Vec<f32>)>,
+    pub(super) len: usize,
+    /// Values per position in one layer's K (or V): `kv_heads · head_dim`.
+    pub(super) row: usize,
+}
+
+impl KvCache {
+    pub(super) fn new(layers: usize, row: usize) -> KvCache {
+        KvCache {
+            layers: vec![(Vec::new(), Vec::new()); layers],
+            len: 0,
+            row,
+        }
+    }
+
+    pub(super) fn truncate(&mut self, len: usize) {
+        if len < self.len {
+            for (k, v) in self.layers.iter_mut() {
+                k.truncate(len * self.row);
+                v.truncate(len * self.row);
+            }
+            self.len = len;
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! The steps a decoder layer is made of, as the one layer loop ([`super::Decoder`]) calls
+//! them. Two backends compute them: [`super::buffers::Buffers`] on plain f32 buffers and
+//! the kernels (inference: run, serve, eval, the training pass over the data) and
+//! [`super::autograd::Autograd`] on candle ops that gradients flow through (gates
+//! training). The order of the steps and where the gates sit are the loop's, written once.
+
+use super::layer::{KvCache, Projection};
+use super::rotation::BlockRotation;
+use crate::error::Result;
+use crate::formats::Embedding;
+use candle_core::Tensor;
+
+/// What both backends know of one forward: `s` positions from position `pos`, and the
+/// model's attention shape.
+pub(super) struct Run {
+    pub s: usize,
+    pub pos: usize,
+    pub eps: f32,
+    pub head_dim: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+}
+
+impl Run {
+    pub fn new(cfg: &crate::config::ModelConfig, pos: usize, s: usize) -> Run {
+        Run {
+            s,
+            pos,
+            eps: cfg.rms_norm_eps as f32,
+            head_dim: cfg.head_dim,
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+        }
+    }
+}
+
+pub(super) trait Ops {
+    /// Activations of the positions being run, one row of some width per position.
+    type X;
+
+    /// The embeddings of `ids`, `[positions, hidden]`.
+    fn embed(&mut self, e: &Embedding, ids: &[u32]) -> Result<Self::X>;
+
+    /// Each row RMS-normed and scaled by `w` (the row's width is `w.len()`).
+    fn rms_norm(&mut self, x: &Self::X, w: &[f32]) -> Result<Self::X>;
+
+    /// The same norm over each head's `w.len()` values of a row (Qwen3's q and k norms).
+    fn head_norm(&mut self, x: Self::X, w: &[f32]) -> Result<Self::X>;
+
+    /// `x·Wᵀ (+ b)` for each of several projections of one input.
+    fn project<const K: usize>(&mut self, ps: [&Projection; K], x: Self::X) -> Result<[Self::X; K]>;
+
+    /// The gate placed at a site (spec §4), if any.
+    fn rotate(&mut self, gate: Option<&BlockRotation>, x: Self::X) -> Result<Self::X>;
+
+    /// RoPE on each of a row's `heads` heads, at the run's positions.
+    fn rope(&mut self, x: Self::X, heads: usize) -> Result<Self::X>;
+
+    /// Causal attention of `q` over layer `layer`'s keys and values: those `cache` holds
+    /// before the run's first position, then `k`, `v`, which are stored there.
+    fn attend(&mut self, cache: &mut KvCache, layer: usize, q: Self::X, k: Self::X, v: Self::X) -> Result<Self::X>;
+
+    /// `x + y`, the residual.
+    fn add(&mut self, x: Self::X, y: Self::X) -> Result<Self::X>;
+
+    /// SwiGLU: `silu(g)·u`.
+    fn swiglu(&mut self, g: Self::X, u: Self::X) -> Result<Self::X>;
+
+    /// What a verdict head reads below the last layer (spec §5): the residual RMS-normed
+    /// with unit weight, `[positions, hidden]`.
+    fn tap(&mut self, x: &Self::X) -> Result<Tensor>;
+
+    /// `x` as a `[positions, width]` tensor.
+    fn finish(&mut self, x: Self::X) -> Result<Tensor>;
+}
