@@ -3,10 +3,10 @@ use so8t::model::Site;
 use so8t::train::data::{read_jsonl, Dataset};
 use so8t::train::gates::{GatesOptions, RunControl, Trainer};
 use so8t::train::feature_cache::FeatureCache;
-use so8t::train::heads::{family_folds, FAMILY_FOLDS};
+use so8t::train::heads::{head_short_of_families, FAMILY_FOLDS};
 use so8t::train::{
     choose_thresholds, fit_heads, held_out_thresholds, so8t_parts, AnswerWeight, Features, FitOptions, TrainOut,
-    HEAD_NAMES, TRAIN_DIR,
+    TRAIN_DIR,
 };
 use so8t::so8::verdict::VerdictPosition;
 use so8t::Model;
@@ -226,22 +226,11 @@ pub fn main(a: Args) -> Result<()> {
     if from_families && a.mode != Mode::Heads {
         bail!("--thresholds-from families is for --mode heads (its held-out fits read the training rows' states)");
     }
-    if from_families {
-        for (h, name) in HEAD_NAMES.iter().enumerate() {
-            let labels: Vec<bool> = train
-                .examples
-                .iter()
-                .flat_map(|e| [e.label(h), e.response_label(h)])
-                .flatten()
-                .collect();
-            let both = labels.iter().any(|&v| v) && labels.iter().any(|&v| !v);
-            if both && family_folds(&train.examples, h).is_none() {
-                bail!(
-                    "{}: --thresholds-from families needs the {name} head's rows in at least {FAMILY_FOLDS} families (`family`, else `source`), to hold out in turn",
-                    a.data.display()
-                );
-            }
-        }
+    if let Some(name) = from_families.then(|| head_short_of_families(&train.examples)).flatten() {
+        bail!(
+            "{}: --thresholds-from families needs the {name} head's rows in at least {FAMILY_FOLDS} families (`family`, else `source`), to hold out in turn",
+            a.data.display()
+        );
     }
     let answer_weight = match a.answer_weight.as_str() {
         "auto" => AnswerWeight::ByFamilies,
