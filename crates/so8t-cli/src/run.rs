@@ -105,10 +105,7 @@ pub fn main(a: Args) -> Result<()> {
     let (reasoning, answer) = split_reasoning(&gen.text);
     let so8t = match (&model.so8t, gen.prompt_verdict) {
         (Some(s), Some(prompt)) => {
-            let response = gen.judge.max.unwrap_or(Verdict {
-                p_unsafe: 0.0,
-                p_escalate: 0.0,
-            });
+            let response = gen.judge.max.unwrap_or(Verdict::new(0.0, 0.0));
             Some((prompt, response, gen.decision, s.config.heads_trained))
         }
         _ => None,

@@ -404,13 +404,6 @@ pub fn is_so8t_dir(path: &Path) -> bool {
 mod tests {
     use super::*;
 
-    fn v(u: f32, e: f32) -> Verdict {
-        Verdict {
-            p_unsafe: u,
-            p_escalate: e,
-        }
-    }
-
     #[test]
     fn decisions_follow_the_policy() {
         let mut c: So8tConfig = serde_json::from_str(
@@ -427,14 +420,14 @@ mod tests {
         assert_eq!(c.verdict_position, VerdictPosition::AssistantHeader);
         let quiet = ResponseJudge::default();
         let mut loud = ResponseJudge::default();
-        loud.push(v(0.9, 0.0), &c.thresholds);
-        loud.push(v(0.9, 0.0), &c.thresholds);
-        assert_eq!(c.decide(Some(v(0.1, 0.1)), &quiet), Some(Decision::Allow));
-        assert_eq!(c.decide(Some(v(0.1, 0.7)), &quiet), Some(Decision::Escalate));
-        assert_eq!(c.decide(Some(v(0.6, 0.7)), &quiet), Some(Decision::Refuse));
-        assert_eq!(c.decide(Some(v(0.1, 0.1)), &loud), Some(Decision::Refuse));
+        loud.push(Verdict::new(0.9, 0.0), &c.thresholds);
+        loud.push(Verdict::new(0.9, 0.0), &c.thresholds);
+        assert_eq!(c.decide(Some(Verdict::new(0.1, 0.1)), &quiet), Some(Decision::Allow));
+        assert_eq!(c.decide(Some(Verdict::new(0.1, 0.7)), &quiet), Some(Decision::Escalate));
+        assert_eq!(c.decide(Some(Verdict::new(0.6, 0.7)), &quiet), Some(Decision::Refuse));
+        assert_eq!(c.decide(Some(Verdict::new(0.1, 0.1)), &loud), Some(Decision::Refuse));
         c.heads_trained = false;
-        assert_eq!(c.decide(Some(v(0.9, 0.9)), &loud), None);
+        assert_eq!(c.decide(Some(Verdict::new(0.9, 0.9)), &loud), None);
         c.heads.safety.layer = Some(31);
         assert!(c.heads.check(30, Path::new("so8t_config.json")).is_err());
     }

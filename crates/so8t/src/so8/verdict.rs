@@ -238,6 +238,10 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    pub const fn new(p_unsafe: f32, p_escalate: f32) -> Verdict {
+        Verdict { p_unsafe, p_escalate }
+    }
+
     /// Each probability's larger value: the verdict of a span of tokens is its worst.
     pub fn max(self, other: Verdict) -> Verdict {
         Verdict {
@@ -379,13 +383,6 @@ impl Heads {
 mod tests {
     use super::*;
 
-    fn v(u: f32, e: f32) -> Verdict {
-        Verdict {
-            p_unsafe: u,
-            p_escalate: e,
-        }
-    }
-
     fn t(k: usize) -> Thresholds {
         Thresholds {
             unsafe_: 0.5,
@@ -402,17 +399,17 @@ mod tests {
         // one lone token over the line, then a run of two
         let fired: Vec<bool> = [0.9, 0.1, 0.7, 0.8, 0.9]
             .iter()
-            .map(|&u| j.push(v(u, 0.0), &t(2)))
+            .map(|&u| j.push(Verdict::new(u, 0.0), &t(2)))
             .collect();
         assert_eq!(fired, [false, false, false, true, false]);
         assert_eq!(j.unsafe_at, Some(3));
         assert_eq!(j.escalate_at, None);
         assert_eq!(j.max.unwrap().p_unsafe, 0.9);
         let mut j1 = ResponseJudge::default();
-        assert!(j1.push(v(0.5, 0.0), &t(1)), "k = 1 is the per-token rule");
+        assert!(j1.push(Verdict::new(0.5, 0.0), &t(1)), "k = 1 is the per-token rule");
         let mut j3 = ResponseJudge::default();
         for e in [0.7, 0.7, 0.2, 0.7, 0.7, 0.7] {
-            j3.push(v(0.0, e), &t(3));
+            j3.push(Verdict::new(0.0, e), &t(3));
         }
         assert_eq!(j3.escalate_at, Some(5));
         // rule_score agrees with the judge: fires at t iff score >= t; never below k tokens
