@@ -45,15 +45,23 @@ pub fn main(a: Args) -> Result<()> {
         c.num_heads, c.num_kv_heads, c.head_dim
     );
     println!("vocab:         {}", c.vocab_size);
-    println!("context:       {}", c.max_position_embeddings);
-    println!(
-        "rope:          theta {} scaling {:?}",
-        c.rope_theta,
-        match &c.rope_scaling {
-            so8t::config::RopeScaling::None => "none",
-            so8t::config::RopeScaling::Llama3 { .. } => "llama3",
-            so8t::config::RopeScaling::Divisors(_) => "per-frequency factors",
+    match c.sliding_window {
+        Some(w) if w < c.max_position_embeddings => {
+            println!("context:       {} (attention window {w}: runs up to {w})", c.max_position_embeddings)
         }
+        _ => println!("context:       {}", c.max_position_embeddings),
+    }
+    let scaling = match &c.rope_scaling {
+        so8t::config::RopeScaling::None => "none".to_string(),
+        so8t::config::RopeScaling::Llama3 { .. } => "llama3".into(),
+        so8t::config::RopeScaling::Divisors(_) => "per-frequency factors".into(),
+        so8t::config::RopeScaling::LongRope { original_max_position, attention_factor, .. } => format!(
+            "longrope (long factors past {original_max_position} tokens, attention factor {attention_factor})"
+        ),
+    };
+    println!(
+        "rope:          theta {} over {} of {} dims per head, scaling {scaling}",
+        c.rope_theta, c.rotary_dim, c.head_dim
     );
     println!(
         "flags:         qkv_bias={} qk_norm={} tied_embeddings={}",

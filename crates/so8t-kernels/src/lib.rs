@@ -152,6 +152,23 @@ impl QMatrix {
         buf
     }
 
+    /// Rows `start..start + len` as a matrix of their own (a fused projection's parts).
+    pub fn row_range(&self, start: usize, len: usize) -> Result<QMatrix, ShapeError> {
+        if start + len > self.rows {
+            return Err(ShapeError(format!(
+                "rows {start}..{} of a {}-row matrix",
+                start + len,
+                self.rows
+            )));
+        }
+        let mut data = Vec::with_capacity(len * self.row_bytes());
+        let mut buf = Vec::new();
+        for r in start..start + len {
+            data.extend_from_slice(self.row(r, &mut buf));
+        }
+        QMatrix::new(self.ty, len, self.cols, data)
+    }
+
     pub fn qtype(&self) -> QType {
         self.ty
     }

@@ -12,6 +12,8 @@ pub enum Arch {
     Llama,
     Qwen2,
     Qwen3,
+    /// Phi-3/3.5/4-mini: fused `qkv_proj` and `gate_up_proj`, partial rotary, LongRoPE.
+    Phi3,
 }
 
 impl Arch {
@@ -20,6 +22,7 @@ impl Arch {
             "llama" => Some(Arch::Llama),
             "qwen2" => Some(Arch::Qwen2),
             "qwen3" => Some(Arch::Qwen3),
+            "phi3" => Some(Arch::Phi3),
             _ => None,
         }
     }
@@ -29,7 +32,14 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Phi3 => "phi3",
         }
+    }
+
+    /// Whether q, k, v come from one `qkv_proj` and gate, up from one `gate_up_proj`
+    /// (llama.cpp keeps them fused too: `attn_qkv`, `ffn_up` of twice the width).
+    pub fn fused_projections(self) -> bool {
+        self == Arch::Phi3
     }
 }
 
@@ -45,6 +55,15 @@ pub enum RopeScaling {
     },
     /// Per-frequency divisors, as llama.cpp stores them in a `rope_freqs.weight` tensor.
     Divisors(Vec<f32>),
+    /// LongRoPE (Phi-3), as transformers' `_compute_longrope_parameters`: per-frequency
+    /// divisors `short` for a sequence of at most `original_max_position` tokens, `long`
+    /// beyond, and cos and sin multiplied by `attention_factor` either way.
+    LongRope {
+        short: Vec<f32>,
+        long: Vec<f32>,
+        original_max_position: usize,
+        attention_factor: f32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -57,10 +76,14 @@ pub struct ModelConfig {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// The leading dims of each head that RoPE rotates (`head_dim · partial_rotary_factor`).
+    pub rotary_dim: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f32,
     pub rope_scaling: RopeScaling,
     pub max_position_embeddings: usize,
+    /// Attention window (phi3): a position sees at most this many keys, itself included.
+    pub sliding_window: Option<usize>,
     pub tie_word_embeddings: bool,
     /// Bias on q/k/v projections (qwen2, or `attention_bias` in llama/qwen3 configs).
     pub qkv_bias: bool,
@@ -71,17 +94,26 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// Inverse RoPE frequencies for the "rotate half" layout, computed in f32 the way
-    /// transformers computes them, so positions match the reference bit for bit as far
-    /// as `powf` allows.
-    pub fn rope_inv_freq(&self) -> Vec<f32> {
-        let dim = self.head_dim;
+    /// Inverse RoPE frequencies for the "rotate half" layout over the rotated dims,
+    /// computed in f32 the way transformers computes them, so positions match the
+    /// reference bit for bit as far as `powf` allows. `long`: LongRoPE's set for sequences
+    /// past its original context (the other scalings have one set).
+    pub fn rope_inv_freq(&self, long: bool) -> Vec<f32> {
+        let dim = self.rotary_dim;
         let base: Vec<f32> = (0..dim / 2)
             .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f32 / dim as f32))
             .collect();
         match &self.rope_scaling {
             RopeScaling::None => base,
             RopeScaling::Divisors(d) => base.iter().zip(d).map(|(f, d)| f / d).collect(),
+            RopeScaling::LongRope { short, long: long_f, .. } => {
+                let ext = if long { long_f } else { short };
+                // transformers: 1 / (ext · θ^(2j/dim)), the product rounded first.
+                (0..dim / 2)
+                    .zip(ext)
+                    .map(|(i, e)| 1.0 / (e * self.rope_theta.powf((2 * i) as f32 / dim as f32)))
+                    .collect()
+            }
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -108,6 +140,49 @@ impl ModelConfig {
         }
     }
 
+    /// The attention factor transformers derives when a LongRoPE config names none:
+    /// `sqrt(1 + ln(s) / ln(original))`, s = context / original context, 1 when s ≤ 1.
+    pub fn derived_attention_factor(&self) -> f32 {
+        match self.rope_long_after() {
+            Some(orig) => Self::longrope_attention_factor(self.max_position_embeddings, orig),
+            None => 1.0,
+        }
+    }
+
+    /// transformers' default LongRoPE attention factor for a model of `context` positions
+    /// trained at `original` (llama.cpp's converter writes the same number).
+    pub fn longrope_attention_factor(context: usize, original: usize) -> f32 {
+        let scale = context as f64 / original as f64;
+        if scale <= 1.0 {
+            1.0
+        } else {
+            (1.0 + scale.ln() / (original as f64).ln()).sqrt() as f32
+        }
+    }
+
+    /// LongRoPE's switch: sequences longer than this take the long factor set.
+    pub fn rope_long_after(&self) -> Option<usize> {
+        match &self.rope_scaling {
+            RopeScaling::LongRope { original_max_position, .. } => Some(*original_max_position),
+            _ => None,
+        }
+    }
+
+    /// What cos and sin are multiplied by (LongRoPE's attention factor; 1 otherwise).
+    pub fn rope_attention_factor(&self) -> f32 {
+        match &self.rope_scaling {
+            RopeScaling::LongRope { attention_factor, .. } => *attention_factor,
+            _ => 1.0,
+        }
+    }
+
+    /// The longest sequence the decoder runs: the context, or a shorter attention window
+    /// (within it, windowed attention is plain causal attention, so this is exact).
+    pub fn context(&self) -> usize {
+        self.sliding_window
+            .map_or(self.max_position_embeddings, |w| w.min(self.max_position_embeddings))
+    }
+
     /// Every tensor the decoder reads, in HF names and `[out, in]` shapes.
     pub fn hf_tensors(&self) -> Vec<(String, Vec<usize>)> {
         let (h, hd, i) = (self.hidden_size, self.head_dim, self.intermediate_size);
@@ -119,10 +194,14 @@ impl ModelConfig {
         for l in 0..self.num_layers {
             let p = format!("model.layers.{l}");
             v.push((format!("{p}.input_layernorm.weight"), vec![h]));
-            for (n, rows) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
-                v.push((format!("{p}.self_attn.{n}.weight"), vec![rows, h]));
-                if self.qkv_bias {
-                    v.push((format!("{p}.self_attn.{n}.bias"), vec![rows]));
+            if self.arch.fused_projections() {
+                v.push((format!("{p}.self_attn.qkv_proj.weight"), vec![q + 2 * kv, h]));
+            } else {
+                for (n, rows) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+                    v.push((format!("{p}.self_attn.{n}.weight"), vec![rows, h]));
+                    if self.qkv_bias {
+                        v.push((format!("{p}.self_attn.{n}.bias"), vec![rows]));
+                    }
                 }
             }
             v.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
@@ -131,8 +210,12 @@ impl ModelConfig {
                 v.push((format!("{p}.self_attn.k_norm.weight"), vec![hd]));
             }
             v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-            v.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
-            v.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+            if self.arch.fused_projections() {
+                v.push((format!("{p}.mlp.gate_up_proj.weight"), vec![2 * i, h]));
+            } else {
+                v.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+                v.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+            }
             v.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
         }
         v.push(("model.norm.weight".to_string(), vec![h]));
@@ -148,6 +231,7 @@ impl ModelConfig {
             Arch::Llama => ("llama", "LlamaForCausalLM"),
             Arch::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
             Arch::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
+            Arch::Phi3 => ("phi3", "Phi3ForCausalLM"),
         };
         let rope_scaling = match &self.rope_scaling {
             RopeScaling::None => serde_json::Value::Null,
@@ -155,6 +239,15 @@ impl ModelConfig {
                 "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
                 "high_freq_factor": high_freq_factor, "original_max_position_embeddings": *original_max_position as usize,
             }),
+            // The released Phi-3.5 layout; the attention factor is implied by the two
+            // contexts unless it differs from what transformers would derive.
+            RopeScaling::LongRope { short, long, attention_factor, .. } => {
+                let mut r = serde_json::json!({"type": "longrope", "short_factor": short, "long_factor": long});
+                if (*attention_factor - self.derived_attention_factor()).abs() > 0.0 {
+                    r["attention_factor"] = (*attention_factor).into();
+                }
+                r
+            }
             RopeScaling::Divisors(_) => {
                 return Err(Error::Invalid(
                     "this GGUF stores RoPE scaling as per-frequency factors (rope_freqs), which an HF config.json cannot express yet".into(),
@@ -181,8 +274,15 @@ impl ModelConfig {
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_ids,
         });
-        if self.arch != Arch::Qwen2 {
+        if !matches!(self.arch, Arch::Qwen2 | Arch::Phi3) {
             v["attention_bias"] = self.qkv_bias.into();
+        }
+        if self.arch == Arch::Phi3 {
+            v["partial_rotary_factor"] = (self.rotary_dim as f64 / self.head_dim as f64).into();
+            v["sliding_window"] = self.sliding_window.into();
+            if let Some(o) = self.rope_long_after() {
+                v["original_max_position_embeddings"] = o.into();
+            }
         }
         Ok(v)
     }
@@ -215,6 +315,9 @@ impl ModelConfig {
             if v > (1 << 24) && name != "max_position_embeddings" {
                 return bad(format!("field `{}` = {v} is implausibly large", field(name)));
             }
+        }
+        if self.sliding_window == Some(0) {
+            return bad(format!("field `{}` must be positive, got 0", field("sliding_window")));
         }
         if self.num_layers > 1024 {
             return bad(format!(
@@ -254,16 +357,45 @@ impl ModelConfig {
                 self.rms_norm_eps
             ));
         }
+        if self.rotary_dim % 2 != 0 || self.rotary_dim == 0 || self.rotary_dim > self.head_dim {
+            return bad(format!(
+                "{} gives {} rotated dims per head; expected an even number in 2..={}",
+                field("partial_rotary_factor"),
+                self.rotary_dim,
+                self.head_dim
+            ));
+        }
+        if let RopeScaling::LongRope { short, long, original_max_position, attention_factor } = &self.rope_scaling {
+            let name = field("rope_scaling");
+            for (which, f) in [("short_factor", short), ("long_factor", long)] {
+                if let Some(x) = f.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
+                    return bad(format!("{name}.{which} must hold positive numbers, got {x}"));
+                }
+                if f.len() != self.rotary_dim / 2 {
+                    return bad(format!(
+                        "{name}.{which} has {} entries, expected rotary dims / 2 = {}",
+                        f.len(),
+                        self.rotary_dim / 2
+                    ));
+                }
+            }
+            if *original_max_position == 0 {
+                return bad(format!("{} must be positive", field("original_max_position_embeddings")));
+            }
+            if !(attention_factor.is_finite() && *attention_factor > 0.0) {
+                return bad(format!("{name}.attention_factor must be a positive number, got {attention_factor}"));
+            }
+        }
         if let RopeScaling::Divisors(d) = &self.rope_scaling {
             let name = field("rope_scaling");
             if let Some(x) = d.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
                 return bad(format!("{name} must hold positive numbers, got {x}"));
             }
-            if d.len() != self.head_dim / 2 {
+            if d.len() != self.rotary_dim / 2 {
                 return bad(format!(
-                    "{name} has {} entries, expected head_dim/2 = {}",
+                    "{name} has {} entries, expected rotary dims / 2 = {}",
                     d.len(),
-                    self.head_dim / 2
+                    self.rotary_dim / 2
                 ));
             }
         }
@@ -281,7 +413,7 @@ impl ModelConfig {
             Error::format(
                 path,
                 format!(
-                    "unsupported model_type `{}` (expected llama, qwen2 or qwen3)",
+                    "unsupported model_type `{}` (expected llama, qwen2, qwen3 or phi3)",
                     raw.model_type
                 ),
             )
@@ -302,6 +434,24 @@ impl ModelConfig {
             .rope_theta
             .or_else(|| raw.rope_parameters.as_ref().and_then(|p| p.rope_theta))
             .unwrap_or(10_000.0) as f32;
+        let max_position_embeddings = raw.max_position_embeddings.unwrap_or(4096);
+        let head_dim = raw.head_dim.unwrap_or(hidden_size / num_heads);
+        // Top level in released configs, inside `rope_parameters` as transformers 5 writes them.
+        let partial = raw
+            .partial_rotary_factor
+            .or_else(|| rope.and_then(|r| r.partial_rotary_factor))
+            .unwrap_or(1.0);
+        if !(partial.is_finite() && partial > 0.0 && partial <= 1.0) {
+            return Err(Error::format(
+                path,
+                format!("field `partial_rotary_factor` must be in (0, 1], got {partial}"),
+            ));
+        }
+        // transformers: int(head_dim · partial_rotary_factor).
+        let rotary_dim = (head_dim as f64 * partial) as usize;
+        let original_max_position = raw
+            .original_max_position_embeddings
+            .or_else(|| rope.and_then(|r| r.original_max_position_embeddings));
         let rope_scaling = match rope.and_then(|r| r.kind()) {
             None | Some("default") => RopeScaling::None,
             Some("llama3") => {
@@ -321,11 +471,35 @@ impl ModelConfig {
                     )?,
                 }
             }
+            // "su" is the name the first Phi-3 128k configs used.
+            Some("longrope") | Some("su") => {
+                let r = rope.unwrap();
+                let factors = |v: &Option<Vec<f64>>, name: &str| {
+                    v.as_ref()
+                        .map(|f| f.iter().map(|&x| x as f32).collect::<Vec<f32>>())
+                        .ok_or_else(|| Error::format(path, format!("rope_scaling: missing field `{name}`")))
+                };
+                let original = original_max_position.ok_or_else(|| {
+                    Error::format(path, "rope_scaling longrope needs `original_max_position_embeddings`")
+                })?;
+                if original == 0 {
+                    return Err(Error::format(path, "field `original_max_position_embeddings` must be positive, got 0"));
+                }
+                RopeScaling::LongRope {
+                    short: factors(&r.short_factor, "short_factor")?,
+                    long: factors(&r.long_factor, "long_factor")?,
+                    original_max_position: original,
+                    attention_factor: match r.attention_factor {
+                        Some(a) => a as f32,
+                        None => ModelConfig::longrope_attention_factor(max_position_embeddings, original),
+                    },
+                }
+            }
             Some(other) => {
                 return Err(Error::format(
                     path,
                     format!(
-                        "rope_scaling type `{other}` is not supported (expected llama3 or none)"
+                        "rope_scaling type `{other}` is not supported (expected llama3, longrope or none)"
                     ),
                 ))
             }
@@ -343,13 +517,16 @@ impl ModelConfig {
             num_layers: need(raw.num_hidden_layers, "num_hidden_layers")?,
             num_heads,
             num_kv_heads: raw.num_key_value_heads.unwrap_or(num_heads),
-            head_dim: raw.head_dim.unwrap_or(hidden_size / num_heads),
+            head_dim,
+            rotary_dim,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            max_position_embeddings,
+            // Qwen2 configs carry a window that `use_sliding_window: false` turns off.
+            sliding_window: if arch == Arch::Phi3 { raw.sliding_window } else { None },
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
-            qkv_bias: arch == Arch::Qwen2 || raw.attention_bias.unwrap_or(false),
+            qkv_bias: arch == Arch::Qwen2 || (arch != Arch::Phi3 && raw.attention_bias.unwrap_or(false)),
             qk_norm: arch == Arch::Qwen3,
             bos_token_id: raw.bos_token_id,
             eos_token_ids,
@@ -379,6 +556,10 @@ struct HfRope {
     low_freq_factor: Option<f64>,
     high_freq_factor: Option<f64>,
     original_max_position_embeddings: Option<usize>,
+    short_factor: Option<Vec<f64>>,
+    long_factor: Option<Vec<f64>>,
+    attention_factor: Option<f64>,
+    partial_rotary_factor: Option<f64>,
 }
 
 impl HfRope {
@@ -402,6 +583,9 @@ struct HfConfig {
     rope_scaling: Option<HfRope>,
     rope_parameters: Option<HfRope>,
     max_position_embeddings: Option<usize>,
+    original_max_position_embeddings: Option<usize>,
+    partial_rotary_factor: Option<f64>,
+    sliding_window: Option<usize>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,

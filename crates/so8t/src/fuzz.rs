@@ -59,7 +59,8 @@ pub fn model_config(bytes: &[u8]) {
     let Ok(text) = std::str::from_utf8(bytes) else { return };
     if let Ok(c) = crate::config::ModelConfig::from_hf_json(text, Path::new(NAME)) {
         let _ = c.validate(Path::new(NAME));
-        let _ = c.rope_inv_freq();
+        let _ = c.rope_inv_freq(false);
+        let _ = c.rope_inv_freq(true);
     }
     let _ = crate::formats::source::fp8_block_size(text, Path::new(NAME));
 }

@@ -79,7 +79,7 @@ fn random_heads(dir: &Path) {
 #[test]
 fn baked_equals_gated_for_every_architecture_and_granularity() {
     let tmp = tempfile::tempdir().unwrap();
-    for arch in ["llama", "qwen2", "qwen3"] {
+    for arch in ["llama", "qwen2", "qwen3", "phi3", "phi3-partial"] {
         for g in [Granularity::Shared, Granularity::PerHead] {
             let opts = ConvertOptions {
                 init: Init::Random {
@@ -109,7 +109,7 @@ fn baked_equals_gated_for_every_architecture_and_granularity() {
 #[test]
 fn baked_directory_is_plain_and_matches_transformers_on_it() {
     let tmp = tempfile::tempdir().unwrap();
-    for arch in ["llama", "qwen2", "qwen3"] {
+    for arch in ["llama", "qwen2", "qwen3", "phi3", "phi3-partial"] {
         let base = fixtures().join(format!("tiny-{arch}"));
         let s = tmp.path().join(format!("{arch}-ref"));
         std::fs::create_dir_all(&s).unwrap();

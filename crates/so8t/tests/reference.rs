@@ -46,13 +46,81 @@ fn qwen3_fp8_block_weights_match_transformers() {
     check_against_transformers("tiny-qwen3-fp8");
 }
 
+/// The three tiny Phi-3 models (scripts/reference/phi3_fixtures.py): the released config
+/// layout with full rotary, transformers 5's `rope_parameters` layout with half the head
+/// rotated, and plain RoPE over 3/4 of the head with an attention window. Their inputs
+/// are 7 and 20 tokens (LongRoPE's short factors), 41 (past the original context of 32:
+/// long factors) and a text.
+const PHI3: [&str; 3] = ["tiny-phi3", "tiny-phi3-partial", "tiny-phi3-short"];
+
+#[test]
+fn phi3_matches_transformers_on_both_factor_sets() {
+    for name in PHI3 {
+        check_against_transformers(name);
+    }
+}
+
+/// transformers' generate() from a 28-token prompt for 12 tokens: its cache holds short-
+/// factor keys until the sequence passes 32, where Phi-3 drops it and runs the whole
+/// sequence again with the long factors. The decoder does the same on its own (the
+/// greedy helper feeds one token at a time into the KV cache).
+#[test]
+fn phi3_generation_across_the_original_context_equals_transformers_generate() {
+    for name in PHI3 {
+        let meta: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixtures().join(name).join("expected.json")).unwrap(),
+        )
+        .unwrap();
+        let prompt: Vec<u32> = serde_json::from_value(meta["crossing"]["prompt"].clone()).unwrap();
+        let want: Vec<u32> = serde_json::from_value(meta["crossing"]["generate"].clone()).unwrap();
+        let original = meta["crossing"]["original"].as_u64().unwrap() as usize;
+        assert!(prompt.len() < original && prompt.len() + want.len() > original + 1);
+        let mut model = Model::open(&fixtures().join(name)).unwrap();
+        let (got, rows) = greedy_with_logits(&mut model, &prompt, want.len());
+        assert_eq!(got, want, "{name}");
+        // Top-1 alone barely notices keys of the wrong set in the cache; the logits do.
+        let rows: Vec<f32> = rows.concat();
+        let got = candle_core::Tensor::from_vec(rows, (want.len(), 448), &candle_core::Device::Cpu).unwrap();
+        let exp = expected(name);
+        let d = max_abs_diff(&got, &exp.logits["crossing.logits"]);
+        assert!(d <= LOGIT_TOL, "{name}: max |Δlogit| over the generated steps = {d}");
+    }
+}
+
+/// Chunked prefill that crosses the original context part-way: the cache must end up as
+/// one long-factor run of the whole sequence, whatever the chunks.
+#[test]
+fn phi3_chunked_prefill_never_mixes_factor_sets() {
+    let exp = expected("tiny-phi3");
+    let ids = &exp.inputs[2];
+    assert!(ids.len() > 32);
+    let mut model = Model::open(&fixtures().join("tiny-phi3")).unwrap();
+    let whole = model.decoder.forward_all(ids).unwrap();
+    model.decoder.clear_cache();
+    let mut rows = Vec::new();
+    for (pos, chunk) in [(0, &ids[..20]), (20, &ids[20..30]), (30, &ids[30..])] {
+        let h = model.decoder.forward_hidden(chunk, pos).unwrap();
+        assert_eq!(h.dim(0).unwrap(), chunk.len());
+        rows.push(model.decoder.logits(&h).unwrap());
+    }
+    let chunked = candle_core::Tensor::cat(&rows, 0).unwrap();
+    // The chunks before the switch were computed with the short factors, as
+    // transformers computes a prefix of that length; only the last chunk must equal the
+    // whole-sequence run, and the next token after it must too.
+    let last = chunked.narrow(0, 30, ids.len() - 30).unwrap();
+    let want = whole.narrow(0, 30, ids.len() - 30).unwrap();
+    assert!(max_abs_diff(&last, &want) <= LOGIT_TOL);
+    let d = max_abs_diff(&whole, &exp.logits["logits.2"]);
+    assert!(d <= LOGIT_TOL, "{d}");
+}
+
 fn gguf_path(arch: &str, ty: &str) -> std::path::PathBuf {
     fixtures().join(format!("tiny-{arch}/model-{ty}.gguf"))
 }
 
 #[test]
 fn gguf_f32_and_f16_give_the_same_greedy_tokens() {
-    for arch in ["llama", "qwen2", "qwen3"] {
+    for arch in ["llama", "qwen2", "qwen3", "phi3", "phi3-partial", "phi3-short"] {
         let exp = expected(&format!("tiny-{arch}"));
         for ty in ["f32", "f16"] {
             let mut m = Model::open(&gguf_path(arch, ty)).unwrap();
@@ -71,7 +139,7 @@ fn gguf_f32_and_f16_give_the_same_greedy_tokens() {
 fn gguf_f32_logits_match_transformers() {
     // llama.cpp's converter permutes llama q/k rows and renames everything; F32 keeps the
     // values, so the same tolerance as the safetensors path applies.
-    for arch in ["llama", "qwen2", "qwen3"] {
+    for arch in ["llama", "qwen2", "qwen3", "phi3", "phi3-partial", "phi3-short"] {
         let exp = expected(&format!("tiny-{arch}"));
         let mut m = Model::open(&gguf_path(arch, "f32")).unwrap();
         for (i, ids) in exp.inputs.iter().enumerate() {
@@ -89,7 +157,7 @@ fn gguf_f32_logits_match_transformers() {
 
 #[test]
 fn gguf_q8_0_agrees_on_top1_for_95_percent_of_steps() {
-    for arch in ["llama", "qwen2", "qwen3"] {
+    for arch in ["llama", "qwen2", "qwen3", "phi3", "phi3-partial", "phi3-short"] {
         let exp = expected(&format!("tiny-{arch}"));
         let mut q8 = Model::open(&gguf_path(arch, "q8_0")).unwrap();
         let mut f32m = Model::open(&fixtures().join(format!("tiny-{arch}"))).unwrap();

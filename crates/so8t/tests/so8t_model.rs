@@ -12,7 +12,9 @@ use so8t::artifact::validate::validate;
 use so8t::Model;
 use std::path::{Path, PathBuf};
 
-const ARCHS: [&str; 3] = ["llama", "qwen2", "qwen3"];
+/// `tiny-{arch}` fixtures; the phi3 pair covers fused projections, both LongRoPE sets and
+/// partial rotary.
+const ARCHS: [&str; 5] = ["llama", "qwen2", "qwen3", "phi3", "phi3-partial"];
 
 fn converted(arch: &str, tmp: &tempfile::TempDir, opts: &ConvertOptions) -> PathBuf {
     let out = tmp.path().join(format!("{arch}-so8t"));
@@ -246,8 +248,10 @@ fn convert_options_are_honoured() {
 #[test]
 fn inference_path_matches_the_differentiable_path() {
     let tmp = tempfile::tempdir().unwrap();
-    // A prompt long enough (≥ 16 positions) that norms and RoPE are shared out by rows.
-    let ids: Vec<u32> = (0..24u32).map(|i| (i * 7 + 1) % 13 + 1).collect();
+    // A prompt long enough (≥ 16 positions) that norms and RoPE are shared out by rows,
+    // and a sequence that passes phi3's original context of 32 (both paths then run it
+    // again with LongRoPE's long factors).
+    let ids: Vec<u32> = (0..40u32).map(|i| (i * 7 + 1) % 13 + 1).collect();
     for arch in ARCHS {
         let dir = converted(arch, &tmp, &random(7));
         let mut m = Model::open(&dir).unwrap();

@@ -1,7 +1,9 @@
 //! `bake`: fold every gate into its projection (spec §4) and write a plain HF directory of
 //! the base architecture, plus `so8t_heads.safetensors` with the heads and the SO8T config
 //! in its metadata. Output sites (q, k, v): W' = R·W, b' = R·b. Input sites (o, mlp):
-//! W' = W·R (for mlp, both gate_proj and up_proj). Products are computed in f64.
+//! W' = W·R (for mlp, both gate_proj and up_proj). Fused projections (phi3) fold the same
+//! way: `qkv_proj`'s three row blocks by the q, k, v rotations, `gate_up_proj` by the mlp
+//! one. Products are computed in f64.
 
 use super::adapter::{Adapter, So8tConfig, ADAPTER_FILE};
 use crate::so8::verdict::Heads;
@@ -61,10 +63,48 @@ pub(crate) fn gate_of(name: &str) -> Option<(usize, Site, bool)> {
         "self_attn.k_proj.weight" | "self_attn.k_proj.bias" => (Site::K, true),
         "self_attn.v_proj.weight" | "self_attn.v_proj.bias" => (Site::V, true),
         "self_attn.o_proj.weight" => (Site::O, false),
-        "mlp.gate_proj.weight" | "mlp.up_proj.weight" => (Site::Mlp, false),
+        // gate_up_proj (phi3) is gate_proj and up_proj stacked: the same input.
+        "mlp.gate_proj.weight" | "mlp.up_proj.weight" | "mlp.gate_up_proj.weight" => (Site::Mlp, false),
         _ => return None,
     };
     Some((layer, site, output_side))
+}
+
+/// The rotation folded into base tensor `name` (`[units, 8, 8]` f64) and whether it acts
+/// on the output side: one site's, or, for a fused `qkv_proj` (phi3), the q, k and v
+/// rotations stacked over its three row blocks (identity for a site without a gate).
+pub(crate) fn rotation_of(
+    name: &str,
+    rotations: &HashMap<(usize, Site), Tensor>,
+    cfg: &ModelConfig,
+) -> Result<Option<(Tensor, bool)>> {
+    if let Some((l, site, output_side)) = gate_of(name) {
+        return Ok(rotations.get(&(l, site)).map(|r| (r.clone(), output_side)));
+    }
+    let Some(layer) = name
+        .strip_prefix("model.layers.")
+        .and_then(|r| r.strip_suffix(".self_attn.qkv_proj.weight"))
+        .and_then(|l| l.parse::<usize>().ok())
+    else {
+        return Ok(None);
+    };
+    let blocks = [
+        (Site::Q, cfg.num_heads * cfg.head_dim / 8),
+        (Site::K, cfg.num_kv_heads * cfg.head_dim / 8),
+        (Site::V, cfg.num_kv_heads * cfg.head_dim / 8),
+    ];
+    if blocks.iter().all(|(s, _)| !rotations.contains_key(&(layer, *s))) {
+        return Ok(None);
+    }
+    let eye = Tensor::eye(8, DType::F64, &candle_core::Device::Cpu)?;
+    let parts = blocks
+        .iter()
+        .map(|&(site, units)| match rotations.get(&(layer, site)) {
+            Some(r) => Ok(r.clone()),
+            None => eye.unsqueeze(0)?.repeat((units, 1, 1)),
+        })
+        .collect::<candle_core::Result<Vec<Tensor>>>()?;
+    Ok(Some((Tensor::cat(&parts, 0)?, true)))
 }
 
 /// `r`: `[units, 8, 8]` f64. Output side: rows of `t` (or a bias) in 8-blocks; input side: columns.
@@ -99,9 +139,15 @@ pub fn bake(src: &Path, out: &Path, opts: &BakeOptions) -> Result<()> {
         .and_then(|b| Some((b.first()?.as_u64()? as usize, b.get(1)?.as_u64()? as usize)));
     let store = SafetensorsStore::open(src, fp8)?;
     // The base's dtype is its projections' (norms are often kept in f32).
+    let first_projection = model_cfg
+        .hf_tensors()
+        .into_iter()
+        .find(|(n, _)| n.ends_with("_proj.weight"))
+        .map(|(n, _)| n)
+        .unwrap_or_default();
     let out_dtype =
         opts.dtype.unwrap_or_else(
-            || match store.dtype("model.layers.0.self_attn.q_proj.weight") {
+            || match store.dtype(&first_projection) {
                 Some(safetensors::Dtype::F32) => OutDType::F32,
                 Some(safetensors::Dtype::F16) => OutDType::F16,
                 _ => OutDType::BF16,
@@ -118,10 +164,8 @@ pub fn bake(src: &Path, out: &Path, opts: &BakeOptions) -> Result<()> {
             continue; // FP8 scales are folded into the dequantised weights
         }
         let mut t = store.load_f32(&name)?;
-        if let Some((l, site, output_side)) = gate_of(&name) {
-            if let Some(r) = rotations.get(&(l, site)) {
-                t = fold(&t, r, output_side)?;
-            }
+        if let Some((r, output_side)) = rotation_of(&name, &rotations, &model_cfg)? {
+            t = fold(&t, &r, output_side)?;
         }
         tensors.push((name, t.to_dtype(out_dtype.dtype())?));
     }

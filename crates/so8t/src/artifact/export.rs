@@ -303,10 +303,8 @@ fn to_bytes<const W: usize>(data: &[f32], f: impl Fn(f32) -> [u8; W] + Sync) -> 
 
 /// A tensor as row-major f32 in the GGUF's layout: gates folded, llama q/k rows permuted.
 fn prepare(input: &Input, name: &str, dims: &[usize]) -> Result<Vec<f32>> {
-    let rotation = super::bake::gate_of(name).and_then(|(l, site, output_side)| {
-        input.rotations.get(&(l, site)).map(|r| (r, output_side))
-    });
     let cfg = &input.config;
+    let rotation = super::bake::rotation_of(name, &input.rotations, cfg)?;
     let permute_heads = match cfg.arch {
         Arch::Llama if name.ends_with("self_attn.q_proj.weight") => Some(cfg.num_heads),
         Arch::Llama if name.ends_with("self_attn.k_proj.weight") => Some(cfg.num_kv_heads),
@@ -317,7 +315,7 @@ fn prepare(input: &Input, name: &str, dims: &[usize]) -> Result<Vec<f32>> {
     }
     let mut t = input.store.dense(name, dims)?;
     if let Some((r, output_side)) = rotation {
-        t = super::bake::fold(&t, r, output_side)?.to_dtype(DType::F32)?;
+        t = super::bake::fold(&t, &r, output_side)?.to_dtype(DType::F32)?;
     }
     if let Some(h) = permute_heads {
         // llama.cpp's converter: reshape(h, 2, hd/2, cols).swapaxes(1, 2)
@@ -333,18 +331,18 @@ fn prepare(input: &Input, name: &str, dims: &[usize]) -> Result<Vec<f32>> {
 
 fn rope_factors(cfg: &ModelConfig) -> Option<Vec<f32>> {
     match &cfg.rope_scaling {
-        RopeScaling::None => None,
+        RopeScaling::None | RopeScaling::LongRope { .. } => None,
         RopeScaling::Divisors(d) => Some(d.clone()),
         RopeScaling::Llama3 { .. } => {
             let plain = ModelConfig {
                 rope_scaling: RopeScaling::None,
                 ..cfg.clone()
             }
-            .rope_inv_freq();
+            .rope_inv_freq(false);
             Some(
                 plain
                     .iter()
-                    .zip(cfg.rope_inv_freq())
+                    .zip(cfg.rope_inv_freq(false))
                     .map(|(p, s)| p / s)
                     .collect(),
             )

@@ -164,7 +164,7 @@ impl GgufFile {
             Error::format(
                 &self.path,
                 format!(
-                    "unsupported general.architecture `{name}` (expected llama, qwen2 or qwen3)"
+                    "unsupported general.architecture `{name}` (expected llama, qwen2, qwen3 or phi3)"
                 ),
             )
         })
@@ -211,11 +211,26 @@ impl GgufFile {
         let head_dim = self
             .opt_usize(&key("head_dim"))?
             .unwrap_or(hidden / heads);
-        let rope_scaling = if self.content.tensor_infos.contains_key("rope_freqs.weight") {
-            let t = self
-                .qtensor("rope_freqs.weight")?
-                .dequantize(&Device::Cpu)?;
-            RopeScaling::Divisors(t.flatten_all()?.to_vec1::<f32>()?)
+        let rotary_dim = self.opt_usize(&key("rotary_dim"))?.unwrap_or(head_dim);
+        let max_position_embeddings = self.opt_usize(&key("max_position_embeddings"))?.unwrap_or(4096);
+        let vector = |name: &str| -> Result<Vec<f32>> {
+            let t = self.qtensor(name)?.dequantize(&Device::Cpu)?;
+            Ok(t.flatten_all()?.to_vec1::<f32>()?)
+        };
+        let has = |name: &str| self.content.tensor_infos.contains_key(name);
+        let rope_scaling = if has("rope_freqs.weight") {
+            RopeScaling::Divisors(vector("rope_freqs.weight")?)
+        } else if has("rope_factors_long.weight") || has("rope_factors_short.weight") {
+            let original = self.usize(&key("original_max_position_embeddings"))?;
+            RopeScaling::LongRope {
+                short: vector("rope_factors_short.weight")?,
+                long: vector("rope_factors_long.weight")?,
+                original_max_position: original,
+                attention_factor: match self.opt_f64(&key("attention_factor"))? {
+                    Some(a) => a as f32,
+                    None => ModelConfig::longrope_attention_factor(max_position_embeddings, original),
+                },
+            }
         } else {
             RopeScaling::None
         };
@@ -242,15 +257,19 @@ impl GgufFile {
                 .opt_usize(&key("num_key_value_heads"))?
                 .unwrap_or(heads),
             head_dim,
+            rotary_dim,
             // Required, as llama.cpp requires it: no default fits every family.
             rms_norm_eps: self.f64(&key("rms_norm_eps"))?,
             rope_theta: self
                 .opt_f64(&key("rope_theta"))?
                 .unwrap_or(10_000.0) as f32,
             rope_scaling,
-            max_position_embeddings: self
-                .opt_usize(&key("max_position_embeddings"))?
-                .unwrap_or(4096),
+            max_position_embeddings,
+            // llama.cpp writes 0 for "no window" (the converter's sign for Phi-4 in phi3 files).
+            sliding_window: match arch {
+                Arch::Phi3 => self.opt_usize(&key("sliding_window"))?.filter(|&w| w > 0),
+                _ => None,
+            },
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             qkv_bias: self.content.tensor_infos.contains_key("blk.0.attn_q.bias"),
             qk_norm: self
@@ -304,6 +323,10 @@ pub fn gguf_key(arch: &str, hf_field: &str) -> String {
         "rms_norm_eps" => format!("{arch}.attention.layer_norm_rms_epsilon"),
         "max_position_embeddings" => format!("{arch}.context_length"),
         "rope_scaling" => "rope_freqs.weight".into(),
+        "rotary_dim" | "partial_rotary_factor" => format!("{arch}.rope.dimension_count"),
+        "original_max_position_embeddings" => format!("{arch}.rope.scaling.original_context_length"),
+        "attention_factor" => format!("{arch}.rope.scaling.attn_factor"),
+        "sliding_window" => format!("{arch}.attention.sliding_window"),
         other => other.into(),
     }
 }
@@ -328,11 +351,13 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         "self_attn.q_proj" => "attn_q",
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
+        "self_attn.qkv_proj" => "attn_qkv",
         "self_attn.o_proj" => "attn_output",
         "self_attn.q_norm" => "attn_q_norm",
         "self_attn.k_norm" => "attn_k_norm",
         "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
+        // phi3: llama.cpp's `ffn_up` holds the fused gate | up, as HF's gate_up_proj.
+        "mlp.up_proj" | "mlp.gate_up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
         _ => return None,
     };

@@ -60,6 +60,41 @@ impl Matrix {
         }
     }
 
+    /// The matrix cut into consecutive blocks of rows, `parts` rows each (a fused
+    /// projection into its parts; quantisation blocks never cross a row).
+    pub fn split_rows(&self, parts: &[usize]) -> candle_core::Result<Vec<Matrix>> {
+        let mut out = Vec::with_capacity(parts.len());
+        let mut start = 0;
+        for &n in parts {
+            out.push(match self {
+                Matrix::Dense(w) => Matrix::Dense(w.narrow(0, start, n)?.contiguous()?),
+                Matrix::Quant(m) => {
+                    Matrix::Quant(Arc::new(m.row_range(start, n).map_err(candle_core::Error::wrap)?))
+                }
+                Matrix::Candle(QMatMul::QTensor(q)) => {
+                    let (rows, cols) = q.shape().dims2()?;
+                    if start + n > rows {
+                        candle_core::bail!("rows {start}..{} of a {rows}-row matrix", start + n)
+                    }
+                    let data = q.data()?;
+                    let row_bytes = data.len() / rows.max(1);
+                    let part = data[start * row_bytes..(start + n) * row_bytes].to_vec();
+                    let storage = candle_core::quantized::QStorage::from_data(
+                        std::borrow::Cow::Owned(part),
+                        &Device::Cpu,
+                        q.dtype(),
+                    )?;
+                    Matrix::Candle(QMatMul::from_qtensor(QTensor::new(storage, (n, cols))?)?)
+                }
+                Matrix::Candle(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => {
+                    Matrix::Dense(w.narrow(0, start, n)?.to_dtype(candle_core::DType::F32)?.contiguous()?)
+                }
+            });
+            start += n;
+        }
+        Ok(out)
+    }
+
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Matrix::Dense(w) => x.broadcast_matmul(&w.t()?),

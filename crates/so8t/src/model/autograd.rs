@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 /// One forward's run of `s` positions from position `pos`.
 pub(super) struct Autograd {
     run: Run,
-    /// RoPE tables `[s, head_dim / 2]`.
+    /// RoPE tables `[s, rotary_dim / 2]`.
     cos: Tensor,
     sin: Tensor,
     /// Additive causal mask `[s, pos + s]` (none for one position).
@@ -35,10 +35,11 @@ impl Autograd {
         } else {
             None
         };
+        let scale = cfg.rope_attention_factor() as f64;
         Ok(Autograd {
             run: Run::new(cfg, pos, s),
-            cos: freqs.cos()?,
-            sin: freqs.sin()?,
+            cos: (freqs.cos()? * scale)?,
+            sin: (freqs.sin()? * scale)?,
             mask,
         })
     }
@@ -114,7 +115,14 @@ impl Ops for Autograd {
     }
 
     fn rope(&mut self, x: Tensor, heads: usize) -> Result<Tensor> {
-        let y = candle_nn::rotary_emb::rope_slow(&self.by_head(&x, heads)?, &self.cos, &self.sin)?;
+        let (hd, rot) = (self.run.head_dim, self.run.rotary_dim);
+        let x = self.by_head(&x, heads)?;
+        let y = if rot == hd {
+            candle_nn::rotary_emb::rope_slow(&x, &self.cos, &self.sin)?
+        } else {
+            let turned = candle_nn::rotary_emb::rope_slow(&x.narrow(3, 0, rot)?.contiguous()?, &self.cos, &self.sin)?;
+            Tensor::cat(&[&turned, &x.narrow(3, rot, hd - rot)?], 3)?
+        };
         Ok(y.transpose(1, 2)?.reshape((1, self.run.s, heads * self.run.head_dim))?)
     }
 

@@ -41,20 +41,21 @@ impl Pool {
 pub(super) struct Buffers<'a> {
     pool: &'a mut Pool,
     run: Run,
-    /// RoPE tables `[s, head_dim / 2]`.
+    /// RoPE tables `[s, rotary_dim / 2]`.
     cos: Vec<f32>,
     sin: Vec<f32>,
 }
 
 impl<'a> Buffers<'a> {
     pub(super) fn new(pool: &'a mut Pool, cfg: &crate::config::ModelConfig, inv_freq: &[f32], pos: usize, s: usize) -> Self {
-        let half = cfg.head_dim / 2;
+        let half = inv_freq.len();
+        let scale = cfg.rope_attention_factor();
         let (mut cos, mut sin) = (pool.take(s * half), pool.take(s * half));
         for p in 0..s {
             for (i, f) in inv_freq.iter().enumerate() {
                 let a = (pos + p) as f32 * f;
-                cos[p * half + i] = a.cos();
-                sin[p * half + i] = a.sin();
+                cos[p * half + i] = a.cos() * scale;
+                sin[p * half + i] = a.sin() * scale;
             }
         }
         Buffers {
@@ -114,16 +115,17 @@ fn rms_norm_into(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     });
 }
 
-/// HF "rotate half" RoPE on `[s, heads, hd]` with tables `[s, hd/2]`.
-fn rope(x: &mut [f32], heads: usize, hd: usize, cos: &[f32], sin: &[f32]) {
-    let half = hd / 2;
+/// HF "rotate half" RoPE on the first `rot` dims of each head of `[s, heads, hd]`, with
+/// tables `[s, rot/2]`.
+fn rope(x: &mut [f32], heads: usize, hd: usize, rot: usize, cos: &[f32], sin: &[f32]) {
+    let half = rot / 2;
     for (p, row) in x.chunks_exact_mut(heads * hd).enumerate() {
         let (c, s) = (
             &cos[p * half..(p + 1) * half],
             &sin[p * half..(p + 1) * half],
         );
         for h in row.chunks_exact_mut(hd) {
-            let (a, b) = h.split_at_mut(half);
+            let (a, b) = h[..rot].split_at_mut(half);
             for i in 0..half {
                 let (x1, x2) = (a[i], b[i]);
                 a[i] = x1 * c[i] - x2 * s[i];
@@ -208,10 +210,11 @@ impl Ops for Buffers<'_> {
     }
 
     fn rope(&mut self, mut x: Vec<f32>, heads: usize) -> Result<Vec<f32>> {
-        let (hd, half) = (self.run.head_dim, self.run.head_dim / 2);
+        let (hd, rot) = (self.run.head_dim, self.run.rotary_dim);
+        let half = rot / 2;
         let (cos, sin) = (&self.cos, &self.sin);
         by_rows(&mut x, heads * hd, &|r, rows| {
-            rope(rows, heads, hd, &cos[r * half..], &sin[r * half..])
+            rope(rows, heads, hd, rot, &cos[r * half..], &sin[r * half..])
         });
         Ok(x)
     }

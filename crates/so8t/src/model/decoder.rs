@@ -74,6 +74,8 @@ pub struct Decoder {
     norm: Vec<f32>,
     lm_head: Matrix,
     inv_freq: Vec<f32>,
+    /// LongRoPE's set for sequences past its original context.
+    inv_freq_long: Option<Vec<f32>>,
     cache: KvCache,
     pool: Pool,
     pub gates: Vec<LayerGates>,
@@ -105,23 +107,49 @@ impl Decoder {
             } else {
                 (None, None)
             };
+            let ff = cfg.intermediate_size;
+            // Fused projections are cut into their parts once, here, so the layer loop and
+            // the gates see q, k, v and gate, up as every other architecture has them.
+            let ([q, k, v], [gate, up]) = if cfg.arch.fused_projections() {
+                let qkv = ws.matrix(&format!("{a}.qkv_proj.weight"), (nh + 2 * nkv) * hd, h)?;
+                let gate_up = ws.matrix(&format!("{m}.gate_up_proj.weight"), 2 * ff, h)?;
+                let cut = |w: Matrix, parts: &[usize], name: String| -> Result<Vec<Projection>> {
+                    let parts = w.split_rows(parts).map_err(|e| {
+                        crate::error::Error::format(ws.path(), format!("tensor `{name}`: {}", crate::error::candle_message(&e)))
+                    })?;
+                    Ok(parts.into_iter().map(|w| Projection { w, b: None }).collect())
+                };
+                let mut qkv = cut(qkv, &[nh * hd, nkv * hd, nkv * hd], format!("{a}.qkv_proj.weight"))?.into_iter();
+                let mut gu = cut(gate_up, &[ff, ff], format!("{m}.gate_up_proj.weight"))?.into_iter();
+                let next = |it: &mut std::vec::IntoIter<Projection>| it.next().expect("one part per size");
+                (
+                    [next(&mut qkv), next(&mut qkv), next(&mut qkv)],
+                    [next(&mut gu), next(&mut gu)],
+                )
+            } else {
+                (
+                    [
+                        Projection::load(ws, &format!("{a}.q_proj"), nh * hd, h, cfg.qkv_bias)?,
+                        Projection::load(ws, &format!("{a}.k_proj"), nkv * hd, h, cfg.qkv_bias)?,
+                        Projection::load(ws, &format!("{a}.v_proj"), nkv * hd, h, cfg.qkv_bias)?,
+                    ],
+                    [
+                        Projection::load(ws, &format!("{m}.gate_proj"), ff, h, false)?,
+                        Projection::load(ws, &format!("{m}.up_proj"), ff, h, false)?,
+                    ],
+                )
+            };
             layers.push(Layer {
                 attn_norm: norm(&format!("{p}.input_layernorm.weight"), h)?,
-                q: Projection::load(ws, &format!("{a}.q_proj"), nh * hd, h, cfg.qkv_bias)?,
-                k: Projection::load(ws, &format!("{a}.k_proj"), nkv * hd, h, cfg.qkv_bias)?,
-                v: Projection::load(ws, &format!("{a}.v_proj"), nkv * hd, h, cfg.qkv_bias)?,
+                q,
+                k,
+                v,
                 o: Projection::load(ws, &format!("{a}.o_proj"), h, nh * hd, false)?,
                 q_norm,
                 k_norm,
                 ffn_norm: norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                gate: Projection::load(
-                    ws,
-                    &format!("{m}.gate_proj"),
-                    cfg.intermediate_size,
-                    h,
-                    false,
-                )?,
-                up: Projection::load(ws, &format!("{m}.up_proj"), cfg.intermediate_size, h, false)?,
+                gate,
+                up,
                 down: Projection::load(
                     ws,
                     &format!("{m}.down_proj"),
@@ -141,7 +169,8 @@ impl Decoder {
             cache: KvCache::new(cfg.num_layers, cfg.num_kv_heads * cfg.head_dim),
             pool: Pool::default(),
             gates: vec![LayerGates::default(); cfg.num_layers],
-            inv_freq: cfg.rope_inv_freq(),
+            inv_freq: cfg.rope_inv_freq(false),
+            inv_freq_long: cfg.rope_long_after().map(|_| cfg.rope_inv_freq(true)),
             cfg,
             embed,
             layers,
@@ -253,19 +282,61 @@ impl Decoder {
     /// normed hidden states `[len, hidden]` (what the LM head and the verdict heads read).
     pub fn forward_hidden(&mut self, ids: &[u32], pos: usize) -> Result<Tensor> {
         self.check_run(ids.len(), pos)?;
+        let (run_ids, run_pos) = self.rope_restart(ids, pos);
         let mut pool = std::mem::take(&mut self.pool);
-        let ops = Buffers::new(&mut pool, &self.cfg, &self.inv_freq, pos, ids.len());
-        let out = self.run(ops, ids, pos);
+        let ops = Buffers::new(&mut pool, &self.cfg, self.rope_set(), run_pos, run_ids.len());
+        let out = self.run(ops, &run_ids, run_pos);
         self.pool = pool;
-        out
+        self.keep_last(out?, ids.len())
     }
 
     /// [`Decoder::forward_hidden`] on ops that gradients flow through, to the gates'
     /// generators (gates training): slower, and the same numbers to f32 rounding.
     pub fn forward_hidden_autograd(&mut self, ids: &[u32], pos: usize) -> Result<Tensor> {
         self.check_run(ids.len(), pos)?;
-        let ops = Autograd::new(&self.cfg, &self.inv_freq, pos, ids.len())?;
-        self.run(ops, ids, pos)
+        let (run_ids, run_pos) = self.rope_restart(ids, pos);
+        let ops = Autograd::new(&self.cfg, self.rope_set(), run_pos, run_ids.len())?;
+        let out = self.run(ops, &run_ids, run_pos)?;
+        self.keep_last(out, ids.len())
+    }
+
+    /// LongRoPE: a sequence runs with one factor set throughout, the set for its length
+    /// (transformers drops its cache and runs the whole sequence again when generation
+    /// first passes the original context). When `ids` at `pos` change the set the cache
+    /// was filled with, the cache is emptied and the run starts from position 0 with the
+    /// cached tokens first; keys of two sets never share a cache.
+    fn rope_restart<'i>(&mut self, ids: &'i [u32], pos: usize) -> (std::borrow::Cow<'i, [u32]>, usize) {
+        let long = self.cfg.rope_long_after().is_some_and(|orig| pos + ids.len() > orig);
+        if pos == 0 || long == self.cache.long_rope {
+            self.cache.long_rope = long;
+            return (ids.into(), pos);
+        }
+        let mut all = self.cache.ids[..pos].to_vec();
+        all.extend_from_slice(ids);
+        self.cache.truncate(0);
+        self.cache.long_rope = long;
+        (all.into(), 0)
+    }
+
+    /// The inverse frequencies for the cache's factor set.
+    fn rope_set(&self) -> &[f32] {
+        match (&self.inv_freq_long, self.cache.long_rope) {
+            (Some(long), true) => long,
+            _ => &self.inv_freq,
+        }
+    }
+
+    /// The last `n` rows of a forward's states and taps (all of them unless the forward
+    /// ran the cached positions again).
+    fn keep_last(&mut self, hidden: Tensor, n: usize) -> Result<Tensor> {
+        let rows = hidden.dim(0)?;
+        if rows == n {
+            return Ok(hidden);
+        }
+        for t in self.tapped.iter_mut() {
+            *t = t.narrow(0, rows - n, n)?;
+        }
+        Ok(hidden.narrow(0, rows - n, n)?)
     }
 
     fn check_run(&self, len: usize, pos: usize) -> Result<()> {
@@ -277,7 +348,7 @@ impl Decoder {
         }
         // RoPE tables and the KV cache are sized by the context; every caller (run,
         // serve, bench, train) gets this one check.
-        let ctx = self.cfg.max_position_embeddings;
+        let ctx = self.cfg.context();
         if pos.saturating_add(len) > ctx {
             return Err(crate::error::Error::Invalid(format!(
                 "{len} tokens at position {pos} go past the model's context of {ctx}"
@@ -319,6 +390,8 @@ impl Decoder {
             }
         }
         self.cache.len = pos + ids.len();
+        self.cache.ids.truncate(pos);
+        self.cache.ids.extend_from_slice(ids);
         let out = b.rms_norm(&x, &self.norm)?;
         let hidden = b.finish(out)?;
         if self.taps.contains(&n_layers) {

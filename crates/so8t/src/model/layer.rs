@@ -50,6 +50,10 @@ pub struct KvCache {
     pub(super) len: usize,
     /// Values per position in one layer's K (or V): `kv_heads · head_dim`.
     pub(super) row: usize,
+    /// The tokens of the cached positions (to run them again when LongRoPE switches sets).
+    pub(super) ids: Vec<u32>,
+    /// Whether the cached keys were rotated with LongRoPE's long factor set.
+    pub(super) long_rope: bool,
 }
 
 impl KvCache {
@@ -58,6 +62,8 @@ impl KvCache {
             layers: vec![(Vec::new(), Vec::new()); layers],
             len: 0,
             row,
+            ids: Vec::new(),
+            long_rope: false,
         }
     }
 
@@ -67,6 +73,7 @@ impl KvCache {
                 k.truncate(len * self.row);
                 v.truncate(len * self.row);
             }
+            self.ids.truncate(len);
             self.len = len;
         }
     }

@@ -17,6 +17,8 @@ pub(super) struct Run {
     pub pos: usize,
     pub eps: f32,
     pub head_dim: usize,
+    /// The leading dims of each head RoPE rotates.
+    pub rotary_dim: usize,
     pub heads: usize,
     pub kv_heads: usize,
 }
@@ -28,6 +30,7 @@ impl Run {
             pos,
             eps: cfg.rms_norm_eps as f32,
             head_dim: cfg.head_dim,
+            rotary_dim: cfg.rotary_dim,
             heads: cfg.num_heads,
             kv_heads: cfg.num_kv_heads,
         }

@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""Tiny random Phi-3 models (transformers' `Phi3ForCausalLM`) and what the Rust tests
+compare them to: transformers' logits, greedy tokens and generate() across LongRoPE's
+switch; random SO8T gates applied by hooks on the fused projections; llama.cpp's
+`convert_hf_to_gguf.py` conversions. Run with the reference venv, after
+`cargo build --release -p so8t-cli` (for the baked-model check):
+
+    python scripts/reference/phi3_fixtures.py --llama-cpp ~/.cache/so8t/llama.cpp
+
+Three models, the cases issue #15 names:
+- tiny-phi3: the released Phi-3.5 config layout (`rope_scaling: {type: longrope, ...}`,
+  top-level `rope_theta` and `original_max_position_embeddings`), full rotary;
+- tiny-phi3-partial: the layout transformers 5 writes (`rope_parameters` with the theta,
+  the factors and `partial_rotary_factor` 0.5 inside);
+- tiny-phi3-short: no long factors (plain RoPE over 0.75 of each head, as Phi-4-mini's
+  rotary split) and an attention window, as Phi-3-mini-4k has.
+
+The tokenizer is a byte-level BPE trained here with Phi-3's special tokens and chat
+template. Phi-3.5 itself ships a SentencePiece (llama) vocabulary; its converter class
+takes the GPT-2 vocabulary path when `tokenizer_class` is `GPT2Tokenizer` (Phi-4-mini's
+path), which is what these fixtures use, so no SentencePiece model has to be built.
+"""
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers, Regex
+from transformers import AutoModelForCausalLM, Phi3Config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import make_fixtures as mf  # noqa: E402
+
+OUT = mf.OUT
+SPECIALS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+# Phi-3.5-mini-instruct's chat template.
+TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
+    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+    "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+ORIGINAL = 32  # original_max_position_embeddings: short prompts stay below, long ones cross
+
+
+def make_tokenizer(dst: Path):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(mf.QWEN2_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=448, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(mf.corpus(), trainer)
+    dst.mkdir(parents=True, exist_ok=True)
+    tok.save(str(dst / "tokenizer.json"))
+    (dst / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer",
+        "bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "chat_template": TEMPLATE, "add_bos_token": False,
+    }, indent=2))
+    return tok
+
+
+def factors(g, n, lo, hi):
+    return [round(float(x), 4) for x in (lo + (hi - lo) * torch.rand(n, generator=g))]
+
+
+def make_config(case: str, vocab: int, eos: int, g):
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, initializer_range=0.1,
+                  eos_token_id=eos, bos_token_id=None, pad_token_id=eos, tie_word_embeddings=False, torch_dtype="float32")
+    hd = 16
+    if case == "tiny-phi3":
+        half = hd // 2
+        return Phi3Config(original_max_position_embeddings=ORIGINAL, rope_theta=10000.0, sliding_window=None,
+                          rope_scaling={"type": "longrope", "short_factor": factors(g, half, 1.0, 1.5),
+                                        "long_factor": factors(g, half, 1.0, 6.0)}, **common)
+    if case == "tiny-phi3-partial":
+        half = hd // 4
+        return Phi3Config(original_max_position_embeddings=ORIGINAL, sliding_window=None,
+                          rope_parameters={"rope_type": "longrope", "rope_theta": 250000.0, "partial_rotary_factor": 0.5,
+                                           "original_max_position_embeddings": ORIGINAL,
+                                           "short_factor": factors(g, half, 1.0, 1.5),
+                                           "long_factor": factors(g, half, 1.0, 6.0)}, **common)
+    if case == "tiny-phi3-short":
+        return Phi3Config(original_max_position_embeddings=ORIGINAL, sliding_window=64, partial_rotary_factor=0.75,
+                          rope_theta=10000.0, **common)
+    raise ValueError(case)
+
+
+def rewrite_released_layout(d: Path):
+    """transformers 5 saves every config as `rope_parameters`; the released Phi-3.5
+    config.json has `rope_scaling` and a top-level `rope_theta`: write that layout back."""
+    cfg = json.loads((d / "config.json").read_text())
+    rp = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rp["rope_theta"]
+    cfg["rope_scaling"] = {"type": "longrope", "short_factor": rp["short_factor"], "long_factor": rp["long_factor"]}
+    cfg.pop("partial_rotary_factor", None)
+    (d / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def generate_across(model, prompt, n):
+    """transformers' own generate() (greedy, with its KV cache and Phi-3's re-prefill when
+    the sequence first passes `original_max_position_embeddings`)."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=model.config.eos_token_id, output_logits=True, return_dict_in_generate=True)
+    # The raw logits each token was chosen from (before min_new_tokens masks the EOS).
+    return out.sequences[0, len(prompt):].tolist(), torch.cat(out.logits, 0).float().contiguous()
+
+
+def make_so8t_reference(base: Path, inputs, seed, scale=0.3):
+    """mf.make_so8t_reference for fused projections: q, k, v gates rotate the three slices
+    of `qkv_proj`'s output; the MLP gate rotates `gate_up_proj`'s input (spec §4)."""
+    sp, sm = mf.triality_maps()
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    cfg = model.config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    g = torch.Generator().manual_seed(seed)
+    factors_ = ["safe", "cmd"]
+    sites = ["q", "k", "v", "o", "mlp"]
+    tensors = {}
+    np = mf.np
+
+    def site_rotation(layer, site):
+        heads = {"q": cfg.num_attention_heads, "o": cfg.num_attention_heads, "k": cfg.num_key_value_heads,
+                 "v": cfg.num_key_value_heads, "mlp": cfg.hidden_size // 8}[site]
+        bph = 1 if site == "mlp" else hd // 8
+        n_gen = heads if site == "mlp" else bph
+        total = np.tile(np.eye(8), (heads * bph, 1, 1))
+        for f in factors_:
+            gens = (torch.rand((n_gen, 28), generator=g) * 2 - 1) * scale
+            tensors[f"layers.{layer}.{site}.{f}.generators"] = gens.float()
+            gd = gens.double().numpy()
+            fam = [gd, gd @ sp.T, gd @ sm.T]
+            rot = [torch.linalg.matrix_exp(torch.from_numpy(mf.skew(x))).numpy() for x in fam]
+            units = []
+            for u in range(heads * bph):
+                head = u // bph
+                gen = u if site == "mlp" else u % bph
+                units.append(rot[head % 3][gen])
+            total = np.einsum("uij,ujk->uik", np.stack(units), total)
+        return torch.from_numpy(total).float()
+
+    def rotate(x, r):
+        shp = x.shape
+        y = torch.einsum("uij,...uj->...ui", r, x.reshape(*shp[:-1], r.shape[0], 8))
+        return y.reshape(shp)
+
+    q_w, kv_w = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    for l, layer in enumerate(model.model.layers):
+        rs = {s: site_rotation(l, s) for s in sites}
+        at = layer.self_attn
+
+        def qkv_hook(m, i, o, rs=rs):
+            q, k, v = o[..., :q_w], o[..., q_w:q_w + kv_w], o[..., q_w + kv_w:]
+            return torch.cat([rotate(q, rs["q"]), rotate(k, rs["k"]), rotate(v, rs["v"])], -1)
+
+        at.qkv_proj.register_forward_hook(qkv_hook)
+        at.o_proj.register_forward_pre_hook(lambda m, i, r=rs["o"]: (rotate(i[0], r),))
+        layer.mlp.register_forward_pre_hook(lambda m, i, r=rs["mlp"]: (rotate(i[0], r),))
+    heads = {}
+    for name in ("safety", "authority"):
+        heads[f"heads.{name}.weight"] = torch.randn((2, cfg.hidden_size), generator=g) * 0.5
+        heads[f"heads.{name}.bias"] = torch.randn((2,), generator=g) * 0.5
+    tensors.update(heads)
+    out = base / "so8t-random"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    save_file(tensors, str(out / "so8t_adapter.safetensors"))
+    (out / "so8t_config.json").write_text(json.dumps({
+        "version": 1,
+        "base": {"architecture": cfg.model_type, "source": base.name, "sha256": mf.base_checksum(base)},
+        "sites": sites, "granularity": "shared", "factors": factors_,
+        "labels": {"safety": ["safe", "unsafe"], "authority": ["handle", "escalate"]},
+        "heads_trained": False,
+        "init": {"kind": "random", "seed": seed, "scale": scale},
+        "thresholds": {"unsafe": 0.5, "escalate": 0.5},
+    }, indent=2))
+    exp = {}
+    with torch.no_grad():
+        for i, ids in enumerate(inputs):
+            out_h = model.model(torch.tensor([ids])).last_hidden_state[0]
+            exp[f"logits.{i}"] = model.lm_head(out_h).contiguous()
+            for name, key in (("safety", "p_unsafe"), ("authority", "p_escalate")):
+                p = torch.softmax(out_h @ heads[f"heads.{name}.weight"].T + heads[f"heads.{name}.bias"], -1)[:, 1]
+                exp[f"{key}.{i}"] = p.contiguous()
+    save_file(exp, str(out / "expected.safetensors"))
+    (out / "expected.json").write_text(json.dumps({"inputs": inputs}))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--llama-cpp", type=Path, default=Path.home() / ".cache/so8t/llama.cpp")
+    ap.add_argument("--so8t", type=Path, default=mf.ROOT / "target/release/so8t")
+    args = ap.parse_args()
+    tok_dir = OUT / "tokenizer-phi3"
+    tok = make_tokenizer(tok_dir)
+    vocab, eos, end = tok.get_vocab_size(), tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|end|>")
+    g = torch.Generator().manual_seed(15)
+    # Below the original context (short factors), past it (long factors), and a text.
+    inputs = [torch.randint(len(SPECIALS), vocab, (n,), generator=g).tolist() for n in (7, 20, ORIGINAL + 9)]
+    inputs.append(tok.encode("What is the capital of France?").ids)
+    crossing_prompt = torch.randint(len(SPECIALS), vocab, (ORIGINAL - 4,), generator=g).tolist()
+    for i, case in enumerate(["tiny-phi3", "tiny-phi3-partial", "tiny-phi3-short"]):
+        d = OUT / case
+        shutil.rmtree(d, ignore_errors=True)
+        torch.manual_seed(500 + i)
+        cfg = make_config(case, vocab, eos, g)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        mf.randomise(model, 600 + i)
+        model.eval()
+        model.save_pretrained(d)
+        if case == "tiny-phi3":
+            rewrite_released_layout(d)
+            model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [end, eos], "pad_token_id": eos}))
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tok_dir / f, d / f)
+        mf.record(model, d.name, inputs)
+        meta = json.loads((d / "expected.json").read_text())
+        tokens, logits = generate_across(model, crossing_prompt, 12)
+        meta["crossing"] = {"prompt": crossing_prompt, "generate": tokens, "original": ORIGINAL}
+        (d / "expected.json").write_text(json.dumps(meta))
+        exp = load_file(str(d / "expected.safetensors"))
+        exp["crossing.logits"] = logits
+        save_file(exp, str(d / "expected.safetensors"))
+        for outtype in ("f32", "f16", "q8_0"):
+            mf.to_gguf(args.llama_cpp, d, outtype)
+        make_so8t_reference(d, inputs, seed=700 + i)
+        if args.so8t.exists():
+            mf.check_baked_with_transformers(d, args.so8t, inputs)
+        else:
+            print(f"{args.so8t} not built: skipped the transformers check of baked models", file=sys.stderr)
+        print(f"{d.name}: done", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
