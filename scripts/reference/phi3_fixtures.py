@@ -22,20 +22,26 @@ path), which is what these fixtures use, so no SentencePiece model has to be bui
 """
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers, Regex
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers, Regex
 from transformers import AutoModelForCausalLM, Phi3Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_fixtures as mf  # noqa: E402
+import llama_cpp_fixtures as lf  # noqa: E402
 
 OUT = mf.OUT
-SPECIALS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+# Phi-3's: <unk>, <s>, </s> first (llama.cpp looks them up by text in any model named
+# phi3), then the chat tokens. Whitespace after a special token is stripped (tokenizer.json
+# `rstrip`) except after <unk>, <s> and <|endoftext|>, the rule llama.cpp applies to Phi-3.
+SPECIALS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+NO_RSTRIP = {"<unk>", "<s>", "<|endoftext|>"}
 # Phi-3.5-mini-instruct's chat template.
 TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
@@ -54,7 +60,8 @@ def make_tokenizer(dst: Path):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=448, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    specials = [AddedToken(t, special=True, rstrip=t not in NO_RSTRIP, normalized=False) for t in SPECIALS]
+    trainer = trainers.BpeTrainer(vocab_size=448, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(mf.corpus(), trainer)
     dst.mkdir(parents=True, exist_ok=True)
@@ -195,6 +202,55 @@ def make_so8t_reference(base: Path, inputs, seed, scale=0.3):
     (out / "expected.json").write_text(json.dumps({"inputs": inputs}))
 
 
+LLAMA_SEED, LLAMA_SCALE, LLAMA_TOKENS = 42, 0.3, 16
+# Longer than the original context of 32 once tokenised, so that llama.cpp (which takes
+# the long factors whenever the context it allocates is past the original, and pads
+# every context to 256) and so8t (the set for the sequence's length, as transformers)
+# rotate with the same set.
+LONG_TEXT = "The quick brown fox jumps over the lazy dog. Hello, world!"  # 41 tokens: within 64 with the answer
+
+
+def record_llama_cpp(base: Path, so8t: Path):
+    """An SO8T model with random gates made from `base` by so8t, exported by so8t at f32
+    and Q8_0, and llama.cpp's tokens and greedy steps on each export, as
+    llama_cpp_export_fixtures.py records them for the real models."""
+    import hashlib
+    import subprocess
+    import tempfile
+    from gguf import GGUFReader
+    record = {"model": base.name, "seed": LLAMA_SEED, "scale": LLAMA_SCALE, "n_tokens": LLAMA_TOKENS, "exports": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        # The directory's name becomes general.name, which tells llama.cpp it is a Phi-3.
+        so8t_dir = Path(tmp) / f"{base.name}-so8t"
+        subprocess.run([str(so8t), "convert", str(base), "--out", str(so8t_dir), "--init", "random", "--seed", str(LLAMA_SEED),
+                        "--scale", str(LLAMA_SCALE)], check=True, stdout=subprocess.DEVNULL)
+        for q in ("f32", "q8_0"):
+            gguf = Path(tmp) / f"{q}.gguf"
+            subprocess.run([str(so8t), "export", str(so8t_dir), "--out", str(gguf), "--quant", q], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            r = GGUFReader(str(gguf))
+            tokens = r.fields["tokenizer.ggml.tokens"]
+            tok = lambda i: bytes(tokens.parts[tokens.data[i]]).decode() if i is not None else ""
+            template = lf.field_str(r, "tokenizer.chat_template")
+            bos, eos = tok(lf.field_int(r, "tokenizer.ggml.bos_token_id")), tok(lf.field_int(r, "tokenizer.ggml.eos_token_id"))
+            cases = []
+            for chat, prompt in ((False, LONG_TEXT), (True, LONG_TEXT)):
+                text = lf.render(template, bos, eos, prompt) if chat else prompt
+                runs = {}
+                for variant, env in (("steps", {}), ("steps_precise", {"LLAMA_REF_PRECISE": "1"})):
+                    res = subprocess.run([str(lf.REF), str(gguf), str(LLAMA_TOKENS)], input=text.encode(), capture_output=True,
+                                         check=True, env={**os.environ, **env})
+                    runs[variant] = json.loads(res.stdout)
+                assert len(runs["steps"]["prompt_tokens"]) > ORIGINAL
+                cases.append({"prompt": prompt, "chat": chat, "rendered": text, "prompt_tokens": runs["steps"]["prompt_tokens"],
+                              "steps": runs["steps"]["steps"], "steps_precise": runs["steps_precise"]["steps"]})
+            # The tensor data, not the whole file: the metadata records the base's path.
+            data = gguf.read_bytes()[r.data_offset:]
+            record["exports"][q] = {"tensor_data_sha256": hashlib.sha256(data).hexdigest(), "cases": cases}
+    out = OUT / "llama-cpp" / f"export-{base.name}.json"
+    out.write_text(json.dumps(record, indent=1))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--llama-cpp", type=Path, default=Path.home() / ".cache/so8t/llama.cpp")
@@ -236,6 +292,8 @@ def main():
         make_so8t_reference(d, inputs, seed=700 + i)
         if args.so8t.exists():
             mf.check_baked_with_transformers(d, args.so8t, inputs)
+            if case != "tiny-phi3-partial":
+                record_llama_cpp(d, args.so8t)
         else:
             print(f"{args.so8t} not built: skipped the transformers check of baked models", file=sys.stderr)
         print(f"{d.name}: done", file=sys.stderr)

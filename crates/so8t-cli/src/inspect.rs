@@ -55,8 +55,9 @@ pub fn main(a: Args) -> Result<()> {
         so8t::config::RopeScaling::None => "none".to_string(),
         so8t::config::RopeScaling::Llama3 { .. } => "llama3".into(),
         so8t::config::RopeScaling::Divisors(_) => "per-frequency factors".into(),
-        so8t::config::RopeScaling::LongRope { original_max_position, attention_factor, .. } => format!(
-            "longrope (long factors past {original_max_position} tokens, attention factor {attention_factor})"
+        so8t::config::RopeScaling::LongRope { attention_factor, .. } => format!(
+            "longrope (long factors past {} tokens, attention factor {attention_factor})",
+            c.original_context.unwrap_or_default()
         ),
     };
     println!(

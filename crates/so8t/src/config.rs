@@ -56,12 +56,11 @@ pub enum RopeScaling {
     /// Per-frequency divisors, as llama.cpp stores them in a `rope_freqs.weight` tensor.
     Divisors(Vec<f32>),
     /// LongRoPE (Phi-3), as transformers' `_compute_longrope_parameters`: per-frequency
-    /// divisors `short` for a sequence of at most `original_max_position` tokens, `long`
-    /// beyond, and cos and sin multiplied by `attention_factor` either way.
+    /// divisors `short` for a sequence of at most [`ModelConfig::original_context`]
+    /// tokens, `long` beyond, and cos and sin multiplied by `attention_factor` either way.
     LongRope {
         short: Vec<f32>,
         long: Vec<f32>,
-        original_max_position: usize,
         attention_factor: f32,
     },
 }
@@ -82,6 +81,9 @@ pub struct ModelConfig {
     pub rope_theta: f32,
     pub rope_scaling: RopeScaling,
     pub max_position_embeddings: usize,
+    /// The context the model was pretrained at (phi3's `original_max_position_embeddings`,
+    /// llama.cpp's `rope.scaling.original_context_length`), where LongRoPE switches sets.
+    pub original_context: Option<usize>,
     /// Attention window (phi3): a position sees at most this many keys, itself included.
     pub sliding_window: Option<usize>,
     pub tie_word_embeddings: bool,
@@ -144,15 +146,14 @@ impl ModelConfig {
     /// `sqrt(1 + ln(s) / ln(original))`, s = context / original context, 1 when s ≤ 1.
     pub fn derived_attention_factor(&self) -> f32 {
         match self.rope_long_after() {
-            Some(orig) => Self::longrope_attention_factor(self.max_position_embeddings, orig),
+            Some(orig) => Self::longrope_attention_factor(self.max_position_embeddings as f64 / orig as f64, orig),
             None => 1.0,
         }
     }
 
-    /// transformers' default LongRoPE attention factor for a model of `context` positions
-    /// trained at `original` (llama.cpp's converter writes the same number).
-    pub fn longrope_attention_factor(context: usize, original: usize) -> f32 {
-        let scale = context as f64 / original as f64;
+    /// transformers' default LongRoPE attention factor for a context extended `scale`
+    /// times from `original` (llama.cpp's converter writes the same number).
+    pub fn longrope_attention_factor(scale: f64, original: usize) -> f32 {
         if scale <= 1.0 {
             1.0
         } else {
@@ -163,7 +164,7 @@ impl ModelConfig {
     /// LongRoPE's switch: sequences longer than this take the long factor set.
     pub fn rope_long_after(&self) -> Option<usize> {
         match &self.rope_scaling {
-            RopeScaling::LongRope { original_max_position, .. } => Some(*original_max_position),
+            RopeScaling::LongRope { .. } => self.original_context,
             _ => None,
         }
     }
@@ -280,7 +281,7 @@ impl ModelConfig {
         if self.arch == Arch::Phi3 {
             v["partial_rotary_factor"] = (self.rotary_dim as f64 / self.head_dim as f64).into();
             v["sliding_window"] = self.sliding_window.into();
-            if let Some(o) = self.rope_long_after() {
+            if let Some(o) = self.original_context {
                 v["original_max_position_embeddings"] = o.into();
             }
         }
@@ -365,7 +366,10 @@ impl ModelConfig {
                 self.head_dim
             ));
         }
-        if let RopeScaling::LongRope { short, long, original_max_position, attention_factor } = &self.rope_scaling {
+        if self.original_context == Some(0) {
+            return bad(format!("field `{}` must be positive, got 0", field("original_max_position_embeddings")));
+        }
+        if let RopeScaling::LongRope { short, long, attention_factor } = &self.rope_scaling {
             let name = field("rope_scaling");
             for (which, f) in [("short_factor", short), ("long_factor", long)] {
                 if let Some(x) = f.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
@@ -379,8 +383,8 @@ impl ModelConfig {
                     ));
                 }
             }
-            if *original_max_position == 0 {
-                return bad(format!("{} must be positive", field("original_max_position_embeddings")));
+            if self.original_context.is_none() {
+                return bad(format!("LongRoPE needs field `{}`", field("original_max_position_embeddings")));
             }
             if !(attention_factor.is_finite() && *attention_factor > 0.0) {
                 return bad(format!("{name}.attention_factor must be a positive number, got {attention_factor}"));
@@ -449,9 +453,11 @@ impl ModelConfig {
         }
         // transformers: int(head_dim · partial_rotary_factor).
         let rotary_dim = (head_dim as f64 * partial) as usize;
-        let original_max_position = raw
+        // Top level wins, as transformers gives it priority; Phi3Config defaults it to 4096.
+        let original_context = raw
             .original_max_position_embeddings
-            .or_else(|| rope.and_then(|r| r.original_max_position_embeddings));
+            .or_else(|| rope.and_then(|r| r.original_max_position_embeddings))
+            .or(if arch == Arch::Phi3 { Some(4096) } else { None });
         let rope_scaling = match rope.and_then(|r| r.kind()) {
             None | Some("default") => RopeScaling::None,
             Some("llama3") => {
@@ -479,19 +485,21 @@ impl ModelConfig {
                         .map(|f| f.iter().map(|&x| x as f32).collect::<Vec<f32>>())
                         .ok_or_else(|| Error::format(path, format!("rope_scaling: missing field `{name}`")))
                 };
-                let original = original_max_position.ok_or_else(|| {
+                let original = original_context.ok_or_else(|| {
                     Error::format(path, "rope_scaling longrope needs `original_max_position_embeddings`")
                 })?;
                 if original == 0 {
                     return Err(Error::format(path, "field `original_max_position_embeddings` must be positive, got 0"));
                 }
+                // transformers: an explicit attention factor, else one from `factor`, else
+                // from the ratio of the two contexts.
+                let scale = r.factor.unwrap_or(max_position_embeddings as f64 / original as f64);
                 RopeScaling::LongRope {
                     short: factors(&r.short_factor, "short_factor")?,
                     long: factors(&r.long_factor, "long_factor")?,
-                    original_max_position: original,
                     attention_factor: match r.attention_factor {
                         Some(a) => a as f32,
-                        None => ModelConfig::longrope_attention_factor(max_position_embeddings, original),
+                        None => ModelConfig::longrope_attention_factor(scale, original),
                     },
                 }
             }
@@ -523,6 +531,7 @@ impl ModelConfig {
             rope_theta,
             rope_scaling,
             max_position_embeddings,
+            original_context,
             // Qwen2 configs carry a window that `use_sliding_window: false` turns off.
             sliding_window: if arch == Arch::Phi3 { raw.sliding_window } else { None },
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),

@@ -440,6 +440,11 @@ impl TextTokenizer {
         let (regexes, ignore_merges, pre_add_bos) = pre_tokenizer(pre).ok_or_else(|| {
             Error::format(&g.path, format!("tokenizer.ggml.pre `{pre}` is not supported (known: gpt-2, default, llama-bpe, qwen2, smollm)"))
         })?;
+        // llama.cpp (llama-vocab.cpp) gives Phi-3's special tokens, known by the model's
+        // name, the right-strip of Phi-3's tokenizer.json: whitespace after them is dropped,
+        // except after <unk>, <s> and <|endoftext|>.
+        let name = g.opt_str("general.name")?.unwrap_or("").to_lowercase();
+        let phi3 = name.contains("phi-3") || name.contains("phi3");
         let mut vocab = serde_json::Map::with_capacity(tokens.len());
         let mut added = Vec::new();
         for (id, t) in tokens.iter().enumerate() {
@@ -448,7 +453,8 @@ impl TextTokenizer {
             // does with special-token parsing on.
             let ty = types.get(id).copied().unwrap_or(1);
             if ty == 3 || ty == 4 {
-                added.push(json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                let rstrip = phi3 && !matches!(*t, "<unk>" | "<s>" | "<|endoftext|>");
+                added.push(json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": rstrip,
                                   "normalized": false, "special": ty == 3}));
             }
         }

@@ -101,7 +101,7 @@ fn compare(ours: &Gguf, theirs: &Gguf, what: &str, exact_bytes: bool) {
 #[test]
 fn export_matches_llama_cpp_converter_f32_f16_q8_0() {
     let tmp = tempfile::tempdir().unwrap();
-    for arch in ["llama", "qwen2", "qwen3"] {
+    for arch in ["llama", "qwen2", "qwen3", "phi3", "phi3-partial", "phi3-short"] {
         for ty in ["f32", "f16", "q8_0"] {
             let out = tmp.path().join(format!("{arch}-{ty}.gguf"));
             export(
@@ -121,7 +121,7 @@ fn export_matches_llama_cpp_converter_f32_f16_q8_0() {
 fn exported_gguf_round_trips_through_the_runtime() {
     // HF → GGUF (f32) → our loader: the same logits as the HF directory, to the decoder tolerance.
     let tmp = tempfile::tempdir().unwrap();
-    for arch in ["llama", "qwen2", "qwen3"] {
+    for arch in ["llama", "qwen2", "qwen3", "phi3", "phi3-partial", "phi3-short"] {
         let out = tmp.path().join(format!("{arch}.gguf"));
         export(
             &fixtures().join(format!("tiny-{arch}")),
@@ -377,6 +377,45 @@ fn gguf_py_reads_every_export_type() {
             );
             let sha = format!("{:x}", Sha256::digest(g.tensor_bytes(name)));
             assert_eq!(sha, t["sha256"].as_str().unwrap(), "{ty} {name}: bytes");
+        }
+    }
+}
+
+/// llama.cpp on Phi-3 exports of SO8T models with random gates (fixtures/llama-cpp/
+/// export-tiny-phi3*.json, from scripts/reference/phi3_fixtures.py): the file llama.cpp
+/// read holds the tensors `export` makes, its prompt tokens (chat template, Phi-3's right-strip
+/// after special tokens) are ours, and its greedy steps are ours up to llama.cpp's own
+/// near-ties (the same bound as the real models'). The prompts are past the original
+/// context, where llama.cpp and so8t both take the long factors (see README: llama.cpp
+/// takes them for any context it allocates past the original, even for short prompts).
+#[test]
+fn phi3_exports_run_in_llama_cpp_as_in_so8t() {
+    use so8t::artifact::convert::{convert, ConvertOptions, Init};
+    for name in ["tiny-phi3", "tiny-phi3-short"] {
+        let fixture: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixtures().join(format!("llama-cpp/export-{name}.json"))).unwrap(),
+        )
+        .unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        // The directory's name is the file's general.name, as in the script.
+        let dir = tmp.path().join(format!("{name}-so8t"));
+        let init = Init::Random {
+            seed: fixture["seed"].as_u64().unwrap(),
+            scale: fixture["scale"].as_f64().unwrap(),
+        };
+        convert(&fixtures().join(name), &dir, &ConvertOptions { init, ..Default::default() }).unwrap();
+        let n = fixture["n_tokens"].as_u64().unwrap() as usize;
+        for (quant, rec) in fixture["exports"].as_object().unwrap() {
+            let out = tmp.path().join(format!("{quant}.gguf"));
+            export(&dir, &out, parse_quant(quant).unwrap(), |_, _, _| {}).unwrap();
+            // The tensor data of the file llama.cpp ran (the metadata holds the base's path).
+            use sha2::Digest;
+            let g = read_gguf(&out);
+            let data = &g.bytes[g.content.tensor_data_offset as usize..];
+            let sha = format!("{:x}", sha2::Sha256::digest(data));
+            assert_eq!(sha, rec["tensor_data_sha256"].as_str().unwrap(), "{name} {quant}: the tensors llama.cpp ran");
+            let mut m = so8t::Model::open(&out).unwrap();
+            check_against_llama_cpp(&format!("{name} {quant}"), &mut m, rec["cases"].as_array().unwrap(), n);
         }
     }
 }

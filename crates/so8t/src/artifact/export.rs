@@ -128,6 +128,13 @@ fn tensor_type(q: Quant, gguf: &str, dims: &[usize], n_layers: usize, tied: bool
             Quant::Q4KS if l < 4 => GgmlDType::Q5K,
             _ => base,
         }
+    } else if gguf.ends_with(".attn_qkv.weight") {
+        // llama-quant.cpp's rule for fused attention (its ATTENTION_QKV category).
+        match q {
+            Quant::Q4KM => GgmlDType::Q5K,
+            Quant::Q5KM => GgmlDType::Q6K,
+            _ => base,
+        }
     } else if gguf.ends_with(".ffn_down.weight") {
         let l = layer.unwrap_or(0);
         match q {
@@ -185,9 +192,9 @@ pub fn export(
     let mut planned: Vec<PlannedTensor> = Vec::new();
     let mut sources: Vec<Option<String>> = Vec::new();
     let rope = rope_factors(cfg);
-    if let Some(f) = &rope {
+    for (name, f) in &rope {
         planned.push(PlannedTensor {
-            name: "rope_freqs.weight".into(),
+            name: name.to_string(),
             dims: vec![f.len()],
             dtype: GgmlDType::F32,
         });
@@ -221,7 +228,7 @@ pub fn export(
         &planned,
         |i| {
             let data = match &sources[i] {
-                None => rope.clone().unwrap_or_default(),
+                None => rope[i].1.clone(),
                 Some(name) => prepare(&input, name, &planned[i].dims)?,
             };
             encode(&data, &planned[i].dims, planned[i].dtype)
@@ -329,9 +336,13 @@ fn prepare(input: &Input, name: &str, dims: &[usize]) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
 
-fn rope_factors(cfg: &ModelConfig) -> Option<Vec<f32>> {
-    match &cfg.rope_scaling {
-        RopeScaling::None | RopeScaling::LongRope { .. } => None,
+/// The RoPE factor tensors llama.cpp reads, by name; they come first in the file.
+fn rope_factors(cfg: &ModelConfig) -> Vec<(&'static str, Vec<f32>)> {
+    let divisors = match &cfg.rope_scaling {
+        RopeScaling::None => None,
+        RopeScaling::LongRope { short, long, .. } => {
+            return vec![("rope_factors_long.weight", long.clone()), ("rope_factors_short.weight", short.clone())]
+        }
         RopeScaling::Divisors(d) => Some(d.clone()),
         RopeScaling::Llama3 { .. } => {
             let plain = ModelConfig {
@@ -347,7 +358,8 @@ fn rope_factors(cfg: &ModelConfig) -> Option<Vec<f32>> {
                     .collect(),
             )
         }
-    }
+    };
+    divisors.map(|d| vec![("rope_freqs.weight", d)]).unwrap_or_default()
 }
 
 fn model_metadata(cfg: &ModelConfig, quant: Quant, name: &str) -> Vec<(String, Meta)> {
@@ -387,9 +399,20 @@ fn model_metadata(cfg: &ModelConfig, quant: Quant, name: &str) -> Vec<(String, M
         ("general.file_type".into(), Meta::U32(file_type(quant))),
         ("general.quantization_version".into(), Meta::U32(2)),
     ];
-    if cfg.arch != Arch::Qwen2 {
+    if !matches!(cfg.arch, Arch::Qwen2 | Arch::Phi3) {
         m.push((key("head_dim"), Meta::U32(cfg.head_dim as u32)));
         m.push((k("attention.value_length"), Meta::U32(cfg.head_dim as u32)));
+    }
+    if cfg.arch == Arch::Phi3 {
+        // As convert_hf_to_gguf.py's Phi3MiniModel writes them.
+        m.push((key("rotary_dim"), Meta::U32(cfg.rotary_dim as u32)));
+        if let Some(o) = cfg.original_context {
+            m.push((key("original_max_position_embeddings"), Meta::U32(o as u32)));
+        }
+        m.push((key("sliding_window"), Meta::U32(cfg.sliding_window.unwrap_or(0) as u32)));
+        if let RopeScaling::LongRope { attention_factor, .. } = &cfg.rope_scaling {
+            m.push((key("attention_factor"), Meta::F32(*attention_factor)));
+        }
     }
     if cfg.arch == Arch::Llama {
         m.push((k("vocab_size"), Meta::U32(cfg.vocab_size as u32)));

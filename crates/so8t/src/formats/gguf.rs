@@ -225,10 +225,12 @@ impl GgufFile {
             RopeScaling::LongRope {
                 short: vector("rope_factors_short.weight")?,
                 long: vector("rope_factors_long.weight")?,
-                original_max_position: original,
                 attention_factor: match self.opt_f64(&key("attention_factor"))? {
                     Some(a) => a as f32,
-                    None => ModelConfig::longrope_attention_factor(max_position_embeddings, original),
+                    None => ModelConfig::longrope_attention_factor(
+                        max_position_embeddings as f64 / original.max(1) as f64,
+                        original,
+                    ),
                 },
             }
         } else {
@@ -265,6 +267,7 @@ impl GgufFile {
                 .unwrap_or(10_000.0) as f32,
             rope_scaling,
             max_position_embeddings,
+            original_context: self.opt_usize(&key("original_max_position_embeddings"))?,
             // llama.cpp writes 0 for "no window" (the converter's sign for Phi-4 in phi3 files).
             sliding_window: match arch {
                 Arch::Phi3 => self.opt_usize(&key("sliding_window"))?.filter(|&w| w > 0),
