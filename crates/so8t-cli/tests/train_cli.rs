@@ -570,3 +570,50 @@ fn train_out_replaces_an_existing_directory_only_with_force() {
     // Training in place needs no --force.
     assert!(so8t(&["train", "--model", &model, "--data", &d, "--mode", "heads", "--out", &model]).status.success());
 }
+
+/// A Phi-3 model (fused projections, LongRoPE) through every command a user runs on it:
+/// convert, validate, train (heads, then gates), eval, bake, export, run on each result.
+/// The numbers are checked elsewhere (tests/reference.rs, so8t_model.rs, bake.rs,
+/// export.rs in the library); this checks that the commands take a phi3 model and agree
+/// with each other.
+#[test]
+fn phi3_through_every_command() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
+    ok(&[
+        "convert", fixtures().join("tiny-phi3").to_str().unwrap(), "--out", &p("so8t"),
+        "--init", "random", "--seed", "5", "--scale", "0.2",
+    ]);
+    ok(&["validate", &p("so8t")]);
+    ok(&["train", "--model", &p("so8t"), "--data", &data(), "--val", &data(), "--mode", "heads", "--out", &p("heads")]);
+    let r: serde_json::Value =
+        serde_json::from_str(&ok(&["eval", "--model", &p("heads"), "--data", &data(), "--json"])).unwrap();
+    assert_eq!(r["heads"][0]["metrics"]["n"], 9);
+    ok(&[
+        "train", "--model", &p("heads"), "--data", &data(), "--mode", "gates", "--epochs", "1",
+        "--batch", "4", "--lr", "0.01", "--out", &p("gates"),
+    ]);
+    ok(&["validate", &p("gates")]);
+    ok(&["bake", &p("gates"), "--out", &p("baked")]);
+    ok(&["export", &p("gates"), "--out", &p("gates.gguf"), "--quant", "f32"]);
+    let run = |model: &str| -> serde_json::Value {
+        serde_json::from_str(&ok(&[
+            "run", "--model", model, "--prompt", "What is the capital of France?", "--temperature", "0", "-n", "6", "--json",
+        ]))
+        .unwrap()
+    };
+    let (gated, baked, gguf) = (run(&p("gates")), run(&p("baked")), run(&p("gates.gguf")));
+    // Phi-3's template, with the right-strip after its special tokens: <|user|>, the
+    // message, <|end|>, <|assistant|>, and no newline tokens between them.
+    let tokens = |v: &serde_json::Value, k: &str| -> Vec<u64> {
+        v[k].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect()
+    };
+    let prompt = tokens(&gated, "prompt_tokens");
+    assert_eq!(prompt.first(), Some(&5), "{gated}");
+    assert_eq!(&prompt[prompt.len() - 2..], &[7, 6], "{gated}");
+    for other in [&baked, &gguf] {
+        assert_eq!(tokens(other, "prompt_tokens"), prompt);
+        assert_eq!(tokens(other, "tokens"), tokens(&gated, "tokens"), "{other} vs {gated}");
+        assert_eq!(other["decision"], gated["decision"]);
+    }
+}

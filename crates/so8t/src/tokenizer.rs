@@ -20,6 +20,13 @@ const EOG_TEXTS: &[&str] = &[
     "<|end_of_text|>",
 ];
 
+/// llama.cpp's test (llama-vocab.cpp) for a model whose special tokens right-strip, as
+/// Phi-3's tokenizer.json has them: the file's general.name.
+pub fn llama_cpp_reads_as_phi3(general_name: &str) -> bool {
+    let name = general_name.to_lowercase();
+    name.contains("phi-3") || name.contains("phi3")
+}
+
 /// Inserted after the first character of a special token's text in message content, so
 /// that it no longer matches; an `ESCAPE` in the content itself is doubled.
 const ESCAPE: char = '\u{E0FF}';
@@ -443,8 +450,7 @@ impl TextTokenizer {
         // llama.cpp (llama-vocab.cpp) gives Phi-3's special tokens, known by the model's
         // name, the right-strip of Phi-3's tokenizer.json: whitespace after them is dropped,
         // except after <unk>, <s> and <|endoftext|>.
-        let name = g.opt_str("general.name")?.unwrap_or("").to_lowercase();
-        let phi3 = name.contains("phi-3") || name.contains("phi3");
+        let phi3 = llama_cpp_reads_as_phi3(g.opt_str("general.name")?.unwrap_or(""));
         let mut vocab = serde_json::Map::with_capacity(tokens.len());
         let mut added = Vec::new();
         for (id, t) in tokens.iter().enumerate() {

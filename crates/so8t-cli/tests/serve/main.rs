@@ -431,3 +431,33 @@ fn bad_requests_get_the_right_status_and_an_error_object() {
     let (got, v) = post(&chat, &chat_body("Say hi.", 2, false), &auth);
     assert_eq!(got, 200, "{v}");
 }
+
+/// A Phi-3 SO8T model behind the server: the chat template (Phi-3's, with the right-strip
+/// after its special tokens) and the greedy answer are `so8t run`'s, with verdicts.
+#[test]
+fn phi3_model_serves_what_run_generates() {
+    let _turn = machine();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("phi3");
+    let st = Command::new(env!("CARGO_BIN_EXE_so8t"))
+        .args(["convert", root().join("fixtures/tiny-phi3").to_str().unwrap(), "--out"])
+        .arg(&model)
+        .args(["--init", "random", "--scale", "0.1", "--seed", "9"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = Command::new(env!("CARGO_BIN_EXE_so8t"))
+        .args(["run", "--model"])
+        .arg(&model)
+        .args(["--prompt", "Hi", "--temperature", "0", "-n", "5", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = Server::start(&model, &[]);
+    let (status, v) = post(&s.url("/v1/chat/completions"), &chat_body("Hi", 5, false), &[]);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["prompt_tokens"], run["prompt_tokens"].as_array().unwrap().len(), "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], run["text"], "{v} vs {run}");
+    assert!(v["so8t"]["prompt"]["p_unsafe"].is_number(), "{v}");
+}

@@ -173,6 +173,9 @@ struct Input {
     rotations: HashMap<(usize, Site), Tensor>,
     heads: Option<(Heads, So8tConfig)>,
     tokenizer: Vec<(String, Meta)>,
+    /// Whether the vocabulary drops whitespace after its special tokens (Phi-3's
+    /// tokenizer.json, or a GGUF llama.cpp reads as Phi-3).
+    strips_after_specials: bool,
 }
 
 pub struct ExportReport {
@@ -211,10 +214,16 @@ pub fn export(
         });
         sources.push(Some(name));
     }
-    let name = src
+    let mut name = src
         .file_stem()
         .map(|s| s.to_string_lossy().to_string())
         .unwrap_or_default();
+    // llama.cpp right-strips after special tokens, as Phi-3's tokenizer.json asks, only in
+    // files whose general.name says Phi-3 (llama-vocab.cpp); under any other name its
+    // prompts would keep the newlines transformers drops.
+    if input.strips_after_specials && !crate::tokenizer::llama_cpp_reads_as_phi3(&name) {
+        name = format!("{name} (phi3)");
+    }
     let mut meta = model_metadata(cfg, quant, &name);
     meta.extend(std::mem::take(&mut input.tokenizer));
     if let Some((h, c)) = &input.heads {
@@ -553,6 +562,9 @@ fn open_input(src: &Path) -> Result<Input> {
                     tokenizer.push((k.clone(), v));
                 }
             }
+            let strips_after_specials = crate::tokenizer::llama_cpp_reads_as_phi3(
+                file.opt_str("general.name")?.unwrap_or(""),
+            );
             let store = GgufStore::new(file.clone(), &config);
             Ok(Input {
                 config,
@@ -560,6 +572,7 @@ fn open_input(src: &Path) -> Result<Input> {
                 rotations: HashMap::new(),
                 heads,
                 tokenizer,
+                strips_after_specials,
             })
         }
         Source::Hf {
@@ -581,12 +594,14 @@ fn open_input(src: &Path) -> Result<Input> {
                 heads = Some(read_heads(&dir, &config)?);
             }
             let tokenizer = super::export_tokenizer::from_hf_dir(&dir, config.vocab_size)?;
+            let strips_after_specials = super::export_tokenizer::strips_after_specials(&dir)?;
             Ok(Input {
                 config,
                 store: Box::new(store),
                 rotations,
                 heads,
                 tokenizer,
+                strips_after_specials,
             })
         }
     }

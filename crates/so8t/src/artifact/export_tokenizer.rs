@@ -51,6 +51,20 @@ fn pre_name(pre: &Value) -> Option<&'static str> {
     }
 }
 
+/// Whether `dir`'s tokenizer.json drops the whitespace after a special token it marks
+/// `rstrip` (Phi-3 does, after its chat tokens).
+pub fn strips_after_specials(dir: &Path) -> Result<bool> {
+    let path = dir.join("tokenizer.json");
+    if !path.exists() {
+        return Ok(false);
+    }
+    let text = crate::files::read_text(&path, crate::files::TOKENIZER_LIMIT)?;
+    let tj: Value = serde_json::from_str(&text).in_file(&path)?;
+    Ok(tj["added_tokens"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|t| t["special"] == true && t["rstrip"] == true)))
+}
+
 pub fn from_hf_dir(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Meta)>> {
     let path = dir.join("tokenizer.json");
     if !path.exists() {
