@@ -370,14 +370,14 @@ impl ModelConfig {
             return bad(format!("field `{}` must be positive, got 0", field("original_max_position_embeddings")));
         }
         if let RopeScaling::LongRope { short, long, attention_factor } = &self.rope_scaling {
-            let name = field("rope_scaling");
-            for (which, f) in [("short_factor", short), ("long_factor", long)] {
+            for (which, f) in [("rope_scaling.short_factor", short), ("rope_scaling.long_factor", long)] {
+                let name = field(which);
                 if let Some(x) = f.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
-                    return bad(format!("{name}.{which} must hold positive numbers, got {x}"));
+                    return bad(format!("`{name}` must hold positive numbers, got {x}"));
                 }
                 if f.len() != self.rotary_dim / 2 {
                     return bad(format!(
-                        "{name}.{which} has {} entries, expected rotary dims / 2 = {}",
+                        "`{name}` has {} entries, expected rotary dims / 2 = {}",
                         f.len(),
                         self.rotary_dim / 2
                     ));
@@ -387,7 +387,10 @@ impl ModelConfig {
                 return bad(format!("LongRoPE needs field `{}`", field("original_max_position_embeddings")));
             }
             if !(attention_factor.is_finite() && *attention_factor > 0.0) {
-                return bad(format!("{name}.attention_factor must be a positive number, got {attention_factor}"));
+                return bad(format!(
+                    "`{}` must be a positive number, got {attention_factor}",
+                    field("rope_scaling.attention_factor")
+                ));
             }
         }
         if let RopeScaling::Divisors(d) = &self.rope_scaling {
@@ -600,4 +603,82 @@ struct HfConfig {
     mlp_bias: Option<bool>,
     bos_token_id: Option<u32>,
     eos_token_id: Option<OneOrMany>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Phi-3.5-style config.json with `rope` as its rope_scaling (or rope_parameters) and
+    /// `extra` top-level fields.
+    fn phi3(rope: serde_json::Value, extra: serde_json::Value) -> Result<ModelConfig> {
+        let mut v = serde_json::json!({
+            "model_type": "phi3", "vocab_size": 32, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+            "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+            "rope_theta": 10000.0, "rope_scaling": rope,
+        });
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        ModelConfig::from_hf_json(&v.to_string(), Path::new("config.json"))
+    }
+
+    fn factors(n: usize) -> Vec<f64> {
+        (0..n).map(|i| 1.0 + i as f64 / 4.0).collect()
+    }
+
+    #[test]
+    fn longrope_configs_in_every_layout() {
+        let long: Vec<f64> = factors(8).iter().map(|f| 2.0 * f).collect();
+        let rope = serde_json::json!({"type": "su", "short_factor": factors(8), "long_factor": long});
+        let c = phi3(rope, serde_json::json!({})).unwrap();
+        assert_eq!(c.arch, Arch::Phi3);
+        assert_eq!((c.rotary_dim, c.rope_long_after()), (16, Some(4096)));
+        // Phi-3.5-mini's numbers: sqrt(1 + ln 32 / ln 4096) = 1.1902381.
+        assert!((c.rope_attention_factor() - 1.190_238_1).abs() < 1e-6);
+        assert!(c.rope_inv_freq(true)[7] < c.rope_inv_freq(false)[7]);
+        // transformers 5: everything inside rope_parameters; an explicit attention factor wins.
+        let rope = serde_json::json!({"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            "original_max_position_embeddings": 4096, "short_factor": factors(4), "long_factor": factors(4),
+            "attention_factor": 1.5});
+        let c = phi3(serde_json::Value::Null, serde_json::json!({"rope_parameters": rope})).unwrap();
+        assert_eq!((c.rotary_dim, c.rope_attention_factor()), (8, 1.5));
+        // `factor` replaces the ratio of the two contexts.
+        let rope = serde_json::json!({"type": "longrope", "short_factor": factors(8), "long_factor": factors(8), "factor": 1.0});
+        assert_eq!(phi3(rope, serde_json::json!({})).unwrap().rope_attention_factor(), 1.0);
+    }
+
+    #[test]
+    fn bad_longrope_fields_are_named() {
+        let err = |rope: serde_json::Value, extra: serde_json::Value| phi3(rope, extra).unwrap_err().to_string();
+        let rope = serde_json::json!({"type": "longrope", "short_factor": factors(7), "long_factor": factors(8)});
+        let e = err(rope, serde_json::json!({}));
+        assert!(e.contains("rope_scaling.short_factor") && e.contains("expected rotary dims / 2 = 8"), "{e}");
+        let rope = serde_json::json!({"type": "longrope", "short_factor": factors(8), "long_factor": vec![0.0; 8]});
+        assert!(err(rope, serde_json::json!({})).contains("rope_scaling.long_factor` must hold positive"));
+        let rope = serde_json::json!({"type": "longrope", "long_factor": factors(8)});
+        assert!(err(rope, serde_json::json!({})).contains("short_factor"));
+        let e = err(serde_json::Value::Null, serde_json::json!({"partial_rotary_factor": 1.5}));
+        assert!(e.contains("partial_rotary_factor"), "{e}");
+        // 16 · 0.1 rounds down to one dim: RoPE turns pairs.
+        let e = err(serde_json::Value::Null, serde_json::json!({"partial_rotary_factor": 0.1}));
+        assert!(e.contains("partial_rotary_factor") && e.contains("1 rotated dims"), "{e}");
+        let e = err(serde_json::Value::Null, serde_json::json!({"sliding_window": 0}));
+        assert!(e.contains("sliding_window"), "{e}");
+        // Only Phi-3 defaults the original context; elsewhere LongRoPE needs it.
+        let v = serde_json::json!({"model_type": "llama", "vocab_size": 32, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4,
+            "rope_scaling": {"type": "longrope", "short_factor": factors(8), "long_factor": factors(8)}});
+        let e = ModelConfig::from_hf_json(&v.to_string(), Path::new("config.json")).unwrap_err().to_string();
+        assert!(e.contains("original_max_position_embeddings"), "{e}");
+    }
+
+    #[test]
+    fn an_attention_window_below_the_context_bounds_the_run() {
+        let c = phi3(serde_json::Value::Null, serde_json::json!({"sliding_window": 2047})).unwrap();
+        assert_eq!((c.context(), c.max_position_embeddings), (2047, 131072));
+        let c = phi3(serde_json::Value::Null, serde_json::json!({"sliding_window": 262144})).unwrap();
+        assert_eq!(c.context(), 131072);
+    }
 }

@@ -224,3 +224,28 @@ fn tokenizers_from_json_and_from_gguf_metadata_agree_with_transformers() {
             .unwrap()
     );
 }
+
+/// Phi-3 ends a turn with <|end|> and a text with <|endoftext|>: generation stops on both,
+/// from the HF directory (generation_config.json) and from llama.cpp's GGUF (its EOG
+/// texts), and the chat template renders Phi-3's turns.
+#[test]
+fn phi3_stops_on_end_and_endoftext_and_renders_its_chat_template() {
+    for path in [fixtures().join("tiny-phi3"), fixtures().join("tiny-phi3/model-f16.gguf")] {
+        let m = Model::open(&path).unwrap();
+        let tok = m.tokenizer().unwrap();
+        let eog = m.eog_ids();
+        for t in ["<|end|>", "<|endoftext|>"] {
+            let id = tok.encode(t, false).unwrap();
+            assert_eq!(id.len(), 1, "{t}");
+            assert!(eog.contains(&id[0]), "{}: {t} ends generation ({eog:?})", path.display());
+        }
+        let t = so8t::chat::ChatTemplate::new(tok.chat_template.as_ref().unwrap(), &tok.bos_text, &tok.eos_text).unwrap();
+        let msgs = [so8t::chat::Message::new("system", "Be brief."), so8t::chat::Message::new("user", "Hi")];
+        assert_eq!(
+            t.render(&msgs, true).unwrap(),
+            "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n",
+            "{}",
+            path.display()
+        );
+    }
+}
