@@ -253,7 +253,8 @@ def base_checksum(d: Path):
 
 def make_so8t_reference(base: Path, inputs, seed, scale=0.3):
     """Random generators at all five sites (shared granularity, factors safe then cmd) and
-    random heads; logits and verdicts recorded from the hooked transformers model."""
+    random heads; logits and verdicts recorded from the hooked transformers model. The
+    MLP gate rotates the MLP's input, so phi3's fused gate_up_proj needs nothing else."""
     sp, sm = triality_maps()
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     cfg = model.config
@@ -288,11 +289,20 @@ def make_so8t_reference(base: Path, inputs, seed, scale=0.3):
         y = torch.einsum("uij,...uj->...ui", r, x.reshape(*shp[:-1], r.shape[0], 8))
         return y.reshape(shp)
 
+    q_w, kv_w = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
     for l, layer in enumerate(model.model.layers):
         rs = {s: site_rotation(l, s) for s in sites}
         at = layer.self_attn
-        for s, mod in (("q", at.q_proj), ("k", at.k_proj), ("v", at.v_proj)):
-            mod.register_forward_hook(lambda m, i, o, r=rs[s]: rotate(o, r))
+        if hasattr(at, "qkv_proj"):
+            # phi3: one fused projection; the q, k, v gates rotate its three slices.
+            def qkv_hook(m, i, o, rs=rs):
+                q, k, v = o[..., :q_w], o[..., q_w:q_w + kv_w], o[..., q_w + kv_w:]
+                return torch.cat([rotate(q, rs["q"]), rotate(k, rs["k"]), rotate(v, rs["v"])], -1)
+
+            at.qkv_proj.register_forward_hook(qkv_hook)
+        else:
+            for s, mod in (("q", at.q_proj), ("k", at.k_proj), ("v", at.v_proj)):
+                mod.register_forward_hook(lambda m, i, o, r=rs[s]: rotate(o, r))
         at.o_proj.register_forward_pre_hook(lambda m, i, r=rs["o"]: (rotate(i[0], r),))
         layer.mlp.register_forward_pre_hook(lambda m, i, r=rs["mlp"]: (rotate(i[0], r),))
     heads = {}

@@ -122,86 +122,6 @@ def generate_across(model, prompt, n):
     return out.sequences[0, len(prompt):].tolist(), torch.cat(out.logits, 0).float().contiguous()
 
 
-def make_so8t_reference(base: Path, inputs, seed, scale=0.3):
-    """mf.make_so8t_reference for fused projections: q, k, v gates rotate the three slices
-    of `qkv_proj`'s output; the MLP gate rotates `gate_up_proj`'s input (spec §4)."""
-    sp, sm = mf.triality_maps()
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    cfg = model.config
-    hd = cfg.hidden_size // cfg.num_attention_heads
-    g = torch.Generator().manual_seed(seed)
-    factors_ = ["safe", "cmd"]
-    sites = ["q", "k", "v", "o", "mlp"]
-    tensors = {}
-    np = mf.np
-
-    def site_rotation(layer, site):
-        heads = {"q": cfg.num_attention_heads, "o": cfg.num_attention_heads, "k": cfg.num_key_value_heads,
-                 "v": cfg.num_key_value_heads, "mlp": cfg.hidden_size // 8}[site]
-        bph = 1 if site == "mlp" else hd // 8
-        n_gen = heads if site == "mlp" else bph
-        total = np.tile(np.eye(8), (heads * bph, 1, 1))
-        for f in factors_:
-            gens = (torch.rand((n_gen, 28), generator=g) * 2 - 1) * scale
-            tensors[f"layers.{layer}.{site}.{f}.generators"] = gens.float()
-            gd = gens.double().numpy()
-            fam = [gd, gd @ sp.T, gd @ sm.T]
-            rot = [torch.linalg.matrix_exp(torch.from_numpy(mf.skew(x))).numpy() for x in fam]
-            units = []
-            for u in range(heads * bph):
-                head = u // bph
-                gen = u if site == "mlp" else u % bph
-                units.append(rot[head % 3][gen])
-            total = np.einsum("uij,ujk->uik", np.stack(units), total)
-        return torch.from_numpy(total).float()
-
-    def rotate(x, r):
-        shp = x.shape
-        y = torch.einsum("uij,...uj->...ui", r, x.reshape(*shp[:-1], r.shape[0], 8))
-        return y.reshape(shp)
-
-    q_w, kv_w = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    for l, layer in enumerate(model.model.layers):
-        rs = {s: site_rotation(l, s) for s in sites}
-        at = layer.self_attn
-
-        def qkv_hook(m, i, o, rs=rs):
-            q, k, v = o[..., :q_w], o[..., q_w:q_w + kv_w], o[..., q_w + kv_w:]
-            return torch.cat([rotate(q, rs["q"]), rotate(k, rs["k"]), rotate(v, rs["v"])], -1)
-
-        at.qkv_proj.register_forward_hook(qkv_hook)
-        at.o_proj.register_forward_pre_hook(lambda m, i, r=rs["o"]: (rotate(i[0], r),))
-        layer.mlp.register_forward_pre_hook(lambda m, i, r=rs["mlp"]: (rotate(i[0], r),))
-    heads = {}
-    for name in ("safety", "authority"):
-        heads[f"heads.{name}.weight"] = torch.randn((2, cfg.hidden_size), generator=g) * 0.5
-        heads[f"heads.{name}.bias"] = torch.randn((2,), generator=g) * 0.5
-    tensors.update(heads)
-    out = base / "so8t-random"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
-    save_file(tensors, str(out / "so8t_adapter.safetensors"))
-    (out / "so8t_config.json").write_text(json.dumps({
-        "version": 1,
-        "base": {"architecture": cfg.model_type, "source": base.name, "sha256": mf.base_checksum(base)},
-        "sites": sites, "granularity": "shared", "factors": factors_,
-        "labels": {"safety": ["safe", "unsafe"], "authority": ["handle", "escalate"]},
-        "heads_trained": False,
-        "init": {"kind": "random", "seed": seed, "scale": scale},
-        "thresholds": {"unsafe": 0.5, "escalate": 0.5},
-    }, indent=2))
-    exp = {}
-    with torch.no_grad():
-        for i, ids in enumerate(inputs):
-            out_h = model.model(torch.tensor([ids])).last_hidden_state[0]
-            exp[f"logits.{i}"] = model.lm_head(out_h).contiguous()
-            for name, key in (("safety", "p_unsafe"), ("authority", "p_escalate")):
-                p = torch.softmax(out_h @ heads[f"heads.{name}.weight"].T + heads[f"heads.{name}.bias"], -1)[:, 1]
-                exp[f"{key}.{i}"] = p.contiguous()
-    save_file(exp, str(out / "expected.safetensors"))
-    (out / "expected.json").write_text(json.dumps({"inputs": inputs}))
-
-
 LLAMA_SEED, LLAMA_SCALE, LLAMA_TOKENS = 42, 0.3, 16
 # Longer than the original context of 32 once tokenised, so that llama.cpp (which takes
 # the long factors whenever the context it allocates is past the original, and pads
@@ -289,7 +209,7 @@ def main():
         save_file(exp, str(d / "expected.safetensors"))
         for outtype in ("f32", "f16", "q8_0"):
             mf.to_gguf(args.llama_cpp, d, outtype)
-        make_so8t_reference(d, inputs, seed=700 + i)
+        mf.make_so8t_reference(d, inputs, seed=700 + i)
         if args.so8t.exists():
             mf.check_baked_with_transformers(d, args.so8t, inputs)
             if case != "tiny-phi3-partial":

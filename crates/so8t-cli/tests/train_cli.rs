@@ -611,6 +611,11 @@ fn phi3_through_every_command() {
     let prompt = tokens(&gated, "prompt_tokens");
     assert_eq!(prompt.first(), Some(&5), "{gated}");
     assert_eq!(&prompt[prompt.len() - 2..], &[7, 6], "{gated}");
+    // llama.cpp's conversion of the base runs as the base directory does.
+    let (hf, converted) = (run(fixtures().join("tiny-phi3").to_str().unwrap()),
+        run(fixtures().join("tiny-phi3/model-f32.gguf").to_str().unwrap()));
+    assert_eq!(tokens(&hf, "prompt_tokens"), tokens(&converted, "prompt_tokens"));
+    assert_eq!(tokens(&hf, "tokens"), tokens(&converted, "tokens"));
     for other in [&baked, &gguf] {
         assert_eq!(tokens(other, "prompt_tokens"), prompt);
         assert_eq!(tokens(other, "tokens"), tokens(&gated, "tokens"), "{other} vs {gated}");
