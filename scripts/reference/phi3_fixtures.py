@@ -171,6 +171,66 @@ def record_llama_cpp(base: Path, so8t: Path):
     out.write_text(json.dumps(record, indent=1))
 
 
+SPM_TEXTS = ["Hello world", "  two  spaces, 12345 and ünïcödé", "The quick brown fox\njumps over\tthe lazy dog.",
+             "<|system|>\nBe brief.<|end|>\n<|user|>\nWhat is the capital of France?<|end|>\n<|assistant|>\n"]
+
+
+def make_spm_case(llama_cpp: Path):
+    """tiny-phi3-spm: Phi-3.5's kind of vocabulary, a SentencePiece BPE model (byte
+    fallback, digits split, dummy prefix) trained here, with its tokenizer.json as
+    transformers converts it and Phi-3's chat tokens added after it; converted by
+    convert_hf_to_gguf.py through its SentencePiece path (tokenizer.ggml.model = llama).
+    Records transformers' ids for SPM_TEXTS, llama.cpp's ids for them on the GGUF, and
+    transformers' logits and greedy tokens."""
+    import subprocess
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+    d = OUT / "tiny-phi3-spm"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    lines = [line for line in "\n".join(mf.corpus()).split("\n") if line.strip()]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(d / "spm"), vocab_size=440,
+                                   model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   character_coverage=1.0, add_dummy_prefix=True, normalization_rule_name="identity",
+                                   split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+                                   minloglevel=2)
+    (d / "spm.model").rename(d / "tokenizer.model")
+    (d / "spm.vocab").unlink()
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "add_bos_token": False,
+                                                         "legacy": False}))
+    tok = AutoTokenizer.from_pretrained(d)
+    chat = [t for t in SPECIALS if t not in ("<unk>", "<s>", "</s>")]
+    tok.add_special_tokens({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "additional_special_tokens": [
+        AddedToken(t, special=True, rstrip=t not in NO_RSTRIP, normalized=False) for t in chat]})
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(d)
+    tok = AutoTokenizer.from_pretrained(d)
+    eos, end = tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|end|>")
+    g = torch.Generator().manual_seed(16)
+    cfg = make_config("tiny-phi3", 448, eos, g)
+    torch.manual_seed(520)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    mf.randomise(model, 620)
+    model.eval()
+    model.save_pretrained(d)
+    rewrite_released_layout(d)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [end, eos], "pad_token_id": eos}))
+    # Then lines of the training text and text it never saw (code, emoji, CJK, odd spaces).
+    texts = SPM_TEXTS + lines[::7][:30] + ["def f(x):\n    return x**2  # 🙂", "日本語のテキスト、そして Ελληνικά",
+                                          "   leading and trailing   ", "tabs\t\tand\n\nnewlines", "<s> and </s> as text"]
+    ids = [tok.encode(t, add_special_tokens=False) for t in texts]
+    inputs = [ids[0], ids[2], ids[3]]
+    mf.record(model, d.name, inputs)
+    mf.to_gguf(llama_cpp, d, "f16")
+    llama = []
+    for t in texts:
+        res = subprocess.run([str(lf.REF), str(d / "model-f16.gguf"), "1"], input=t.encode(), capture_output=True, check=True)
+        llama.append(json.loads(res.stdout)["prompt_tokens"])
+    meta = json.loads((d / "expected.json").read_text())
+    meta["texts"], meta["transformers_ids"], meta["llama_cpp_ids"] = texts, ids, llama
+    (d / "expected.json").write_text(json.dumps(meta))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--llama-cpp", type=Path, default=Path.home() / ".cache/so8t/llama.cpp")
@@ -217,6 +277,8 @@ def main():
         else:
             print(f"{args.so8t} not built: skipped the transformers check of baked models", file=sys.stderr)
         print(f"{d.name}: done", file=sys.stderr)
+    make_spm_case(args.llama_cpp)
+    print("tiny-phi3-spm: done", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -424,14 +425,13 @@ impl TextTokenizer {
 
     pub fn from_gguf(g: &GgufFile) -> Result<TextTokenizer> {
         let model = g.opt_str("tokenizer.ggml.model")?.unwrap_or("");
-        if model != "gpt2" {
+        if model != "gpt2" && model != "llama" {
             return Err(Error::format(
                 &g.path,
-                format!("tokenizer.ggml.model is `{model}`; only `gpt2` (byte-level BPE) vocabularies are supported"),
+                format!("tokenizer.ggml.model is `{model}`; supported: `gpt2` (byte-level BPE) and `llama` (SentencePiece)"),
             ));
         }
         let tokens = g.str_array("tokenizer.ggml.tokens")?;
-        let merges = g.str_array("tokenizer.ggml.merges")?;
         let types = g.i32_array("tokenizer.ggml.token_type").unwrap_or_default();
         if !types.is_empty() && types.len() != tokens.len() {
             return Err(Error::format(
@@ -443,10 +443,6 @@ impl TextTokenizer {
                 ),
             ));
         }
-        let pre = g.opt_str("tokenizer.ggml.pre")?.unwrap_or("default");
-        let (regexes, ignore_merges, pre_add_bos) = pre_tokenizer(pre).ok_or_else(|| {
-            Error::format(&g.path, format!("tokenizer.ggml.pre `{pre}` is not supported (known: gpt-2, default, llama-bpe, qwen2, smollm)"))
-        })?;
         // llama.cpp (llama-vocab.cpp) gives Phi-3's special tokens, known by the model's
         // name, the right-strip of Phi-3's tokenizer.json: whitespace after them is dropped,
         // except after <unk>, <s> and <|endoftext|>.
@@ -464,11 +460,11 @@ impl TextTokenizer {
                                   "normalized": false, "special": ty == 3}));
             }
         }
-        let mut pretok: Vec<Value> = regexes
-            .iter()
-            .map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}))
-            .collect();
-        pretok.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}));
+        let parts = if model == "gpt2" {
+            Self::gpt2_parts(g, vocab)?
+        } else {
+            Self::sentencepiece_parts(g, &tokens, &types, vocab)?
+        };
         // A special token's id and text, when the id is in the vocabulary.
         let id_text = |key: &str| -> Result<Option<(u32, String)>> {
             Ok(g.opt_usize(key)?
@@ -477,7 +473,7 @@ impl TextTokenizer {
         let bos = id_text("tokenizer.ggml.bos_token_id")?;
         let add_bos = g
             .opt_bool("tokenizer.ggml.add_bos_token")?
-            .unwrap_or(pre_add_bos);
+            .unwrap_or(parts.add_bos);
         // BOS as transformers adds it, in the post-processor, so that the tokenizer saved
         // as tokenizer.json (convert) behaves the same.
         let post = match (&bos, add_bos) {
@@ -495,13 +491,11 @@ impl TextTokenizer {
             "truncation": null,
             "padding": null,
             "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": {"type": "Sequence", "pretokenizers": pretok},
+            "normalizer": parts.normalizer,
+            "pre_tokenizer": parts.pre_tokenizer,
             "post_processor": post,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
-            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                      "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges},
+            "decoder": parts.decoder,
+            "model": parts.model,
         });
         let inner: tokenizers::Tokenizer = serde_json::from_value::<tokenizers::Tokenizer>(spec)
             .map_err(|e| {
@@ -536,6 +530,116 @@ impl TextTokenizer {
             eog,
         ))
     }
+
+    /// llama.cpp's byte-level BPE (`gpt2`): its merges, and the pre-tokenizer regexes
+    /// llama.cpp uses for `tokenizer.ggml.pre`.
+    fn gpt2_parts(g: &GgufFile, vocab: serde_json::Map<String, Value>) -> Result<VocabParts> {
+        let merges = g.str_array("tokenizer.ggml.merges")?;
+        let pre = g.opt_str("tokenizer.ggml.pre")?.unwrap_or("default");
+        let (regexes, ignore_merges, add_bos) = pre_tokenizer(pre).ok_or_else(|| {
+            Error::format(&g.path, format!("tokenizer.ggml.pre `{pre}` is not supported (known: gpt-2, default, llama-bpe, qwen2, smollm)"))
+        })?;
+        let mut pretok: Vec<Value> = regexes
+            .iter()
+            .map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}))
+            .collect();
+        pretok.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}));
+        Ok(VocabParts {
+            normalizer: Value::Null,
+            pre_tokenizer: json!({"type": "Sequence", "pretokenizers": pretok}),
+            decoder: json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}),
+            model: json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                          "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                          "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges}),
+            add_bos,
+        })
+    }
+
+    /// llama.cpp's SentencePiece tokenizer (`llama`, Llama 2 and Phi-3): each text
+    /// between special tokens gets a leading space (unless `add_space_prefix` is false),
+    /// spaces become `▁`, and adjacent pieces merge, highest score first, while their
+    /// concatenation is a token; what stays unknown falls back to `<0xXX>` byte tokens.
+    /// That is a BPE whose merges are every split of a token into two tokens, ranked by
+    /// the merged token's score (how transformers' converter turns SentencePiece models
+    /// into BPE too).
+    fn sentencepiece_parts(
+        g: &GgufFile,
+        tokens: &[&str],
+        types: &[i32],
+        vocab: serde_json::Map<String, Value>,
+    ) -> Result<VocabParts> {
+        let scores = g.f32_array("tokenizer.ggml.scores").unwrap_or_default();
+        if scores.len() != tokens.len() {
+            return Err(Error::format(
+                &g.path,
+                format!(
+                    "tokenizer.ggml.scores has {} entries, expected one per token ({})",
+                    scores.len(),
+                    tokens.len()
+                ),
+            ));
+        }
+        // 1 = normal: the pieces merging can make (control, user-defined and byte tokens
+        // are matched whole or by the byte fallback).
+        let normal = |id: usize| types.get(id).copied().unwrap_or(1) == 1;
+        let mut ids: HashMap<&str, usize> = HashMap::with_capacity(tokens.len());
+        for (id, t) in tokens.iter().enumerate() {
+            ids.entry(t).or_insert(id);
+        }
+        let mut merges: Vec<(f32, usize, &str, &str)> = Vec::new();
+        for (id, t) in tokens.iter().enumerate() {
+            if !normal(id) || t.chars().nth(1).is_none() {
+                continue;
+            }
+            for (k, _) in t.char_indices().skip(1) {
+                let (a, b) = t.split_at(k);
+                if ids.get(a).is_some_and(|&i| normal(i)) && ids.get(b).is_some_and(|&i| normal(i)) {
+                    merges.push((scores[id], id, a, b));
+                }
+            }
+        }
+        // Highest score first; ties as llama.cpp breaks them is by position in the text,
+        // which a rank cannot express: by token id, as transformers' converter does.
+        merges.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+        let merges: Vec<Value> = merges.iter().map(|(_, _, a, b)| json!([a, b])).collect();
+        let prefix = g.opt_bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+        let mut norm = Vec::new();
+        let mut decoder = vec![
+            json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+            json!({"type": "ByteFallback"}),
+            json!({"type": "Fuse"}),
+        ];
+        if prefix {
+            norm.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
+            decoder.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+        }
+        norm.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}));
+        let unk = g
+            .opt_usize("tokenizer.ggml.unknown_token_id")?
+            .and_then(|i| tokens.get(i))
+            .map(|t| json!(t))
+            .unwrap_or(Value::Null);
+        Ok(VocabParts {
+            normalizer: json!({"type": "Sequence", "normalizers": norm}),
+            pre_tokenizer: Value::Null,
+            decoder: json!({"type": "Sequence", "decoders": decoder}),
+            model: json!({"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                          "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+                          "ignore_merges": false, "vocab": vocab, "merges": merges}),
+            // llama.cpp's default for SentencePiece vocabularies.
+            add_bos: true,
+        })
+    }
+}
+
+/// The vocabulary-specific parts of a `tokenizers` spec rebuilt from GGUF metadata.
+struct VocabParts {
+    normalizer: Value,
+    pre_tokenizer: Value,
+    decoder: Value,
+    model: Value,
+    /// Whether llama.cpp adds BOS when the file does not say.
+    add_bos: bool,
 }
 
 /// tokenizer.json as a `tokenizers::Tokenizer`. The library panics on some malformed

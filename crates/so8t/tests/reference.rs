@@ -249,3 +249,37 @@ fn phi3_stops_on_end_and_endoftext_and_renders_its_chat_template() {
         );
     }
 }
+
+/// Phi-3.5's kind of vocabulary: SentencePiece BPE with byte fallback
+/// (scripts/reference/phi3_fixtures.py, `make_spm_case`). The HF directory tokenises as
+/// transformers does from its tokenizer.json; llama.cpp's conversion (`tokenizer.ggml.model
+/// = llama`) as llama.cpp does, which is not the same (a space after every special token,
+/// runs of spaces merged as sentencepiece merges them) and is what its users get.
+#[test]
+fn phi3_sentencepiece_vocabularies_tokenise_as_transformers_and_as_llama_cpp() {
+    check_against_transformers("tiny-phi3-spm");
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("tiny-phi3-spm/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let texts: Vec<String> = serde_json::from_value(meta["texts"].clone()).unwrap();
+    let hf_ids: Vec<Vec<u32>> = serde_json::from_value(meta["transformers_ids"].clone()).unwrap();
+    let ll_ids: Vec<Vec<u32>> = serde_json::from_value(meta["llama_cpp_ids"].clone()).unwrap();
+    let hf = Model::open(&fixtures().join("tiny-phi3-spm")).unwrap();
+    let gg = Model::open(&fixtures().join("tiny-phi3-spm/model-f16.gguf")).unwrap();
+    for ((t, want_hf), want_ll) in texts.iter().zip(&hf_ids).zip(&ll_ids) {
+        assert_eq!(&hf.tokenizer().unwrap().encode(t, false).unwrap(), want_hf, "tokenizer.json: {t:?}");
+        let ids = gg.tokenizer().unwrap().encode(t, true).unwrap();
+        assert_eq!(&ids, want_ll, "GGUF SentencePiece: {t:?}");
+        // Text with special tokens in it does not round-trip: each is followed by the
+        // space llama.cpp inserts after special tokens.
+        if !t.contains('<') {
+            assert_eq!(&gg.tokenizer().unwrap().decode(&ids[1..]).unwrap(), t, "decode of {t:?}");
+        }
+    }
+    let exp = expected("tiny-phi3-spm");
+    let mut gg = gg;
+    for (i, ids) in exp.inputs.iter().enumerate() {
+        assert_eq!(greedy(&mut gg, ids, exp.greedy[i].len()), exp.greedy[i], "f16 GGUF input {i}");
+    }
+}
