@@ -117,6 +117,18 @@ fn export_matches_llama_cpp_converter_f32_f16_q8_0() {
     }
 }
 
+/// A SentencePiece vocabulary (tokens, scores and types from tokenizer.model, Phi-3's
+/// chat tokens added after it, padding to the model's vocabulary) exported as the
+/// converter's Phi-3 path writes it.
+#[test]
+fn export_of_a_sentencepiece_vocabulary_matches_llama_cpp_converter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("spm.gguf");
+    export(&fixtures().join("tiny-phi3-spm"), &out, parse_quant("f16").unwrap(), |_, _, _| {}).unwrap();
+    let theirs = read_gguf(&fixtures().join("tiny-phi3-spm/model-f16.gguf"));
+    compare(&read_gguf(&out), &theirs, "phi3 sentencepiece f16", true);
+}
+
 #[test]
 fn exported_gguf_round_trips_through_the_runtime() {
     // HF → GGUF (f32) → our loader: the same logits as the HF directory, to the decoder tolerance.
