@@ -262,10 +262,8 @@ impl Ops for Buffers<'_> {
     fn tap(&mut self, x: &Vec<f32>) -> Result<Tensor> {
         let h = x.len() / self.run.s.max(1);
         let mut t = x.clone();
-        for row in t.chunks_exact_mut(h) {
-            let m = (row.iter().map(|v| v * v).sum::<f32>() / h as f32 + self.run.eps).sqrt();
-            row.iter_mut().for_each(|v| *v /= m);
-        }
+        // A weight of ones: `v / m · 1` is `v / m` exactly.
+        rms_norm(&mut t, &vec![1.0; h], self.run.eps);
         Ok(Tensor::from_vec(t, (self.run.s, h), &Device::Cpu)?)
     }
 

@@ -49,6 +49,15 @@ impl Example {
         }
     }
 
+    /// Every label of head `h` over `examples`: the prompt's, then the response's, where given.
+    pub fn head_labels(examples: &[Example], head: usize) -> Vec<bool> {
+        examples
+            .iter()
+            .flat_map(|e| [e.label(head), e.response_label(head)])
+            .flatten()
+            .collect()
+    }
+
     /// The family of rows this one belongs to (its `family`, else its `source`).
     pub fn group(&self) -> &str {
         self.family

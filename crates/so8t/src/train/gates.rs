@@ -193,13 +193,7 @@ impl<'a> Trainer<'a> {
             let p = super::features::positions(model, ex, &ids[i], prompt_lens[i], Some(0))?;
             verdict_at.push(p.prompt(config.verdict_position));
         }
-        let labels = |h: usize| {
-            examples
-                .iter()
-                .flat_map(|e| [e.label(h), e.response_label(h)])
-                .flatten()
-                .collect::<Vec<_>>()
-        };
+        let labels = |h: usize| Example::head_labels(&examples, h);
         let class_weights = [balanced_weights(&labels(0)), balanced_weights(&labels(1))];
         Ok(Trainer {
             model,

@@ -123,11 +123,7 @@ pub fn family_folds(examples: &[Example], h: usize) -> Option<HashMap<&str, usiz
 /// [`FAMILY_FOLDS`]: its held-out fits would have nothing to hold out.
 pub fn head_short_of_families(examples: &[Example]) -> Option<&'static str> {
     (0..HEAD_NAMES.len()).find_map(|h| {
-        let labels: Vec<bool> = examples
-            .iter()
-            .flat_map(|e| [e.label(h), e.response_label(h)])
-            .flatten()
-            .collect();
+        let labels = Example::head_labels(examples, h);
         let both = labels.iter().any(|&v| v) && labels.iter().any(|&v| !v);
         (both && family_folds(examples, h).is_none()).then_some(HEAD_NAMES[h])
     })
