@@ -81,7 +81,7 @@ pub fn serve(o: Options) -> Result<()> {
         model_id: o.alias.clone().unwrap_or_else(|| model_id(&o.model)),
         model_sha256: sha,
         tokenizer,
-        ctx: model.config.max_position_embeddings,
+        ctx: model.config.context(),
         generation: model.generation.clone(),
         so8t: model.so8t.as_ref().map(|s| s.config.clone()),
         engine: engine::Engine::start(model, o.parallel),

@@ -6,6 +6,7 @@ use crate::load::Model;
 use crate::model::KvCache;
 use crate::sampling::{top_logprobs, Sampler, SamplingParams};
 use crate::so8::verdict::{Decision, ResponseJudge, Verdict};
+use crate::tokenizer::DecodeStream;
 use std::time::Instant;
 
 #[derive(Clone, Debug)]
@@ -85,6 +86,7 @@ pub struct Sequence {
     history: Vec<u32>,
     tokens: Vec<u32>,
     text: String,
+    detok: DecodeStream,
     emitted: usize,
     max_stop: usize,
     /// Logits for the next token; present once the prompt is in and until the last step.
@@ -116,7 +118,7 @@ impl Sequence {
                 req.prompt_ids.len()
             )));
         }
-        let ctx = model.config.max_position_embeddings;
+        let ctx = model.config.context();
         if req.prompt_ids.len() >= ctx {
             return Err(crate::Error::Invalid(format!(
                 "the prompt has {} tokens but the model's context is {ctx}",
@@ -132,6 +134,7 @@ impl Sequence {
             history: req.prompt_ids.clone(),
             tokens: Vec::new(),
             text: String::new(),
+            detok: DecodeStream::default(),
             emitted: 0,
             max_stop: req.stop.iter().map(|s| s.len()).max().unwrap_or(0),
             logits: None,
@@ -267,11 +270,7 @@ impl Sequence {
 
         let mut stop_hit = false;
         if let Some(tok) = &model.tokenizer {
-            let full = tok.decode(&self.tokens)?;
-            // Hold back text that ends inside an incomplete UTF-8 sequence.
-            if !full.ends_with('\u{FFFD}') {
-                self.text = full;
-            }
+            self.detok.step(tok, &self.tokens, &mut self.text)?;
             if self.max_stop > 0 {
                 let text = &self.text;
                 let from = floor_char_boundary(text, self.emitted.saturating_sub(self.max_stop));

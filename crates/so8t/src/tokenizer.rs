@@ -632,6 +632,37 @@ impl TextTokenizer {
     }
 }
 
+/// Incremental detokenisation, O(window) per token instead of decoding the whole answer
+/// again (text-generation-inference's method): the text of the tokens since `prefix`,
+/// less the text of those of them already read, is what the newest tokens add. Decoding a
+/// window rather than one token keeps characters split over tokens and the leading space
+/// a SentencePiece decoder strips right; text that ends inside an incomplete UTF-8
+/// sequence is held back until it completes.
+#[derive(Clone, Debug, Default)]
+pub struct DecodeStream {
+    prefix: usize,
+    read: usize,
+}
+
+impl DecodeStream {
+    /// Brings `text`, the decoding of `tokens` so far, up to date with `tokens` (the same
+    /// tokens as before and more).
+    pub fn step(&mut self, tok: &TextTokenizer, tokens: &[u32], text: &mut String) -> Result<()> {
+        let before = tok.decode(&tokens[self.prefix..self.read])?;
+        let window = tok.decode(&tokens[self.prefix..])?;
+        if window.ends_with('\u{FFFD}') {
+            return Ok(());
+        }
+        match window.strip_prefix(&before) {
+            Some(new) => text.push_str(new),
+            // A decoder whose window text does not extend its prefix's: decode it all.
+            None => *text = tok.decode(tokens)?,
+        }
+        (self.prefix, self.read) = (self.read, tokens.len());
+        Ok(())
+    }
+}
+
 /// The vocabulary-specific parts of a `tokenizers` spec rebuilt from GGUF metadata.
 struct VocabParts {
     normalizer: Value,

@@ -283,3 +283,32 @@ fn phi3_sentencepiece_vocabularies_tokenise_as_transformers_and_as_llama_cpp() {
         assert_eq!(greedy(&mut gg, ids, exp.greedy[i].len()), exp.greedy[i], "f16 GGUF input {i}");
     }
 }
+
+/// The streaming detokeniser (one window per token) gives, after every token, the text
+/// that decoding the whole answer gives, on byte-level BPE and on SentencePiece (HF and
+/// GGUF), with characters split over several tokens (CJK, emoji by byte fallback).
+#[test]
+fn streaming_detokenisation_equals_decoding_everything() {
+    let text = "Hello, world! ünïcödé 日本語のテキスト 🙂🙂 and\n\tspaces   here. The quick brown fox.";
+    for path in [
+        fixtures().join("tiny-qwen2"),
+        fixtures().join("tiny-phi3-spm"),
+        fixtures().join("tiny-phi3-spm/model-f16.gguf"),
+    ] {
+        let m = Model::open(&path).unwrap();
+        let tok = m.tokenizer().unwrap();
+        let ids = tok.encode(text, false).unwrap();
+        let (mut stream, mut streamed) = (so8t::tokenizer::DecodeStream::default(), String::new());
+        let mut checked = 0;
+        for n in 1..=ids.len() {
+            stream.step(tok, &ids[..n], &mut streamed).unwrap();
+            let full = tok.decode(&ids[..n]).unwrap();
+            if !full.ends_with('\u{FFFD}') {
+                assert_eq!(streamed, full, "{} after {n} tokens", path.display());
+                checked += 1;
+            }
+        }
+        assert!(checked > ids.len() / 2, "{}", path.display());
+        assert_eq!(streamed, tok.decode(&ids).unwrap());
+    }
+}

@@ -26,7 +26,7 @@ pub fn dataset_ids(
     examples: &[Example],
     path: &std::path::Path,
 ) -> Result<(Vec<Vec<u32>>, Vec<usize>)> {
-    let limit = model.config.max_position_embeddings;
+    let limit = model.config.context();
     let (mut all, mut prompt_lens) = (
         Vec::with_capacity(examples.len()),
         Vec::with_capacity(examples.len()),
