@@ -6,20 +6,37 @@ use std::path::PathBuf;
 pub struct Args {
     /// HF directory, baked directory, SO8T directory or GGUF file.
     path: PathBuf,
-    /// The .gguf file to write.
+    /// The .gguf file to write (`--format vllm`: the directory).
     #[arg(long)]
     out: PathBuf,
+    /// gguf: one file for llama.cpp and Ollama. vllm: a directory with the baked model,
+    /// the heads' classifier view(s) for vLLM's pooling runner, and so8t_heads.json.
+    #[arg(long, default_value = "gguf", value_parser = ["gguf", "vllm"])]
+    format: String,
     /// Weight type: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q2_k q3_k q4_k q5_k q6_k, or a
-    /// llama.cpp mix: q4_k_m q5_k_m q4_k_s.
-    #[arg(long, default_value = "f16")]
-    quant: String,
+    /// llama.cpp mix: q4_k_m q5_k_m q4_k_s (gguf only; default f16).
+    #[arg(long)]
+    quant: Option<String>,
     /// Replace --out if it exists.
     #[arg(long)]
     force: bool,
 }
 
 pub fn main(a: Args) -> Result<()> {
-    let quant = parse_quant(&a.quant)?;
+    if a.format == "vllm" {
+        if a.quant.is_some() {
+            anyhow::bail!("--quant applies to GGUF exports; a vLLM export keeps the baked model's dtype");
+        }
+        let views = so8t::artifact::vllm::export_vllm(&a.path, &a.out, a.force)?;
+        println!("{}", a.out.display());
+        eprintln!(
+            "model/ (baked, for generation), {} (heads as vLLM pooling models), so8t_heads.json (biases, thresholds, how to apply them)",
+            views.join(", ")
+        );
+        return Ok(());
+    }
+    let quant_name = a.quant.as_deref().unwrap_or("f16");
+    let quant = parse_quant(quant_name)?;
     if a.out.exists() && !a.force {
         anyhow::bail!(
             "{}: already exists (use --force to replace it)",
@@ -42,7 +59,7 @@ pub fn main(a: Args) -> Result<()> {
         "{} tensors, {:.1} MiB of tensor data ({})",
         report.tensors,
         report.bytes as f64 / (1 << 20) as f64,
-        a.quant
+        quant_name
     );
     Ok(())
 }

@@ -431,3 +431,63 @@ fn phi3_exports_run_in_llama_cpp_as_in_so8t() {
         }
     }
 }
+
+/// `export --format vllm`: transformers' token classifier on each view (what vLLM's
+/// pooling runner loads; fixtures/…/so8t-random/vllm-view.safetensors from
+/// scripts/reference/vllm_view_fixtures.py) gives, per token, the head logits so8t
+/// computes less the biases, for a head on the top layer and one on a middle layer (its
+/// view cut there, the final norm of unit weight). Both sides f32; 1e-4 as for logits.
+#[test]
+fn vllm_views_score_tokens_as_the_heads_less_their_biases() {
+    use so8t::artifact::vllm::export_vllm;
+    for name in ["tiny-qwen2", "tiny-phi3"] {
+        let base = fixtures().join(name);
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("so8t");
+        std::fs::create_dir(&src).unwrap();
+        for e in std::fs::read_dir(&base).unwrap() {
+            let p = e.unwrap().path();
+            let n = p.file_name().unwrap().to_string_lossy().to_string();
+            if p.is_file() && !n.starts_with("expected") && !n.ends_with(".gguf") {
+                std::fs::copy(&p, src.join(&n)).unwrap();
+            }
+        }
+        std::fs::copy(base.join("so8t-random/so8t_adapter.safetensors"), src.join("so8t_adapter.safetensors")).unwrap();
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(base.join("so8t-random/so8t_config.json")).unwrap()).unwrap();
+        cfg["heads"] = serde_json::json!({"safety": {"layer": 1}});
+        std::fs::write(src.join("so8t_config.json"), cfg.to_string()).unwrap();
+        let out = tmp.path().join("vllm");
+        let views = export_vllm(&src, &out, false).unwrap();
+        assert_eq!(views, ["classifier-layer1", "classifier-layer2"]);
+        let heads: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("so8t_heads.json")).unwrap()).unwrap();
+        let recorded: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(base.join("so8t-random/vllm-heads.json")).unwrap()).unwrap();
+        assert_eq!(heads, recorded, "{name}: so8t_heads.json");
+        let theirs = candle_core::safetensors::load(base.join("so8t-random/vllm-view.safetensors"), &candle_core::Device::Cpu).unwrap();
+        let mut m = so8t::Model::open(&src).unwrap();
+        let h = m.so8t.as_ref().unwrap().heads.clone();
+        for (i, ids) in expected(name).inputs.iter().enumerate() {
+            m.decoder.clear_cache();
+            m.decoder.forward_hidden(ids, 0).unwrap();
+            for (head, w, layer) in [("safety", &h.safety_w, 1), ("authority", &h.authority_w, 2)] {
+                let ours = m.decoder.tap_of(layer).unwrap().matmul(&w.t().unwrap()).unwrap();
+                let view = heads["heads"][head]["view"].as_str().unwrap();
+                let row = heads["heads"][head]["score_rows"][0].as_u64().unwrap() as usize;
+                let got = theirs[&format!("{view}.{i}")].narrow(1, row, 2).unwrap();
+                let d = max_abs_diff(&ours, &got);
+                assert!(d <= 1e-4, "{name} {head} input {i}: max |Δ| = {d}");
+            }
+        }
+        // The files transformers read are the ones this export made.
+        let files: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(base.join("so8t-random/vllm-files.json")).unwrap()).unwrap();
+        for (f, sha) in files.as_object().unwrap() {
+            use sha2::Digest;
+            let got = format!("{:x}", sha2::Sha256::digest(std::fs::read(out.join(f)).unwrap()));
+            assert_eq!(&got, sha.as_str().unwrap(), "{name}: {f}");
+        }
+        assert!(out.join("model/so8t_heads.safetensors").exists());
+    }
+}

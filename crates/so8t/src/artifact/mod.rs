@@ -10,3 +10,4 @@ pub mod export;
 pub mod export_tokenizer;
 pub mod modelfile;
 pub mod validate;
+pub mod vllm;
