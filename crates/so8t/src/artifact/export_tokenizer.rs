@@ -137,21 +137,8 @@ pub fn from_hf_dir(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Meta)>>
             _ => None,
         })
         .collect();
-    let tc_path = dir.join("tokenizer_config.json");
-    let tc: Value = match crate::files::read_text_if_exists(&tc_path, crate::files::SETTINGS_LIMIT)? {
-        Some(t) => serde_json::from_str(&t).in_file(&tc_path)?,
-        None => Value::Null,
-    };
-    let token_of = |key: &str| -> Option<String> {
-        match &tc[key] {
-            Value::String(s) => Some(s.clone()),
-            Value::Object(o) => o
-                .get("content")
-                .and_then(|c| c.as_str())
-                .map(str::to_string),
-            _ => None,
-        }
-    };
+    let tc = tokenizer_config(dir)?;
+    let token_of = |key: &str| config_token(&tc, key);
     let id_of = |t: &str| tokens.iter().position(|x| x == t).map(|i| i as u32);
     let mut m = vec![
         ("tokenizer.ggml.model".to_string(), Meta::Str("gpt2".into())),
@@ -168,17 +155,40 @@ pub fn from_hf_dir(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Meta)>>
     }
     let add_bos = tc["add_bos_token"].as_bool().unwrap_or(pre == "llama-bpe");
     m.push(("tokenizer.ggml.add_bos_token".into(), Meta::Bool(add_bos)));
-    let template = match &tc["chat_template"] {
-        Value::String(s) => Some(s.clone()),
-        _ => crate::files::read_text_if_exists(&dir.join("chat_template.jinja"), crate::files::SETTINGS_LIMIT)?,
-    };
-    if let Some(t) = template {
-        m.push(("tokenizer.chat_template".into(), Meta::Str(t)));
-    }
+    m.extend(chat_template(dir, &tc)?);
     m.push(("tokenizer.ggml.tokens".into(), Meta::StrArray(tokens)));
     m.push(("tokenizer.ggml.token_type".into(), Meta::I32Array(types)));
     m.push(("tokenizer.ggml.merges".into(), Meta::StrArray(merges)));
     Ok(m)
+}
+
+/// `dir`'s tokenizer_config.json (null without one).
+fn tokenizer_config(dir: &Path) -> Result<Value> {
+    let path = dir.join("tokenizer_config.json");
+    match crate::files::read_text_if_exists(&path, crate::files::SETTINGS_LIMIT)? {
+        Some(t) => serde_json::from_str(&t).in_file(&path),
+        None => Ok(Value::Null),
+    }
+}
+
+/// The text of special token `key` (`bos_token`, …) in a tokenizer_config.json: a string
+/// or an AddedToken object.
+fn config_token(tc: &Value, key: &str) -> Option<String> {
+    match &tc[key] {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        _ => None,
+    }
+}
+
+/// `tokenizer.chat_template`: tokenizer_config.json's, else chat_template.jinja
+/// (transformers 5 writes it there).
+fn chat_template(dir: &Path, tc: &Value) -> Result<Option<(String, Meta)>> {
+    let template = match &tc["chat_template"] {
+        Value::String(s) => Some(s.clone()),
+        _ => crate::files::read_text_if_exists(&dir.join("chat_template.jinja"), crate::files::SETTINGS_LIMIT)?,
+    };
+    Ok(template.map(|t| ("tokenizer.chat_template".to_string(), Meta::Str(t))))
 }
 
 /// A SentencePiece `ModelProto`'s pieces: (text, score, type), in id order.
@@ -269,11 +279,7 @@ fn sentencepiece(dir: &Path, tj: &Value, vocab_size: usize) -> Result<Vec<(Strin
             _ => NORMAL,
         };
     }
-    let tc_path = dir.join("tokenizer_config.json");
-    let tc: Value = match crate::files::read_text_if_exists(&tc_path, crate::files::SETTINGS_LIMIT)? {
-        Some(t) => serde_json::from_str(&t).in_file(&tc_path)?,
-        None => Value::Null,
-    };
+    let tc = tokenizer_config(dir)?;
     let decoder_entries = tc["added_tokens_decoder"]
         .as_object()
         .into_iter()
@@ -301,13 +307,7 @@ fn sentencepiece(dir: &Path, tj: &Value, vocab_size: usize) -> Result<Vec<(Strin
         ("tokenizer.ggml.model".to_string(), Meta::Str("llama".into())),
         ("tokenizer.ggml.pre".into(), Meta::Str("default".into())),
     ];
-    let token_of = |key: &str| -> Option<String> {
-        match &tc[key] {
-            Value::String(s) => Some(s.clone()),
-            Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
-            _ => None,
-        }
-    };
+    let token_of = |key: &str| config_token(&tc, key);
     for (key, name) in [
         ("bos_token", "bos_token_id"),
         ("eos_token", "eos_token_id"),
@@ -331,13 +331,7 @@ fn sentencepiece(dir: &Path, tj: &Value, vocab_size: usize) -> Result<Vec<(Strin
             m.push((format!("tokenizer.ggml.add_{typ}_token"), Meta::Bool(add)));
         }
     }
-    let template = match &tc["chat_template"] {
-        Value::String(s) => Some(s.clone()),
-        _ => crate::files::read_text_if_exists(&dir.join("chat_template.jinja"), crate::files::SETTINGS_LIMIT)?,
-    };
-    if let Some(t) = template {
-        m.push(("tokenizer.chat_template".into(), Meta::Str(t)));
-    }
+    m.extend(chat_template(dir, &tc)?);
     m.push(("tokenizer.ggml.tokens".into(), Meta::StrArray(tokens)));
     m.push(("tokenizer.ggml.scores".into(), Meta::F32Array(scores)));
     m.push(("tokenizer.ggml.token_type".into(), Meta::I32Array(types)));
