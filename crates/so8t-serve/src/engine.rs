@@ -2,9 +2,11 @@
 //! step each in turn (a prompt chunk or one token), so every admitted request makes
 //! progress. Interleaving rather than batching: the decoder's matrix–vector products are
 //! memory-bound either way on CPU, and per-sequence KV caches keep each request's work
-//! independent (a closed connection frees its slot at the next turn).
+//! independent (a closed connection frees its slot at the next turn). A finished
+//! sequence's cache is kept for the next prompts that share a prefix with it.
 
 use so8t::generate::{FinishReason, GenerateRequest, Sequence};
+use so8t::model::KvCache;
 use so8t::so8::verdict::{ResponseJudge, Verdict};
 use so8t::Model;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -117,6 +119,9 @@ fn run(
     active_count: &AtomicUsize,
 ) {
     let mut active: Vec<Active> = Vec::new();
+    // The caches of the last `parallel` finished sequences, oldest first (llama-server's
+    // slots keep theirs the same way): a prompt that shares a prefix with one starts there.
+    let mut spare: std::collections::VecDeque<KvCache> = std::collections::VecDeque::new();
     loop {
         while active.len() < parallel {
             let job = if active.is_empty() {
@@ -134,18 +139,38 @@ fn run(
                 continue; // the client left while queued
             }
             match Sequence::new(&model, job.req.clone()) {
-                Ok(seq) => active.push(Active {
+                Ok(mut seq) => {
+                    // The finished cache sharing the longest prefix with this prompt.
+                    let shared = |c: &KvCache| {
+                        c.tokens().iter().zip(&job.req.prompt_ids).take_while(|(a, b)| a == b).count()
+                    };
+                    if let Some(best) = (0..spare.len()).max_by_key(|&i| shared(&spare[i])).filter(|&i| shared(&spare[i]) > 0) {
+                        let cache = spare.remove(best).expect("an index of spare");
+                        seq.reuse_cache(cache);
+                    }
+                    active.push(Active {
                     seq,
                     job,
                     content_filtered: false,
-                }),
+                    })
+                }
                 Err(e) => {
                     let _ = job.events.send(Event::Error(e.to_string()));
                 }
             }
         }
         active_count.store(active.len(), Ordering::Relaxed);
-        active.retain_mut(|a| !turn(&mut model, a));
+        let mut i = 0;
+        while i < active.len() {
+            if turn(&mut model, &mut active[i]) {
+                spare.push_back(active.remove(i).seq.into_cache());
+                if spare.len() > parallel {
+                    spare.pop_front();
+                }
+            } else {
+                i += 1;
+            }
+        }
         active_count.store(active.len(), Ordering::Relaxed);
     }
 }

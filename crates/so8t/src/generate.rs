@@ -161,6 +161,36 @@ impl Sequence {
         r
     }
 
+    /// Starts from `cache`, another sequence's, keeping the longest prefix of it this
+    /// prompt shares (a system prompt, a chat header), so those positions are not run
+    /// again, as llama-server reuses a slot's cache. It stops short of the verdict position
+    /// and of the last prompt token, whose states this run must compute (the prompt's
+    /// verdict and the first logits). Returns how many positions were reused.
+    pub fn reuse_cache(&mut self, mut cache: KvCache) -> usize {
+        let n = self.req.prompt_ids.len();
+        let at = self.req.verdict_position.unwrap_or(n - 1);
+        let shared = cache
+            .tokens()
+            .iter()
+            .zip(&self.req.prompt_ids)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(at)
+            .min(n - 1);
+        if self.prefilled > 0 || shared == 0 {
+            return 0;
+        }
+        cache.truncate(shared);
+        self.cache = cache;
+        self.prefilled = shared;
+        shared
+    }
+
+    /// The KV cache, for [`Sequence::reuse_cache`] by the next request.
+    pub fn into_cache(self) -> KvCache {
+        self.cache
+    }
+
     pub fn prompt_done(&self) -> bool {
         self.prefilled == self.req.prompt_ids.len()
     }

@@ -322,3 +322,54 @@ fn tapped_layers_agree_between_paths_and_are_unit_normed() {
         assert!(m.decoder.set_taps(&[n + 1]).is_err() && m.decoder.set_taps(&[0]).is_err());
     }
 }
+
+/// A prompt that shares a prefix with a finished sequence starts from that sequence's KV
+/// cache (the server's prefix reuse) and gets the answer, the prompt's verdict and every
+/// token's verdict that a fresh run gets; also on phi3, where the reused cache holds the
+/// long LongRoPE set and the new prompt needs the short one. Both runs are the same f32
+/// operations on the same rows, in other chunks: 1e-5 on probabilities.
+#[test]
+fn a_reused_prefix_gives_what_a_fresh_run_gives() {
+    use so8t::generate::{GenerateRequest, Sequence};
+    let tmp = tempfile::tempdir().unwrap();
+    for arch in ["qwen2", "phi3"] {
+        let dir = converted(arch, &tmp, &random(11));
+        let mut m = Model::open(&dir).unwrap();
+        let shared: Vec<u32> = (0..24u32).map(|i| (i * 7 + 3) % 50 + 10).collect();
+        let ask = |tail: &[u32], n: usize| GenerateRequest {
+            prompt_ids: shared.iter().chain(tail).copied().collect(),
+            max_tokens: n,
+            sampling: Default::default(),
+            stop: vec![],
+            top_logprobs: 0,
+            verdict_every_token: true,
+            verdict_position: None,
+        };
+        let run = |m: &mut Model, seq: &mut Sequence| {
+            while !seq.prefill(m, 7).unwrap() {}
+            let mut out = Vec::new();
+            while let Some(s) = seq.step(m).unwrap() {
+                out.push((s.id, s.verdict.unwrap()));
+            }
+            (seq.prompt_verdict().unwrap(), out)
+        };
+        // The first request runs past phi3's original context of 32 (long set).
+        let mut first = Sequence::new(&m, ask(&[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], 4)).unwrap();
+        run(&mut m, &mut first);
+        let second = ask(&[40, 41, 42], 5);
+        let mut fresh = Sequence::new(&m, second.clone()).unwrap();
+        let a = run(&mut m, &mut fresh);
+        let mut reused = Sequence::new(&m, second).unwrap();
+        assert_eq!(reused.reuse_cache(first.into_cache()), 24, "{arch}");
+        let b = run(&mut m, &mut reused);
+        let close = |x: &so8t::so8::verdict::Verdict, y: &so8t::so8::verdict::Verdict| {
+            (x.p_unsafe - y.p_unsafe).abs() <= 1e-5 && (x.p_escalate - y.p_escalate).abs() <= 1e-5
+        };
+        assert!(close(&a.0, &b.0), "{arch}: prompt verdict {:?} vs {:?}", a.0, b.0);
+        assert_eq!(a.1.len(), b.1.len());
+        for ((ta, va), (tb, vb)) in a.1.iter().zip(&b.1) {
+            assert_eq!(ta, tb, "{arch}");
+            assert!(close(va, vb), "{arch}: {va:?} vs {vb:?}");
+        }
+    }
+}

@@ -67,7 +67,13 @@ impl KvCache {
         }
     }
 
-    pub(super) fn truncate(&mut self, len: usize) {
+    /// The tokens of the cached positions.
+    pub fn tokens(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// Drops the cached positions from `len` on.
+    pub fn truncate(&mut self, len: usize) {
         if len < self.len {
             for (k, v) in self.layers.iter_mut() {
                 k.truncate(len * self.row);
