@@ -46,19 +46,21 @@ def corpus():
     return texts
 
 
-def make_tokenizer(dst: Path):
+def make_tokenizer(dst: Path, specials=SPECIALS, config=None):
+    """A byte-level BPE with llama.cpp's qwen2 pre-tokenizer, trained on corpus(), with
+    `specials` (texts or AddedTokens) first; `config` is its tokenizer_config.json."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN2_REGEX), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=448, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    trainer = trainers.BpeTrainer(vocab_size=448, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(corpus(), trainer)
     dst.mkdir(parents=True, exist_ok=True)
     tok.save(str(dst / "tokenizer.json"))
-    (dst / "tokenizer_config.json").write_text(json.dumps({
+    (dst / "tokenizer_config.json").write_text(json.dumps(config or {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
         "chat_template": CHATML, "add_bos_token": False,

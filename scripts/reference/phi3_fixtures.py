@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers, Regex
+from tokenizers import AddedToken
 from transformers import AutoModelForCausalLM, Phi3Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,24 +54,12 @@ ORIGINAL = 32  # original_max_position_embeddings: short prompts stay below, lon
 
 
 def make_tokenizer(dst: Path):
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(mf.QWEN2_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
     specials = [AddedToken(t, special=True, rstrip=t not in NO_RSTRIP, normalized=False) for t in SPECIALS]
-    trainer = trainers.BpeTrainer(vocab_size=448, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(mf.corpus(), trainer)
-    dst.mkdir(parents=True, exist_ok=True)
-    tok.save(str(dst / "tokenizer.json"))
-    (dst / "tokenizer_config.json").write_text(json.dumps({
+    return mf.make_tokenizer(dst, specials, {
         "tokenizer_class": "GPT2Tokenizer",
         "bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
         "chat_template": TEMPLATE, "add_bos_token": False,
-    }, indent=2))
-    return tok
+    })
 
 
 def factors(g, n, lo, hi):

@@ -6,6 +6,9 @@ less the biases. The SO8T models are the fixtures' random ones (make_fixtures.py
 the safety head moved to layer 1 of 2 so that a view is cut below the top.
 
     cargo build --release -p so8t-cli && python scripts/reference/vllm_view_fixtures.py
+
+Run it after make_fixtures.py and phi3_fixtures.py: they rewrite so8t-random/, where
+this writes its files.
 """
 import hashlib
 import json

@@ -141,9 +141,7 @@ fn run(
             match Sequence::new(&model, job.req.clone()) {
                 Ok(mut seq) => {
                     // The finished cache sharing the longest prefix with this prompt.
-                    let shared = |c: &KvCache| {
-                        c.tokens().iter().zip(&job.req.prompt_ids).take_while(|(a, b)| a == b).count()
-                    };
+                    let shared = |c: &KvCache| c.shared_prefix(&job.req.prompt_ids);
                     if let Some(best) = (0..spare.len()).max_by_key(|&i| shared(&spare[i])).filter(|&i| shared(&spare[i]) > 0) {
                         let cache = spare.remove(best).expect("an index of spare");
                         seq.reuse_cache(cache);

@@ -244,7 +244,7 @@ impl ModelConfig {
             // contexts unless it differs from what transformers would derive.
             RopeScaling::LongRope { short, long, attention_factor, .. } => {
                 let mut r = serde_json::json!({"type": "longrope", "short_factor": short, "long_factor": long});
-                if (*attention_factor - self.derived_attention_factor()).abs() > 0.0 {
+                if *attention_factor != self.derived_attention_factor() {
                     r["attention_factor"] = (*attention_factor).into();
                 }
                 r
@@ -488,22 +488,17 @@ impl ModelConfig {
                         .map(|f| f.iter().map(|&x| x as f32).collect::<Vec<f32>>())
                         .ok_or_else(|| Error::format(path, format!("rope_scaling: missing field `{name}`")))
                 };
-                let original = original_context.ok_or_else(|| {
-                    Error::format(path, "rope_scaling longrope needs `original_max_position_embeddings`")
-                })?;
-                if original == 0 {
-                    return Err(Error::format(path, "field `original_max_position_embeddings` must be positive, got 0"));
-                }
                 // transformers: an explicit attention factor, else one from `factor`, else
-                // from the ratio of the two contexts.
-                let scale = r.factor.unwrap_or(max_position_embeddings as f64 / original as f64);
+                // from the ratio of the two contexts. Without a positive original context
+                // `validate` refuses the config below.
+                let derived = original_context.filter(|&o| o > 0).map(|o| {
+                    let scale = r.factor.unwrap_or(max_position_embeddings as f64 / o as f64);
+                    ModelConfig::longrope_attention_factor(scale, o)
+                });
                 RopeScaling::LongRope {
                     short: factors(&r.short_factor, "short_factor")?,
                     long: factors(&r.long_factor, "long_factor")?,
-                    attention_factor: match r.attention_factor {
-                        Some(a) => a as f32,
-                        None => ModelConfig::longrope_attention_factor(scale, original),
-                    },
+                    attention_factor: r.attention_factor.map(|a| a as f32).or(derived).unwrap_or(1.0),
                 }
             }
             Some(other) => {

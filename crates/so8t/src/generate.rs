@@ -169,14 +169,7 @@ impl Sequence {
     pub fn reuse_cache(&mut self, mut cache: KvCache) -> usize {
         let n = self.req.prompt_ids.len();
         let at = self.req.verdict_position.unwrap_or(n - 1);
-        let shared = cache
-            .tokens()
-            .iter()
-            .zip(&self.req.prompt_ids)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(at)
-            .min(n - 1);
+        let shared = cache.shared_prefix(&self.req.prompt_ids).min(at).min(n - 1);
         if self.prefilled > 0 || shared == 0 {
             return 0;
         }

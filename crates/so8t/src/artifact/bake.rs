@@ -29,7 +29,7 @@ pub enum OutDType {
 }
 
 impl OutDType {
-    fn dtype(self) -> DType {
+    pub(crate) fn dtype(self) -> DType {
         match self {
             OutDType::F32 => DType::F32,
             OutDType::F16 => DType::F16,
@@ -125,6 +125,22 @@ pub(crate) fn fold(t: &Tensor, r: &Tensor, output_side: bool) -> candle_core::Re
     }
 }
 
+/// A checkpoint's dtype: its projections' (norms are often kept in f32); bf16 for
+/// anything else (FP8 blocks).
+pub(crate) fn checkpoint_dtype(store: &SafetensorsStore, cfg: &ModelConfig) -> OutDType {
+    let first_projection = cfg
+        .hf_tensors()
+        .into_iter()
+        .find(|(n, _)| n.ends_with("_proj.weight"))
+        .map(|(n, _)| n)
+        .unwrap_or_default();
+    match store.dtype(&first_projection) {
+        Some(safetensors::Dtype::F32) => OutDType::F32,
+        Some(safetensors::Dtype::F16) => OutDType::F16,
+        _ => OutDType::BF16,
+    }
+}
+
 pub fn bake(src: &Path, out: &Path, opts: &BakeOptions) -> Result<()> {
     let cfg = So8tConfig::read(src)?;
     cfg.check_base(src)?;
@@ -138,21 +154,7 @@ pub fn bake(src: &Path, out: &Path, opts: &BakeOptions) -> Result<()> {
         .as_array()
         .and_then(|b| Some((b.first()?.as_u64()? as usize, b.get(1)?.as_u64()? as usize)));
     let store = SafetensorsStore::open(src, fp8)?;
-    // The base's dtype is its projections' (norms are often kept in f32).
-    let first_projection = model_cfg
-        .hf_tensors()
-        .into_iter()
-        .find(|(n, _)| n.ends_with("_proj.weight"))
-        .map(|(n, _)| n)
-        .unwrap_or_default();
-    let out_dtype =
-        opts.dtype.unwrap_or_else(
-            || match store.dtype(&first_projection) {
-                Some(safetensors::Dtype::F32) => OutDType::F32,
-                Some(safetensors::Dtype::F16) => OutDType::F16,
-                _ => OutDType::BF16,
-            },
-        );
+    let out_dtype = opts.dtype.unwrap_or_else(|| checkpoint_dtype(&store, &model_cfg));
 
     let rotations = adapter.fold_rotations(&model_cfg, &cfg)?;
 

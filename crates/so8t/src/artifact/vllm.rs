@@ -88,14 +88,8 @@ fn write_view(
 ) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let cut = layer < cfg.num_layers;
-    let dtype = store
-        .dtype("model.embed_tokens.weight")
-        .map(|d| match d {
-            safetensors::Dtype::F32 => DType::F32,
-            safetensors::Dtype::F16 => DType::F16,
-            _ => DType::BF16,
-        })
-        .unwrap_or(DType::F32);
+    // The baked model's, which bake wrote every tensor in.
+    let dtype = super::bake::checkpoint_dtype(store, cfg).dtype();
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for name in store.tensor_names() {
         if name == "lm_head.weight" {

@@ -31,6 +31,12 @@ fn ratio(a: usize, b: usize) -> f64 {
     }
 }
 
+/// Whether `labels` hold both classes (what a fit, an ROC curve or an FPR-bound threshold
+/// needs).
+pub fn both_classes(labels: &[bool]) -> bool {
+    labels.iter().any(|&v| v) && labels.iter().any(|&v| !v)
+}
+
 pub fn binary_metrics(scores: &[f32], labels: &[bool], threshold: f32) -> BinaryMetrics {
     let (mut tp, mut fp, mut tn, mut fn_) = (0, 0, 0, 0);
     for (&s, &y) in scores.iter().zip(labels) {

@@ -60,7 +60,7 @@ fn roc_plot(report: &EvalReport, path: &Path) -> Result<()> {
         chart.draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], BLACK.mix(0.3)))?;
         for (i, h) in report.heads.iter().enumerate() {
             let (s, y): (Vec<f32>, Vec<bool>) = h.scores.iter().cloned().unzip();
-            if !(y.iter().any(|&v| v) && y.iter().any(|&v| !v)) {
+            if !crate::eval::metrics::both_classes(&y) {
                 continue;
             }
             let color = Palette99::pick(i).to_rgba();

@@ -113,18 +113,9 @@ impl Decoder {
             let ([q, k, v], [gate, up]) = if cfg.arch.fused_projections() {
                 let qkv = ws.matrix(&format!("{a}.qkv_proj.weight"), (nh + 2 * nkv) * hd, h)?;
                 let gate_up = ws.matrix(&format!("{m}.gate_up_proj.weight"), 2 * ff, h)?;
-                let cut = |w: Matrix, parts: &[usize], name: String| -> Result<Vec<Projection>> {
-                    let parts = w.split_rows(parts).map_err(|e| {
-                        crate::error::Error::format(ws.path(), format!("tensor `{name}`: {}", crate::error::candle_message(&e)))
-                    })?;
-                    Ok(parts.into_iter().map(|w| Projection { w, b: None }).collect())
-                };
-                let mut qkv = cut(qkv, &[nh * hd, nkv * hd, nkv * hd], format!("{a}.qkv_proj.weight"))?.into_iter();
-                let mut gu = cut(gate_up, &[ff, ff], format!("{m}.gate_up_proj.weight"))?.into_iter();
-                let next = |it: &mut std::vec::IntoIter<Projection>| it.next().expect("one part per size");
                 (
-                    [next(&mut qkv), next(&mut qkv), next(&mut qkv)],
-                    [next(&mut gu), next(&mut gu)],
+                    Projection::cut(ws, qkv, [nh * hd, nkv * hd, nkv * hd], &format!("{a}.qkv_proj.weight"))?,
+                    Projection::cut(ws, gate_up, [ff, ff], &format!("{m}.gate_up_proj.weight"))?,
                 )
             } else {
                 (

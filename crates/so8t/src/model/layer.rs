@@ -27,6 +27,22 @@ impl Projection {
     }
 }
 
+impl Projection {
+    /// A fused matrix `w` (tensor `name` of `ws`) as its parts of `rows` rows each.
+    pub(super) fn cut<const N: usize>(
+        ws: &dyn WeightStore,
+        w: Matrix,
+        rows: [usize; N],
+        name: &str,
+    ) -> Result<[Projection; N]> {
+        let parts = w.split_rows(&rows).map_err(|e| {
+            crate::error::Error::format(ws.path(), format!("tensor `{name}`: {}", crate::error::candle_message(&e)))
+        })?;
+        let parts: Vec<Projection> = parts.into_iter().map(|w| Projection { w, b: None }).collect();
+        Ok(parts.try_into().unwrap_or_else(|_| unreachable!("split_rows gives one part per size")))
+    }
+}
+
 pub(super) struct Layer {
     pub(super) attn_norm: Vec<f32>,
     pub(super) q: Projection,
@@ -67,9 +83,9 @@ impl KvCache {
         }
     }
 
-    /// The tokens of the cached positions.
-    pub fn tokens(&self) -> &[u32] {
-        &self.ids
+    /// How many of the cached positions hold the first tokens of `ids`.
+    pub fn shared_prefix(&self, ids: &[u32]) -> usize {
+        self.ids.iter().zip(ids).take_while(|(a, b)| a == b).count()
     }
 
     /// Drops the cached positions from `len` on.

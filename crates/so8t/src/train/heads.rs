@@ -5,6 +5,7 @@
 use super::data::Example;
 use super::thresholds::HeldOutScores;
 use super::{logistic, Features, SampleKind, HEAD_NAMES};
+use crate::eval::metrics::both_classes;
 use crate::error::{Error, Result};
 use crate::so8::verdict::{Heads, HeadsConfig, VerdictPosition};
 use serde::Serialize;
@@ -124,8 +125,7 @@ pub fn family_folds(examples: &[Example], h: usize) -> Option<HashMap<&str, usiz
 pub fn head_short_of_families(examples: &[Example]) -> Option<&'static str> {
     (0..HEAD_NAMES.len()).find_map(|h| {
         let labels = Example::head_labels(examples, h);
-        let both = labels.iter().any(|&v| v) && labels.iter().any(|&v| !v);
-        (both && family_folds(examples, h).is_none()).then_some(HEAD_NAMES[h])
+        (both_classes(&labels) && family_folds(examples, h).is_none()).then_some(HEAD_NAMES[h])
     })
 }
 
@@ -152,7 +152,7 @@ fn family_oof_logits(
     for j in 0..FAMILY_FOLDS {
         let held: Vec<usize> = (0..pfolds.len()).filter(|&i| pfolds[i] == j).collect();
         let others = fit.0.rows(d, (0..fit.1.len()).filter(|&i| fit.1[i] != j));
-        if held.is_empty() || !(others.y.iter().any(|&v| v) && others.y.iter().any(|&v| !v)) {
+        if held.is_empty() || !both_classes(&others.y) {
             continue;
         }
         let s = others.subsample(d, max_samples);
@@ -176,7 +176,7 @@ fn family_criterion(f: &Features, t: &Labelled, folds: &[usize], d: usize, wd: f
     let part = |keep: &dyn Fn(usize) -> bool, unit_w: &dyn Fn(usize) -> f64| {
         let sel: Vec<usize> = (0..t.y.len()).filter(|&i| oof[i].is_some() && keep(i)).collect();
         let sy: Vec<bool> = sel.iter().map(|&i| t.y[i]).collect();
-        if !(sy.iter().any(|&v| v) && sy.iter().any(|&v| !v)) {
+        if !both_classes(&sy) {
             return None;
         }
         let sw: Vec<f64> = sel.iter().map(|&i| unit_w(i)).collect();
@@ -229,7 +229,6 @@ pub fn fit_heads(
     let (mut heads, mut setting) = (current.0.clone(), current.1.clone());
     let (d, position) = (train.hidden, opts.position);
     let mut reports = Vec::new();
-    let both = |y: &[bool]| y.iter().any(|&v| v) && y.iter().any(|&v| !v);
     // Until the families choose one, the weighting asked for (tokens for `ByFamilies`).
     let given = match opts.answer_weight {
         AnswerWeight::Fixed(w) => Some(w),
@@ -249,7 +248,7 @@ pub fn fit_heads(
             .iter()
             .filter_map(|s| train.label(s, h, position))
             .collect();
-        if !both(&y) {
+        if !both_classes(&y) {
             tracing::warn!("no {name} labels of both classes in the training data: the {name} head is left as it was");
             continue;
         }
@@ -259,7 +258,7 @@ pub fn fit_heads(
                 let w = v.sample_weights(&idx, given);
                 Labelled { x, y, w, idx }
             })
-            .filter(|l| both(&l.y))
+            .filter(|l| both_classes(&l.y))
         };
         let mut layer_search = Vec::new();
         let mut layer = last;

@@ -4,7 +4,7 @@
 
 use super::{Features, SampleKind, HEAD_NAMES};
 use crate::error::Result;
-use crate::eval::metrics::{binary_metrics, threshold_for_fpr, BinaryMetrics};
+use crate::eval::metrics::{binary_metrics, both_classes, threshold_for_fpr, BinaryMetrics};
 use crate::so8::verdict::{rule_score, Heads, HeadsConfig, Thresholds, VerdictPosition};
 use serde::Serialize;
 
@@ -99,7 +99,7 @@ fn head_thresholds(
     // Only where there are answers of both classes: a threshold set from benign answers
     // alone would flag target_fpr of them for nothing it was shown to catch. Otherwise
     // the prompt's threshold applies to answers too.
-    let response_threshold = (ry.iter().any(|&v| v) && ry.iter().any(|&v| !v))
+    let response_threshold = both_classes(&ry)
         .then(|| threshold_for_fpr(&rs, &ry, target_fpr));
     // A benign score of exactly 1 (saturated softmax) puts the bound just above 1:
     // nothing can be flagged then, and 1 says the same as a probability.
