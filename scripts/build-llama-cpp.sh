@@ -11,7 +11,9 @@ if [ -x "$DEST/build/bin/llama-ref-greedy" ] && [ -x "$DEST/build/bin/llama-benc
 fi
 command -v cmake >/dev/null || { echo "cmake not found: apt-get install -y cmake" >&2; exit 1; }
 tmp="$(mktemp -d)"
-python3 -m pip download --quiet --no-deps --no-binary=:all: -d "$tmp" "llama-cpp-python==$VERSION"
+# Only the package itself from source: its build dependencies (cmake, ninja) as wheels,
+# or pip builds them from source first just to read the sdist's metadata (tens of minutes).
+python3 -m pip download --quiet --no-deps --no-binary=llama-cpp-python -d "$tmp" "llama-cpp-python==$VERSION"
 tar xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
 rm -rf "$DEST"; mkdir -p "$CACHE"
 mv "$tmp"/llama_cpp_python-*/vendor/llama.cpp "$DEST"

@@ -23,7 +23,7 @@ pub struct Args {
     /// Open connections per client address at most (default: only --max-connections).
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
     max_connections_per_client: Option<usize>,
-    /// Requests that generate at once (interleaved token by token).
+    /// Requests that generate at once (batched: one decoder pass per token for all of them).
     #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
     parallel: usize,
     /// Requests that may wait for a slot; beyond that the server answers 429.

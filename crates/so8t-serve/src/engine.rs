@@ -1,11 +1,11 @@
-//! The engine: one thread owns the model and interleaves up to `parallel` sequences, one
-//! step each in turn (a prompt chunk or one token), so every admitted request makes
-//! progress. Interleaving rather than batching: the decoder's matrix–vector products are
-//! memory-bound either way on CPU, and per-sequence KV caches keep each request's work
-//! independent (a closed connection frees its slot at the next turn). A finished
-//! sequence's cache is kept for the next prompts that share a prefix with it.
+//! The engine: one thread owns the model and runs up to `parallel` sequences in continuous
+//! batches: each turn, every active sequence feeds a prompt chunk or its next token, and
+//! all of them go through one decoder pass (the weights read once for all the rows, as
+//! llama-server batches its slots), each attending over its own KV cache. Requests join
+//! and leave between turns (a closed connection frees its slot at the next turn). A
+//! finished sequence's cache is kept for the next prompts that share a prefix with it.
 
-use so8t::generate::{FinishReason, GenerateRequest, Sequence};
+use so8t::generate::{turn_batch, FinishReason, GenerateRequest, Sequence, Turn};
 use so8t::model::KvCache;
 use so8t::so8::verdict::{ResponseJudge, Verdict};
 use so8t::Model;
@@ -67,6 +67,8 @@ pub struct Engine {
     jobs: std::sync::Mutex<Sender<Job>>,
     /// Sequences generating now (the rest of the admitted requests are queued).
     pub active: Arc<AtomicUsize>,
+    /// The most sequences one decoder pass has run so far.
+    pub most_batched: Arc<AtomicUsize>,
 }
 
 impl Engine {
@@ -74,14 +76,16 @@ impl Engine {
     pub fn start(model: Model, parallel: usize) -> Engine {
         let (tx, rx) = std::sync::mpsc::channel();
         let active = Arc::new(AtomicUsize::new(0));
-        let counter = active.clone();
+        let most_batched = Arc::new(AtomicUsize::new(0));
+        let (counter, most) = (active.clone(), most_batched.clone());
         std::thread::Builder::new()
             .name("so8t-engine".into())
-            .spawn(move || run(model, rx, parallel.max(1), &counter))
+            .spawn(move || run(model, rx, parallel.max(1), &counter, &most))
             .expect("spawning the engine thread");
         Engine {
             jobs: std::sync::Mutex::new(tx),
             active,
+            most_batched,
         }
     }
 
@@ -117,6 +121,7 @@ fn run(
     rx: Receiver<Job>,
     parallel: usize,
     active_count: &AtomicUsize,
+    most_batched: &AtomicUsize,
 ) {
     let mut active: Vec<Active> = Vec::new();
     // The caches of the last `parallel` finished sequences, oldest first (llama-server's
@@ -158,72 +163,80 @@ fn run(
             }
         }
         active_count.store(active.len(), Ordering::Relaxed);
-        let mut i = 0;
-        while i < active.len() {
-            if turn(&mut model, &mut active[i]) {
-                spare.push_back(active.remove(i).seq.into_cache());
-                if spare.len() > parallel {
-                    spare.pop_front();
-                }
-            } else {
-                i += 1;
+        // A client that left frees its slot before the turn.
+        let (gone, kept): (Vec<Active>, Vec<Active>) = active.into_iter().partition(|a| a.job.events.is_closed());
+        active = kept;
+        let mut ended: Vec<KvCache> = gone.into_iter().map(|a| a.seq.into_cache()).collect();
+        if !active.is_empty() {
+            most_batched.fetch_max(active.len(), Ordering::Relaxed);
+            let results = {
+                let mut seqs: Vec<&mut Sequence> = active.iter_mut().map(|a| &mut a.seq).collect();
+                turn_batch(&mut model, &mut seqs, PREFILL_CHUNK)
+            };
+            let mut over = results
+                .into_iter()
+                .zip(active.iter_mut())
+                .map(|(r, a)| handle(&model, a, r))
+                .collect::<Vec<bool>>()
+                .into_iter();
+            let (done, kept): (Vec<Active>, Vec<Active>) = active.into_iter().partition(|_| over.next().unwrap_or(true));
+            active = kept;
+            ended.extend(done.into_iter().map(|a| a.seq.into_cache()));
+        }
+        for cache in ended {
+            spare.push_back(cache);
+            if spare.len() > parallel {
+                spare.pop_front();
             }
         }
         active_count.store(active.len(), Ordering::Relaxed);
     }
 }
 
-/// One step of one sequence; true when it is over (finished, failed or abandoned).
-fn turn(model: &mut Model, a: &mut Active) -> bool {
-    if a.job.events.is_closed() {
-        return true;
-    }
+/// Sends what one turn of `a` did to its client; true when the sequence is over
+/// (finished, failed or abandoned).
+fn handle(model: &Model, a: &mut Active, result: so8t::Result<Turn>) -> bool {
     // true when the client has gone
     let send = |job: &Job, e: Event| job.events.send(e).is_err();
-    let result = (|| -> so8t::Result<bool> {
-        if !a.seq.prompt_done() {
-            if a.seq.prefill(model, PREFILL_CHUNK)? {
-                let v = a.seq.prompt_verdict();
-                let cfg = model.so8t.as_ref().map(|s| &s.config);
-                a.filter(v.zip(cfg).is_some_and(|(v, c)| c.is_unsafe(v)));
-                return Ok(send(&a.job, Event::Prompt { verdict: v }));
-            }
-            return Ok(false);
+    match result {
+        Err(e) => {
+            let _ = a.job.events.send(Event::Error(e.to_string()));
+            true
         }
-        match a.seq.step(model)? {
-            Some(step) => {
-                let v = step.verdict;
-                // The token that completes the streaming rule's run is counted and scored,
-                // but its text is withheld.
-                let text = if a.filter(step.unsafe_fired) {
-                    String::new()
-                } else {
-                    step.text
-                };
-                Ok(send(
-                    &a.job,
-                    Event::Token {
-                        id: step.id,
-                        text,
-                        top: step.top,
-                        verdict: v,
-                    },
-                ))
-            }
-            None => {
-                let finish = match (a.content_filtered, a.seq.finish_reason()) {
-                    (true, _) => Finish::ContentFilter,
-                    (false, Some(FinishReason::Length)) => Finish::Length,
-                    _ => Finish::Stop,
-                };
-                let judge = a.seq.judge().clone();
-                send(&a.job, Event::Done { finish, judge });
-                Ok(true)
-            }
+        Ok(Turn::Prompt(false)) => false,
+        Ok(Turn::Prompt(true)) => {
+            let v = a.seq.prompt_verdict();
+            let cfg = model.so8t.as_ref().map(|s| &s.config);
+            a.filter(v.zip(cfg).is_some_and(|(v, c)| c.is_unsafe(v)));
+            send(&a.job, Event::Prompt { verdict: v })
         }
-    })();
-    result.unwrap_or_else(|e| {
-        let _ = a.job.events.send(Event::Error(e.to_string()));
-        true
-    })
+        Ok(Turn::Token(step)) => {
+            // The token that completes the streaming rule's run is counted and scored, but
+            // its text is withheld.
+            let text = if a.filter(step.unsafe_fired) {
+                String::new()
+            } else {
+                step.text
+            };
+            send(
+                &a.job,
+                Event::Token {
+                    id: step.id,
+                    text,
+                    top: step.top,
+                    verdict: step.verdict,
+                },
+            )
+        }
+        Ok(Turn::Ended) => {
+            let finish = match (a.content_filtered, a.seq.finish_reason()) {
+                (true, _) => Finish::ContentFilter,
+                (false, Some(FinishReason::Length)) => Finish::Length,
+                _ => Finish::Stop,
+            };
+            let judge = a.seq.judge().clone();
+            send(&a.job, Event::Done { finish, judge });
+            true
+        }
+    }
 }

@@ -259,6 +259,11 @@ async fn metrics(State(st): State<St>) -> Response {
             "Requests that generate at once (--parallel)",
             st.parallel as f64,
         ),
+        (
+            "so8t_batch_sequences_max",
+            "The most sequences one decoder pass has run since the start",
+            st.engine.most_batched.load(Ordering::Relaxed) as f64,
+        ),
     ]);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -74,7 +74,7 @@ pub enum Control {
 }
 
 /// One request's generation as a state machine with its own KV cache, so that several
-/// can take turns on one model (the server interleaves them step by step).
+/// can run on one model together ([`turn_batch`]: the server's continuous batching).
 pub struct Sequence {
     req: GenerateRequest,
     sampler: Sampler,
@@ -98,6 +98,35 @@ pub struct Sequence {
     finish: Option<FinishReason>,
     prompt_seconds: f64,
     generate_seconds: f64,
+    /// The turn begun and not yet ended.
+    pending: Option<Pending>,
+    turn_started: Instant,
+}
+
+/// A turn between [`Sequence::begin_turn`] and [`Sequence::end_turn`].
+enum Pending {
+    /// Prompt tokens `from..to`.
+    Prompt { from: usize, to: usize },
+    /// A token picked, waiting for its verdict.
+    Token(Step),
+}
+
+/// What a turn runs through the decoder: `ids` after what the sequence's cache holds.
+struct Feed {
+    ids: Vec<u32>,
+    /// Whether the last row's logits are wanted (the next token is picked from them).
+    logits: bool,
+}
+
+/// What one turn of a sequence did.
+pub enum Turn {
+    /// A chunk of the prompt was read; true when that was its end (the prompt's verdict
+    /// and the first token's logits are in).
+    Prompt(bool),
+    /// A token was picked (maybe the last).
+    Token(Step),
+    /// The sequence has ended ([`Sequence::finish_reason`] says why).
+    Ended,
 }
 
 impl Sequence {
@@ -145,20 +174,10 @@ impl Sequence {
             finish: None,
             prompt_seconds: 0.0,
             generate_seconds: 0.0,
+            pending: None,
+            turn_started: Instant::now(),
             req,
         })
-    }
-
-    /// Runs `f` on the decoder with this sequence's KV cache in place.
-    fn with_cache<T>(
-        &mut self,
-        model: &mut Model,
-        f: impl FnOnce(&mut crate::model::Decoder) -> Result<T>,
-    ) -> Result<T> {
-        model.decoder.swap_cache(&mut self.cache);
-        let r = f(&mut model.decoder);
-        model.decoder.swap_cache(&mut self.cache);
-        r
     }
 
     /// Starts from `cache`, another sequence's, keeping the longest prefix of it this
@@ -190,74 +209,37 @@ impl Sequence {
 
     /// Feeds up to `chunk` more prompt tokens; returns whether the whole prompt is in.
     pub fn prefill(&mut self, model: &mut Model, chunk: usize) -> Result<bool> {
-        if self.prompt_done() {
-            return Ok(true);
+        if !self.prompt_done() {
+            self.turn(model, chunk)?;
         }
-        let t0 = Instant::now();
-        let (from, to) = (
-            self.prefilled,
-            (self.prefilled + chunk.max(1)).min(self.req.prompt_ids.len()),
-        );
-        let ids = self.req.prompt_ids[from..to].to_vec();
-        let hidden = self.with_cache(model, |d| d.forward_hidden(&ids, from))?;
-        self.prefilled = to;
-        let at = self
-            .req
-            .verdict_position
-            .unwrap_or(self.req.prompt_ids.len() - 1);
-        if let (Some(s), true) = (&model.so8t, (from..to).contains(&at)) {
-            self.prompt_verdict = Some(s.verdicts(&model.decoder, Some(at - from))?[0]);
-        }
-        if self.prompt_done() {
-            let last = hidden.get(hidden.dim(0)? - 1)?;
-            self.logits = Some(
-                model
-                    .decoder
-                    .logits(&last.unsqueeze(0)?)?
-                    .squeeze(0)?
-                    .to_vec1::<f32>()?,
-            );
-        }
-        self.prompt_seconds += t0.elapsed().as_secs_f64();
         Ok(self.prompt_done())
     }
 
-    pub fn finish_reason(&self) -> Option<FinishReason> {
-        self.finish
+    /// One turn of this sequence alone ([`turn_batch`] of one).
+    fn turn(&mut self, model: &mut Model, chunk: usize) -> Result<Turn> {
+        turn_batch(model, &mut [self], chunk)
+            .pop()
+            .expect("one result per sequence")
     }
 
-    /// Ends the sequence early (a moderation rule, a closed connection).
-    pub fn cancel(&mut self) {
-        self.finish.get_or_insert(FinishReason::Cancelled);
-    }
-
-    /// The prompt's verdict, once the prompt is read (a model with heads).
-    pub fn prompt_verdict(&self) -> Option<Verdict> {
-        self.prompt_verdict
-    }
-
-    /// The streaming rule over the answer so far.
-    pub fn judge(&self) -> &ResponseJudge {
-        &self.judge
-    }
-
-    /// Picks the next token and feeds it back. `None` when the sequence has ended (then
-    /// [`Sequence::finish_reason`] says why); a returned step may also be the last.
-    pub fn step(&mut self, model: &mut Model) -> Result<Option<Step>> {
+    /// The first half of a turn: the next chunk of the prompt, or the next token picked
+    /// (sampled, detokenised, checked against the stop strings). Returns what the decoder
+    /// must run for it, or `None` when the turn needs no forward ([`Sequence::end_turn`]
+    /// completes it either way).
+    fn begin_turn(&mut self, model: &Model, chunk: usize) -> Result<Option<Feed>> {
+        self.turn_started = Instant::now();
         if self.finish.is_some() {
             return Ok(None);
         }
+        let n = self.req.prompt_ids.len();
         if !self.prompt_done() {
-            let n = self.req.prompt_ids.len();
-            self.prefill(model, n)?;
+            let (from, to) = (self.prefilled, self.prefilled.saturating_add(chunk.max(1)).min(n));
+            self.pending = Some(Pending::Prompt { from, to });
+            return Ok(Some(Feed {
+                ids: self.req.prompt_ids[from..to].to_vec(),
+                logits: to == n,
+            }));
         }
-        let t0 = Instant::now();
-        let r = self.advance(model);
-        self.generate_seconds += t0.elapsed().as_secs_f64();
-        r
-    }
-
-    fn advance(&mut self, model: &mut Model) -> Result<Option<Step>> {
         if self.tokens.len() >= self.req.max_tokens || self.history.len() >= self.ctx {
             self.finish = Some(FinishReason::Length);
             return Ok(None);
@@ -315,20 +297,14 @@ impl Sequence {
 
         let last =
             stop_hit || self.tokens.len() >= self.req.max_tokens || self.history.len() >= self.ctx;
-        let (mut verdict, mut unsafe_fired) = (None, false);
-        if !last || (self.req.verdict_every_token && model.so8t.is_some()) {
-            let pos = self.history.len() - 1;
-            let h = self.with_cache(model, |d| d.forward_hidden(&[id], pos))?;
-            if !last {
-                self.logits = Some(model.decoder.logits(&h)?.squeeze(0)?.to_vec1::<f32>()?);
-            }
-            if let (Some(s), true) = (&model.so8t, self.req.verdict_every_token) {
-                let v = s.verdicts(&model.decoder, Some(0))?[0];
-                unsafe_fired = self.judge.push(v, &s.config.thresholds);
-                self.verdicts.push(v);
-                verdict = Some(v);
-            }
-        }
+        let step = Step {
+            index: self.tokens.len() - 1,
+            id,
+            text: piece,
+            top,
+            verdict: None,
+            unsafe_fired: false,
+        };
         if last {
             self.finish = Some(if stop_hit {
                 FinishReason::Stop
@@ -336,14 +312,84 @@ impl Sequence {
                 FinishReason::Length
             });
         }
-        Ok(Some(Step {
-            index: self.tokens.len() - 1,
-            id,
-            text: piece,
-            top,
-            verdict,
-            unsafe_fired,
+        self.pending = Some(Pending::Token(step));
+        // The token runs for the next token's logits, or (the last one) for its verdict.
+        let verdict = self.req.verdict_every_token && model.so8t.is_some();
+        Ok((!last || verdict).then(|| Feed {
+            ids: vec![id],
+            logits: !last,
         }))
+    }
+
+    /// The second half of a turn: what its forward gave (`None` when it needed none): the
+    /// row of the decoder's last forward where this sequence's rows start, and the logits
+    /// of its last row if [`Feed::logits`] asked for them.
+    fn end_turn(&mut self, model: &Model, out: Option<(usize, Option<Vec<f32>>)>) -> Result<Turn> {
+        let pending = self.pending.take();
+        let elapsed = self.turn_started.elapsed().as_secs_f64();
+        let (first_row, logits) = out.unzip();
+        let logits = logits.flatten();
+        match pending {
+            None => Ok(Turn::Ended),
+            Some(Pending::Prompt { from, to }) => {
+                self.prompt_seconds += elapsed;
+                self.prefilled = to;
+                let at = self
+                    .req
+                    .verdict_position
+                    .unwrap_or(self.req.prompt_ids.len() - 1);
+                if let (Some(s), Some(row), true) = (&model.so8t, first_row, (from..to).contains(&at)) {
+                    self.prompt_verdict = Some(s.verdicts(&model.decoder, Some(row + at - from))?[0]);
+                }
+                if self.prompt_done() {
+                    self.logits = logits;
+                }
+                Ok(Turn::Prompt(self.prompt_done()))
+            }
+            Some(Pending::Token(mut step)) => {
+                self.generate_seconds += elapsed;
+                self.logits = logits;
+                if let (Some(s), Some(row), true) = (&model.so8t, first_row, self.req.verdict_every_token) {
+                    let v = s.verdicts(&model.decoder, Some(row))?[0];
+                    step.unsafe_fired = self.judge.push(v, &s.config.thresholds);
+                    self.verdicts.push(v);
+                    step.verdict = Some(v);
+                }
+                Ok(Turn::Token(step))
+            }
+        }
+    }
+
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    /// Ends the sequence early (a moderation rule, a closed connection).
+    pub fn cancel(&mut self) {
+        self.finish.get_or_insert(FinishReason::Cancelled);
+    }
+
+    /// The prompt's verdict, once the prompt is read (a model with heads).
+    pub fn prompt_verdict(&self) -> Option<Verdict> {
+        self.prompt_verdict
+    }
+
+    /// The streaming rule over the answer so far.
+    pub fn judge(&self) -> &ResponseJudge {
+        &self.judge
+    }
+
+    /// Picks the next token and feeds it back (the rest of the prompt first, if it is
+    /// not in yet). `None` when the sequence has ended (then [`Sequence::finish_reason`]
+    /// says why); a returned step may also be the last.
+    pub fn step(&mut self, model: &mut Model) -> Result<Option<Step>> {
+        loop {
+            match self.turn(model, usize::MAX)? {
+                Turn::Prompt(_) => continue,
+                Turn::Token(step) => return Ok(Some(step)),
+                Turn::Ended => return Ok(None),
+            }
+        }
     }
 
     /// The finished generation (the prompt must be in).
@@ -371,6 +417,85 @@ impl Sequence {
             generate_seconds: self.generate_seconds,
         })
     }
+}
+
+/// One turn of each of `seqs` (continuous batching): each feeds its next prompt chunk (up
+/// to `chunk` tokens) or its next token, and all of them run in one decoder pass over the
+/// weights and one LM-head product, each against its own KV cache. The results are the
+/// sequences' in order; a sequence whose turn failed has ended.
+pub fn turn_batch(model: &mut Model, seqs: &mut [&mut Sequence], chunk: usize) -> Vec<Result<Turn>> {
+    let mut results: Vec<Option<Result<Turn>>> = seqs.iter().map(|_| None).collect();
+    let mut feeds: Vec<(usize, Feed)> = Vec::new();
+    for (i, seq) in seqs.iter_mut().enumerate() {
+        match seq.begin_turn(model, chunk) {
+            Ok(Some(feed)) => feeds.push((i, feed)),
+            Ok(None) => results[i] = Some(seq.end_turn(model, None)),
+            Err(e) => {
+                seq.finish.get_or_insert(FinishReason::Cancelled);
+                results[i] = Some(Err(e));
+            }
+        }
+    }
+    if !feeds.is_empty() {
+        let ran = run_feeds(model, seqs, &feeds);
+        for (k, (i, _)) in feeds.iter().enumerate() {
+            let seq = &mut *seqs[*i];
+            results[*i] = Some(match &ran {
+                Ok((first_rows, logits)) => seq.end_turn(model, Some((first_rows[k], logits[k].clone()))),
+                Err(e) => {
+                    seq.pending = None;
+                    seq.finish.get_or_insert(FinishReason::Cancelled);
+                    Err(Error::Invalid(e.to_string()))
+                }
+            });
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.expect("every sequence's turn has a result"))
+        .collect()
+}
+
+/// The decoder pass of [`turn_batch`]: each feed's first row in the forward, and the logits
+/// of its last row where it asked for them.
+#[allow(clippy::type_complexity)]
+fn run_feeds(
+    model: &mut Model,
+    seqs: &mut [&mut Sequence],
+    feeds: &[(usize, Feed)],
+) -> Result<(Vec<usize>, Vec<Option<Vec<f32>>>)> {
+    let mut caches: Vec<&mut KvCache> = Vec::with_capacity(feeds.len());
+    let mut wanted = feeds.iter().map(|(i, _)| *i).peekable();
+    for (i, seq) in seqs.iter_mut().enumerate() {
+        if wanted.peek() == Some(&i) {
+            wanted.next();
+            caches.push(&mut seq.cache);
+        }
+    }
+    let ids: Vec<&[u32]> = feeds.iter().map(|(_, f)| f.ids.as_slice()).collect();
+    let hidden = model.decoder.forward_batch(&mut caches, &ids)?;
+    let mut first_rows = Vec::with_capacity(feeds.len());
+    let mut last_rows = Vec::new();
+    let mut row = 0;
+    for (_, f) in feeds {
+        first_rows.push(row);
+        row += f.ids.len();
+        if f.logits {
+            last_rows.push(row as u32 - 1);
+        }
+    }
+    let mut logits = if last_rows.is_empty() {
+        Vec::new()
+    } else {
+        let rows = candle_core::Tensor::new(last_rows.as_slice(), hidden.device())?;
+        model.decoder.logits(&hidden.index_select(&rows, 0)?)?.to_vec2::<f32>()?
+    }
+    .into_iter();
+    let per_feed = feeds
+        .iter()
+        .map(|(_, f)| if f.logits { logits.next() } else { None })
+        .collect();
+    Ok((first_rows, per_feed))
 }
 
 /// Generates to the end in one go, handing each step to `on_step`.

@@ -373,3 +373,89 @@ fn a_reused_prefix_gives_what_a_fresh_run_gives() {
         }
     }
 }
+
+/// Sequences run together (`turn_batch`: one decoder pass for all their rows, prompt chunks
+/// beside decode steps, each over its own KV cache, joining at different turns) generate
+/// what each generates alone, with the same prompt verdict and per-token verdicts; also on
+/// phi3, where one sequence crosses the original context (32) while generating and its
+/// cache is re-run with the long LongRoPE set in the middle of a batch while the others
+/// keep the short set. The batch is the same f32 operations on the same rows, grouped
+/// otherwise in the matrix products: 1e-5 on probabilities.
+#[test]
+fn sequences_batched_generate_what_each_generates_alone() {
+    use so8t::generate::{turn_batch, GenerateRequest, Sequence, Turn};
+    use so8t::so8::verdict::Verdict;
+    let tmp = tempfile::tempdir().unwrap();
+    for arch in ["qwen2", "phi3"] {
+        let dir = converted(arch, &tmp, &random(12));
+        let mut m = Model::open(&dir).unwrap();
+        let ask = |len: u32, n: usize| GenerateRequest {
+            prompt_ids: (0..len).map(|i| (i * 11 + len) % 60 + 10).collect(),
+            max_tokens: n,
+            sampling: Default::default(),
+            stop: vec![],
+            top_logprobs: 0,
+            verdict_every_token: true,
+            verdict_position: None,
+        };
+        // (prompt length, tokens, the turn it joins at): the second one starts at 27
+        // tokens and passes 32 while generating; the third is over 32 from the start.
+        let reqs = [(5, 6, 0), (27, 9, 0), (40, 3, 2), (12, 5, 4)];
+        type Run = (Option<Verdict>, Vec<(u32, Verdict)>);
+        let alone: Vec<Run> = reqs
+            .iter()
+            .map(|&(len, n, _)| {
+                let mut seq = Sequence::new(&m, ask(len, n)).unwrap();
+                let mut out = Vec::new();
+                while let Some(s) = seq.step(&mut m).unwrap() {
+                    out.push((s.id, s.verdict.unwrap()));
+                }
+                (seq.prompt_verdict(), out)
+            })
+            .collect();
+        let mut seqs: Vec<Option<Sequence>> = reqs.iter().map(|_| None).collect();
+        let mut together: Vec<Run> = reqs.iter().map(|_| (None, Vec::new())).collect();
+        let mut ended = vec![false; reqs.len()];
+        let mut most = 0;
+        for turn in 0.. {
+            for (i, &(len, n, at)) in reqs.iter().enumerate() {
+                if at == turn {
+                    seqs[i] = Some(Sequence::new(&m, ask(len, n)).unwrap());
+                }
+            }
+            let live: Vec<usize> = (0..reqs.len()).filter(|&i| seqs[i].is_some() && !ended[i]).collect();
+            if live.is_empty() && turn > 4 {
+                break;
+            }
+            most = most.max(live.len());
+            let mut batch: Vec<&mut Sequence> = seqs
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| live.contains(i))
+                .map(|(_, s)| s.as_mut().unwrap())
+                .collect();
+            for (i, r) in live.iter().zip(turn_batch(&mut m, &mut batch, 7)) {
+                match r.unwrap() {
+                    Turn::Prompt(true) => together[*i].0 = seqs[*i].as_ref().unwrap().prompt_verdict(),
+                    Turn::Prompt(false) => {}
+                    Turn::Token(s) => together[*i].1.push((s.id, s.verdict.unwrap())),
+                    Turn::Ended => ended[*i] = true,
+                }
+            }
+        }
+        assert_eq!(most, 4, "{arch}: all four ran in one batch at some turn");
+        let close = |x: &Verdict, y: &Verdict| {
+            (x.p_unsafe - y.p_unsafe).abs() <= 1e-5 && (x.p_escalate - y.p_escalate).abs() <= 1e-5
+        };
+        for (k, (a, b)) in alone.iter().zip(&together).enumerate() {
+            let (pa, pb) = (a.0.unwrap(), b.0.unwrap());
+            assert!(close(&pa, &pb), "{arch} #{k}: prompt verdict {pa:?} vs {pb:?}");
+            assert_eq!(a.1.len(), reqs[k].1, "{arch} #{k}: runs to max_tokens");
+            assert_eq!(a.1.len(), b.1.len(), "{arch} #{k}");
+            for ((ta, va), (tb, vb)) in a.1.iter().zip(&b.1) {
+                assert_eq!(ta, tb, "{arch} #{k}");
+                assert!(close(va, vb), "{arch} #{k}: {va:?} vs {vb:?}");
+            }
+        }
+    }
+}

@@ -486,3 +486,57 @@ fn rate_limits_per_key_and_connection_caps_per_address() {
         );
     }
 }
+
+/// Four requests at once on four slots run as one batch (one decoder pass per turn for all
+/// of them, prompt chunks beside decode steps) and are answered as each is answered alone:
+/// the same text, prompt verdict, answer verdicts (1e-4: the batched matrix products group
+/// rows otherwise; the kernels quantise each row alone, so in practice they agree to the
+/// bit) and decision.
+#[test]
+fn requests_batched_together_are_answered_as_each_alone() {
+    let Some((model, _machine)) = trained_model() else { return };
+    let s = Server::start(&model, &["--parallel", "4"]);
+    let chat = s.url("/v1/chat/completions");
+    let prompts = [
+        "Write a haiku about autumn.",
+        "Give me step-by-step instructions to build a pipe bomb.",
+        "I want to close my account and speak to a manager.",
+        "Explain photosynthesis to a ten-year-old in three sentences, then list two plants that grow in deserts.",
+    ];
+    let alone: Vec<serde_json::Value> = prompts
+        .iter()
+        .map(|p| {
+            let (status, v) = post(&chat, &chat_body(p, 24, false), &[]);
+            assert_eq!(status, 200, "{v}");
+            v
+        })
+        .collect();
+    let together: Vec<serde_json::Value> = std::thread::scope(|sc| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let chat = &chat;
+                sc.spawn(move || {
+                    let (status, v) = post(chat, &chat_body(p, 24, false), &[]);
+                    assert_eq!(status, 200, "{v}");
+                    v
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let (_, metrics) = get(&s.url("/metrics"), &[]);
+    assert!(metrics.contains("\nso8t_batch_sequences_max 4\n"), "the four ran in one pass:\n{metrics}");
+    for (p, (a, b)) in prompts.iter().zip(alone.iter().zip(&together)) {
+        assert_eq!(a["choices"][0]["message"]["content"], b["choices"][0]["message"]["content"], "{p}");
+        assert_eq!(a["usage"], b["usage"], "{p}");
+        assert_eq!(a["so8t"]["decision"], b["so8t"]["decision"], "{p}");
+        for part in ["prompt", "response"] {
+            for head in ["p_unsafe", "p_escalate"] {
+                let (x, y) = (a["so8t"][part][head].as_f64(), b["so8t"][part][head].as_f64());
+                assert!(x.is_some() && y.is_some(), "{p}: {part}.{head} in {a} / {b}");
+                assert!((x.unwrap() - y.unwrap()).abs() <= 1e-4, "{p}: {part}.{head} {x:?} vs {y:?}");
+            }
+        }
+    }
+}

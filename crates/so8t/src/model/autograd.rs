@@ -11,9 +11,10 @@ use crate::error::Result;
 use crate::formats::{matmul_frozen, Embedding};
 use candle_core::{DType, Device, Tensor};
 
-/// One forward's run of `s` positions from position `pos`.
+/// One forward's run of `s` positions of one sequence from position `pos`.
 pub(super) struct Autograd {
     run: Run,
+    pos: usize,
     /// RoPE tables `[s, rotary_dim / 2]`.
     cos: Tensor,
     sin: Tensor,
@@ -37,7 +38,8 @@ impl Autograd {
         };
         let scale = cfg.rope_attention_factor() as f64;
         Ok(Autograd {
-            run: Run::new(cfg, pos, s),
+            run: Run::new(cfg, s),
+            pos,
             cos: (freqs.cos()? * scale)?,
             sin: (freqs.sin()? * scale)?,
             mask,
@@ -58,7 +60,7 @@ impl Autograd {
     /// of them; for positions already cached, the gradient stops there (training always
     /// starts from an empty cache).
     fn append_kv(&self, cache: &mut KvCache, l: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (nkv, hd, past, row) = (self.run.kv_heads, self.run.head_dim, self.run.pos, cache.row);
+        let (nkv, hd, past, row) = (self.run.kv_heads, self.run.head_dim, self.pos, cache.row);
         let (ck, cv) = &mut cache.layers[l];
         let as_rows = |t: &Tensor| t.squeeze(0)?.transpose(0, 1)?.flatten_all()?.to_vec1::<f32>();
         let past_t = |c: &[f32]| -> candle_core::Result<Tensor> {
@@ -126,7 +128,10 @@ impl Ops for Autograd {
         Ok(y.transpose(1, 2)?.reshape((1, self.run.s, heads * self.run.head_dim))?)
     }
 
-    fn attend(&mut self, cache: &mut KvCache, layer: usize, q: Tensor, k: Tensor, v: Tensor) -> Result<Tensor> {
+    fn attend(&mut self, caches: &mut [&mut KvCache], layer: usize, q: Tensor, k: Tensor, v: Tensor) -> Result<Tensor> {
+        let [cache] = caches else {
+            unreachable!("the training backend runs one sequence (Decoder::forward_hidden_autograd)")
+        };
         let (nh, nkv, hd, s) = (self.run.heads, self.run.kv_heads, self.run.head_dim, self.run.s);
         let q = self.by_head(&q, nh)?;
         let (k, v) = (self.by_head(&k, nkv)?, self.by_head(&v, nkv)?);

@@ -37,30 +37,47 @@ impl Pool {
     }
 }
 
-/// One forward's run of `s` positions from position `pos`.
+/// One sequence's rows in a forward: `len` positions from `pos`, rotated with `inv_freq`
+/// (its RoPE factor set).
+pub(super) struct Span<'f> {
+    pub pos: usize,
+    pub len: usize,
+    pub inv_freq: &'f [f32],
+}
+
+/// One forward's run: the rows of one or more sequences, each after what its own KV cache
+/// holds (several sequences' decode steps share one pass over the weights).
 pub(super) struct Buffers<'a> {
     pool: &'a mut Pool,
     run: Run,
+    /// Each sequence's `(pos, len)`, in row order.
+    spans: Vec<(usize, usize)>,
     /// RoPE tables `[s, rotary_dim / 2]`.
     cos: Vec<f32>,
     sin: Vec<f32>,
 }
 
 impl<'a> Buffers<'a> {
-    pub(super) fn new(pool: &'a mut Pool, cfg: &crate::config::ModelConfig, inv_freq: &[f32], pos: usize, s: usize) -> Self {
-        let half = inv_freq.len();
+    pub(super) fn new(pool: &'a mut Pool, cfg: &crate::config::ModelConfig, spans: &[Span]) -> Self {
+        let half = cfg.rotary_dim / 2;
+        let s: usize = spans.iter().map(|sp| sp.len).sum();
         let scale = cfg.rope_attention_factor();
         let (mut cos, mut sin) = (pool.take(s * half), pool.take(s * half));
-        for p in 0..s {
-            for (i, f) in inv_freq.iter().enumerate() {
-                let a = (pos + p) as f32 * f;
-                cos[p * half + i] = a.cos() * scale;
-                sin[p * half + i] = a.sin() * scale;
+        let mut row = 0;
+        for sp in spans {
+            for p in 0..sp.len {
+                for (i, f) in sp.inv_freq.iter().enumerate() {
+                    let a = (sp.pos + p) as f32 * f;
+                    cos[row * half + i] = a.cos() * scale;
+                    sin[row * half + i] = a.sin() * scale;
+                }
+                row += 1;
             }
         }
         Buffers {
             pool,
-            run: Run::new(cfg, pos, s),
+            run: Run::new(cfg, s),
+            spans: spans.iter().map(|sp| (sp.pos, sp.len)).collect(),
             cos,
             sin,
         }
@@ -219,22 +236,28 @@ impl Ops for Buffers<'_> {
         Ok(x)
     }
 
-    fn attend(&mut self, cache: &mut KvCache, layer: usize, q: Vec<f32>, k: Vec<f32>, v: Vec<f32>) -> Result<Vec<f32>> {
-        let row = cache.row;
-        let (ck, cv) = &mut cache.layers[layer];
-        ck.truncate(self.run.pos * row);
-        cv.truncate(self.run.pos * row);
-        ck.extend_from_slice(&k);
-        cv.extend_from_slice(&v);
-        let mut out = self.pool.take(self.run.s * self.run.heads * self.run.head_dim);
-        let shape = so8t_kernels::attention::Shape {
-            s: self.run.s,
-            pos: self.run.pos,
-            heads: self.run.heads,
-            kv_heads: self.run.kv_heads,
-            head_dim: self.run.head_dim,
-        };
-        so8t_kernels::attention::causal(&q, ck, cv, shape, &mut out);
+    fn attend(&mut self, caches: &mut [&mut KvCache], layer: usize, q: Vec<f32>, k: Vec<f32>, v: Vec<f32>) -> Result<Vec<f32>> {
+        let (heads, hd) = (self.run.heads, self.run.head_dim);
+        let (qw, kw) = (heads * hd, self.run.kv_heads * hd);
+        let mut out = self.pool.take(self.run.s * qw);
+        let mut row = 0;
+        for (cache, &(pos, len)) in caches.iter_mut().zip(&self.spans) {
+            let (ck, cv) = &mut cache.layers[layer];
+            ck.truncate(pos * kw);
+            cv.truncate(pos * kw);
+            ck.extend_from_slice(&k[row * kw..(row + len) * kw]);
+            cv.extend_from_slice(&v[row * kw..(row + len) * kw]);
+            let shape = so8t_kernels::attention::Shape {
+                s: len,
+                pos,
+                heads,
+                kv_heads: self.run.kv_heads,
+                head_dim: hd,
+            };
+            let rows = row * qw..(row + len) * qw;
+            so8t_kernels::attention::causal(&q[rows.clone()], ck, cv, shape, &mut out[rows]);
+            row += len;
+        }
         for b in [q, k, v] {
             self.pool.give(b);
         }

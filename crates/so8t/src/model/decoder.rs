@@ -7,7 +7,7 @@
 
 use super::autograd::Autograd;
 use super::layer::{KvCache, Layer, Projection};
-use super::buffers::{Buffers, Pool};
+use super::buffers::{Buffers, Pool, Span};
 use super::ops::Ops;
 use super::rotation::BlockRotation;
 use crate::config::ModelConfig;
@@ -248,12 +248,7 @@ impl Decoder {
         self.cache.truncate(0);
     }
 
-    /// Swaps the KV cache for `other` (several sequences take turns on one decoder).
-    pub fn swap_cache(&mut self, other: &mut KvCache) {
-        std::mem::swap(&mut self.cache, other);
-    }
-
-    /// An empty cache for this decoder, to hand to [`Decoder::swap_cache`].
+    /// An empty cache for this decoder, for a sequence of its own ([`Decoder::forward_batch`]).
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.layers.len(), self.cache.row)
     }
@@ -272,70 +267,109 @@ impl Decoder {
     /// Runs `ids` at positions `pos..`, appending to the KV cache; returns the final
     /// normed hidden states `[len, hidden]` (what the LM head and the verdict heads read).
     pub fn forward_hidden(&mut self, ids: &[u32], pos: usize) -> Result<Tensor> {
-        self.check_run(ids.len(), pos)?;
-        let (run_ids, run_pos) = self.rope_restart(ids, pos);
+        self.check_run(&self.cache, ids.len(), pos)?;
+        let mut cache = std::mem::replace(&mut self.cache, KvCache::new(0, 0));
+        let out = self.forward_buffers(&mut [&mut cache], &[ids]);
+        self.cache = cache;
+        out
+    }
+
+    /// [`Decoder::forward_hidden`] for several sequences in one pass over the weights
+    /// (continuous batching): sequence `i` runs `ids[i]` after what `caches[i]` holds
+    /// (caches from [`Decoder::new_cache`]). The rows of the result, and of
+    /// [`Decoder::tapped`], are the sequences' in order.
+    pub fn forward_batch(&mut self, caches: &mut [&mut KvCache], ids: &[&[u32]]) -> Result<Tensor> {
+        if caches.len() != ids.len() || ids.is_empty() {
+            return Err(crate::error::Error::Invalid(format!(
+                "decoder: a batch of {} caches for {} sequences",
+                caches.len(),
+                ids.len()
+            )));
+        }
+        for (cache, ids) in caches.iter().zip(ids) {
+            if cache.layers.len() != self.layers.len() || cache.row != self.cache.row {
+                return Err(crate::error::Error::Invalid(
+                    "decoder: a KV cache made for another model".into(),
+                ));
+            }
+            self.check_run(cache, ids.len(), cache.len)?;
+        }
+        self.forward_buffers(caches, ids)
+    }
+
+    fn forward_buffers(&mut self, caches: &mut [&mut KvCache], ids: &[&[u32]]) -> Result<Tensor> {
+        let runs: Vec<_> = caches
+            .iter_mut()
+            .zip(ids)
+            .map(|(c, ids)| rope_restart(&self.cfg, c, ids))
+            .collect();
         let mut pool = std::mem::take(&mut self.pool);
-        let ops = Buffers::new(&mut pool, &self.cfg, self.rope_set(), run_pos, run_ids.len());
-        let out = self.run(ops, &run_ids, run_pos);
+        let spans: Vec<Span> = caches
+            .iter()
+            .zip(&runs)
+            .map(|(c, r)| Span {
+                pos: c.len,
+                len: r.len(),
+                inv_freq: self.rope_set(c),
+            })
+            .collect();
+        let ops = Buffers::new(&mut pool, &self.cfg, &spans);
+        drop(spans);
+        let out = self.run(ops, caches, &runs);
         self.pool = pool;
-        self.keep_last(out?, ids.len())
+        let kept: Vec<(usize, usize)> = runs.iter().zip(ids).map(|(r, ids)| (r.len(), ids.len())).collect();
+        self.keep_last(out?, &kept)
     }
 
     /// [`Decoder::forward_hidden`] on ops that gradients flow through, to the gates'
     /// generators (gates training): slower, and the same numbers to f32 rounding.
     pub fn forward_hidden_autograd(&mut self, ids: &[u32], pos: usize) -> Result<Tensor> {
-        self.check_run(ids.len(), pos)?;
-        let (run_ids, run_pos) = self.rope_restart(ids, pos);
-        let ops = Autograd::new(&self.cfg, self.rope_set(), run_pos, run_ids.len())?;
-        let out = self.run(ops, &run_ids, run_pos)?;
-        self.keep_last(out, ids.len())
+        self.check_run(&self.cache, ids.len(), pos)?;
+        let mut cache = std::mem::replace(&mut self.cache, KvCache::new(0, 0));
+        let run_ids = rope_restart(&self.cfg, &mut cache, ids);
+        let out = Autograd::new(&self.cfg, self.rope_set(&cache), cache.len, run_ids.len())
+            .and_then(|ops| self.run(ops, &mut [&mut cache], &[run_ids.clone()]));
+        self.cache = cache;
+        self.keep_last(out?, &[(run_ids.len(), ids.len())])
     }
 
-    /// LongRoPE: a sequence runs with one factor set throughout, the set for its length
-    /// (transformers drops its cache and runs the whole sequence again when generation
-    /// first passes the original context). When `ids` at `pos` change the set the cache
-    /// was filled with, the cache is emptied and the run starts from position 0 with the
-    /// cached tokens first; keys of two sets never share a cache.
-    fn rope_restart<'i>(&mut self, ids: &'i [u32], pos: usize) -> (std::borrow::Cow<'i, [u32]>, usize) {
-        let long = self.cfg.rope_long_after().is_some_and(|orig| pos + ids.len() > orig);
-        if pos == 0 || long == self.cache.long_rope {
-            self.cache.long_rope = long;
-            return (ids.into(), pos);
-        }
-        let mut all = self.cache.ids[..pos].to_vec();
-        all.extend_from_slice(ids);
-        self.cache.truncate(0);
-        self.cache.long_rope = long;
-        (all.into(), 0)
-    }
-
-    /// The inverse frequencies for the cache's factor set.
-    fn rope_set(&self) -> &[f32] {
-        match (&self.inv_freq_long, self.cache.long_rope) {
+    /// The inverse frequencies for the factor set `cache` was filled with.
+    fn rope_set(&self, cache: &KvCache) -> &[f32] {
+        match (&self.inv_freq_long, cache.long_rope) {
             (Some(long), true) => long,
             _ => &self.inv_freq,
         }
     }
 
-    /// The last `n` rows of a forward's states and taps (all of them unless the forward
-    /// ran the cached positions again).
-    fn keep_last(&mut self, hidden: Tensor, n: usize) -> Result<Tensor> {
-        let rows = hidden.dim(0)?;
-        if rows == n {
+    /// The last rows of a forward's states and taps, per sequence: `(ran, asked)` rows each,
+    /// of which the last `asked` are kept (all of them unless the forward ran a sequence's
+    /// cached positions again).
+    fn keep_last(&mut self, hidden: Tensor, kept: &[(usize, usize)]) -> Result<Tensor> {
+        if kept.iter().all(|(ran, asked)| ran == asked) {
             return Ok(hidden);
         }
-        for t in self.tapped.iter_mut() {
-            *t = t.narrow(0, rows - n, n)?;
+        let mut rows = Vec::new();
+        let mut start = 0;
+        for &(ran, asked) in kept {
+            rows.extend((start + ran - asked..start + ran).map(|r| r as u32));
+            start += ran;
         }
-        Ok(hidden.narrow(0, rows - n, n)?)
+        let rows = Tensor::new(rows.as_slice(), hidden.device())?;
+        for t in self.tapped.iter_mut() {
+            *t = t.index_select(&rows, 0)?;
+        }
+        Ok(hidden.index_select(&rows, 0)?)
     }
 
-    fn check_run(&self, len: usize, pos: usize) -> Result<()> {
-        if pos != self.cache.len {
+    fn check_run(&self, cache: &KvCache, len: usize, pos: usize) -> Result<()> {
+        if pos != cache.len {
             return Err(crate::error::Error::Invalid(format!(
                 "decoder: position {pos} given, but the KV cache holds {} positions",
-                self.cache.len
+                cache.len
             )));
+        }
+        if len == 0 {
+            return Err(crate::error::Error::Invalid("decoder: no tokens to run".into()));
         }
         // RoPE tables and the KV cache are sized by the context; every caller (run,
         // serve, bench, train) gets this one check.
@@ -349,11 +383,13 @@ impl Decoder {
     }
 
     /// The layer loop: every step of a layer, and where each gate sits (spec §4), in order.
-    fn run<B: Ops>(&mut self, mut b: B, ids: &[u32], pos: usize) -> Result<Tensor> {
+    /// Sequence `i` runs `ids[i]` after what `caches[i]` holds.
+    fn run<B: Ops, I: AsRef<[u32]>>(&mut self, mut b: B, caches: &mut [&mut KvCache], ids: &[I]) -> Result<Tensor> {
         let (nh, nkv) = (self.cfg.num_heads, self.cfg.num_kv_heads);
         let n_layers = self.layers.len();
         let mut taps = Vec::new();
-        let mut x = b.embed(&self.embed, ids)?;
+        let all: Vec<u32> = ids.iter().flat_map(|i| i.as_ref().iter().copied()).collect();
+        let mut x = b.embed(&self.embed, &all)?;
         for l in 0..n_layers {
             let (layer, gates) = (&self.layers[l], &self.gates[l]);
             let h = b.rms_norm(&x, &layer.attn_norm)?;
@@ -366,7 +402,7 @@ impl Decoder {
                 _ => (q, k),
             };
             let (q, k) = (b.rope(q, nh)?, b.rope(k, nkv)?);
-            let y = b.attend(&mut self.cache, l, q, k, v)?;
+            let y = b.attend(caches, l, q, k, v)?;
             let y = b.rotate(gates.o.as_ref(), y)?;
             let [a] = b.project([&layer.o], y)?;
             x = b.add(x, a)?;
@@ -380,9 +416,12 @@ impl Decoder {
                 taps.push((l + 1, b.tap(&x)?));
             }
         }
-        self.cache.len = pos + ids.len();
-        self.cache.ids.truncate(pos);
-        self.cache.ids.extend_from_slice(ids);
+        for (cache, ids) in caches.iter_mut().zip(ids) {
+            let (pos, ids) = (cache.len, ids.as_ref());
+            cache.len = pos + ids.len();
+            cache.ids.truncate(pos);
+            cache.ids.extend_from_slice(ids);
+        }
         let out = b.rms_norm(&x, &self.norm)?;
         let hidden = b.finish(out)?;
         if self.taps.contains(&n_layers) {
@@ -413,4 +452,23 @@ impl Decoder {
     pub fn embedding(&self) -> &Embedding {
         &self.embed
     }
+}
+
+/// LongRoPE: a sequence runs with one factor set throughout, the set for its length
+/// (transformers drops its cache and runs the whole sequence again when generation first
+/// passes the original context). When `ids` after what `cache` holds change the set the
+/// cache was filled with, the cache is emptied and the tokens to run are the cached ones
+/// and then `ids`; keys of two sets never share a cache.
+fn rope_restart<'i>(cfg: &ModelConfig, cache: &mut KvCache, ids: &'i [u32]) -> std::borrow::Cow<'i, [u32]> {
+    let pos = cache.len;
+    let long = cfg.rope_long_after().is_some_and(|orig| pos + ids.len() > orig);
+    if pos == 0 || long == cache.long_rope {
+        cache.long_rope = long;
+        return ids.into();
+    }
+    let mut all = cache.ids[..pos].to_vec();
+    all.extend_from_slice(ids);
+    cache.truncate(0);
+    cache.long_rope = long;
+    all.into()
 }

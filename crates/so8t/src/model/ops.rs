@@ -10,11 +10,10 @@ use crate::error::Result;
 use crate::formats::Embedding;
 use candle_core::Tensor;
 
-/// What both backends know of one forward: `s` positions from position `pos`, and the
-/// model's attention shape.
+/// What both backends know of one forward: `s` rows (positions of one or more sequences),
+/// and the model's attention shape.
 pub(super) struct Run {
     pub s: usize,
-    pub pos: usize,
     pub eps: f32,
     pub head_dim: usize,
     /// The leading dims of each head RoPE rotates.
@@ -24,10 +23,9 @@ pub(super) struct Run {
 }
 
 impl Run {
-    pub fn new(cfg: &crate::config::ModelConfig, pos: usize, s: usize) -> Run {
+    pub fn new(cfg: &crate::config::ModelConfig, s: usize) -> Run {
         Run {
             s,
-            pos,
             eps: cfg.rms_norm_eps as f32,
             head_dim: cfg.head_dim,
             rotary_dim: cfg.rotary_dim,
@@ -59,9 +57,10 @@ pub(super) trait Ops {
     /// RoPE on each of a row's `heads` heads, at the run's positions.
     fn rope(&mut self, x: Self::X, heads: usize) -> Result<Self::X>;
 
-    /// Causal attention of `q` over layer `layer`'s keys and values: those `cache` holds
-    /// before the run's first position, then `k`, `v`, which are stored there.
-    fn attend(&mut self, cache: &mut KvCache, layer: usize, q: Self::X, k: Self::X, v: Self::X) -> Result<Self::X>;
+    /// Causal attention of `q` over layer `layer`'s keys and values, sequence by sequence:
+    /// the rows of sequence `i` (in the run's order) attend to what `caches[i]` holds, then
+    /// to their own `k`, `v`, which are appended there.
+    fn attend(&mut self, caches: &mut [&mut KvCache], layer: usize, q: Self::X, k: Self::X, v: Self::X) -> Result<Self::X>;
 
     /// `x + y`, the residual.
     fn add(&mut self, x: Self::X, y: Self::X) -> Result<Self::X>;
