@@ -4,21 +4,25 @@
 # processing (pp512) and decoding (tg32) on 2 threads, in alternating rounds. Prints each
 # round and the median ratios with their range.
 #
-#   bench/baseline.sh BASELINE_SO8T [ROUNDS] [MODEL.gguf]
+#   bench/baseline.sh BASELINE_SO8T [ROUNDS] [MODEL] [LLAMA_MODEL.gguf]
+#
+# MODEL may be an SO8T or HF directory; llama-bench then reads LLAMA_MODEL (e.g. the
+# directory's own f32 export), which defaults to MODEL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE="${SO8T_CACHE:-$HOME/.cache/so8t}"
 BASE="$1"
 R="${2:-5}"
 M="${3:-$CACHE/SmolLM2-135M-Instruct.Q4_1.gguf}"
+LM="${4:-$M}"
 LLAMA="$CACHE/llama.cpp/build/bin/llama-bench"
 cargo build --release -q -p so8t-cli
 echo "# $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-echo "# so8t $(git rev-parse --short HEAD) (+ working tree) vs $BASE; $(basename "$M"), pp512 and tg32, 2 threads"
+echo "# so8t $(git rev-parse --short HEAD) (+ working tree) vs $BASE; $(basename "$M") (llama.cpp: $(basename "$LM")), pp512 and tg32, 2 threads"
 so8t_ts() { # BINARY -p N -n N
   "$1" bench -m "$M" -p "$2" -n "$3" -r 1 -t 2 --json --no-probe 2>/dev/null |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["tests"][0]["avg_ts"])'; }
-llama_ts() { "$LLAMA" -m "$M" -p "$1" -n "$2" -r 1 -t 2 -o json 2>/dev/null |
+llama_ts() { "$LLAMA" -m "$LM" -p "$1" -n "$2" -r 1 -t 2 -o json 2>/dev/null |
   python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["avg_ts"])'; }
 rows=()
 for i in $(seq "$R"); do

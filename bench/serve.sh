@@ -6,6 +6,9 @@
 # range. Needs scripts/build-llama-cpp.sh; fetches the rest.
 #
 #   bench/serve.sh [CLIENTS] [SECONDS] [PARALLEL] [MAX_TOKENS] [ROUNDS]
+#
+# With SO8T_BASELINE=path/to/an/older/so8t, each round also runs that binary (a change
+# measured against the build before it, with llama-server as the yardstick).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE="${SO8T_CACHE:-$HOME/.cache/so8t}"
@@ -21,12 +24,17 @@ echo "# so8t $(git rev-parse --short HEAD); $C clients, ${S}s, $P slots, max_tok
 
 wait_up() { for _ in $(seq 1 120); do curl -sf "$1/health" >/dev/null 2>&1 && return 0; sleep 0.5; done; echo "server at $1 did not come up" >&2; return 1; }
 
-for r in $(seq 1 "$R"); do
-  ./target/release/so8t -t 2 serve -m "$MODEL" --port 18181 --parallel "$P" --queue "$C" 2>/tmp/so8t-serve-bench.log &
+so8t_phase() { # BINARY LABEL
+  "$1" -t 2 serve -m "$MODEL" --port 18181 --parallel "$P" --queue "$C" 2>/tmp/so8t-serve-bench.log &
   PID=$!
   wait_up http://127.0.0.1:18181
-  "$PY" bench/serve_load.py http://127.0.0.1:18181 "$PID" --clients "$C" --seconds "$S" --max-tokens "$N" --label "so8t serve --parallel $P" | tee -a "$OUT"
+  "$PY" bench/serve_load.py http://127.0.0.1:18181 "$PID" --clients "$C" --seconds "$S" --max-tokens "$N" --label "$2" | tee -a "$OUT"
   kill "$PID"; wait "$PID" 2>/dev/null || true
+}
+
+for r in $(seq 1 "$R"); do
+  so8t_phase ./target/release/so8t "so8t serve --parallel $P"
+  if [ -n "${SO8T_BASELINE:-}" ]; then so8t_phase "$SO8T_BASELINE" "baseline so8t serve --parallel $P"; fi
 
   "$LS" -m "$MODEL" --port 18182 -t 2 -np "$P" -c $((P * 2048)) --log-disable 2>/tmp/llama-server-bench.log &
   PID=$!
@@ -39,12 +47,16 @@ done
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 ours = [r for r in rows if r["label"].startswith("so8t")]
-theirs = [r for r in rows if r["label"].startswith("llama")]
-for key, what in [("generated_tokens_per_s", "generated tokens/s"), ("p50_s", "p50 latency"), ("p99_s", "p99 latency")]:
-    ratios = sorted(a[key] / b[key] for a, b in zip(ours, theirs))
-    print(json.dumps({"so8t / llama-server": what, "rounds": len(ratios),
-                      "median": round(statistics.median(ratios), 3),
-                      "min": round(ratios[0], 3), "max": round(ratios[-1], 3),
-                      "so8t_median": round(statistics.median(a[key] for a in ours), 2),
-                      "llama_server_median": round(statistics.median(b[key] for b in theirs), 2)}))
+peers = {"llama-server": [r for r in rows if r["label"].startswith("llama")],
+         "baseline so8t": [r for r in rows if r["label"].startswith("baseline")]}
+for peer, theirs in peers.items():
+    for key, what in [("generated_tokens_per_s", "generated tokens/s"), ("p50_s", "p50 latency"), ("p99_s", "p99 latency")]:
+        if not theirs:
+            continue
+        ratios = sorted(a[key] / b[key] for a, b in zip(ours, theirs))
+        print(json.dumps({"ratio": f"so8t / {peer}", "of": what, "rounds": len(ratios),
+                          "median": round(statistics.median(ratios), 3),
+                          "min": round(ratios[0], 3), "max": round(ratios[-1], 3),
+                          "so8t_median": round(statistics.median(a[key] for a in ours), 2),
+                          "peer_median": round(statistics.median(b[key] for b in theirs), 2)}))
 PY

@@ -48,6 +48,7 @@ macro_rules! multiversion {
 }
 
 pub mod attention;
+pub mod dense;
 mod blocks;
 mod dot;
 pub mod pool;

@@ -97,7 +97,10 @@ impl Matrix {
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Matrix::Dense(w) => x.broadcast_matmul(&w.t()?),
+            Matrix::Dense(w) => match dense_rows(w, x)? {
+                Some(y) => Ok(y),
+                None => x.broadcast_matmul(&w.t()?),
+            },
             Matrix::Candle(m) => m.forward(x),
             Matrix::Quant(m) => {
                 let mut dims = x.dims().to_vec();
@@ -120,6 +123,35 @@ impl Matrix {
             }
         }
     }
+}
+
+/// Activation rows up to which a dense product runs on the kernels' f32 matrix–vector
+/// code; from here on candle's gemm, which blocks for cache reuse, is faster (prompts).
+const DENSE_KERNEL_ROWS: usize = 16;
+
+/// `x·Wᵀ` for an f32 `w` and a few f32 activation rows (decoding) on the kernels, `None`
+/// where candle's gemm should do it.
+fn dense_rows(w: &Tensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let (rows, cols) = w.dims2()?;
+    let mut dims = x.dims().to_vec();
+    let n = x.elem_count() / cols.max(1);
+    if dims.last() != Some(&cols) || n == 0 || n > DENSE_KERNEL_ROWS || w.dtype() != candle_core::DType::F32 || x.dtype() != candle_core::DType::F32 || !w.device().is_cpu() {
+        return Ok(None);
+    }
+    let (ws, wl) = w.storage_and_layout();
+    let (candle_core::Storage::Cpu(ws), Some((w0, w1))) = (&*ws, wl.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    let x = x.contiguous()?;
+    let (xs, xl) = x.storage_and_layout();
+    let (candle_core::Storage::Cpu(xs), Some((x0, x1))) = (&*xs, xl.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    let mut out = vec![0f32; n * rows];
+    so8t_kernels::dense::matmul_f32(&ws.as_slice::<f32>()?[w0..w1], rows, cols, &xs.as_slice::<f32>()?[x0..x1], n, &mut out);
+    dims.pop();
+    dims.push(rows);
+    Ok(Some(Tensor::from_vec(out, dims, &Device::Cpu)?))
 }
 
 /// ggml's type ids (`enum ggml_type`) of the types candle holds: the one table the GGUF
