@@ -36,6 +36,7 @@ pub fn main(a: Args) -> Result<()> {
         &BakeOptions {
             dtype,
             force: a.force,
+            sites: None,
         },
     )?;
     eprintln!(

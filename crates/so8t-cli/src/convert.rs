@@ -30,6 +30,10 @@ pub struct Args {
     /// Replace --out if it exists.
     #[arg(long)]
     force: bool,
+    /// A PEFT OFT adapter directory (block size 8, use_cayley_neumann false) trained on
+    /// BASE: its rotations become the o and mlp gates (per-head generators).
+    #[arg(long, conflicts_with_all = ["sites", "granularity", "factors", "init", "seed", "scale"])]
+    from_peft: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -45,6 +49,17 @@ enum InitArg {
 }
 
 pub fn main(a: Args) -> Result<()> {
+    if let Some(peft) = &a.from_peft {
+        let cfg = so8t::artifact::peft::import_peft_oft(peft, &a.base, &a.out, a.force)?;
+        eprintln!(
+            "wrote {} ({} base, the OFT rotations of {} as sites {:?}, per-head generators, heads untrained)",
+            a.out.display(),
+            cfg.base.architecture,
+            peft.display(),
+            cfg.sites.iter().map(|s| s.name()).collect::<Vec<_>>()
+        );
+        return Ok(());
+    }
     let mut sites = Vec::new();
     for s in &a.sites {
         match Site::parse(s) {

@@ -11,7 +11,9 @@ pub struct Args {
     out: PathBuf,
     /// gguf: one file for llama.cpp and Ollama. vllm: a directory with the baked model,
     /// the heads' classifier view(s) for vLLM's pooling runner, and so8t_heads.json.
-    #[arg(long, default_value = "gguf", value_parser = ["gguf", "vllm"])]
+    /// peft-oft: a PEFT OFT adapter directory of the o, v and mlp gates (q and k gates
+    /// baked into its base/).
+    #[arg(long, default_value = "gguf", value_parser = ["gguf", "vllm", "peft-oft"])]
     format: String,
     /// Weight type: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q2_k q3_k q4_k q5_k q6_k, or a
     /// llama.cpp mix: q4_k_m q5_k_m q4_k_s (gguf only; default f16).
@@ -23,6 +25,20 @@ pub struct Args {
 }
 
 pub fn main(a: Args) -> Result<()> {
+    if a.format == "peft-oft" {
+        if a.quant.is_some() {
+            anyhow::bail!("--quant applies to GGUF exports; a PEFT adapter is f32");
+        }
+        let e = so8t::artifact::peft::export_peft_oft(&a.path, &a.out, a.force)?;
+        println!("{}", a.out.display());
+        eprintln!(
+            "PEFT OFT adapter on {} (block size 8, exact Cayley), applying to {}{}; the heads are not part of it (so8t_adapter.safetensors keeps them)",
+            e.targets.join(", "),
+            e.base.display(),
+            if e.base.starts_with(std::path::absolute(&a.out)?) { " (the q/k gates baked in: PEFT has no form for them)" } else { "" }
+        );
+        return Ok(());
+    }
     if a.format == "vllm" {
         if a.quant.is_some() {
             anyhow::bail!("--quant applies to GGUF exports; a vLLM export keeps the baked model's dtype");

@@ -360,3 +360,32 @@ fn failed_writes_leave_nothing_behind() {
         assert!(left.is_empty(), "{what}: left behind {left:?} ({err})");
     }
 }
+
+/// `export --format peft-oft` and `convert --from-peft` from the command line: the round
+/// trip generates what the SO8T model generates (the numbers against PEFT itself are in
+/// crates/so8t/tests/peft.rs), the output says where the q/k gates went, and options that
+/// make no sense with an import are refused before anything is written.
+#[test]
+fn peft_oft_export_and_import_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |n: &str| tmp.path().join(n).to_str().unwrap().to_string();
+    let base = fixtures().join("tiny-qwen2");
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_so8t")).args(args).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (ok, _, err) = run(&["convert", base.to_str().unwrap(), "--out", &p("so8t"), "--sites", "k,v,o,mlp", "--init", "random", "--seed", "4", "--scale", "0.2"]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = run(&["export", &p("so8t"), "--format", "peft-oft", "--out", &p("peft")]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), p("peft"));
+    assert!(err.contains("gate_proj, o_proj, up_proj") && err.contains("q/k gates baked in"), "{err}");
+    let (ok, _, err) = run(&["convert", &p("peft/base"), "--from-peft", &p("peft"), "--out", &p("back")]);
+    assert!(ok, "{err}");
+    let tokens = |m: &str| so8t(&["run", "--model", m, "--prompt-ids", "3,17,42,5", "-n", "8", "--temperature", "0", "--json"])["tokens"].clone();
+    assert_eq!(tokens(&p("so8t")).as_array().map(|t| t.len()), Some(8));
+    assert_eq!(tokens(&p("so8t")), tokens(&p("back")));
+    let (ok, _, err) = run(&["convert", base.to_str().unwrap(), "--from-peft", &p("peft"), "--sites", "o", "--out", &p("x")]);
+    assert!(!ok && err.contains("--sites"), "{err}");
+    assert!(!tmp.path().join("x").exists());
+}

@@ -199,7 +199,7 @@ fn fp8_base_bakes_to_bf16_by_default_and_exactly_to_f32_on_request() {
         &b32,
         &BakeOptions {
             dtype: Some(OutDType::F32),
-            force: false,
+            ..Default::default()
         },
     )
     .unwrap();

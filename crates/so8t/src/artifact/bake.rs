@@ -51,6 +51,9 @@ pub struct BakeOptions {
     /// Output dtype; default: the base's (bf16 for an FP8 base).
     pub dtype: Option<OutDType>,
     pub force: bool,
+    /// Bake only these sites' gates (the others are left out: `export --format peft-oft`
+    /// carries them in the adapter); all of them when `None`.
+    pub sites: Option<Vec<Site>>,
 }
 
 /// Which gate acts on a base tensor, and from which side.
@@ -156,7 +159,10 @@ pub fn bake(src: &Path, out: &Path, opts: &BakeOptions) -> Result<()> {
     let store = SafetensorsStore::open(src, fp8)?;
     let out_dtype = opts.dtype.unwrap_or_else(|| checkpoint_dtype(&store, &model_cfg));
 
-    let rotations = adapter.fold_rotations(&model_cfg, &cfg)?;
+    let mut rotations = adapter.fold_rotations(&model_cfg, &cfg)?;
+    if let Some(only) = &opts.sites {
+        rotations.retain(|(_, site), _| only.contains(site));
+    }
 
     let staging = StagingDir::new(out, opts.force)?;
     let dir = staging.path();

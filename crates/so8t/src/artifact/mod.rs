@@ -9,5 +9,6 @@ pub mod convert;
 pub mod export;
 pub mod export_tokenizer;
 pub mod modelfile;
+pub mod peft;
 pub mod validate;
 pub mod vllm;

@@ -130,6 +130,88 @@ pub fn expm(a: &Mat8) -> Mat8 {
     r
 }
 
+/// `m⁻¹` by Gauss–Jordan elimination with partial pivoting; `None` when `m` is singular
+/// (a pivot below 1e-12).
+pub fn inverse(m: &Mat8) -> Option<Mat8> {
+    let (mut a, mut inv) = (*m, identity());
+    for c in 0..8 {
+        let p = (c..8).max_by(|&i, &j| a[i][c].abs().total_cmp(&a[j][c].abs()))?;
+        if a[p][c].abs() < 1e-12 {
+            return None;
+        }
+        a.swap(c, p);
+        inv.swap(c, p);
+        let d = a[c][c];
+        for j in 0..8 {
+            a[c][j] /= d;
+            inv[c][j] /= d;
+        }
+        for i in 0..8 {
+            if i != c {
+                let f = a[i][c];
+                for j in 0..8 {
+                    a[i][j] -= f * a[c][j];
+                    inv[i][j] -= f * inv[c][j];
+                }
+            }
+        }
+    }
+    Some(inv)
+}
+
+fn add_scaled(a: &Mat8, b: &Mat8, s: f64) -> Mat8 {
+    std::array::from_fn(|i| std::array::from_fn(|j| a[i][j] + s * b[i][j]))
+}
+
+/// The Cayley transform `(I − M)(I + M)⁻¹`, its own inverse: a skew-symmetric `M` gives a
+/// rotation and a rotation its skew-symmetric parameter (PEFT's OFT stores rotations so).
+/// `None` when `I + M` is singular (a rotation by π has no parameter).
+pub fn cayley(m: &Mat8) -> Option<Mat8> {
+    let eye = identity();
+    Some(matmul(&add_scaled(&eye, m, -1.0), &inverse(&add_scaled(&eye, m, 1.0))?))
+}
+
+/// The principal logarithm of a rotation, the generator `A` with `exp(A) = R`, skew-
+/// symmetric: inverse scaling and squaring (square roots by the Denman–Beavers iteration
+/// until `R` is near I, then the Mercator series). `None` where it does not exist or is
+/// not unique (a rotation by π) or `r` is not a rotation.
+pub fn logm(r: &Mat8) -> Option<Mat8> {
+    if orthogonality_error(r) > 1e-4 || det(r) <= 0.0 {
+        return None;
+    }
+    let eye = identity();
+    let (mut y, mut roots) = (*r, 0);
+    while norm_inf(&add_scaled(&y, &eye, -1.0)) > 0.2 {
+        if roots == 40 {
+            return None;
+        }
+        let mut z = eye;
+        for _ in 0..60 {
+            let (yi, zi) = (inverse(&y)?, inverse(&z)?);
+            let next = add_scaled(&y, &zi, 1.0).map(|row| row.map(|v| v / 2.0));
+            z = add_scaled(&z, &yi, 1.0).map(|row| row.map(|v| v / 2.0));
+            let step = norm_inf(&add_scaled(&next, &y, -1.0));
+            y = next;
+            if step < 1e-15 {
+                break;
+            }
+        }
+        roots += 1;
+    }
+    // log(I + X) = X − X²/2 + X³/3 − …, ‖X‖ ≤ 0.2: 40 terms are below 1e-28.
+    let x = add_scaled(&y, &eye, -1.0);
+    let (mut term, mut log) = (x, [[0.0; 8]; 8]);
+    for n in 1..=40 {
+        let sign = if n % 2 == 1 { 1.0 } else { -1.0 };
+        log = add_scaled(&log, &term, sign / n as f64);
+        term = matmul(&term, &x);
+    }
+    let scale = 2f64.powi(roots);
+    // Exactly skew-symmetric: rounding leaves a symmetric part of ~1e-16.
+    let a: Mat8 = std::array::from_fn(|i| std::array::from_fn(|j| (log[i][j] - log[j][i]) / 2.0 * scale));
+    (!a.iter().flatten().any(|v| !v.is_finite())).then_some(a)
+}
+
 /// ‖RᵀR − I‖∞ (largest absolute entry).
 pub fn orthogonality_error(r: &Mat8) -> f64 {
     let p = matmul(&transpose(r), r);
@@ -213,5 +295,35 @@ mod tests {
         assert!((r[2][5] - 1.3f64.sin()).abs() < 1e-14);
         assert!((r[5][2] + 1.3f64.sin()).abs() < 1e-14);
         assert_eq!(r[0][0], 1.0);
+    }
+
+    /// log inverts exp on rotations whose angles stay below π (random generators of
+    /// entries up to 0.5: angles up to ~2.5): the generator comes back to 1e-10; Cayley is
+    /// its own inverse and maps skew matrices to rotations.
+    #[test]
+    fn log_inverts_exp_and_cayley_inverts_itself() {
+        let mut rng = StdRng::seed_from_u64(3);
+        for scale in [1e-4, 0.05, 0.3, 0.5] {
+            for _ in 0..20 {
+                let a = skew(&random_generator(&mut rng, scale));
+                let back = logm(&expm(&a)).expect("a log");
+                let err = (0..8).flat_map(|i| (0..8).map(move |j| (i, j))).map(|(i, j)| (back[i][j] - a[i][j]).abs()).fold(0.0, f64::max);
+                assert!(err < 1e-10, "scale {scale}: {err}");
+                let r = cayley(&a).unwrap();
+                assert!(orthogonality_error(&r) < 1e-12 && (det(&r) - 1.0).abs() < 1e-12);
+                let q = cayley(&r).unwrap();
+                let err = (0..8).flat_map(|i| (0..8).map(move |j| (i, j))).map(|(i, j)| (q[i][j] - a[i][j]).abs()).fold(0.0, f64::max);
+                assert!(err < 1e-12, "scale {scale}: cayley twice {err}");
+            }
+        }
+        assert_eq!(logm(&identity()), Some([[0.0; 8]; 8]));
+        // A rotation by π in a plane: no principal log, no Cayley parameter.
+        let mut g = [0.0; N_GEN];
+        g[pack_index(0, 1)] = std::f64::consts::PI;
+        let flip = expm(&skew(&g));
+        assert!(cayley(&flip).is_none());
+        let mut not_rotation = identity();
+        not_rotation[0][0] = -1.0;
+        assert!(logm(&not_rotation).is_none());
     }
 }
