@@ -15,18 +15,22 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
 }
 
-/// (ids, logits) PEFT recorded.
-fn peft_logits(name: &str) -> (Vec<u32>, Vec<Vec<f32>>) {
+/// (ids, logits) PEFT recorded (`field`: `logits`, or `logits_f64` where PEFT also ran in f64).
+fn peft_logits_of(name: &str, field: &str) -> (Vec<u32>, Vec<Vec<f32>>) {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("peft-oft").join(name)).unwrap()).unwrap();
     let ids = v["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
-    let logits = v["logits"]
+    let logits = v[field]
         .as_array()
         .unwrap()
         .iter()
         .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
         .collect();
     (ids, logits)
+}
+
+fn peft_logits(name: &str) -> (Vec<u32>, Vec<Vec<f32>>) {
+    peft_logits_of(name, "logits")
 }
 
 fn worst_logit_gap(model: &Path, ids: &[u32], want: &[Vec<f32>]) -> f32 {
@@ -69,6 +73,42 @@ fn the_exported_adapter_is_what_peft_ran_and_imports_back() {
     let (ids, want) = peft_logits("export_logits.json");
     let gap = worst_logit_gap(&src, &ids, &want);
     assert!(gap <= 1e-4, "so8t vs PeftModel on the exported adapter: {gap}");
+    let (_, want64) = peft_logits_of("export_logits.json", "logits_f64");
+    let gap64 = worst_logit_gap(&src, &ids, &want64);
+    eprintln!("so8t (f32) vs PeftModel on the exported adapter: {gap:e} (PEFT in f32), {gap64:e} (PEFT in f64)");
+    assert!(gap64 <= 1e-4, "so8t vs PeftModel in f64: {gap64}");
+    // PEFT's merge_and_unload() of our adapter equals `so8t bake` (both f32 weights made
+    // in higher precision or by one f32 product of rotation and weight: 1e-6).
+    let baked = tmp.path().join("baked");
+    so8t::artifact::bake::bake(&src, &baked, &Default::default()).unwrap();
+    let baked = candle_core::safetensors::load(baked.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let merged = candle_core::safetensors::load(fixtures().join("peft-oft/merged.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert_eq!(merged.len(), 3 * 2, "o, gate, up of both layers");
+    // gate/up: the same weights. o_proj: PEFT's also holds the v gate, which `bake` folds
+    // into v_proj's rows instead: PEFT's W_o' = bake's W_o · R_v(kv(h)) per head block.
+    let model = so8t::config::ModelConfig::from_hf_file(&src.join("config.json")).unwrap();
+    let cfg = so8t::artifact::adapter::So8tConfig::read(&src).unwrap();
+    let rotations = so8t::artifact::adapter::Adapter::read(&src).unwrap().fold_rotations(&model, &cfg).unwrap();
+    let (bph, group) = (model.head_dim / 8, model.num_heads / model.num_kv_heads);
+    for (k, t) in &merged {
+        let mut want = baked[k].to_vec2::<f32>().unwrap();
+        if k.ends_with("o_proj.weight") {
+            let l: usize = k.split('.').nth(2).unwrap().parse().unwrap();
+            let rv = rotations[&(l, Site::V)].to_vec3::<f64>().unwrap();
+            for row in want.iter_mut() {
+                let orig = row.clone();
+                for u in 0..model.num_heads * bph {
+                    let r = &rv[(u / bph / group) * bph + u % bph];
+                    for j in 0..8 {
+                        row[u * 8 + j] = (0..8).map(|i| orig[u * 8 + i] as f64 * r[i][j]).sum::<f64>() as f32;
+                    }
+                }
+            }
+        }
+        let got = t.to_vec2::<f32>().unwrap();
+        let d = got.iter().flatten().zip(want.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(d <= 1e-6, "{k}: PEFT merged vs so8t bake {d}");
+    }
     let e = export_peft_oft(&src, &peft_dir, false).unwrap();
     assert_eq!(e.targets, ["gate_proj", "o_proj", "up_proj"]);
     assert_eq!(e.base, std::path::absolute(&peft_dir).unwrap().join("base"), "the q gates are baked into base/");
