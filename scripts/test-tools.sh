@@ -4,6 +4,7 @@
 #
 #   scripts/test-tools.sh openai    # a venv with the official `openai` client; prints its python
 #   scripts/test-tools.sh browser   # Debian chromium + playwright-core; prints "NODE_PATH CHROMIUM"
+#   scripts/test-tools.sh torch     # a venv with torch, transformers, peft (so8t_torch's tests); prints its python
 set -euo pipefail
 CACHE="${SO8T_CACHE:-$HOME/.cache/so8t}"
 mkdir -p "$CACHE"
@@ -17,6 +18,16 @@ case "${1:-}" in
       rm -rf "$VENV"
       python3 -m venv "$VENV" >&2
       "$VENV/bin/pip" install --quiet "openai==$OPENAI_VERSION" >&2
+    fi
+    echo "$VENV/bin/python"
+    ;;
+  torch)
+    VENV="$CACHE/torch-venv"
+    PKGS="torch==2.15.0 transformers==5.24.0 safetensors==0.8.0 numpy==2.4.6 accelerate==1.15.0"
+    if ! "$VENV/bin/python" -c "import torch, transformers, safetensors, numpy, accelerate, sys; sys.exit(not (torch.__version__.startswith('2.15.0') and transformers.__version__ == '5.24.0'))" 2>/dev/null; then
+      rm -rf "$VENV"
+      python3 -m venv "$VENV" >&2
+      "$VENV/bin/pip" install --quiet $PKGS >&2
     fi
     echo "$VENV/bin/python"
     ;;
@@ -37,5 +48,5 @@ case "${1:-}" in
     echo "$DIR/node_modules $(command -v chromium)"
     ;;
   *)
-    echo "usage: $0 openai|browser" >&2; exit 2 ;;
+    echo "usage: $0 openai|browser|torch" >&2; exit 2 ;;
 esac

@@ -255,68 +255,18 @@ def base_checksum(d: Path):
 
 def make_so8t_reference(base: Path, inputs, seed, scale=0.3):
     """Random generators at all five sites (shared granularity, factors safe then cmd) and
-    random heads; logits and verdicts recorded from the hooked transformers model. The
-    MLP gate rotates the MLP's input, so phi3's fused gate_up_proj needs nothing else."""
-    sp, sm = triality_maps()
+    random heads; logits and verdicts recorded from so8t_torch (python/so8t_torch: the
+    gates as forward hooks on the transformers model, triality by numpy least squares, exp
+    by torch.linalg.matrix_exp), the package users train with."""
+    sys.path.insert(0, str(ROOT / "python" / "so8t_torch"))
+    from so8t_torch import So8tModel
+    from so8t_torch.model import generator_name
+
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     cfg = model.config
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    g = torch.Generator().manual_seed(seed)
     factors = ["safe", "cmd"]
     sites = ["q", "k", "v", "o", "mlp"]
-    tensors = {}
-
-    def site_rotation(layer, site):
-        heads = {"q": cfg.num_attention_heads, "o": cfg.num_attention_heads, "k": cfg.num_key_value_heads,
-                 "v": cfg.num_key_value_heads, "mlp": cfg.hidden_size // 8}[site]
-        bph = 1 if site == "mlp" else hd // 8
-        n_gen = heads if site == "mlp" else bph
-        total = np.tile(np.eye(8), (heads * bph, 1, 1))
-        for f in factors:
-            gens = (torch.rand((n_gen, 28), generator=g) * 2 - 1) * scale
-            tensors[f"layers.{layer}.{site}.{f}.generators"] = gens.float()
-            gd = gens.double().numpy()
-            fam = [gd, gd @ sp.T, gd @ sm.T]  # packed generators of the three families
-            rot = [torch.linalg.matrix_exp(torch.from_numpy(skew(x))).numpy() for x in fam]
-            units = []
-            for u in range(heads * bph):
-                head = u // bph
-                gen = u if site == "mlp" else u % bph
-                units.append(rot[head % 3][gen])
-            total = np.einsum("uij,ujk->uik", np.stack(units), total)  # R_f · R_so_far
-        return torch.from_numpy(total).float()
-
-    def rotate(x, r):
-        shp = x.shape
-        y = torch.einsum("uij,...uj->...ui", r, x.reshape(*shp[:-1], r.shape[0], 8))
-        return y.reshape(shp)
-
-    q_w, kv_w = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    for l, layer in enumerate(model.model.layers):
-        rs = {s: site_rotation(l, s) for s in sites}
-        at = layer.self_attn
-        if hasattr(at, "qkv_proj"):
-            # phi3: one fused projection; the q, k, v gates rotate its three slices.
-            def qkv_hook(m, i, o, rs=rs):
-                q, k, v = o[..., :q_w], o[..., q_w:q_w + kv_w], o[..., q_w + kv_w:]
-                return torch.cat([rotate(q, rs["q"]), rotate(k, rs["k"]), rotate(v, rs["v"])], -1)
-
-            at.qkv_proj.register_forward_hook(qkv_hook)
-        else:
-            for s, mod in (("q", at.q_proj), ("k", at.k_proj), ("v", at.v_proj)):
-                mod.register_forward_hook(lambda m, i, o, r=rs[s]: rotate(o, r))
-        at.o_proj.register_forward_pre_hook(lambda m, i, r=rs["o"]: (rotate(i[0], r),))
-        layer.mlp.register_forward_pre_hook(lambda m, i, r=rs["mlp"]: (rotate(i[0], r),))
-    heads = {}
-    for name in ("safety", "authority"):
-        heads[f"heads.{name}.weight"] = torch.randn((2, cfg.hidden_size), generator=g) * 0.5
-        heads[f"heads.{name}.bias"] = torch.randn((2,), generator=g) * 0.5
-    tensors.update(heads)
-    out = base / "so8t-random"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
-    save_file(tensors, str(out / "so8t_adapter.safetensors"))
-    (out / "so8t_config.json").write_text(json.dumps({
+    config = {
         "version": 1,
         "base": {"architecture": cfg.model_type, "source": base.name, "sha256": base_checksum(base)},
         "sites": sites, "granularity": "shared", "factors": factors,
@@ -324,17 +274,50 @@ def make_so8t_reference(base: Path, inputs, seed, scale=0.3):
         "heads_trained": False,
         "init": {"kind": "random", "seed": seed, "scale": scale},
         "thresholds": {"unsafe": 0.5, "escalate": 0.5},
-    }, indent=2))
+    }
+    so8t = So8tModel(model, config).eval()
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for l in range(cfg.num_hidden_layers):
+        for s in sites:
+            n_gen = so8t.site_shape(s)[2]
+            for f in factors:
+                tensors[generator_name(l, s, f)] = ((torch.rand((n_gen, 28), generator=g) * 2 - 1) * scale).float()
+    for name in ("safety", "authority"):
+        tensors[f"heads.{name}.weight"] = torch.randn((2, cfg.hidden_size), generator=g) * 0.5
+        tensors[f"heads.{name}.bias"] = torch.randn((2,), generator=g) * 0.5
+    out = base / "so8t-random"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    save_file(tensors, str(out / "so8t_adapter.safetensors"))
+    (out / "so8t_config.json").write_text(json.dumps(config, indent=2))
+    so8t.load_adapter(out / "so8t_adapter.safetensors")
     exp = {}
     with torch.no_grad():
         for i, ids in enumerate(inputs):
-            out_h = model.model(torch.tensor([ids])).last_hidden_state[0]
-            exp[f"logits.{i}"] = model.lm_head(out_h).contiguous()
-            for name, key in (("safety", "p_unsafe"), ("authority", "p_escalate")):
-                p = torch.softmax(out_h @ heads[f"heads.{name}.weight"].T + heads[f"heads.{name}.bias"], -1)[:, 1]
-                exp[f"{key}.{i}"] = p.contiguous()
+            logits, _, heads = so8t(torch.tensor([ids]))
+            exp[f"logits.{i}"] = logits[0].contiguous()
+            v = so8t.verdicts(heads)
+            for key in ("p_unsafe", "p_escalate"):
+                exp[f"{key}.{i}"] = v[key][0].contiguous()
     save_file(exp, str(out / "expected.safetensors"))
     (out / "expected.json").write_text(json.dumps({"inputs": inputs}))
+
+
+SO8T_REFERENCES = {"tiny-llama": 300, "tiny-qwen2": 301, "tiny-qwen3": 302,
+                   "tiny-phi3": 700, "tiny-phi3-partial": 701, "tiny-phi3-short": 702}
+
+
+def so8t_references_only(so8t_bin: Path):
+    """Rewrites every so8t-random/ from its recorded inputs and seed (after a change to
+    so8t_torch), with the transformers check of its baked model, leaving the base models
+    as they are; vllm_view_fixtures.py must run again afterwards (it writes there too)."""
+    for name, seed in SO8T_REFERENCES.items():
+        d = OUT / name
+        inputs = json.loads((d / "so8t-random" / "expected.json").read_text())["inputs"]
+        make_so8t_reference(d, inputs, seed=seed)
+        check_baked_with_transformers(d, so8t_bin, inputs)
+        print(f"{name}/so8t-random: done", file=sys.stderr)
 
 
 def check_baked_with_transformers(base: Path, so8t_bin: Path, inputs):
@@ -368,7 +351,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--llama-cpp", type=Path, default=Path.home() / ".cache/so8t/llama.cpp")
     ap.add_argument("--so8t", type=Path, default=ROOT / "target/release/so8t", help="the so8t binary, for baking")
+    ap.add_argument("--so8t-references-only", action="store_true", help="only rewrite the so8t-random/ references")
     args = ap.parse_args()
+    if args.so8t_references_only:
+        return so8t_references_only(args.so8t)
     torch.manual_seed(0)
     tok_dir = OUT / "tokenizer"
     tok = make_tokenizer(tok_dir)
