@@ -51,7 +51,7 @@ fn so8t_torch_matches_so8t_and_ddp_matches_one_process() {
             .arg(tmp.path()),
         "so8t_torch against so8t",
     );
-    for what in ["tiny-qwen2: so8t convert --init random", "tiny-phi3: so8t convert --init random", "trained adapter: so8t validate passes", "trained adapter:"] {
+    for what in ["tiny-qwen2: so8t convert --init random", "tiny-phi3: so8t convert --init random", "byte-identical to so8t's files", "trained adapter: so8t validate passes", "trained adapter:"] {
         assert!(out.contains(what), "{what} missing from:\n{out}");
     }
     let out = run_python(

@@ -5,7 +5,8 @@ crates/so8t-cli/tests/so8t_torch.rs; exits non-zero on the first mismatch):
    projections) loads here and gives what `so8t run` gives: the same greedy tokens, the
    top-5 log-probabilities of every step and the verdicts of the prompt and of every
    token within 1e-4 (f32 forwards in another order);
-2. an adapter trained here (a few Adam steps of the spec's loss, heads included) loads in
+2. an SO8T directory loaded and saved again is byte-identical (adapter and config);
+3. an adapter trained here (a few Adam steps of the spec's loss, heads included) loads in
    so8t: `so8t validate` passes and `so8t run` gives what so8t_torch gives (the trained
    heads make the verdict comparison non-trivial).
 
@@ -107,6 +108,11 @@ def main():
         so8t(binary, "convert", fixtures / base, "--out", src, "--init", "random", "--seed", 5, "--scale", 0.2, "--force")
         model = compare(binary, src, f"{base}: so8t convert --init random")
     model = So8tModel.from_pretrained(work / "tiny-qwen2-random")
+    model.save_pretrained(work / "resaved")
+    for f in ("so8t_adapter.safetensors", "so8t_config.json"):
+        if (work / "resaved" / f).read_bytes() != (work / "tiny-qwen2-random" / f).read_bytes():
+            sys.exit(f"{f} written by so8t_torch differs from so8t's bytes")
+    print("an adapter loaded and saved again: byte-identical to so8t's files")
     train(model)
     trained = work / "tiny-qwen2-trained"
     model.save_pretrained(trained, base_dir=work / "tiny-qwen2-random")
