@@ -31,6 +31,11 @@ fn torch_python() -> Option<String> {
     }
 }
 
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 fn run_python(cmd: &mut Command, what: &str) -> String {
     let out = cmd.env("OMP_NUM_THREADS", "1").output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -56,7 +61,8 @@ fn so8t_torch_matches_so8t_and_ddp_matches_one_process() {
     }
     let out = run_python(
         Command::new(&python)
-            .args(["-m", "torch.distributed.run", "--nproc_per_node", "2"])
+            // --standalone: a rendezvous on a free port, not the fixed 29500 another run may hold.
+            .args(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
             .arg(tests.join("ddp_gradients.py"))
             .arg(tmp.path().join("tiny-qwen2-random")),
         "DDP gradients",
@@ -72,6 +78,7 @@ fn so8t_torch_matches_so8t_and_ddp_matches_one_process() {
     let out = run_python(
         Command::new(&python)
             .args(["-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"])
+            .args(["--main_process_port", &free_port().to_string()])
             .arg(root().join("python/so8t_torch/examples/train_accelerate.py"))
             .arg("--model")
             .arg(tmp.path().join("tiny-qwen2-random"))

@@ -3,7 +3,7 @@ ranks runs half the batch through DDP, which averages their gradients; rank 0 al
 the whole batch alone and compares (the halves hold the same label structure, so the mean
 of the halves' losses is the whole batch's loss). Exits non-zero on a mismatch.
 
-    python -m torch.distributed.run --nproc_per_node 2 ddp_gradients.py SO8T_DIR
+    python -m torch.distributed.run --standalone --nproc_per_node 2 ddp_gradients.py SO8T_DIR
 """
 import sys
 from pathlib import Path
