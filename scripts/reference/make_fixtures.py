@@ -17,7 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers, Regex
@@ -192,55 +191,9 @@ def to_gguf(llama_cpp: Path, hf_dir: Path, outtype: str):
                    check=True, stdout=subprocess.DEVNULL)
 
 
-# ---- SO8T gates, implemented independently of the Rust code from SO8T_SPEC.md §2–§5:
-# octonion triality solved with numpy least squares, exp by torch.linalg.matrix_exp, and
-# the gates applied with forward hooks on the transformers model.
-
-TRIPLES = [(1, 2, 3), (1, 4, 5), (1, 7, 6), (2, 4, 6), (2, 5, 7), (3, 4, 7), (3, 6, 5)]
-
-
-def octonion_table():
-    t = np.zeros((8, 8, 8))  # e_i e_j = sum_k t[i, j, k] e_k
-    for i in range(8):
-        t[0, i, i] = t[i, 0, i] = 1
-    for i in range(1, 8):
-        t[i, i, 0] = -1
-    for a, b, c in TRIPLES:
-        for x, y, z in ((a, b, c), (b, c, a), (c, a, b)):
-            t[x, y, z] = 1
-            t[y, x, z] = -1
-    return t
-
-
-def skew(g):
-    a = np.zeros(g.shape[:-1] + (8, 8))
-    k = 0
-    for i in range(8):
-        for j in range(i + 1, 8):
-            a[..., i, j] = g[..., k]
-            a[..., j, i] = -g[..., k]
-            k += 1
-    return a
-
-
-def triality_maps():
-    t = octonion_table()
-    mul = lambda x, y: np.einsum("i,j,ijk->k", x, y, t)
-    e = np.eye(8)
-    gens = skew(np.eye(28))
-    m = np.zeros((512, 56))
-    rhs = np.zeros((512, 28))
-    for i in range(8):
-        for j in range(8):
-            r = slice((i * 8 + j) * 8, (i * 8 + j) * 8 + 8)
-            for n in range(28):
-                m[r, n] = mul(gens[n] @ e[i], e[j])
-                m[r, 28 + n] = mul(e[i], gens[n] @ e[j])
-                rhs[r, n] = gens[n] @ mul(e[i], e[j])
-    x, *_ = np.linalg.lstsq(m, rhs, rcond=None)
-    assert np.abs(m @ x - rhs).max() < 1e-10
-    return x[:28], x[28:]  # sigma_plus, sigma_minus: column n = image of basis generator n
-
+# ---- SO8T gates, implemented independently of the Rust code from SO8T_SPEC.md §2–§5 in
+# python/so8t_torch (the package users train with): octonion triality solved with numpy
+# least squares, exp by torch.linalg.matrix_exp, the gates as forward hooks on transformers.
 
 def base_checksum(d: Path):
     import hashlib

@@ -286,8 +286,23 @@ impl WeightStore for SafetensorsStore {
         self.entries.contains_key(name)
     }
 
+    /// f16/bf16 weights stay half precision, on the kernels (their values exactly, half the
+    /// memory and bandwidth of f32: what HF checkpoints ship); gates training widens them
+    /// ([`crate::model::Decoder::widen_half_precision`]). Others load as f32.
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
-        Ok(Matrix::Dense(self.checked(name, &[rows, cols])?))
+        let e = self.entry(name)?;
+        let ty = match e.dtype {
+            Dtype::F16 => so8t_kernels::QType::F16,
+            Dtype::BF16 => so8t_kernels::QType::BF16,
+            _ => return Ok(Matrix::Dense(self.checked(name, &[rows, cols])?)),
+        };
+        if e.shape != [rows, cols] {
+            return Err(shape_error(self.file_of(e), name, &[rows, cols], &e.shape));
+        }
+        let bytes = self.files[e.file].1[e.start..e.end].to_vec();
+        let m = so8t_kernels::QMatrix::new(ty, rows, cols, bytes)
+            .map_err(|err| Error::format(self.file_of(e), format!("tensor `{name}`: {err}")))?;
+        Ok(Matrix::Quant(std::sync::Arc::new(m)))
     }
 
     fn vector(&self, name: &str, len: usize) -> Result<Tensor> {

@@ -164,7 +164,7 @@ fn project_all<const K: usize>(
     let quant: Option<Vec<&so8t_kernels::QMatrix>> = ps
         .iter()
         .map(|p| match &p.w {
-            Matrix::Quant(m) => Some(m.as_ref()),
+            Matrix::Quant(m) if !crate::formats::widens_for(m, n) => Some(m.as_ref()),
             _ => None,
         })
         .collect();

@@ -152,7 +152,12 @@ impl Decoder {
         }
         let norm = ws.vector("model.norm.weight", h)?.to_vec1::<f32>()?;
         let lm_head = if cfg.tie_word_embeddings && !ws.contains("lm_head.weight") {
-            embed.as_matrix()?
+            // A half-precision table stays half as the LM head (half the bytes read per
+            // token); the lookups use the embedding's own copy.
+            match ws.matrix("model.embed_tokens.weight", cfg.vocab_size, h)? {
+                m @ Matrix::Quant(_) => m,
+                _ => embed.as_matrix()?,
+            }
         } else {
             ws.matrix("lm_head.weight", cfg.vocab_size, h)?
         };
@@ -187,6 +192,9 @@ impl Decoder {
                 &mut layer.up,
                 &mut layer.down,
             ] {
+                if let Some(wide) = p.w.widened()? {
+                    p.w = wide;
+                }
                 if let Matrix::Dense(w) = &p.w {
                     let (rows, cols) = w.dims2()?;
                     let data = w.flatten_all()?.to_vec1::<f32>()?;
@@ -199,6 +207,23 @@ impl Decoder {
                     p.w = Matrix::Quant(std::sync::Arc::new(m));
                     n += 1;
                 }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Every f16/bf16 matrix as dense f32: gates training differentiates through the
+    /// weights with candle's gemm, which wants them so (inference keeps them half).
+    /// Returns how many changed.
+    pub fn widen_half_precision(&mut self) -> Result<usize> {
+        let mut n = 0;
+        let projections = self.layers.iter_mut().flat_map(|l| {
+            [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down].map(|p| &mut p.w)
+        });
+        for w in projections.chain(std::iter::once(&mut self.lm_head)) {
+            if let Some(dense) = w.widened()? {
+                *w = dense;
+                n += 1;
             }
         }
         Ok(n)

@@ -167,6 +167,8 @@ impl<'a> Trainer<'a> {
                 )));
             }
         }
+        // Gradients flow through the frozen weights by candle's gemm on f32.
+        model.decoder.widen_half_precision()?;
         let mut names = Vec::new();
         let mut vars = Vec::new();
         for l in 0..model.config.num_layers {
