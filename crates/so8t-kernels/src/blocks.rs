@@ -308,6 +308,24 @@ pub fn q6k_quad(ql: &[u8], qh: &[u8], l: usize) -> [i32; 4] {
 
 /// Exact dequantisation of one row (ggml `dequantize_row_*`).
 pub fn dequantize(ty: QType, row: &[u8], out: &mut [f32]) {
+    // One-value "blocks": a plain loop, not a dispatch per value (widening a bf16 matrix for
+    // a prompt's gemm spent more time in the dispatch than in the product).
+    match ty {
+        QType::BF16 => {
+            for (o, c) in out.iter_mut().zip(row.chunks_exact(2)) {
+                *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+            }
+            return;
+        }
+        QType::F16 => {
+            let table = f16_table();
+            for (o, c) in out.iter_mut().zip(row.chunks_exact(2)) {
+                *o = table[u16::from_le_bytes([c[0], c[1]]) as usize];
+            }
+            return;
+        }
+        _ => {}
+    }
     let ts = ty.type_size();
     for (b, blk) in row.chunks_exact(ts).enumerate() {
         let y = &mut out[b * ty.block_size()..(b + 1) * ty.block_size()];

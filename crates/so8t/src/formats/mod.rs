@@ -122,9 +122,7 @@ impl Matrix {
             Matrix::Candle(m) => m.forward(x),
             // Many rows of half-precision weights (a prompt): candle's gemm, which blocks for
             // cache reuse, on the weights widened for this product beats the kernels' rows.
-            Matrix::Quant(m) if widens_for(m, x.elem_count() / m.cols().max(1)) => {
-                self.widened()?.expect("a half-precision matrix widens").forward(x)
-            }
+            Matrix::Quant(m) if widens_for(m, x.elem_count() / m.cols().max(1)) => half_gemm(m, x),
             Matrix::Quant(m) => {
                 let mut dims = x.dims().to_vec();
                 let cols = dims.pop().unwrap_or(0);
@@ -152,14 +150,58 @@ impl Matrix {
 /// code; from here on candle's gemm, which blocks for cache reuse, is faster (prompts).
 const DENSE_KERNEL_ROWS: usize = 16;
 
-/// Activation rows from which a product with f16/bf16 weights widens them to f32 for candle's
-/// gemm, for that product only (pp512 of a bf16 SmolLM2: 0.75× the f32 gemm's speed on the
-/// kernels alone, 0.83× widened; widening 256-row blocks instead measured 0.64×).
+/// Activation rows from which a product with f16/bf16 weights widens them to f32 for gemm,
+/// for that product only (pp512 of a bf16 SmolLM2 against the f32 gemm of before: 0.75× on
+/// the kernels alone, 0.85× widened; BENCHMARKS.md).
 const HALF_GEMM_ROWS: usize = 64;
 
 /// Whether a product of `m` with `rows` activation rows widens it to f32 for candle's gemm.
 pub(crate) fn widens_for(m: &QMatrix, rows: usize) -> bool {
     matches!(m.qtype(), QType::F16 | QType::BF16) && rows >= HALF_GEMM_ROWS
+}
+
+/// `x·Wᵀ` for half-precision `m` and many activation rows: `m` widened into this thread's
+/// scratch buffer (kept between products, so no weight-sized allocation or fresh pages per
+/// product; it holds the largest matrix widened so far) and multiplied by gemm.
+fn half_gemm(m: &QMatrix, x: &Tensor) -> candle_core::Result<Tensor> {
+    thread_local! {
+        static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let (rows, cols) = (m.rows(), m.cols());
+    let mut dims = x.dims().to_vec();
+    let n = x.elem_count() / cols.max(1);
+    let xs = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; n * rows];
+    WIDE.with(|wide| {
+        let mut wide = wide.borrow_mut();
+        if wide.len() < rows * cols {
+            wide.resize(rows * cols, 0.0);
+        }
+        let w = &mut wide[..rows * cols];
+        let pool = so8t_kernels::pool::global();
+        let per = rows.div_ceil(pool.threads() * 4).max(1) * cols;
+        pool.chunks(w, per, &|start, chunk| {
+            for (k, row) in chunk.chunks_exact_mut(cols).enumerate() {
+                m.dequantize_row(start / cols + k, row);
+            }
+        });
+        let threads = rayon::current_num_threads();
+        let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        // SAFETY: out is [n, rows], xs [n, cols], w [rows, cols], all row-major and alive
+        // for the call; the strides below address exactly those elements (rhs = wᵀ).
+        unsafe {
+            gemm::gemm(
+                n, rows, cols,
+                out.as_mut_ptr(), 1, rows as isize, false,
+                xs.as_ptr(), 1, cols as isize,
+                w.as_ptr(), cols as isize, 1,
+                0.0, 1.0, false, false, false, par,
+            )
+        }
+    });
+    dims.pop();
+    dims.push(rows);
+    Tensor::from_vec(out, dims, &Device::Cpu)
 }
 
 /// `x·Wᵀ` for an f32 `w` and a few f32 activation rows (decoding) on the kernels, `None`
