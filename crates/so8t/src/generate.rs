@@ -209,6 +209,9 @@ impl Sequence {
 
     /// Feeds up to `chunk` more prompt tokens; returns whether the whole prompt is in.
     pub fn prefill(&mut self, model: &mut Model, chunk: usize) -> Result<bool> {
+        if self.finish.is_some() && !self.prompt_done() {
+            return Err(Error::Invalid("the sequence has ended before its prompt was read".into()));
+        }
         if !self.prompt_done() {
             self.turn(model, chunk)?;
         }
@@ -334,15 +337,15 @@ impl Sequence {
             Some(Pending::Prompt { from, to }) => {
                 self.prompt_seconds += elapsed;
                 self.prefilled = to;
+                if self.prompt_done() {
+                    self.logits = logits;
+                }
                 let at = self
                     .req
                     .verdict_position
                     .unwrap_or(self.req.prompt_ids.len() - 1);
                 if let (Some(s), Some(row), true) = (&model.so8t, first_row, (from..to).contains(&at)) {
                     self.prompt_verdict = Some(s.verdicts(&model.decoder, Some(row + at - from))?[0]);
-                }
-                if self.prompt_done() {
-                    self.logits = logits;
                 }
                 Ok(Turn::Prompt(self.prompt_done()))
             }
@@ -430,10 +433,7 @@ pub fn turn_batch(model: &mut Model, seqs: &mut [&mut Sequence], chunk: usize) -
         match seq.begin_turn(model, chunk) {
             Ok(Some(feed)) => feeds.push((i, feed)),
             Ok(None) => results[i] = Some(seq.end_turn(model, None)),
-            Err(e) => {
-                seq.finish.get_or_insert(FinishReason::Cancelled);
-                results[i] = Some(Err(e));
-            }
+            Err(e) => results[i] = Some(Err(e)),
         }
     }
     if !feeds.is_empty() {
@@ -442,12 +442,16 @@ pub fn turn_batch(model: &mut Model, seqs: &mut [&mut Sequence], chunk: usize) -
             let seq = &mut *seqs[*i];
             results[*i] = Some(match &ran {
                 Ok((first_rows, logits)) => seq.end_turn(model, Some((first_rows[k], logits[k].clone()))),
-                Err(e) => {
-                    seq.pending = None;
-                    seq.finish.get_or_insert(FinishReason::Cancelled);
-                    Err(Error::Invalid(e.to_string()))
-                }
+                Err(e) => Err(Error::Invalid(e.to_string())),
             });
+        }
+    }
+    // A failed turn ends its sequence: a caller that goes on gets `Ended`, not a panic on
+    // state the failed turn left half-made.
+    for (seq, r) in seqs.iter_mut().zip(&results) {
+        if let Some(Err(_)) = r {
+            seq.pending = None;
+            seq.finish.get_or_insert(FinishReason::Cancelled);
         }
     }
     results

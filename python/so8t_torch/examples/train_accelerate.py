@@ -34,7 +34,11 @@ class Loss(torch.nn.Module):
         self.model, self.kw = model, kw
 
     def forward(self, rows, lam):
-        return so8t_loss(self.model, rows, lam, **self.kw)
+        total, *terms = so8t_loss(self.model, rows, lam, **self.kw)
+        # Rows without a head's labels leave its parameters without a gradient, which DDP
+        # (find_unused_parameters=False) refuses: a zero term keeps them in the graph.
+        total = total + 0.0 * sum(p.sum() for p in self.model.heads.parameters())
+        return (total, *terms)
 
 
 def main():
@@ -52,6 +56,9 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     acc = Accelerator()
+    if a.batch % acc.num_processes:
+        # Every process must run as many forwards per step (FSDP gathers weights in each).
+        raise SystemExit(f"--batch {a.batch} must be a multiple of the {acc.num_processes} processes")
     torch.manual_seed(a.seed)
     model = So8tModel.from_pretrained(a.model)
     rows = read_jsonl(a.data, AutoTokenizer.from_pretrained(a.model))

@@ -50,6 +50,8 @@ def pet_loss(h):
 def so8t_loss(model, batch, lam, alpha=1.0, beta=1.0, class_weights=((1.0, 1.0), (1.0, 1.0))):
     """Loss terms `(total, lm, safety, authority, pet)` of `batch` (a list of `Example`),
     one forward per example (no padding, as so8t)."""
+    if not batch:
+        raise ValueError("so8t_loss: an empty batch")
     zero = lambda: torch.zeros((), device=model.heads["safety"].weight.device)
     lm, pet = zero(), zero()
     ce, ce_weight = [zero(), zero()], [0.0, 0.0]

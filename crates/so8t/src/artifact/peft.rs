@@ -262,7 +262,8 @@ pub fn import_peft_oft(peft_dir: &Path, base: &Path, out: &Path, force: bool) ->
             if *site == Site::Mlp {
                 if let Some((first, prev)) = &mlp {
                     let diff = (prev - &t)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
-                    if diff > 0.0 {
+                    // NaN in one of them is a difference too.
+                    if diff != 0.0 {
                         return Err(Error::format(
                             &wpath,
                             format!("layer {l}: {first} and {module} have different rotations (max difference {diff:e}); SO8T's mlp gate is one rotation of their shared input"),

@@ -122,7 +122,9 @@ impl Matrix {
             Matrix::Candle(m) => m.forward(x),
             // Many rows of half-precision weights (a prompt): candle's gemm, which blocks for
             // cache reuse, on the weights widened for this product beats the kernels' rows.
-            Matrix::Quant(m) if widens_for(m, x.elem_count() / m.cols().max(1)) => half_gemm(m, x),
+            Matrix::Quant(m) if x.dims().last() == Some(&m.cols()) && widens_for(m, x.elem_count() / m.cols().max(1)) => {
+                half_gemm(m, x)
+            }
             Matrix::Quant(m) => {
                 let mut dims = x.dims().to_vec();
                 let cols = dims.pop().unwrap_or(0);
@@ -155,9 +157,14 @@ const DENSE_KERNEL_ROWS: usize = 16;
 /// the kernels alone, 0.85× widened; BENCHMARKS.md).
 const HALF_GEMM_ROWS: usize = 64;
 
-/// Whether a product of `m` with `rows` activation rows widens it to f32 for candle's gemm.
+/// The largest matrix (values) [`half_gemm`] widens: its scratch buffer lives as long as its
+/// thread, and a large LM head (151936 × 2560 for Qwen3-4B: 1.6 GB in f32) would pin the
+/// memory half precision saves; bigger matrices stay on the kernels.
+const HALF_WIDEN_MAX: usize = 64 << 20;
+
+/// Whether a product of `m` with `rows` activation rows widens it to f32 for gemm.
 pub(crate) fn widens_for(m: &QMatrix, rows: usize) -> bool {
-    matches!(m.qtype(), QType::F16 | QType::BF16) && rows >= HALF_GEMM_ROWS
+    matches!(m.qtype(), QType::F16 | QType::BF16) && rows >= HALF_GEMM_ROWS && m.rows() * m.cols() <= HALF_WIDEN_MAX
 }
 
 /// `x·Wᵀ` for half-precision `m` and many activation rows: `m` widened into this thread's
@@ -370,6 +377,10 @@ pub trait WeightStore: Send + Sync {
     /// The same values as a plain vector, row-major (export quantises from this).
     fn dense_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         Ok(self.dense(name, shape)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+    /// Whether tensor `name` is stored in f16/bf16 (and so loads as a half-precision matrix).
+    fn is_half_precision(&self, _name: &str) -> bool {
+        false
     }
     /// Tensor counts by storage type, for `inspect`.
     fn dtype_counts(&self) -> Vec<(String, usize)>;

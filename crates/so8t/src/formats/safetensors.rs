@@ -305,6 +305,10 @@ impl WeightStore for SafetensorsStore {
         Ok(Matrix::Quant(std::sync::Arc::new(m)))
     }
 
+    fn is_half_precision(&self, name: &str) -> bool {
+        matches!(self.dtype(name), Some(Dtype::F16 | Dtype::BF16))
+    }
+
     fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
         self.checked(name, &[len])
     }

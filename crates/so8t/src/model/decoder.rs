@@ -154,9 +154,10 @@ impl Decoder {
         let lm_head = if cfg.tie_word_embeddings && !ws.contains("lm_head.weight") {
             // A half-precision table stays half as the LM head (half the bytes read per
             // token); the lookups use the embedding's own copy.
-            match ws.matrix("model.embed_tokens.weight", cfg.vocab_size, h)? {
-                m @ Matrix::Quant(_) => m,
-                _ => embed.as_matrix()?,
+            if ws.is_half_precision("model.embed_tokens.weight") {
+                ws.matrix("model.embed_tokens.weight", cfg.vocab_size, h)?
+            } else {
+                embed.as_matrix()?
             }
         } else {
             ws.matrix("lm_head.weight", cfg.vocab_size, h)?
