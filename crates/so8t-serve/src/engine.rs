@@ -173,15 +173,16 @@ fn run(
                 let mut seqs: Vec<&mut Sequence> = active.iter_mut().map(|a| &mut a.seq).collect();
                 turn_batch(&mut model, &mut seqs, PREFILL_CHUNK)
             };
-            let mut over = results
-                .into_iter()
-                .zip(active.iter_mut())
-                .map(|(r, a)| handle(&model, a, r))
-                .collect::<Vec<bool>>()
-                .into_iter();
-            let (done, kept): (Vec<Active>, Vec<Active>) = active.into_iter().partition(|_| over.next().unwrap_or(true));
-            active = kept;
-            ended.extend(done.into_iter().map(|a| a.seq.into_cache()));
+            let over: Vec<bool> = results.into_iter().zip(active.iter_mut()).map(|(r, a)| handle(&model, a, r)).collect();
+            let mut going = Vec::with_capacity(active.len());
+            for (a, over) in active.into_iter().zip(over) {
+                if over {
+                    ended.push(a.seq.into_cache());
+                } else {
+                    going.push(a);
+                }
+            }
+            active = going;
         }
         for cache in ended {
             spare.push_back(cache);

@@ -437,11 +437,11 @@ pub fn turn_batch(model: &mut Model, seqs: &mut [&mut Sequence], chunk: usize) -
         }
     }
     if !feeds.is_empty() {
-        let ran = run_feeds(model, seqs, &feeds);
+        let mut ran = run_feeds(model, seqs, &feeds);
         for (k, (i, _)) in feeds.iter().enumerate() {
             let seq = &mut *seqs[*i];
-            results[*i] = Some(match &ran {
-                Ok((first_rows, logits)) => seq.end_turn(model, Some((first_rows[k], logits[k].clone()))),
+            results[*i] = Some(match &mut ran {
+                Ok((first_rows, logits)) => seq.end_turn(model, Some((first_rows[k], logits[k].take()))),
                 Err(e) => Err(Error::Invalid(e.to_string())),
             });
         }

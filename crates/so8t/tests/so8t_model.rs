@@ -323,6 +323,19 @@ fn tapped_layers_agree_between_paths_and_are_unit_normed() {
     }
 }
 
+/// Greedy generation of `max_tokens` from `prompt_ids`, with every token's verdict.
+fn greedy_with_verdicts(prompt_ids: Vec<u32>, max_tokens: usize) -> so8t::generate::GenerateRequest {
+    so8t::generate::GenerateRequest {
+        prompt_ids,
+        max_tokens,
+        sampling: Default::default(),
+        stop: vec![],
+        top_logprobs: 0,
+        verdict_every_token: true,
+        verdict_position: None,
+    }
+}
+
 /// A prompt that shares a prefix with a finished sequence starts from that sequence's KV
 /// cache (the server's prefix reuse) and gets the answer, the prompt's verdict and every
 /// token's verdict that a fresh run gets; also on phi3, where the reused cache holds the
@@ -330,21 +343,13 @@ fn tapped_layers_agree_between_paths_and_are_unit_normed() {
 /// operations on the same rows, in other chunks: 1e-5 on probabilities.
 #[test]
 fn a_reused_prefix_gives_what_a_fresh_run_gives() {
-    use so8t::generate::{GenerateRequest, Sequence};
+    use so8t::generate::Sequence;
     let tmp = tempfile::tempdir().unwrap();
     for arch in ["qwen2", "phi3"] {
         let dir = converted(arch, &tmp, &random(11));
         let mut m = Model::open(&dir).unwrap();
         let shared: Vec<u32> = (0..24u32).map(|i| (i * 7 + 3) % 50 + 10).collect();
-        let ask = |tail: &[u32], n: usize| GenerateRequest {
-            prompt_ids: shared.iter().chain(tail).copied().collect(),
-            max_tokens: n,
-            sampling: Default::default(),
-            stop: vec![],
-            top_logprobs: 0,
-            verdict_every_token: true,
-            verdict_position: None,
-        };
+        let ask = |tail: &[u32], n: usize| greedy_with_verdicts(shared.iter().chain(tail).copied().collect(), n);
         let run = |m: &mut Model, seq: &mut Sequence| {
             while !seq.prefill(m, 7).unwrap() {}
             let mut out = Vec::new();
@@ -383,21 +388,13 @@ fn a_reused_prefix_gives_what_a_fresh_run_gives() {
 /// otherwise in the matrix products: 1e-5 on probabilities.
 #[test]
 fn sequences_batched_generate_what_each_generates_alone() {
-    use so8t::generate::{turn_batch, GenerateRequest, Sequence, Turn};
+    use so8t::generate::{turn_batch, Sequence, Turn};
     use so8t::so8::verdict::Verdict;
     let tmp = tempfile::tempdir().unwrap();
     for arch in ["qwen2", "phi3"] {
         let dir = converted(arch, &tmp, &random(12));
         let mut m = Model::open(&dir).unwrap();
-        let ask = |len: u32, n: usize| GenerateRequest {
-            prompt_ids: (0..len).map(|i| (i * 11 + len) % 60 + 10).collect(),
-            max_tokens: n,
-            sampling: Default::default(),
-            stop: vec![],
-            top_logprobs: 0,
-            verdict_every_token: true,
-            verdict_position: None,
-        };
+        let ask = |len: u32, n: usize| greedy_with_verdicts((0..len).map(|i| (i * 11 + len) % 60 + 10).collect(), n);
         // (prompt length, tokens, the turn it joins at): the second one starts at 27
         // tokens and passes 32 while generating; the third is over 32 from the start.
         let reqs = [(5, 6, 0), (27, 9, 0), (40, 3, 2), (12, 5, 4)];

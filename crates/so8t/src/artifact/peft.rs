@@ -23,7 +23,7 @@ use super::convert::{convert, ConvertOptions, Init};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::Site;
-use crate::so8::algebra::{cayley, logm, pack_index, unskew, Mat8, N_GEN};
+use crate::so8::algebra::{cayley, logm, transpose, unskew, Mat8, N_GEN};
 use crate::so8::gates::{Granularity, SiteShape};
 use crate::so8::triality::family_generator;
 use crate::staging::StagingDir;
@@ -46,13 +46,28 @@ fn weight_key(layer: usize, module: &str) -> String {
     format!("base_model.model.model.layers.{layer}.{module}.oft_R.weight")
 }
 
-fn mat8(t: &Tensor, u: usize) -> Result<Mat8> {
-    let v = t.get(u)?.flatten_all()?.to_vec1::<f64>()?;
-    Ok(std::array::from_fn(|i| std::array::from_fn(|j| v[i * 8 + j])))
+/// A gate's `[units, 8, 8]` f64 rotations as matrices.
+fn mat8s(t: &Tensor) -> Result<Vec<Mat8>> {
+    Ok(t.to_vec3::<f64>()?
+        .into_iter()
+        .map(|m| std::array::from_fn(|i| std::array::from_fn(|j| m[i][j])))
+        .collect())
 }
 
-fn transpose(m: &Mat8) -> Mat8 {
-    std::array::from_fn(|i| std::array::from_fn(|j| m[j][i]))
+/// PEFT's OFT parameters `[blocks, 28]` for input rotations `r` (column convention):
+/// each block's Cayley parameter of `Rᵀ`, packed as PEFT packs its skew matrices (the strict
+/// upper triangle, row-major: SO8T's generator packing).
+fn oft_parameters(r: &[Mat8], layer: usize, what: &str) -> Result<Tensor> {
+    let mut packed = Vec::with_capacity(r.len() * N_GEN);
+    for (u, r) in r.iter().enumerate() {
+        let q = cayley(&transpose(r)).ok_or_else(|| {
+            Error::Invalid(format!(
+                "layer {layer} {what} block {u}: the rotation turns a plane by π, which has no Cayley parameter (PEFT OFT cannot hold it)"
+            ))
+        })?;
+        packed.extend(unskew(&q).iter().map(|&v| v as f32));
+    }
+    Ok(Tensor::from_vec(packed, (r.len(), N_GEN), &Device::Cpu)?)
 }
 
 /// What `export_peft_oft` wrote.
@@ -88,44 +103,27 @@ pub fn export_peft_oft(src: &Path, out: &Path, force: bool) -> Result<PeftExport
     let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
     let mut targets = Vec::new();
     for l in 0..model.num_layers {
-        for (module, site) in oft_modules(&model) {
-            let (o, v) = (rotations.get(&(l, Site::O)), rotations.get(&(l, Site::V)));
-            let units = SiteShape::of(&model, site)?.units();
-            let per_unit: Vec<Option<Mat8>> = match site {
-                Site::Mlp => match rotations.get(&(l, Site::Mlp)) {
-                    None => continue,
-                    Some(r) => (0..units).map(|u| mat8(r, u).map(Some)).collect::<Result<_>>()?,
-                },
-                _ if o.is_none() && v.is_none() => continue,
-                _ => (0..units)
-                    .map(|u| {
-                        let (h, p) = (u / bph, u % bph);
-                        let ro = o.map(|r| mat8(r, u)).transpose()?;
-                        let rv = v.map(|r| mat8(r, (h / group) * bph + p)).transpose()?;
-                        Ok(Some(match (ro, rv) {
-                            (Some(a), Some(b)) => crate::so8::algebra::matmul(&a, &b),
-                            (Some(a), None) | (None, Some(a)) => a,
-                            (None, None) => unreachable!("one of the two is present"),
-                        }))
-                    })
-                    .collect::<Result<_>>()?,
-            };
-            let mut packed = Vec::with_capacity(units * N_GEN);
-            for (u, r) in per_unit.iter().enumerate() {
-                let r = r.expect("every unit has a rotation");
-                let q = cayley(&transpose(&r)).ok_or_else(|| {
-                    Error::Invalid(format!(
-                        "layer {l} {module} block {u}: the rotation turns a plane by π, which has no Cayley parameter (PEFT OFT cannot hold it)"
-                    ))
-                })?;
-                for i in 0..8 {
-                    for j in i + 1..8 {
-                        debug_assert_eq!(packed.len() % N_GEN, pack_index(i, j));
-                        packed.push(q[i][j] as f32);
+        let site = |s: Site| rotations.get(&(l, s)).map(mat8s).transpose();
+        let (o, v, mlp) = (site(Site::O)?, site(Site::V)?, site(Site::Mlp)?);
+        // o_proj's input rotation for query head h: R_o(h)·R_v(kv(h)), block by block.
+        let attn: Option<Vec<Mat8>> = (o.is_some() || v.is_some()).then(|| {
+            (0..model.num_heads * bph)
+                .map(|u| {
+                    let ro = o.as_ref().map(|o| o[u]);
+                    let rv = v.as_ref().map(|v| v[(u / bph / group) * bph + u % bph]);
+                    match (ro, rv) {
+                        (Some(a), Some(b)) => crate::so8::algebra::matmul(&a, &b),
+                        (Some(a), None) | (None, Some(a)) => a,
+                        (None, None) => unreachable!("one of the two is present"),
                     }
-                }
-            }
-            tensors.insert(weight_key(l, module), Tensor::from_vec(packed, (units, N_GEN), &Device::Cpu)?);
+                })
+                .collect()
+        });
+        let packed = |r: &Option<Vec<Mat8>>, what: &str| r.as_deref().map(|r| oft_parameters(r, l, what)).transpose();
+        let (attn, mlp) = (packed(&attn, "o_proj input")?, packed(&mlp, "mlp input")?);
+        for (module, site) in oft_modules(&model) {
+            let Some(t) = (if site == Site::Mlp { &mlp } else { &attn }) else { continue };
+            tensors.insert(weight_key(l, module), t.clone());
             let name = module.rsplit('.').next().unwrap_or(module).to_string();
             if !targets.contains(&name) {
                 targets.push(name);

@@ -104,12 +104,7 @@ impl Matrix {
         }
         let (rows, cols) = (m.rows(), m.cols());
         let mut data = vec![0f32; rows * cols];
-        let per = rows.div_ceil(so8t_kernels::pool::global().threads() * 4).max(1) * cols;
-        so8t_kernels::pool::global().chunks(&mut data, per, &|start, chunk| {
-            for (k, out) in chunk.chunks_exact_mut(cols).enumerate() {
-                m.dequantize_row(start / cols + k, out);
-            }
-        });
+        widen_into(m, &mut data);
         Ok(Some(Matrix::Dense(Tensor::from_vec(data, (rows, cols), &Device::Cpu)?)))
     }
 
@@ -167,6 +162,18 @@ pub(crate) fn widens_for(m: &QMatrix, rows: usize) -> bool {
     matches!(m.qtype(), QType::F16 | QType::BF16) && rows >= HALF_GEMM_ROWS && m.rows() * m.cols() <= HALF_WIDEN_MAX
 }
 
+/// Every row of `m` as f32 into `out` (`[rows, cols]`), rows shared out on the kernels' pool.
+fn widen_into(m: &QMatrix, out: &mut [f32]) {
+    let cols = m.cols();
+    let pool = so8t_kernels::pool::global();
+    let per = m.rows().div_ceil(pool.threads() * 4).max(1) * cols;
+    pool.chunks(out, per, &|start, chunk| {
+        for (k, row) in chunk.chunks_exact_mut(cols).enumerate() {
+            m.dequantize_row(start / cols + k, row);
+        }
+    });
+}
+
 /// `x·Wᵀ` for half-precision `m` and many activation rows: `m` widened into this thread's
 /// scratch buffer (kept between products, so no weight-sized allocation or fresh pages per
 /// product; it holds the largest matrix widened so far) and multiplied by gemm.
@@ -185,13 +192,7 @@ fn half_gemm(m: &QMatrix, x: &Tensor) -> candle_core::Result<Tensor> {
             wide.resize(rows * cols, 0.0);
         }
         let w = &mut wide[..rows * cols];
-        let pool = so8t_kernels::pool::global();
-        let per = rows.div_ceil(pool.threads() * 4).max(1) * cols;
-        pool.chunks(w, per, &|start, chunk| {
-            for (k, row) in chunk.chunks_exact_mut(cols).enumerate() {
-                m.dequantize_row(start / cols + k, row);
-            }
-        });
+        widen_into(m, w);
         let threads = rayon::current_num_threads();
         let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
         // SAFETY: out is [n, rows], xs [n, cols], w [rows, cols], all row-major and alive

@@ -184,15 +184,7 @@ impl Decoder {
     pub fn quantize_dense(&mut self, ty: so8t_kernels::QType) -> Result<usize> {
         let mut n = 0;
         for layer in &mut self.layers {
-            for p in [
-                &mut layer.q,
-                &mut layer.k,
-                &mut layer.v,
-                &mut layer.o,
-                &mut layer.gate,
-                &mut layer.up,
-                &mut layer.down,
-            ] {
+            for p in layer.projections_mut() {
                 if let Some(wide) = p.w.widened()? {
                     p.w = wide;
                 }
@@ -218,9 +210,7 @@ impl Decoder {
     /// Returns how many changed.
     pub fn widen_half_precision(&mut self) -> Result<usize> {
         let mut n = 0;
-        let projections = self.layers.iter_mut().flat_map(|l| {
-            [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down].map(|p| &mut p.w)
-        });
+        let projections = self.layers.iter_mut().flat_map(|l| l.projections_mut().map(|p| &mut p.w));
         for w in projections.chain(std::iter::once(&mut self.lm_head)) {
             if let Some(dense) = w.widened()? {
                 *w = dense;
@@ -354,7 +344,7 @@ impl Decoder {
         let mut cache = std::mem::replace(&mut self.cache, KvCache::new(0, 0));
         let run_ids = rope_restart(&self.cfg, &mut cache, ids);
         let out = Autograd::new(&self.cfg, self.rope_set(&cache), cache.len, run_ids.len())
-            .and_then(|ops| self.run(ops, &mut [&mut cache], &[run_ids.clone()]));
+            .and_then(|ops| self.run(ops, &mut [&mut cache], &[&*run_ids]));
         self.cache = cache;
         self.keep_last(out?, &[(run_ids.len(), ids.len())])
     }

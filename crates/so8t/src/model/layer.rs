@@ -43,6 +43,13 @@ impl Projection {
     }
 }
 
+impl Layer {
+    /// The seven projections, for passes that change how weights are stored.
+    pub(super) fn projections_mut(&mut self) -> [&mut Projection; 7] {
+        [&mut self.q, &mut self.k, &mut self.v, &mut self.o, &mut self.gate, &mut self.up, &mut self.down]
+    }
+}
+
 pub(super) struct Layer {
     pub(super) attn_norm: Vec<f32>,
     pub(super) q: Projection,
