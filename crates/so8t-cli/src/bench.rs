@@ -11,12 +11,13 @@ use anyhow::Result;
 use so8t::formats::Embedding;
 use so8t::sampling::argmax;
 use so8t::so8::verdict::Heads;
-use so8t::Model;
 use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    device: crate::DeviceArg,
     /// HF model directory or .gguf file.
     #[arg(short, long)]
     model: PathBuf,
@@ -61,7 +62,7 @@ fn mean_sd(xs: &[f64]) -> (f64, f64) {
 }
 
 pub fn main(a: Args) -> Result<()> {
-    let mut model = Model::open(&a.model)?;
+    let mut model = a.device.open_model(&a.model)?;
     let threads = so8t::kernels::pool::threads();
     let vocab = model.config.vocab_size as u32;
     let start = model.config.bos_token_id.unwrap_or(0).min(vocab - 1);
@@ -160,7 +161,7 @@ pub fn main(a: Args) -> Result<()> {
             .iter()
             .map(|r| {
                 let (m, sd) = mean_sd(&r.samples);
-                serde_json::json!({"model": name, "arch": model.config.arch, "size_bytes": bytes, "params": params,
+                serde_json::json!({"model": name, "device": a.device.device, "arch": model.config.arch, "size_bytes": bytes, "params": params,
                     "threads": threads, "kernel": so8t::kernels::Kernel::best().name(), "test": r.test, "n_tokens": r.n, "samples_ts": r.samples, "avg_ts": m, "stddev_ts": sd})
             })
             .collect();
@@ -176,15 +177,18 @@ pub fn main(a: Args) -> Result<()> {
     }
     println!("| model | size | params | backend | threads | test | t/s |");
     println!("| ----- | ---: | -----: | ------- | ------: | ---: | --: |");
+    let backend = match model.decoder.device() {
+        d if d.is_cpu() => format!("CPU (so8t, {})", so8t::kernels::Kernel::best().name()),
+        d => format!("{} (candle)", so8t::device::name(d)),
+    };
     for r in &rows {
         let (m, sd) = mean_sd(&r.samples);
         println!(
-            "| {} {} | {:.2} MiB | {:.2} M | CPU (so8t, {}) | {} | {} | {:.2} ± {:.2} |",
+            "| {} {} | {:.2} MiB | {:.2} M | {backend} | {} | {} | {:.2} ± {:.2} |",
             model.config.arch.name(),
             name,
             bytes as f64 / (1 << 20) as f64,
             params as f64 / 1e6,
-            so8t::kernels::Kernel::best().name(),
             threads,
             r.test,
             m,

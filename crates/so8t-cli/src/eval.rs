@@ -1,11 +1,12 @@
 use anyhow::{Context, Result};
 use so8t::eval::{evaluate, report};
 use so8t::train::TRAIN_DIR;
-use so8t::Model;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    device: crate::DeviceArg,
     /// SO8T directory, baked directory or SO8T GGUF.
     #[arg(short, long)]
     model: PathBuf,
@@ -29,7 +30,7 @@ pub struct Args {
 }
 
 pub fn main(a: Args) -> Result<()> {
-    let mut model = Model::open(&a.model)?;
+    let mut model = a.device.open_model(&a.model)?;
     let labels = model
         .so8t
         .as_ref()

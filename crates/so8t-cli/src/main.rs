@@ -14,7 +14,31 @@ mod train;
 mod validate;
 
 use clap::{Parser, Subcommand};
+use std::path::Path;
 use std::process::ExitCode;
+
+/// `--device`, for the commands that run the decoder.
+#[derive(clap::Args)]
+struct DeviceArg {
+    /// Where the decoder runs: cpu, cuda (GPU 0) or cuda:N (a build with --features cuda).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+impl DeviceArg {
+    /// The device, opened before any model is read (a missing GPU is said at once).
+    fn open(&self) -> anyhow::Result<candle_core::Device> {
+        Ok(so8t::device::open(&self.device)?)
+    }
+
+    /// The model at `path`, on the device.
+    fn open_model(&self, path: &Path) -> anyhow::Result<so8t::Model> {
+        let device = self.open()?;
+        let mut model = so8t::Model::open(path)?;
+        model.to_device(&device)?;
+        Ok(model)
+    }
+}
 
 #[derive(Parser)]
 #[command(

@@ -3,12 +3,13 @@ use so8t::chat::{split_reasoning, Message};
 use so8t::generate::{generate, Control, GenerateRequest};
 use so8t::sampling::SamplingRequest;
 use so8t::so8::verdict::Verdict;
-use so8t::Model;
 use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    device: crate::DeviceArg,
     /// HF model directory or .gguf file.
     #[arg(short, long)]
     model: PathBuf,
@@ -61,7 +62,7 @@ pub fn main(a: Args) -> Result<()> {
     if let Err(b) = asked.check() {
         bail!("--{}: {}", b.field.replace('_', "-"), b.message);
     }
-    let mut model = Model::open(&a.model)?;
+    let mut model = a.device.open_model(&a.model)?;
     let (prompt_ids, verdict_position) = match (&a.prompt_ids, &a.prompt) {
         (Some(ids), _) => (ids.clone(), None),
         (None, Some(text)) if a.raw => (model.tokenizer()?.encode(text, true)?, None),

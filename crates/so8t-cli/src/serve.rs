@@ -3,6 +3,8 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    device: crate::DeviceArg,
     /// HF or SO8T directory, or .gguf file.
     #[arg(short, long)]
     model: PathBuf,
@@ -65,7 +67,9 @@ pub fn main(a: Args) -> Result<()> {
     if !(a.read_timeout.is_finite() && a.read_timeout > 0.0 && a.read_timeout <= 86_400.0) {
         anyhow::bail!("--read-timeout must be a number of seconds in (0, 86400], got {}", a.read_timeout);
     }
+    let device = a.device.open()?;
     so8t_serve::serve(so8t_serve::Options {
+        device,
         max_connections: a.max_connections,
         read_timeout: std::time::Duration::from_secs_f64(a.read_timeout),
         model: a.model,

@@ -26,6 +26,8 @@ enum Mode {
 
 #[derive(clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    device: crate::DeviceArg,
     /// SO8T directory (from `so8t convert`).
     #[arg(short, long)]
     model: PathBuf,
@@ -214,7 +216,7 @@ pub fn main(a: Args) -> Result<()> {
         bail!("--resume and --stop-after are for --mode gates (a heads fit takes one pass)");
     }
     let t0 = Instant::now();
-    let mut model = Model::open(&a.model)?;
+    let mut model = a.device.open_model(&a.model)?;
     let (mut config, mut adapter) = so8t_parts(&model)?;
     let train = read(&a.data, &config.labels, a.skip_bad)?;
     let val = a

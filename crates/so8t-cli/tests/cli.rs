@@ -389,3 +389,33 @@ fn peft_oft_export_and_import_from_the_command_line() {
     assert!(!ok && err.contains("--sites"), "{err}");
     assert!(!tmp.path().join("x").exists());
 }
+
+/// `--device` on every command that runs the decoder: a bad name, or a GPU this build or
+/// this machine lacks, is one error line and exit 1 before any model is read (the model
+/// path here does not exist). A build with `--features cuda` on a machine without a GPU
+/// (CI runs that build against link stubs that answer "no device") gives the driver's
+/// answer in that line; `cuda:7` is a GPU no machine here has.
+#[test]
+fn device_flag_names_a_bad_or_missing_device_in_one_line() {
+    let no_gpu = if cfg!(feature = "cuda") {
+        "--device cuda:7: cannot open the GPU"
+    } else {
+        "--device cuda:7: this so8t was built without CUDA"
+    };
+    let m = "/nonexistent/model.gguf";
+    let cases: [(&[&str], &str); 6] = [
+        (&["run", "-m", m, "--prompt-ids", "1", "--device", "gpu"], "--device gpu: expected cpu, cuda or cuda:N"),
+        (&["run", "-m", m, "--prompt-ids", "1", "--device", "cuda:7"], no_gpu),
+        (&["bench", "-m", m, "--device", "cuda:7"], no_gpu),
+        (&["eval", "-m", m, "--data", m, "--device", "cuda:7"], no_gpu),
+        (&["train", "-m", m, "--data", m, "--mode", "heads", "--device", "cuda:7"], no_gpu),
+        (&["serve", "-m", m, "--port", "0", "--device", "cuda:7"], no_gpu),
+    ];
+    for (args, want) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_so8t")).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line expected: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}

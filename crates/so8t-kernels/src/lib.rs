@@ -170,6 +170,19 @@ impl QMatrix {
         QMatrix::new(self.ty, len, self.cols, data)
     }
 
+    /// The whole matrix in the file's block layout, rows in order (what ggml holds).
+    pub fn file_bytes(&self) -> std::borrow::Cow<'_, [u8]> {
+        if !self.interleaved {
+            return std::borrow::Cow::Borrowed(&self.data);
+        }
+        let mut out = Vec::with_capacity(self.data.len());
+        let mut buf = Vec::new();
+        for r in 0..self.rows {
+            out.extend_from_slice(self.row(r, &mut buf));
+        }
+        std::borrow::Cow::Owned(out)
+    }
+
     pub fn qtype(&self) -> QType {
         self.ty
     }

@@ -24,6 +24,8 @@ use std::sync::Arc;
 
 pub struct Options {
     pub model: PathBuf,
+    /// Where the decoder runs.
+    pub device: candle_core::Device,
     pub host: String,
     pub port: u16,
     /// Requests must present one of these keys (empty: none needed).
@@ -72,8 +74,9 @@ fn model_id(path: &Path) -> String {
 
 /// Loads the model, binds, and serves until SIGINT/SIGTERM.
 pub fn serve(o: Options) -> Result<()> {
-    let model = Model::open(&o.model)
+    let mut model = Model::open(&o.model)
         .with_context(|| format!("{}: cannot load the model", o.model.display()))?;
+    model.to_device(&o.device)?;
     let tokenizer = model.tokenizer()?.clone();
     let audit = o.audit.as_deref().map(audit::Audit::open).transpose()?;
     let sha = model_sha256(&o.model)?;

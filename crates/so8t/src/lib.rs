@@ -8,6 +8,7 @@
 pub mod artifact;
 pub mod chat;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod eval;
 pub mod files;

@@ -73,6 +73,12 @@ impl So8tState {
 }
 
 impl Model {
+    /// Moves the decoder (weights, gates, cache) to `device`; the heads stay in host
+    /// memory, where the states they read come to them.
+    pub fn to_device(&mut self, device: &candle_core::Device) -> Result<()> {
+        self.decoder.to_device(device)
+    }
+
     /// Opens a model; an SO8T directory comes with its gates installed and its heads.
     pub fn open(path: &Path) -> Result<Model> {
         let source = open_source(path)?;

@@ -239,9 +239,10 @@ fn convert_options_are_honoured() {
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
 }
 
-/// The inference path (plain buffers, KV cache appended in place) computes what the
-/// differentiable candle ops compute, for every architecture with random gates at every
-/// site, over a prompt and then token by token. Both are f32 with the same operations;
+/// The inference path (plain buffers, KV cache appended in place) and the path a GPU runs
+/// (candle's fused ops; here on the CPU) compute what the differentiable candle ops
+/// compute, for every architecture with random gates at every site, over a prompt and
+/// then token by token. Both are f32 with the same operations;
 /// the sums run in a different order (attention dot products, norms), so we allow
 /// 1e-4 relative to the largest hidden value: far below any effect of a wrong operation,
 /// which moves values by their own size.
@@ -255,8 +256,9 @@ fn inference_path_matches_the_differentiable_path() {
     for arch in ARCHS {
         let dir = converted(arch, &tmp, &random(7));
         let mut m = Model::open(&dir).unwrap();
-        let mut run = |differentiable: bool| -> Vec<f32> {
+        let mut run = |differentiable: bool, tensor_backend: bool| -> Vec<f32> {
             let forward = if differentiable { Decoder::forward_hidden_autograd } else { Decoder::forward_hidden };
+            m.decoder.use_tensor_backend(tensor_backend);
             m.decoder.clear_cache();
             let mut h = forward(&mut m.decoder, &ids[..20], 0).unwrap();
             for (p, &t) in ids.iter().enumerate().skip(20) {
@@ -265,17 +267,13 @@ fn inference_path_matches_the_differentiable_path() {
             }
             h.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         };
-        let (fast, reference) = (run(false), run(true));
+        let reference = run(true, false);
         let scale = reference.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let worst = fast
-            .iter()
-            .zip(&reference)
-            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-        assert!(
-            worst <= 1e-4 * scale,
-            "{arch}: inference path differs by {worst} (scale {scale})"
-        );
         assert!(scale > 0.0);
+        for (path, got) in [("the kernels", run(false, false)), ("candle's fused ops", run(false, true))] {
+            let worst = got.iter().zip(&reference).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            assert!(worst <= 1e-4 * scale, "{arch}: inference on {path} differs by {worst} (scale {scale})");
+        }
     }
 }
 
@@ -385,15 +383,19 @@ fn a_reused_prefix_gives_what_a_fresh_run_gives() {
 /// phi3, where one sequence crosses the original context (32) while generating and its
 /// cache is re-run with the long LongRoPE set in the middle of a batch while the others
 /// keep the short set. The batch is the same f32 operations on the same rows, grouped
-/// otherwise in the matrix products: 1e-5 on probabilities.
+/// otherwise in the matrix products: 1e-5 on probabilities. On the kernels, and on the
+/// candle ops a GPU runs (attention split by sequence there).
 #[test]
 fn sequences_batched_generate_what_each_generates_alone() {
     use so8t::generate::{turn_batch, Sequence, Turn};
     use so8t::so8::verdict::Verdict;
     let tmp = tempfile::tempdir().unwrap();
-    for arch in ["qwen2", "phi3"] {
-        let dir = converted(arch, &tmp, &random(12));
+    for (arch, tensor_backend) in [("qwen2", false), ("phi3", false), ("qwen2", true), ("phi3", true)] {
+        let dir = tmp.path().join(format!("{arch}-{tensor_backend}-so8t"));
+        convert(&fixtures().join(format!("tiny-{arch}")), &dir, &random(12)).unwrap();
         let mut m = Model::open(&dir).unwrap();
+        m.decoder.use_tensor_backend(tensor_backend);
+        let arch = if tensor_backend { format!("{arch} (candle ops)") } else { arch.to_string() };
         let ask = |len: u32, n: usize| greedy_with_verdicts((0..len).map(|i| (i * 11 + len) % 60 + 10).collect(), n);
         // (prompt length, tokens, the turn it joins at): the second one starts at 27
         // tokens and passes 32 while generating; the third is over 32 from the start.

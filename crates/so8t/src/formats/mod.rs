@@ -9,7 +9,7 @@ pub mod safetensors;
 pub mod source;
 
 use crate::error::{Error, Result};
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Module, Tensor};
 use so8t_kernels::{QMatrix, QType};
 use std::path::Path;
@@ -108,8 +108,45 @@ impl Matrix {
         Ok(Some(Matrix::Dense(Tensor::from_vec(data, (rows, cols), &Device::Cpu)?)))
     }
 
+    /// The matrix on `device` in the form candle's kernels there take: dense f32, f16
+    /// and bf16 as they are (cuBLAS), ggml blocks as candle's quantised tensors (its
+    /// quantised matmul). On the CPU, the matrix as it is.
+    pub fn to_device(&self, device: &Device) -> Result<Matrix> {
+        if device.is_cpu() {
+            return Ok(self.clone());
+        }
+        Ok(match self {
+            Matrix::Dense(w) => Matrix::Dense(w.to_device(device)?),
+            Matrix::Quant(m) => {
+                let (rows, cols) = (m.rows(), m.cols());
+                let bytes = m.file_bytes();
+                match m.qtype() {
+                    QType::F16 => Matrix::Dense(Tensor::from_raw_buffer(&bytes, candle_core::DType::F16, &[rows, cols], device)?),
+                    QType::BF16 => Matrix::Dense(Tensor::from_raw_buffer(&bytes, candle_core::DType::BF16, &[rows, cols], device)?),
+                    ty => {
+                        let dtype = ggml_dtype(ty.ggml_id()).ok_or_else(|| {
+                            Error::Invalid(format!("{ty:?} weights cannot run on {}: candle has no kernel for them", crate::device::name(device)))
+                        })?;
+                        let q = QTensor::new(QStorage::from_data(bytes, device, dtype)?, (rows, cols))?;
+                        Matrix::Candle(QMatMul::QTensor(Arc::new(q)))
+                    }
+                }
+            }
+            Matrix::Candle(QMatMul::QTensor(q)) => {
+                let moved = QTensor::new(QStorage::from_data(q.data()?, device, q.dtype())?, q.shape())?;
+                Matrix::Candle(QMatMul::QTensor(Arc::new(moved)))
+            }
+            Matrix::Candle(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => Matrix::Dense(w.to_device(device)?),
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
+            // f16/bf16 weights on a GPU: the product in their type (cuBLAS accumulates in
+            // f32), the activations staying f32 around it.
+            Matrix::Dense(w) if w.dtype() != x.dtype() => {
+                x.to_dtype(w.dtype())?.broadcast_matmul(&w.t()?)?.to_dtype(x.dtype())
+            }
             Matrix::Dense(w) => match dense_rows(w, x)? {
                 Some(y) => Ok(y),
                 None => x.broadcast_matmul(&w.t()?),
@@ -354,13 +391,24 @@ impl candle_core::CustomOp1 for FrozenMatmul {
     ) -> candle_core::Result<Option<Tensor>> {
         match &self.0 {
             Matrix::Dense(w) => Ok(Some(grad.broadcast_matmul(w)?)),
-            _ => candle_core::bail!("training through quantised weights is not supported: convert the model to an f32/bf16 SO8T directory"),
+            _ => candle_core::bail!("{TRAIN_DENSE_ONLY}"),
         }
     }
 }
 
+const TRAIN_DENSE_ONLY: &str =
+    "training through quantised weights is not supported: convert the model to an f32/bf16 SO8T directory";
+
 /// [`matmul`] that passes gradients to `x` (and never to the weight).
 pub fn matmul_frozen(m: &Matrix, x: &Tensor) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() {
+        // On a GPU, candle's own product: its backward also computes the unused gradient
+        // of the weight, which a GPU affords (FrozenMatmul has a CPU forward only).
+        return match m {
+            Matrix::Dense(_) => m.forward(x),
+            _ => candle_core::bail!("{TRAIN_DENSE_ONLY}"),
+        };
+    }
     x.contiguous()?.apply_op1(FrozenMatmul(m.clone()))
 }
 

@@ -4,7 +4,7 @@
 //! they are, one pass each. Buffers come from a pool the decoder keeps between calls, so
 //! a generated token allocates none.
 
-use super::layer::{KvCache, Projection};
+use super::layer::{KvCache, Projection, Vector};
 use super::ops::{Ops, Run};
 use super::rotation::BlockRotation;
 use crate::error::Result;
@@ -187,7 +187,7 @@ fn project_all<const K: usize>(
     for (p, out) in ps.iter().zip(outs.iter_mut()) {
         if let Some(b) = &p.b {
             for row in out.chunks_exact_mut(b.len()) {
-                row.iter_mut().zip(b).for_each(|(o, &v)| *o += v);
+                row.iter_mut().zip(b.iter()).for_each(|(o, &v)| *o += v);
             }
         }
     }
@@ -202,13 +202,13 @@ impl Ops for Buffers<'_> {
         Ok(e.forward(&ids)?.flatten_all()?.to_vec1::<f32>()?)
     }
 
-    fn rms_norm(&mut self, x: &Vec<f32>, w: &[f32]) -> Result<Vec<f32>> {
+    fn rms_norm(&mut self, x: &Vec<f32>, w: &Vector) -> Result<Vec<f32>> {
         let mut out = self.pool.take(x.len());
         rms_norm_into(x, w, self.run.eps, &mut out);
         Ok(out)
     }
 
-    fn head_norm(&mut self, mut x: Vec<f32>, w: &[f32]) -> Result<Vec<f32>> {
+    fn head_norm(&mut self, mut x: Vec<f32>, w: &Vector) -> Result<Vec<f32>> {
         rms_norm(&mut x, w, self.run.eps);
         Ok(x)
     }

@@ -2,18 +2,18 @@
 //! `embed → L × [x += Attn(RMSNorm(x)); x += MLP(RMSNorm(x))] → RMSNorm → lm_head`.
 //! Architecture differences are the flags in [`ModelConfig`]. Activations are f32. The
 //! layer loop is [`Decoder::run`], once, over the steps of [`Ops`]: on plain buffers and
-//! the kernels for inference ([`Decoder::forward_hidden`]), on candle's differentiable
-//! ops for gates training ([`Decoder::forward_hidden_autograd`]).
+//! the kernels for inference on the CPU ([`Decoder::forward_hidden`]), on candle ops for
+//! inference on a GPU and for gates training ([`Decoder::forward_hidden_autograd`]).
 
-use super::autograd::Autograd;
-use super::layer::{KvCache, Layer, Projection};
+use super::layer::{KvCache, Layer, Projection, Vector};
+use super::tensors::{Rows, Tensors};
 use super::buffers::{Buffers, Pool, Span};
 use super::ops::Ops;
 use super::rotation::BlockRotation;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::formats::{matmul, matmul_frozen, Embedding, Matrix, WeightStore};
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 /// The places in a layer where a gate can multiply a vector (spec §4).
 #[derive(
@@ -71,8 +71,12 @@ pub struct Decoder {
     pub cfg: ModelConfig,
     embed: Embedding,
     layers: Vec<Layer>,
-    norm: Vec<f32>,
+    norm: Vector,
     lm_head: Matrix,
+    /// Where the weights, the gates and the KV caches live ([`Decoder::to_device`]).
+    device: Device,
+    /// Inference on candle ops even on the CPU ([`Decoder::use_tensor_backend`]).
+    tensor_backend: bool,
     inv_freq: Vec<f32>,
     /// LongRoPE's set for sequences past its original context.
     inv_freq_long: Option<Vec<f32>>,
@@ -96,8 +100,8 @@ impl Decoder {
             let p = format!("model.layers.{l}");
             let a = format!("{p}.self_attn");
             let m = format!("{p}.mlp");
-            let norm = |name: &str, len: usize| -> Result<Vec<f32>> {
-                Ok(ws.vector(name, len)?.to_vec1::<f32>()?)
+            let norm = |name: &str, len: usize| -> Result<Vector> {
+                Ok(Vector::new(ws.vector(name, len)?.to_vec1::<f32>()?))
             };
             let (q_norm, k_norm) = if cfg.qk_norm {
                 (
@@ -150,7 +154,7 @@ impl Decoder {
                 )?,
             });
         }
-        let norm = ws.vector("model.norm.weight", h)?.to_vec1::<f32>()?;
+        let norm = Vector::new(ws.vector("model.norm.weight", h)?.to_vec1::<f32>()?);
         let lm_head = if cfg.tie_word_embeddings && !ws.contains("lm_head.weight") {
             // A half-precision table stays half as the LM head (half the bytes read per
             // token); the lookups use the embedding's own copy.
@@ -173,14 +177,17 @@ impl Decoder {
             layers,
             norm,
             lm_head,
+            device: Device::Cpu,
+            tensor_backend: false,
             taps: Vec::new(),
             tapped: Vec::new(),
         })
     }
 
     /// Stores every f32 projection of the layers as `ty` blocks, made by ggml's quantiser
-    /// (what an export at `ty` holds), so that prompts run on the kernels: the features of
-    /// a `ty` export at its speed. Returns how many matrices changed.
+    /// (what an export at `ty` holds), so that prompts run on the kernels (on a GPU,
+    /// candle's): the features of a `ty` export at its speed. Returns how many matrices
+    /// changed.
     pub fn quantize_dense(&mut self, ty: so8t_kernels::QType) -> Result<usize> {
         let mut n = 0;
         for layer in &mut self.layers {
@@ -190,14 +197,15 @@ impl Decoder {
                 }
                 if let Matrix::Dense(w) = &p.w {
                     let (rows, cols) = w.dims2()?;
-                    let data = w.flatten_all()?.to_vec1::<f32>()?;
+                    let data = w.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                     let Some(bytes) = so8t_kernels::quantize::quantize_rows(ty, &data, cols) else {
                         continue;
                     };
                     let m = so8t_kernels::QMatrix::new(ty, rows, cols, bytes).map_err(|e| {
                         crate::error::Error::Invalid(format!("quantising a {rows}×{cols} matrix: {e}"))
                     })?;
-                    p.w = Matrix::Quant(std::sync::Arc::new(m));
+                    // On a GPU, as candle's quantised tensor there.
+                    p.w = Matrix::Quant(std::sync::Arc::new(m)).to_device(&self.device)?;
                     n += 1;
                 }
             }
@@ -218,6 +226,47 @@ impl Decoder {
             }
         }
         Ok(n)
+    }
+
+    /// Moves the weights, the gates and the cache to `device` (the embedding table stays in
+    /// host memory: a forward looks up its rows there). On a GPU every forward runs on the
+    /// tensor backend, and what it returns (states, taps) lives there.
+    pub fn to_device(&mut self, device: &Device) -> Result<()> {
+        if self.device.same_device(device) {
+            return Ok(());
+        }
+        if !self.device.is_cpu() {
+            return Err(crate::error::Error::Invalid(format!(
+                "decoder: already on {}; a decoder moves from the CPU once",
+                crate::device::name(&self.device)
+            )));
+        }
+        for layer in &mut self.layers {
+            layer.to_device(device)?;
+        }
+        self.norm.to_device(device)?;
+        self.lm_head = self.lm_head.to_device(device)?;
+        for g in &mut self.gates {
+            for site in Site::ALL {
+                if let Some(r) = g.slot(site) {
+                    *r = r.to_device(device)?;
+                }
+            }
+        }
+        self.cache = self.new_cache();
+        self.device = device.clone();
+        Ok(())
+    }
+
+    /// Runs inference on the CPU with the ops a GPU runs (candle's, fused where they
+    /// exist) instead of the kernels: slower; the tests check the GPU's path against the
+    /// kernels with it on machines without one.
+    pub fn use_tensor_backend(&mut self, on: bool) {
+        self.tensor_backend = on;
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Sets the layers (1..=L) whose states [`Decoder::tapped`] holds after each forward.
@@ -283,9 +332,14 @@ impl Decoder {
     /// Runs `ids` at positions `pos..`, appending to the KV cache; returns the final
     /// normed hidden states `[len, hidden]` (what the LM head and the verdict heads read).
     pub fn forward_hidden(&mut self, ids: &[u32], pos: usize) -> Result<Tensor> {
+        self.forward_own(ids, pos, false)
+    }
+
+    /// A forward of the decoder's own cache.
+    fn forward_own(&mut self, ids: &[u32], pos: usize, differentiable: bool) -> Result<Tensor> {
         self.check_run(&self.cache, ids.len(), pos)?;
         let mut cache = std::mem::replace(&mut self.cache, KvCache::new(0, 0));
-        let out = self.forward_buffers(&mut [&mut cache], &[ids]);
+        let out = self.forward_on(&mut [&mut cache], &[ids], differentiable);
         self.cache = cache;
         out
     }
@@ -310,29 +364,46 @@ impl Decoder {
             }
             self.check_run(cache, ids.len(), cache.len)?;
         }
-        self.forward_buffers(caches, ids)
+        self.forward_on(caches, ids, false)
     }
 
-    fn forward_buffers(&mut self, caches: &mut [&mut KvCache], ids: &[&[u32]]) -> Result<Tensor> {
+    /// Runs sequence `i`'s `ids[i]` after what `caches[i]` holds, on the one choice of
+    /// backend: the kernels on the CPU, candle ops on a GPU or where gradients must flow.
+    fn forward_on(&mut self, caches: &mut [&mut KvCache], ids: &[&[u32]], differentiable: bool) -> Result<Tensor> {
+        let on_kernels = self.device.is_cpu() && !differentiable && !self.tensor_backend;
+        if on_kernels && caches.iter().any(|c| c.holds_tensors()) {
+            return Err(crate::error::Error::Invalid(
+                "decoder: this KV cache was filled by the tensor backend; clear it first".into(),
+            ));
+        }
         let runs: Vec<_> = caches
             .iter_mut()
             .zip(ids)
             .map(|(c, ids)| rope_restart(&self.cfg, c, ids))
             .collect();
-        let mut pool = std::mem::take(&mut self.pool);
-        let spans: Vec<Span> = caches
-            .iter()
-            .zip(&runs)
-            .map(|(c, r)| Span {
-                pos: c.len,
-                len: r.len(),
-                inv_freq: self.rope_set(c),
-            })
-            .collect();
-        let ops = Buffers::new(&mut pool, &self.cfg, &spans);
-        drop(spans);
-        let out = self.run(ops, caches, &runs);
-        self.pool = pool;
+        let out = if on_kernels {
+            let mut pool = std::mem::take(&mut self.pool);
+            let spans: Vec<Span> = caches
+                .iter()
+                .zip(&runs)
+                .map(|(c, r)| Span {
+                    pos: c.len,
+                    len: r.len(),
+                    inv_freq: self.rope_set(c),
+                })
+                .collect();
+            let ops = Buffers::new(&mut pool, &self.cfg, &spans);
+            drop(spans);
+            let out = self.run(ops, caches, &runs);
+            self.pool = pool;
+            out
+        } else {
+            let rows = caches.iter().zip(&runs).map(|(c, r)| Rows { pos: c.len, len: r.len() }).collect();
+            let inv_freq: Vec<&[f32]> = caches.iter().map(|c| self.rope_set(c)).collect();
+            let ops = Tensors::new(&self.cfg, &self.device, differentiable, rows, &inv_freq)?;
+            drop(inv_freq);
+            self.run(ops, caches, &runs)
+        };
         let kept: Vec<(usize, usize)> = runs.iter().zip(ids).map(|(r, ids)| (r.len(), ids.len())).collect();
         self.keep_last(out?, &kept)
     }
@@ -340,13 +411,7 @@ impl Decoder {
     /// [`Decoder::forward_hidden`] on ops that gradients flow through, to the gates'
     /// generators (gates training): slower, and the same numbers to f32 rounding.
     pub fn forward_hidden_autograd(&mut self, ids: &[u32], pos: usize) -> Result<Tensor> {
-        self.check_run(&self.cache, ids.len(), pos)?;
-        let mut cache = std::mem::replace(&mut self.cache, KvCache::new(0, 0));
-        let run_ids = rope_restart(&self.cfg, &mut cache, ids);
-        let out = Autograd::new(&self.cfg, self.rope_set(&cache), cache.len, run_ids.len())
-            .and_then(|ops| self.run(ops, &mut [&mut cache], &[&*run_ids]));
-        self.cache = cache;
-        self.keep_last(out?, &[(run_ids.len(), ids.len())])
+        self.forward_own(ids, pos, true)
     }
 
     /// The inverse frequencies for the factor set `cache` was filled with.

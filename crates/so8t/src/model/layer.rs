@@ -3,10 +3,47 @@
 
 use crate::error::Result;
 use crate::formats::{Matrix, WeightStore};
+use candle_core::{Device, Tensor};
+
+/// A weight vector of a layer (a norm's scale, a bias): its values, which the buffers
+/// backend reads, and, once the decoder has moved to a GPU, their copy there, which the
+/// tensor backend reads (so no vector crosses to the device per forward).
+#[derive(Clone, Debug)]
+pub(super) struct Vector {
+    values: Vec<f32>,
+    on_device: Option<Tensor>,
+}
+
+impl Vector {
+    pub(super) fn new(values: Vec<f32>) -> Vector {
+        Vector { values, on_device: None }
+    }
+
+    /// The values as a tensor on `device`.
+    pub(super) fn tensor(&self, device: &Device) -> candle_core::Result<Tensor> {
+        match &self.on_device {
+            Some(t) if t.device().same_device(device) => Ok(t.clone()),
+            _ => Tensor::new(self.values.as_slice(), device),
+        }
+    }
+
+    pub(super) fn to_device(&mut self, device: &Device) -> candle_core::Result<()> {
+        self.on_device = if device.is_cpu() { None } else { Some(Tensor::new(self.values.as_slice(), device)?) };
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for Vector {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        &self.values
+    }
+}
 
 pub(super) struct Projection {
     pub(super) w: Matrix,
-    pub(super) b: Option<Vec<f32>>,
+    pub(super) b: Option<Vector>,
 }
 
 impl Projection {
@@ -19,7 +56,7 @@ impl Projection {
     ) -> Result<Self> {
         let w = ws.matrix(&format!("{prefix}.weight"), rows, cols)?;
         let b = if bias {
-            Some(ws.vector(&format!("{prefix}.bias"), rows)?.to_vec1::<f32>()?)
+            Some(Vector::new(ws.vector(&format!("{prefix}.bias"), rows)?.to_vec1::<f32>()?))
         } else {
             None
         };
@@ -44,6 +81,22 @@ impl Projection {
 }
 
 impl Layer {
+    /// The layer's weights, norms and biases on `device` (matrices in the form its kernels
+    /// take: [`Matrix::to_device`]).
+    pub(super) fn to_device(&mut self, device: &Device) -> Result<()> {
+        for p in self.projections_mut() {
+            p.w = p.w.to_device(device)?;
+            if let Some(b) = &mut p.b {
+                b.to_device(device)?;
+            }
+        }
+        let norms = [Some(&mut self.attn_norm), Some(&mut self.ffn_norm), self.q_norm.as_mut(), self.k_norm.as_mut()];
+        for v in norms.into_iter().flatten() {
+            v.to_device(device)?;
+        }
+        Ok(())
+    }
+
     /// The seven projections, for passes that change how weights are stored.
     pub(super) fn projections_mut(&mut self) -> [&mut Projection; 7] {
         [&mut self.q, &mut self.k, &mut self.v, &mut self.o, &mut self.gate, &mut self.up, &mut self.down]
@@ -51,14 +104,14 @@ impl Layer {
 }
 
 pub(super) struct Layer {
-    pub(super) attn_norm: Vec<f32>,
+    pub(super) attn_norm: Vector,
     pub(super) q: Projection,
     pub(super) k: Projection,
     pub(super) v: Projection,
     pub(super) o: Projection,
-    pub(super) q_norm: Option<Vec<f32>>,
-    pub(super) k_norm: Option<Vec<f32>>,
-    pub(super) ffn_norm: Vec<f32>,
+    pub(super) q_norm: Option<Vector>,
+    pub(super) k_norm: Option<Vector>,
+    pub(super) ffn_norm: Vector,
     pub(super) gate: Projection,
     pub(super) up: Projection,
     pub(super) down: Projection,
@@ -70,6 +123,9 @@ pub(super) struct Layer {
 #[derive(Clone)]
 pub struct KvCache {
     pub(super) layers: Vec<(Vec<f32>, Vec<f32>)>,
+    /// What the tensor backend (a GPU, gates training) keeps instead: each layer's keys and
+    /// values `[1, kv_heads, len, head_dim]` where they were computed.
+    pub(super) tensors: Vec<Option<(Tensor, Tensor)>>,
     pub(super) len: usize,
     /// Values per position in one layer's K (or V): `kv_heads · head_dim`.
     pub(super) row: usize,
@@ -83,6 +139,7 @@ impl KvCache {
     pub(super) fn new(layers: usize, row: usize) -> KvCache {
         KvCache {
             layers: vec![(Vec::new(), Vec::new()); layers],
+            tensors: vec![None; layers],
             len: 0,
             row,
             ids: Vec::new(),
@@ -95,12 +152,24 @@ impl KvCache {
         self.ids.iter().zip(ids).take_while(|(a, b)| a == b).count()
     }
 
+    /// Whether the positions held were computed by the tensor backend.
+    pub(super) fn holds_tensors(&self) -> bool {
+        self.len > 0 && self.tensors.iter().any(Option::is_some)
+    }
+
     /// Drops the cached positions from `len` on.
     pub fn truncate(&mut self, len: usize) {
         if len < self.len {
             for (k, v) in self.layers.iter_mut() {
                 k.truncate(len * self.row);
                 v.truncate(len * self.row);
+            }
+            for kv in self.tensors.iter_mut() {
+                // A narrowing within the cached positions cannot fail.
+                *kv = match kv.take() {
+                    Some((k, v)) if len > 0 => Some((k.narrow(2, 0, len).expect("len < cached"), v.narrow(2, 0, len).expect("len < cached"))),
+                    _ => None,
+                };
             }
             self.ids.truncate(len);
             self.len = len;

@@ -1,9 +1,9 @@
-mod autograd;
 mod buffers;
 pub mod decoder;
 mod layer;
 mod ops;
 pub mod rotation;
+mod tensors;
 
 pub use decoder::{Decoder, Site};
 pub use layer::KvCache;

@@ -1,10 +1,10 @@
 //! The steps a decoder layer is made of, as the one layer loop ([`super::Decoder`]) calls
 //! them. Two backends compute them: [`super::buffers::Buffers`] on plain f32 buffers and
 //! the kernels (inference: run, serve, eval, the training pass over the data) and
-//! [`super::autograd::Autograd`] on candle ops that gradients flow through (gates
-//! training). The order of the steps and where the gates sit are the loop's, written once.
+//! [`super::tensors::Tensors`] on candle ops, on a GPU or with gradients flowing through
+//! (gates training). The order of the steps and where the gates sit are the loop's, written once.
 
-use super::layer::{KvCache, Projection};
+use super::layer::{KvCache, Projection, Vector};
 use super::rotation::BlockRotation;
 use crate::error::Result;
 use crate::formats::Embedding;
@@ -43,10 +43,10 @@ pub(super) trait Ops {
     fn embed(&mut self, e: &Embedding, ids: &[u32]) -> Result<Self::X>;
 
     /// Each row RMS-normed and scaled by `w` (the row's width is `w.len()`).
-    fn rms_norm(&mut self, x: &Self::X, w: &[f32]) -> Result<Self::X>;
+    fn rms_norm(&mut self, x: &Self::X, w: &Vector) -> Result<Self::X>;
 
     /// The same norm over each head's `w.len()` values of a row (Qwen3's q and k norms).
-    fn head_norm(&mut self, x: Self::X, w: &[f32]) -> Result<Self::X>;
+    fn head_norm(&mut self, x: Self::X, w: &Vector) -> Result<Self::X>;
 
     /// `x·Wᵀ (+ b)` for each of several projections of one input.
     fn project<const K: usize>(&mut self, ps: [&Projection; K], x: Self::X) -> Result<[Self::X; K]>;

@@ -33,6 +33,11 @@ impl BlockRotation {
         })
     }
 
+    /// The same rotation applied on `device`.
+    pub fn to_device(&self, device: &candle_core::Device) -> Result<Self> {
+        Ok(BlockRotation { rt: self.rt.to_device(device)?, r: self.r.clone(), units: self.units })
+    }
+
     pub fn units(&self) -> usize {
         self.units
     }

@@ -359,7 +359,8 @@ impl Heads {
             }
         };
         let p1 = |h: &Tensor, w: &Tensor, b: &Tensor| -> candle_core::Result<Vec<f32>> {
-            let h = rows(h)?;
+            // The heads stay in host memory; a GPU's states come to them (a row each).
+            let h = rows(h)?.to_device(w.device())?;
             let logits = h.matmul(&w.t()?)?.broadcast_add(b)?;
             candle_nn::ops::softmax_last_dim(&logits)?
                 .narrow(1, 1, 1)?

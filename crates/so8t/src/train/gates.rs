@@ -169,19 +169,21 @@ impl<'a> Trainer<'a> {
         }
         // Gradients flow through the frozen weights by candle's gemm on f32.
         model.decoder.widen_half_precision()?;
+        // The trained tensors and their optimiser state live where the decoder runs.
+        let device = model.decoder.device().clone();
         let mut names = Vec::new();
         let mut vars = Vec::new();
         for l in 0..model.config.num_layers {
             for &site in &opts.sites {
                 for f in &opts.factors {
                     let name = generator_name(l, site, f);
-                    vars.push(Var::from_tensor(&adapter.generators[&name])?);
+                    vars.push(Var::from_tensor(&adapter.generators[&name].to_device(&device)?)?);
                     names.push(name);
                 }
             }
         }
         for (name, t) in adapter.heads.tensors() {
-            vars.push(Var::from_tensor(t)?);
+            vars.push(Var::from_tensor(&t.to_device(&device)?)?);
             names.push(name.to_string());
         }
         let m = vars
@@ -252,11 +254,11 @@ impl<'a> Trainer<'a> {
                     .map(|f| {
                         let name = generator_name(l, site, f);
                         match self.params.get(&name) {
-                            Some(v) => v.as_tensor().clone(),
-                            None => self.adapter.generators[&name].clone(),
+                            Some(v) => Ok(v.as_tensor().clone()),
+                            None => self.adapter.generators[&name].to_device(self.model.decoder.device()),
                         }
                     })
-                    .collect();
+                    .collect::<candle_core::Result<_>>()?;
                 let r = site_rotation(
                     &factors,
                     SiteShape::of(&cfg, site)?,
@@ -293,7 +295,8 @@ impl<'a> Trainer<'a> {
     /// Loss terms of one batch as graph tensors: (total, lm, safety, authority, pet).
     fn batch_loss(&mut self, batch: &[usize], lambda: f64) -> Result<[Tensor; 5]> {
         self.install_gates()?;
-        let zero = || Tensor::zeros((), DType::F32, &Device::Cpu);
+        let device = self.model.decoder.device().clone();
+        let zero = || Tensor::zeros((), DType::F32, &device);
         let (mut lm, mut pet) = (zero()?, zero()?);
         let mut ce = [zero()?, zero()?];
         let mut ce_weight = [0f64; 2];
@@ -313,7 +316,7 @@ impl<'a> Trainer<'a> {
                     .model
                     .decoder
                     .logits_autograd(&h.narrow(0, start, len - 1 - start)?)?;
-                let targets = Tensor::new(&ids[start + 1..], &Device::Cpu)?;
+                let targets = Tensor::new(&ids[start + 1..], &device)?;
                 let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
                 lm = (lm + candle_nn::loss::nll(&logp, &targets)?)?;
             }
@@ -506,12 +509,10 @@ impl<'a> Trainer<'a> {
         let (tensors_path, meta_path) = self.checkpoint_paths();
         let mut all = HashMap::new();
         for (i, n) in self.params.names.iter().enumerate() {
-            all.insert(
-                format!("param.{n}"),
-                self.params.vars[i].as_tensor().clone(),
-            );
-            all.insert(format!("adam_m.{n}"), self.m[i].clone());
-            all.insert(format!("adam_v.{n}"), self.v[i].clone());
+            let host = |t: &Tensor| t.to_device(&Device::Cpu);
+            all.insert(format!("param.{n}"), host(self.params.vars[i].as_tensor())?);
+            all.insert(format!("adam_m.{n}"), host(&self.m[i])?);
+            all.insert(format!("adam_v.{n}"), host(&self.v[i])?);
         }
         crate::formats::safetensors::write(&tensors_path, &all, None)?;
         let meta = serde_json::json!({ "step": self.step, "fingerprint": self.fingerprint() });
@@ -536,7 +537,7 @@ impl<'a> Trainer<'a> {
             .as_u64()
             .ok_or_else(|| Error::format(&meta_path, "field `step` must be a number"))?
             as usize;
-        let mut t = candle_core::safetensors::load(&tensors_path, &Device::Cpu)
+        let mut t = candle_core::safetensors::load(&tensors_path, self.model.decoder.device())
             .map_err(|e| Error::format(&tensors_path, crate::error::candle_message(&e)))?;
         for (i, n) in self.params.names.iter().enumerate() {
             let mut take = |k: String| {
@@ -567,7 +568,7 @@ impl<'a> Trainer<'a> {
         let mut generators = self.adapter.generators.clone();
         let mut named = HashMap::new();
         for (i, n) in self.params.names.iter().enumerate() {
-            let t = self.params.vars[i].as_tensor().copy()?;
+            let t = self.params.vars[i].as_tensor().to_device(&Device::Cpu)?.copy()?;
             if generators.contains_key(n) {
                 generators.insert(n.clone(), t);
             } else {
