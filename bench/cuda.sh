@@ -5,6 +5,7 @@
 # Writes to $OUT: gpu.txt, cuda-tests.log, cuda-report.jsonl (every measured difference),
 # bench.jsonl (so8t and transformers in alternating rounds), bench.log, run.json.
 #   bash bench/cuda.sh [ROUNDS]    (0: the tests alone)
+#   bash bench/cuda.sh 0 serve     (`serve --device cuda` alone: bench/cuda_serve.py)
 set -uo pipefail
 ROUNDS="${1:-5}"
 OUT="${OUT:-/tmp/so8t-cuda}"; mkdir -p "$OUT"
@@ -26,6 +27,11 @@ so8t="$DEV/so8t"
 # SmolLM2's real weights in f32 (an SO8T directory: random gates, and heads), and a
 # Qwen2.5-0.5B-shaped bf16 checkpoint with random weights.
 [ -d "$models/smollm2-so8t" ] || "$so8t" convert "$models/smollm2-q4_0.gguf" --out "$models/smollm2-so8t" --init random --seed 3 >"$OUT/convert.log" 2>&1 || cat "$OUT/convert.log"
+if [ "${2:-}" = serve ]; then
+  # `serve --device cuda`: requests one by one, then all at once (bench/cuda_serve.py).
+  python3 "$here/bench/cuda_serve.py" "$so8t" "$models/smollm2-so8t" 4 2>"$OUT/serve.log" | tee "$OUT/serve.json"
+  exit
+fi
 q="$models/qwen2.5-0.5b-random"
 [ -d "$q" ] || python3 "$here/bench/cuda_peer.py" make "$q" >"$OUT/make.log" 2>&1 || tail -5 "$OUT/make.log"
 
