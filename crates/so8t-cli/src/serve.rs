@@ -67,9 +67,10 @@ pub fn main(a: Args) -> Result<()> {
     if !(a.read_timeout.is_finite() && a.read_timeout > 0.0 && a.read_timeout <= 86_400.0) {
         anyhow::bail!("--read-timeout must be a number of seconds in (0, 86400], got {}", a.read_timeout);
     }
-    let device = a.device.open()?;
+    let (device, dtype) = a.device.open()?;
     so8t_serve::serve(so8t_serve::Options {
         device,
+        dtype,
         max_connections: a.max_connections,
         read_timeout: std::time::Duration::from_secs_f64(a.read_timeout),
         model: a.model,

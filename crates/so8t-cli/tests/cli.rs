@@ -390,7 +390,7 @@ fn peft_oft_export_and_import_from_the_command_line() {
     assert!(!tmp.path().join("x").exists());
 }
 
-/// `--device` on every command that runs the decoder: a bad name, or a GPU this build or
+/// `--device` (and `--dtype`) on every command that runs the decoder: a bad name, or a GPU this build or
 /// this machine lacks, is one error line and exit 1 before any model is read (the model
 /// path here does not exist). A build with `--features cuda` on a machine without a GPU
 /// (CI runs that build against link stubs that answer "no device") gives the driver's
@@ -403,8 +403,9 @@ fn device_flag_names_a_bad_or_missing_device_in_one_line() {
         "--device cuda:7: this so8t was built without CUDA"
     };
     let m = "/nonexistent/model.gguf";
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["run", "-m", m, "--prompt-ids", "1", "--device", "gpu"], "--device gpu: expected cpu, cuda or cuda:N"),
+        (&["run", "-m", m, "--prompt-ids", "1", "--dtype", "bf16"], "--dtype bf16: expected auto or f32"),
         (&["run", "-m", m, "--prompt-ids", "1", "--device", "cuda:7"], no_gpu),
         (&["bench", "-m", m, "--device", "cuda:7"], no_gpu),
         (&["eval", "-m", m, "--data", m, "--device", "cuda:7"], no_gpu),

@@ -8,6 +8,7 @@
 
 use candle_core::{Device, Tensor};
 use so8t::artifact::convert::{convert, ConvertOptions, Init};
+use so8t::device::Dtype;
 use so8t::Model;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -142,7 +143,8 @@ fn weights_kind(model: &Model) -> &'static str {
 /// so8t_model.rs); a wrong operation moves logits by their own size. f16/bf16 weights multiply f32
 /// activations on the CPU but activations rounded to the weights' type on the GPU: 2⁻⁹
 /// relative per rounding for bf16, 7 products a layer, adding up as a random walk over
-/// 24 layers to √168·2⁻⁹ ≈ 2.5%, so 3% of the logits' scale. ggml blocks quantise
+/// 24 layers to √168·2⁻⁹ ≈ 2.5%, so 3% of the logits' scale; widened to f32 there
+/// (`--dtype f32`) they are the f32 case. ggml blocks quantise
 /// the activations on both (Q8_0 blocks on our kernels, Q8_1 in candle's CUDA kernels), so
 /// there the agreement of each position's top token is checked and the difference reported.
 #[test]
@@ -152,7 +154,7 @@ fn logits_verdicts_and_greedy_tokens_match_the_cpu() {
     for path in models(tmp.path()) {
         let mut cpu = Model::open(&path).unwrap();
         let mut dev = Model::open(&path).unwrap();
-        dev.to_device(&gpu).unwrap();
+        dev.to_device(&gpu, Dtype::Auto).unwrap();
         random_heads([&mut cpu, &mut dev]);
         let n = 64.min(cpu.config.context());
         let ids = prompt(&cpu, n);
@@ -187,11 +189,19 @@ fn logits_verdicts_and_greedy_tokens_match_the_cpu() {
         let greedy_cpu = greedy(&mut cpu, &ids[..16], steps);
         let greedy_gpu = greedy(&mut dev, &ids[..16], steps);
         let kind = weights_kind(&cpu);
+        // f16/bf16 weights widened to f32 on the GPU (`--dtype f32`): the CPU's arithmetic.
+        let widened = (kind == "f16/bf16").then(|| {
+            let mut wide = Model::open(&path).unwrap();
+            wide.to_device(&gpu, Dtype::F32).unwrap();
+            let d = max_abs_diff(&a, &host(&wide.decoder.forward_all(&ids).unwrap()));
+            (d, greedy(&mut wide, &ids[..16], steps) == greedy_cpu)
+        });
         report(serde_json::json!({
             "model": path.display().to_string(), "weights": kind, "positions": n,
             "logit_scale": scale, "max_abs_diff": diff, "cached_steps_max_abs_diff": step_diff,
             "verdict_max_abs_diff": verdict_diff, "top1_agreement": top_agree,
             "greedy_equal": greedy_cpu == greedy_gpu,
+            "dtype_f32_max_abs_diff": widened.map(|w| w.0), "dtype_f32_greedy_equal": widened.map(|w| w.1),
         }));
         let name = path.display();
         match kind {
@@ -201,7 +211,12 @@ fn logits_verdicts_and_greedy_tokens_match_the_cpu() {
                 assert!(verdict_diff < 1e-4, "{name}: verdicts differ by {verdict_diff}");
                 assert_eq!(greedy_cpu, greedy_gpu, "{name}: greedy tokens");
             }
-            "f16/bf16" => assert!(diff < 3e-2 * scale.max(1.0), "{name}: logits differ by {diff} (scale {scale})"),
+            "f16/bf16" => {
+                assert!(diff < 3e-2 * scale.max(1.0), "{name}: logits differ by {diff} (scale {scale})");
+                let (wide_diff, wide_greedy) = widened.unwrap();
+                assert!(wide_diff < 1e-4 * scale, "{name}: with --dtype f32, logits differ by {wide_diff} (scale {scale})");
+                assert!(wide_greedy, "{name}: with --dtype f32, greedy tokens differ");
+            }
             _ => assert!(top_agree >= 0.9, "{name}: top tokens agree at {top_agree} of positions"),
         }
     }
@@ -212,7 +227,7 @@ fn logits_verdicts_and_greedy_tokens_match_the_cpu() {
 fn batched_sequences_match_each_alone() {
     let Some(gpu) = gpu() else { return };
     let mut m = Model::open(&fixtures().join("tiny-qwen3")).unwrap();
-    m.to_device(&gpu).unwrap();
+    m.to_device(&gpu, Dtype::Auto).unwrap();
     let prompts: [Vec<u32>; 3] = [vec![5, 9, 200, 7], vec![11, 3], vec![40, 41, 42, 43, 44, 45]];
     let alone: Vec<Tensor> = prompts
         .iter()
@@ -243,7 +258,7 @@ fn gates_training_gradients_match_the_cpu() {
     let dir = tiny_so8t(tmp.path());
     let grads = |device: &Device| -> Vec<Tensor> {
         let mut model = Model::open(&dir).unwrap();
-        model.to_device(device).unwrap();
+        model.to_device(device, Dtype::Auto).unwrap();
         let (config, adapter) = so8t::train::so8t_parts(&model).unwrap();
         let data_path = fixtures().join("train/tiny.jsonl");
         let data = so8t::train::data::read_jsonl(&data_path, &config.labels, false).unwrap();

@@ -24,8 +24,9 @@ use std::sync::Arc;
 
 pub struct Options {
     pub model: PathBuf,
-    /// Where the decoder runs.
+    /// Where the decoder runs, and what f16/bf16 weights multiply in there.
     pub device: candle_core::Device,
+    pub dtype: so8t::device::Dtype,
     pub host: String,
     pub port: u16,
     /// Requests must present one of these keys (empty: none needed).
@@ -76,7 +77,7 @@ fn model_id(path: &Path) -> String {
 pub fn serve(o: Options) -> Result<()> {
     let mut model = Model::open(&o.model)
         .with_context(|| format!("{}: cannot load the model", o.model.display()))?;
-    model.to_device(&o.device)?;
+    model.to_device(&o.device, o.dtype)?;
     let tokenizer = model.tokenizer()?.clone();
     let audit = o.audit.as_deref().map(audit::Audit::open).transpose()?;
     let sha = model_sha256(&o.model)?;

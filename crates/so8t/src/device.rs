@@ -26,6 +26,28 @@ pub fn name(device: &Device) -> String {
     }
 }
 
+/// What a GPU multiplies f16/bf16 weights in (`--dtype`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Dtype {
+    /// Their own type, the activations rounded to it for each product (half the memory
+    /// and bandwidth; logits within about 1% of the CPU's for bf16).
+    #[default]
+    Auto,
+    /// f32: the weights widened once on the device (twice the memory; the CPU path's
+    /// numbers, which widen them too).
+    F32,
+}
+
+impl Dtype {
+    pub fn parse(spec: &str) -> Result<Dtype> {
+        match spec {
+            "auto" => Ok(Dtype::Auto),
+            "f32" => Ok(Dtype::F32),
+            _ => Err(Error::Invalid(format!("--dtype {spec}: expected auto or f32"))),
+        }
+    }
+}
+
 #[cfg(feature = "cuda")]
 fn cuda(ordinal: usize, spec: &str) -> Result<Device> {
     Device::new_cuda(ordinal)
@@ -51,6 +73,10 @@ mod tests {
             let e = open(bad).unwrap_err().to_string();
             assert!(e.contains(&format!("--device {bad}: expected cpu, cuda or cuda:N")), "{bad}: {e}");
         }
+        assert_eq!(Dtype::parse("auto").unwrap(), Dtype::Auto);
+        assert_eq!(Dtype::parse("f32").unwrap(), Dtype::F32);
+        let e = Dtype::parse("bf16").unwrap_err().to_string();
+        assert!(e.contains("--dtype bf16: expected auto or f32"), "{e}");
     }
 
     #[cfg(not(feature = "cuda"))]

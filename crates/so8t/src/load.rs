@@ -73,10 +73,11 @@ impl So8tState {
 }
 
 impl Model {
-    /// Moves the decoder (weights, gates, cache) to `device`; the heads stay in host
-    /// memory, where the states they read come to them.
-    pub fn to_device(&mut self, device: &candle_core::Device) -> Result<()> {
-        self.decoder.to_device(device)
+    /// Moves the decoder (weights, gates, cache) to `device`, f16/bf16 weights to
+    /// multiply in `dtype` there; the heads stay in host memory, where the states they
+    /// read come to them.
+    pub fn to_device(&mut self, device: &candle_core::Device, dtype: crate::device::Dtype) -> Result<()> {
+        self.decoder.to_device(device, dtype)
     }
 
     /// Opens a model; an SO8T directory comes with its gates installed and its heads.

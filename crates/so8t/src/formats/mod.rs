@@ -110,8 +110,15 @@ impl Matrix {
 
     /// The matrix on `device` in the form candle's kernels there take: dense f32, f16
     /// and bf16 as they are (cuBLAS), ggml blocks as candle's quantised tensors (its
-    /// quantised matmul). On the CPU, the matrix as it is.
-    pub fn to_device(&self, device: &Device) -> Result<Matrix> {
+    /// quantised matmul); f16/bf16 widened to f32 there with [`Dtype::F32`]. On the CPU,
+    /// the matrix as it is.
+    pub fn to_device(&self, device: &Device, dtype: crate::device::Dtype) -> Result<Matrix> {
+        let half = |t: Tensor| -> candle_core::Result<Tensor> {
+            match dtype {
+                crate::device::Dtype::Auto => Ok(t),
+                crate::device::Dtype::F32 => t.to_dtype(candle_core::DType::F32),
+            }
+        };
         if device.is_cpu() {
             return Ok(self.clone());
         }
@@ -121,8 +128,8 @@ impl Matrix {
                 let (rows, cols) = (m.rows(), m.cols());
                 let bytes = m.file_bytes();
                 match m.qtype() {
-                    QType::F16 => Matrix::Dense(Tensor::from_raw_buffer(&bytes, candle_core::DType::F16, &[rows, cols], device)?),
-                    QType::BF16 => Matrix::Dense(Tensor::from_raw_buffer(&bytes, candle_core::DType::BF16, &[rows, cols], device)?),
+                    QType::F16 => Matrix::Dense(half(Tensor::from_raw_buffer(&bytes, candle_core::DType::F16, &[rows, cols], device)?)?),
+                    QType::BF16 => Matrix::Dense(half(Tensor::from_raw_buffer(&bytes, candle_core::DType::BF16, &[rows, cols], device)?)?),
                     ty => {
                         let dtype = ggml_dtype(ty.ggml_id()).ok_or_else(|| {
                             Error::Invalid(format!("{ty:?} weights cannot run on {}: candle has no kernel for them", crate::device::name(device)))
@@ -136,7 +143,7 @@ impl Matrix {
                 let moved = QTensor::new(QStorage::from_data(q.data()?, device, q.dtype())?, q.shape())?;
                 Matrix::Candle(QMatMul::QTensor(Arc::new(moved)))
             }
-            Matrix::Candle(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => Matrix::Dense(w.to_device(device)?),
+            Matrix::Candle(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => Matrix::Dense(half(w.to_device(device)?)?),
         })
     }
 

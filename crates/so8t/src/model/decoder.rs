@@ -73,8 +73,10 @@ pub struct Decoder {
     layers: Vec<Layer>,
     norm: Vector,
     lm_head: Matrix,
-    /// Where the weights, the gates and the KV caches live ([`Decoder::to_device`]).
+    /// Where the weights, the gates and the KV caches live, and what f16/bf16 weights
+    /// multiply in there ([`Decoder::to_device`]).
     device: Device,
+    dtype: crate::device::Dtype,
     /// Inference on candle ops even on the CPU ([`Decoder::use_tensor_backend`]).
     tensor_backend: bool,
     inv_freq: Vec<f32>,
@@ -178,6 +180,7 @@ impl Decoder {
             norm,
             lm_head,
             device: Device::Cpu,
+            dtype: crate::device::Dtype::Auto,
             tensor_backend: false,
             taps: Vec::new(),
             tapped: Vec::new(),
@@ -205,7 +208,7 @@ impl Decoder {
                         crate::error::Error::Invalid(format!("quantising a {rows}×{cols} matrix: {e}"))
                     })?;
                     // On a GPU, as candle's quantised tensor there.
-                    p.w = Matrix::Quant(std::sync::Arc::new(m)).to_device(&self.device)?;
+                    p.w = Matrix::Quant(std::sync::Arc::new(m)).to_device(&self.device, self.dtype)?;
                     n += 1;
                 }
             }
@@ -230,8 +233,9 @@ impl Decoder {
 
     /// Moves the weights, the gates and the cache to `device` (the embedding table stays in
     /// host memory: a forward looks up its rows there). On a GPU every forward runs on the
-    /// tensor backend, and what it returns (states, taps) lives there.
-    pub fn to_device(&mut self, device: &Device) -> Result<()> {
+    /// tensor backend, and what it returns (states, taps) lives there; `dtype` is what f16
+    /// and bf16 weights multiply in there.
+    pub fn to_device(&mut self, device: &Device, dtype: crate::device::Dtype) -> Result<()> {
         if self.device.same_device(device) {
             return Ok(());
         }
@@ -242,10 +246,10 @@ impl Decoder {
             )));
         }
         for layer in &mut self.layers {
-            layer.to_device(device)?;
+            layer.to_device(device, dtype)?;
         }
         self.norm.to_device(device)?;
-        self.lm_head = self.lm_head.to_device(device)?;
+        self.lm_head = self.lm_head.to_device(device, dtype)?;
         for g in &mut self.gates {
             for site in Site::ALL {
                 if let Some(r) = g.slot(site) {
@@ -255,6 +259,7 @@ impl Decoder {
         }
         self.cache = self.new_cache();
         self.device = device.clone();
+        self.dtype = dtype;
         Ok(())
     }
 

@@ -83,9 +83,9 @@ impl Projection {
 impl Layer {
     /// The layer's weights, norms and biases on `device` (matrices in the form its kernels
     /// take: [`Matrix::to_device`]).
-    pub(super) fn to_device(&mut self, device: &Device) -> Result<()> {
+    pub(super) fn to_device(&mut self, device: &Device, dtype: crate::device::Dtype) -> Result<()> {
         for p in self.projections_mut() {
-            p.w = p.w.to_device(device)?;
+            p.w = p.w.to_device(device, dtype)?;
             if let Some(b) = &mut p.b {
                 b.to_device(device)?;
             }
