@@ -128,8 +128,10 @@ impl Matrix {
                 let (rows, cols) = (m.rows(), m.cols());
                 let bytes = m.file_bytes();
                 match m.qtype() {
-                    QType::F16 => Matrix::Dense(half(Tensor::from_raw_buffer(&bytes, candle_core::DType::F16, &[rows, cols], device)?)?),
-                    QType::BF16 => Matrix::Dense(half(Tensor::from_raw_buffer(&bytes, candle_core::DType::BF16, &[rows, cols], device)?)?),
+                    ty @ (QType::F16 | QType::BF16) => {
+                        let stored = if ty == QType::F16 { candle_core::DType::F16 } else { candle_core::DType::BF16 };
+                        Matrix::Dense(half(Tensor::from_raw_buffer(&bytes, stored, &[rows, cols], device)?)?)
+                    }
                     ty => {
                         let dtype = ggml_dtype(ty.ggml_id()).ok_or_else(|| {
                             Error::Invalid(format!("{ty:?} weights cannot run on {}: candle has no kernel for them", crate::device::name(device)))

@@ -5,7 +5,7 @@
 //! a generated token allocates none.
 
 use super::layer::{KvCache, Projection, Vector};
-use super::ops::{Ops, Run};
+use super::ops::{rope_tables, Ops, Run, Span};
 use super::rotation::BlockRotation;
 use crate::error::Result;
 use crate::formats::{Embedding, Matrix};
@@ -37,14 +37,6 @@ impl Pool {
     }
 }
 
-/// One sequence's rows in a forward: `len` positions from `pos`, rotated with `inv_freq`
-/// (its RoPE factor set).
-pub(super) struct Span<'f> {
-    pub pos: usize,
-    pub len: usize,
-    pub inv_freq: &'f [f32],
-}
-
 /// One forward's run: the rows of one or more sequences, each after what its own KV cache
 /// holds (several sequences' decode steps share one pass over the weights).
 pub(super) struct Buffers<'a> {
@@ -63,17 +55,7 @@ impl<'a> Buffers<'a> {
         let s: usize = spans.iter().map(|sp| sp.len).sum();
         let scale = cfg.rope_attention_factor();
         let (mut cos, mut sin) = (pool.take(s * half), pool.take(s * half));
-        let mut row = 0;
-        for sp in spans {
-            for p in 0..sp.len {
-                for (i, f) in sp.inv_freq.iter().enumerate() {
-                    let a = (sp.pos + p) as f32 * f;
-                    cos[row * half + i] = a.cos() * scale;
-                    sin[row * half + i] = a.sin() * scale;
-                }
-                row += 1;
-            }
-        }
+        rope_tables(spans, half, scale, &mut cos, &mut sin);
         Buffers {
             pool,
             run: Run::new(cfg, s),

@@ -6,9 +6,9 @@
 //! inference on a GPU and for gates training ([`Decoder::forward_hidden_autograd`]).
 
 use super::layer::{KvCache, Layer, Projection, Vector};
-use super::tensors::{Rows, Tensors};
-use super::buffers::{Buffers, Pool, Span};
-use super::ops::Ops;
+use super::tensors::Tensors;
+use super::buffers::{Buffers, Pool};
+use super::ops::{Ops, Span};
 use super::rotation::BlockRotation;
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -386,29 +386,26 @@ impl Decoder {
             .zip(ids)
             .map(|(c, ids)| rope_restart(&self.cfg, c, ids))
             .collect();
+        let mut pool = std::mem::take(&mut self.pool);
+        let spans: Vec<Span> = caches
+            .iter()
+            .zip(&runs)
+            .map(|(c, r)| Span {
+                pos: c.len,
+                len: r.len(),
+                inv_freq: self.rope_set(c),
+            })
+            .collect();
         let out = if on_kernels {
-            let mut pool = std::mem::take(&mut self.pool);
-            let spans: Vec<Span> = caches
-                .iter()
-                .zip(&runs)
-                .map(|(c, r)| Span {
-                    pos: c.len,
-                    len: r.len(),
-                    inv_freq: self.rope_set(c),
-                })
-                .collect();
             let ops = Buffers::new(&mut pool, &self.cfg, &spans);
             drop(spans);
-            let out = self.run(ops, caches, &runs);
-            self.pool = pool;
-            out
-        } else {
-            let rows = caches.iter().zip(&runs).map(|(c, r)| Rows { pos: c.len, len: r.len() }).collect();
-            let inv_freq: Vec<&[f32]> = caches.iter().map(|c| self.rope_set(c)).collect();
-            let ops = Tensors::new(&self.cfg, &self.device, differentiable, rows, &inv_freq)?;
-            drop(inv_freq);
             self.run(ops, caches, &runs)
+        } else {
+            let ops = Tensors::new(&self.cfg, &self.device, differentiable, &spans);
+            drop(spans);
+            ops.and_then(|ops| self.run(ops, caches, &runs))
         };
+        self.pool = pool;
         let kept: Vec<(usize, usize)> = runs.iter().zip(ids).map(|(r, ids)| (r.len(), ids.len())).collect();
         self.keep_last(out?, &kept)
     }

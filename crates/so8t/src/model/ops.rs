@@ -35,6 +35,31 @@ impl Run {
     }
 }
 
+/// One sequence's rows in a forward: `len` positions from `pos`, rotated with `inv_freq`
+/// (its RoPE factor set).
+pub(super) struct Span<'f> {
+    pub pos: usize,
+    pub len: usize,
+    pub inv_freq: &'f [f32],
+}
+
+/// RoPE's tables for the rows of `spans` in order, `[rows, half]` each: every row at its
+/// sequence's position and with its factor set, scaled by `scale` (LongRoPE's attention
+/// factor).
+pub(super) fn rope_tables(spans: &[Span], half: usize, scale: f32, cos: &mut [f32], sin: &mut [f32]) {
+    let mut row = 0;
+    for sp in spans {
+        for p in 0..sp.len {
+            for (i, f) in sp.inv_freq.iter().take(half).enumerate() {
+                let a = (sp.pos + p) as f32 * f;
+                cos[row * half + i] = a.cos() * scale;
+                sin[row * half + i] = a.sin() * scale;
+            }
+            row += 1;
+        }
+    }
+}
+
 pub(super) trait Ops {
     /// Activations of the positions being run, one row of some width per position.
     type X;

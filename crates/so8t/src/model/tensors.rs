@@ -7,58 +7,36 @@
 //! their own type for the product: [`crate::formats::Matrix::forward`]).
 
 use super::layer::{KvCache, Projection, Vector};
-use super::ops::{Ops, Run};
+use super::ops::{rope_tables, Ops, Run, Span};
 use super::rotation::BlockRotation;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::formats::{matmul_frozen, Embedding};
 use candle_core::{Device, Tensor, D};
 
-/// Where one sequence's rows sit in a run and where it starts.
-pub(super) struct Rows {
-    /// Position of the sequence's first row (what its cache holds before the run).
-    pub pos: usize,
-    pub len: usize,
-}
-
 /// One forward's run of the rows of one or more sequences.
 pub(super) struct Tensors {
     run: Run,
     device: Device,
     differentiable: bool,
-    rows: Vec<Rows>,
+    /// Each sequence's first position and rows, in the run's order.
+    spans: Vec<(usize, usize)>,
     /// RoPE tables `[s, rotary_dim / 2]`, each row at its sequence's position.
     cos: Tensor,
     sin: Tensor,
 }
 
 impl Tensors {
-    /// `inv_freq[i]` is sequence `i`'s RoPE set (LongRoPE gives sequences different ones).
-    pub(super) fn new(
-        cfg: &ModelConfig,
-        device: &Device,
-        differentiable: bool,
-        rows: Vec<Rows>,
-        inv_freq: &[&[f32]],
-    ) -> Result<Self> {
-        let s: usize = rows.iter().map(|r| r.len).sum();
+    pub(super) fn new(cfg: &ModelConfig, device: &Device, differentiable: bool, spans: &[Span]) -> Result<Self> {
+        let s: usize = spans.iter().map(|sp| sp.len).sum();
         let half = cfg.rotary_dim / 2;
-        let scale = cfg.rope_attention_factor();
-        let (mut cos, mut sin) = (Vec::with_capacity(s * half), Vec::with_capacity(s * half));
-        for (r, inv) in rows.iter().zip(inv_freq) {
-            for p in r.pos..r.pos + r.len {
-                for &f in &inv[..half] {
-                    let a = p as f32 * f;
-                    cos.push(a.cos() * scale);
-                    sin.push(a.sin() * scale);
-                }
-            }
-        }
+        let (mut cos, mut sin) = (vec![0f32; s * half], vec![0f32; s * half]);
+        rope_tables(spans, half, cfg.rope_attention_factor(), &mut cos, &mut sin);
         Ok(Tensors {
             run: Run::new(cfg, s),
             device: device.clone(),
             differentiable,
-            rows,
+            spans: spans.iter().map(|sp| (sp.pos, sp.len)).collect(),
             cos: Tensor::from_vec(cos, (s, half), device)?,
             sin: Tensor::from_vec(sin, (s, half), device)?,
         })
@@ -167,8 +145,7 @@ impl Ops for Tensors {
         let rep = nh / nkv;
         let mut outs = Vec::with_capacity(caches.len());
         let mut start = 0;
-        for (cache, rows) in caches.iter_mut().zip(&self.rows) {
-            let (pos, s) = (rows.pos, rows.len);
+        for (cache, &(pos, s)) in caches.iter_mut().zip(&self.spans) {
             let part = |t: &Tensor, heads| self.by_head(&t.narrow(1, start, s)?, heads);
             let q = part(&q, nh)?;
             let (k, v) = Self::append_kv(cache, layer, part(&k, nkv)?, part(&v, nkv)?)?;
