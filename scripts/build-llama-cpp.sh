@@ -6,7 +6,15 @@ set -euo pipefail
 CACHE="${SO8T_CACHE:-$HOME/.cache/so8t}"
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 DEST="$CACHE/llama.cpp"
-if [ -x "$DEST/build/bin/llama-ref-greedy" ] && [ -x "$DEST/build/bin/llama-bench" ]; then
+targets=(llama-cli llama-bench llama-quantize llama-server llama-simple llama-tokenize llama-perplexity)
+missing=()
+for t in "${targets[@]}" llama-ref-greedy; do [ -x "$DEST/build/bin/$t" ] || missing+=("$t"); done
+if [ ${#missing[@]} = 0 ]; then
+  echo "llama.cpp: built at $DEST/build/bin"; exit 0
+fi
+# A tool added to the list since the cache was built: build just that, not all again.
+if [ -f "$DEST/build/CMakeCache.txt" ] && [ -x "$DEST/build/bin/llama-ref-greedy" ]; then
+  cmake --build "$DEST/build" -j"$(nproc)" --target "${missing[@]}"
   echo "llama.cpp: built at $DEST/build/bin"; exit 0
 fi
 command -v cmake >/dev/null || { echo "cmake not found: apt-get install -y cmake" >&2; exit 1; }
@@ -33,6 +41,6 @@ else
 fi
 cmake -S "$DEST" -B "$DEST/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF "${cpu_flags[@]}" \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=ON
-cmake --build "$DEST/build" -j"$(nproc)" --target llama-cli llama-bench llama-quantize llama-server llama-simple llama-tokenize
+cmake --build "$DEST/build" -j"$(nproc)" --target "${targets[@]}"
 "$(dirname "$0")/llama-ref/build.sh" >/dev/null
 echo "llama.cpp: built at $DEST/build/bin"

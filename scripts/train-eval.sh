@@ -4,7 +4,7 @@
 # eval/<model>/model (crates/so8t/tests/real_train.rs checks the SmolLM2 one). Work files
 # go to target/train-eval/.
 #
-#   scripts/train-eval.sh [smollm2|qwen25coder|all] [score]      (default: smollm2)
+#   scripts/train-eval.sh [smollm2|smollm2-gates|qwen25coder|all] [score]   (default: smollm2)
 #
 # `score` only scores the heads trained by an earlier run (target/train-eval/NAME-heads)
 # again, e.g. after a change to `eval`'s report.
@@ -26,40 +26,82 @@ cache="${SO8T_CACHE:-$HOME/.cache/so8t}"
 work=target/train-eval
 mkdir -p "$work"
 data=data/safety
+heads_recipe="heads fitted by \`so8t train --mode heads --layer auto --features-quant q8_0 --answer-weight auto --thresholds-from families\` on data/safety/train.jsonl (fitted on prompts and 16 tokens of each answer, hidden states from the Q8_0-quantised weights); layer chosen on val.jsonl; answer weight and weight decay by the loss on training families held out in turn (5 folds); thresholds at 5% FPR on those held-out-family scores (prompts, and benign answers under the streaming rule with k = 2 over all their tokens). Made by scripts/train-eval.sh."
 
-evaluate() { # model-dir report-name notes
+evaluate() { # model-dir report-name notes own-answers.jsonl
   # What ships: the Q8_0 export (heads and settings in its metadata), on the kernels.
   $so8t export "$1" --out "$work/$2.q8_0.gguf" --quant q8_0 --force
   $so8t eval --model "$work/$2.q8_0.gguf" --data $data/test.jsonl --report "eval/$2" \
     --notes "$3 Scored as its Q8_0 GGUF export on test.jsonl (the training families' held-out rows)."
   $so8t eval --model "$work/$2.q8_0.gguf" --data $data/test_families.jsonl --report "eval/$2-families" \
     --notes "$3 Scored as its Q8_0 GGUF export on test_families.jsonl: whole families never seen in training or validation (data/safety/MAPPING.md)."
-  local own=$data/own_answers_${2%-heads}.jsonl
-  if [[ -f $own ]]; then
-    $so8t eval --model "$work/$2.q8_0.gguf" --data "$own" --report "eval/$2-own-answers" \
-      --notes "$3 Scored as its Q8_0 GGUF export on $(basename "$own"): the base model's own greedy answers (48 tokens) to benign prompts of the held-out families (scripts/data/own_answers.py); every answer is labelled safe, so this measures benign answers flagged."
-  fi
+  # The model's own answers, made by the model being scored when they are not there yet.
+  [[ -f $4 ]] || python3 scripts/data/own_answers.py "$work/$2.q8_0.gguf" "$4"
+  $so8t eval --model "$work/$2.q8_0.gguf" --data "$4" --report "eval/$2-own-answers" \
+    --notes "$3 Scored as its Q8_0 GGUF export on $(basename "$4"): the model's own greedy answers (48 tokens) to benign prompts of the held-out families (scripts/data/own_answers.py); every answer is labelled safe, so this measures benign answers flagged."
+}
+
+# The heads recipe: layer, answer weight, weight decay and thresholds as described above.
+fit_heads() { # model-dir out-dir [train args…]
+  local model=$1 out=$2; shift 2
+  $so8t train --model "$model" --data $data/train.jsonl --val $data/val.jsonl --mode heads \
+    --layer auto --features-quant q8_0 --answer-weight auto --thresholds-from families \
+    --features-cache "$work/features" --out "$out" --force "$@" | tee "$out.json"
 }
 
 heads() { # name gguf fetch-name [train args…]
   local name=$1 gguf=$2 fetch=$3; shift 3
-  local notes="$name, zero gates; heads fitted by \`so8t train --mode heads --layer auto --features-quant q8_0 --answer-weight auto --thresholds-from families\` on data/safety/train.jsonl (fitted on prompts and 16 tokens of each answer, hidden states from the Q8_0-quantised weights); layer chosen on val.jsonl; answer weight and weight decay by the loss on training families held out in turn (5 folds); thresholds at 5% FPR on those held-out-family scores (prompts, and benign answers under the streaming rule with k = 2 over all their tokens). Made by scripts/train-eval.sh."
+  local notes="$name, zero gates; $heads_recipe"
   if [[ $only_score == score ]]; then
-    evaluate "$work/$name-heads" "$name-heads" "$notes"
+    evaluate "$work/$name-heads" "$name-heads" "$notes" "$data/own_answers_$name.jsonl"
     return
   fi
   bash scripts/fetch-models.sh "$fetch"
   $so8t convert "$cache/$gguf" --out "$work/$name" --force
-  $so8t train --model "$work/$name" --data $data/train.jsonl --val $data/val.jsonl --mode heads \
-    --layer auto --features-quant q8_0 --answer-weight auto --thresholds-from families \
-    --features-cache "$work/features" --out "$work/$name-heads" --force "$@" | tee "$work/$name-heads.json"
-  evaluate "$work/$name-heads" "$name-heads" "$notes"
+  fit_heads "$work/$name" "$work/$name-heads" "$@"
+  evaluate "$work/$name-heads" "$name-heads" "$notes" "$data/own_answers_$name.jsonl"
   mkdir -p "eval/$name/model"
   cp "$work/$name-heads/so8t_adapter.safetensors" "$work/$name-heads/so8t_config.json" "eval/$name/model/"
 }
 
+# Item 7 of #13: what the rotations buy. From the heads-only model that heads() left in
+# $work/NAME-heads, `train --mode gates` trains every site's generators jointly with both
+# heads (the loss on prompts and on every answer token, plus the LM loss and PET) for one
+# epoch over every GATES_EVERY-th training row; then the heads are fitted again on the
+# gated model by the same recipe as heads-only, so the two differ by the gates alone. The
+# gated model's own answers are generated again (its answers are what it would serve), and
+# the LM is checked against the base: perplexity by llama.cpp's llama-perplexity on the
+# held-out rows' benign answers, and the greedy answers to the own-answer prompts.
+gates() { # name gguf fetch-name
+  local name=$1 gguf=$2 fetch=$3
+  local start="$work/$name-heads" gated="$work/$name-gates" every="${GATES_EVERY:-4}"
+  local notes="$name with trained gates (\`so8t train --mode gates\`, every site, one epoch over every ${every}th row of data/safety/train.jsonl, started from the heads-only model), then the heads fitted again: $heads_recipe"
+  if [[ ! -f $start/so8t_adapter.safetensors ]]; then
+    # The committed heads-only model (what heads() last wrote), on its base.
+    bash scripts/fetch-models.sh "$fetch"
+    $so8t convert "$cache/$gguf" --out "$start" --force
+    cp "eval/$name/model/"so8t_* "$start/"
+    $so8t validate "$start"
+  fi
+  [[ -f $start.q8_0.gguf ]] || $so8t export "$start" --out "$start.q8_0.gguf" --quant q8_0 --force
+  if [[ $only_score != score ]]; then
+    awk -v k="$every" 'NR % k == 1' $data/train.jsonl > "$work/gates-rows.jsonl"
+    /usr/bin/time -f "gates run: %e s" $so8t train --model "$work/$name-heads" --data "$work/gates-rows.jsonl" \
+      --mode gates --epochs 1 --out "$gated" --force | tee "$gated.json"
+    fit_heads "$gated" "$gated-heads"
+  fi
+  [[ $only_score == score ]] || rm -f "$work/own_answers_$name-gates.jsonl"
+  evaluate "$gated-heads" "$name-gates-heads" "$notes" "$work/own_answers_$name-gates.jsonl"
+  python3 scripts/data/lm_drift.py --base "$work/$name-heads.q8_0.gguf" --gated "$work/$name-gates-heads.q8_0.gguf" \
+    --base-answers "$data/own_answers_$name.jsonl" --gated-answers "$work/own_answers_$name-gates.jsonl" \
+    --out "eval/$name-gates-heads/lm_drift.json"
+}
+
 if [[ $which == smollm2 || $which == all ]]; then
   heads smollm2-135m SmolLM2-135M-Instruct.Q4_1.gguf smollm2
+fi
+if [[ $which == smollm2-gates ]]; then
+  gates smollm2-135m SmolLM2-135M-Instruct.Q4_1.gguf smollm2
 fi
 if [[ $which == qwen25coder || $which == all ]]; then
   heads qwen2.5-coder-0.5b qwen2.5-coder-0.5b-instruct-q4_k_m.gguf qwen25coder
