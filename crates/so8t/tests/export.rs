@@ -275,6 +275,21 @@ fn modelfile_refuses_a_system_prompt_it_cannot_quote() {
     assert!(err.contains("model-f16.gguf") && err.contains("cannot quote"), "{err}");
 }
 
+/// A directory's whole name is the model's `general.name`, as llama.cpp's converter takes
+/// it: `tiny-0.5b` is not cut at its dot (it was, to `tiny-0`, when the name came from the
+/// path's stem).
+#[test]
+fn a_directory_name_with_a_dot_is_the_whole_model_name() {
+    use so8t::artifact::convert::{convert, ConvertOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny-0.5b");
+    convert(&fixtures().join("tiny-qwen3"), &dir, &ConvertOptions::default()).unwrap();
+    let out = tmp.path().join("m.gguf");
+    export(&dir, &out, parse_quant("f32").unwrap(), |_, _, _| {}).unwrap();
+    let g = read_gguf(&out);
+    assert_eq!(g.content.metadata["general.name"].to_string().unwrap(), "tiny-0.5b");
+}
+
 #[test]
 fn exported_so8t_gguf_carries_heads_and_validates() {
     use so8t::artifact::convert::{convert, ConvertOptions, Init};

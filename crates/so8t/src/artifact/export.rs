@@ -214,10 +214,10 @@ pub fn export(
         });
         sources.push(Some(name));
     }
-    let mut name = src
-        .file_stem()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_default();
+    // The model's name, as llama.cpp's converter takes it: a directory's whole name (the
+    // stem of `qwen2.5-0.5b` would be `qwen2`), a file's name without its extension.
+    let name_part = if src.is_dir() { src.file_name() } else { src.file_stem() };
+    let mut name = name_part.map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
     // llama.cpp right-strips after special tokens, as Phi-3's tokenizer.json asks, only in
     // files whose general.name says Phi-3 (llama-vocab.cpp); under any other name its
     // prompts would keep the newlines transformers drops.
