@@ -22,6 +22,11 @@ pub struct Args {
     /// A gates training log to plot (default: MODEL/so8t_train/log.jsonl when present).
     #[arg(long)]
     train_log: Option<PathBuf>,
+    /// Write each row's verdicts and decision here, one JSON object per line (`line`,
+    /// `p_unsafe`, `p_escalate`, `answer_unsafe`, `answer_escalate`, `decision`): to
+    /// compare two models row by row, e.g. an export against its directory.
+    #[arg(long)]
+    rows: Option<PathBuf>,
     /// Text put under the report's heading (e.g. how the model was trained).
     #[arg(long, default_value = "")]
     notes: String,
@@ -49,6 +54,15 @@ pub fn main(a: Args) -> Result<()> {
         report::write(&r, log.as_deref(), &a.notes, dir)
             .with_context(|| format!("writing the report to {}", dir.display()))?;
         eprintln!("wrote {}", dir.join("report.md").display());
+    }
+    if let Some(path) = &a.rows {
+        let mut lines = String::new();
+        for row in &r.row_verdicts {
+            lines.push_str(&serde_json::to_string(row)?);
+            lines.push('\n');
+        }
+        so8t::staging::write_bytes(path, lines.as_bytes())
+            .with_context(|| format!("writing the rows to {}", path.display()))?;
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);

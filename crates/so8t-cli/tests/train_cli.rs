@@ -167,6 +167,7 @@ fn heads_then_eval_with_report() {
     assert_eq!(src["heads_trained"], false);
 
     let report = tmp.path().join("report");
+    let rows = tmp.path().join("rows.jsonl");
     let r: serde_json::Value = serde_json::from_str(&ok(&[
         "eval",
         "--model",
@@ -176,8 +177,24 @@ fn heads_then_eval_with_report() {
         "--json",
         "--report",
         report.to_str().unwrap(),
+        "--rows",
+        rows.to_str().unwrap(),
     ]))
     .unwrap();
+    // --rows: one line per data row, in order, whose decisions add up to the report's.
+    let per_row: Vec<serde_json::Value> = std::fs::read_to_string(&rows)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(per_row.len() as u64, r["rows"].as_u64().unwrap());
+    let lines: Vec<u64> = per_row.iter().map(|v| v["line"].as_u64().unwrap()).collect();
+    assert!(lines.windows(2).all(|w| w[0] < w[1]), "{lines:?}");
+    for (decision, n) in r["decisions"].as_object().unwrap() {
+        let got = per_row.iter().filter(|v| v["decision"] == *decision).count();
+        assert_eq!(got as u64, n.as_u64().unwrap(), "{decision}");
+    }
+    assert!(per_row.iter().all(|v| (0.0..=1.0).contains(&v["p_unsafe"].as_f64().unwrap())));
     let safety = &r["heads"][0];
     assert_eq!(safety["head"], "safety");
     assert_eq!(safety["metrics"]["n"], 9);

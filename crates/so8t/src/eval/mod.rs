@@ -85,6 +85,23 @@ pub struct EvalReport {
     /// Policy decisions (spec §5) on the prompts with their answers.
     pub decisions: BTreeMap<String, usize>,
     pub seconds: f64,
+    /// Each row's verdicts and decision, in the data's order (`eval --rows`).
+    #[serde(skip)]
+    pub row_verdicts: Vec<RowVerdict>,
+}
+
+/// One row's outcome, for comparing two models (e.g. an export against its directory)
+/// row by row.
+#[derive(Clone, Debug, Serialize)]
+pub struct RowVerdict {
+    /// The row's line in the data file.
+    pub line: usize,
+    pub p_unsafe: f32,
+    pub p_escalate: f32,
+    /// The streaming rule's scores over the answer ([`RowScore::rule_score`]).
+    pub answer_unsafe: f32,
+    pub answer_escalate: f32,
+    pub decision: Option<&'static str>,
 }
 
 fn breakdown(
@@ -302,5 +319,17 @@ pub fn evaluate(
         responses,
         decisions,
         seconds: t0.elapsed().as_secs_f64(),
+        row_verdicts: rows_scored
+            .iter()
+            .zip(&data.examples)
+            .map(|(r, ex)| RowVerdict {
+                line: ex.line,
+                p_unsafe: r.prompt.p_unsafe,
+                p_escalate: r.prompt.p_escalate,
+                answer_unsafe: r.rule_score[0],
+                answer_escalate: r.rule_score[1],
+                decision: r.decision.map(|d| d.name()),
+            })
+            .collect(),
     })
 }
