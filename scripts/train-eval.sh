@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Trains and evaluates the SO8T heads (and a short gates run) on the real small models,
+# Trains and evaluates the SO8T heads (and, with smollm2-gates, gates) on the real small models,
 # writing the committed reports under eval/ and the trained adapters under
 # eval/<model>/model (crates/so8t/tests/real_train.rs checks the SmolLM2 one). Work files
 # go to target/train-eval/.
@@ -13,8 +13,8 @@
 # loss on whole training families held out in turn, and the thresholds on the scores those
 # held-out fits give (`--answer-weight auto --thresholds-from families`). test.jsonl (same
 # families), test_families.jsonl (families never trained on) and own_answers_<model>.jsonl
-# (the base model's own greedy answers to benign prompts of the held-out families, made by
-# scripts/data/own_answers.py) are only scored.
+# (the model's own greedy answers to benign prompts of the held-out families, made by
+# scripts/data/own_answers.py when the file is missing) are only scored.
 # Times on the 2-core machine are in README ("Training results").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -84,6 +84,7 @@ gates() { # name gguf fetch-name
     $so8t validate "$start"
   fi
   [[ -f $start.q8_0.gguf ]] || $so8t export "$start" --out "$start.q8_0.gguf" --quant q8_0 --force
+  bash scripts/build-llama-cpp.sh >&2   # llama-perplexity, for lm_drift.py
   if [[ $only_score != score ]]; then
     awk -v k="$every" 'NR % k == 1' $data/train.jsonl > "$work/gates-rows.jsonl"
     /usr/bin/time -f "gates run: %e s" $so8t train --model "$work/$name-heads" --data "$work/gates-rows.jsonl" \
