@@ -11,21 +11,9 @@
 # give the same bytes, checked against the sha256 of the file that was scored.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-SO8T="${1:-$ROOT/target/release/so8t}"
-CACHE="${SO8T_CACHE:-$HOME/.cache/so8t}"
-OUT="$CACHE/so8t-qwen2.5-coder-0.5b-trained-q8_0.gguf"
 # The file eval/ scored (scripts/train-eval.sh qwen25coder) has these tensor bytes and
 # metadata, except its general.name: `qwen2.5-coder-0`, from the export's old reading of a
 # directory name with a dot (checked with gguf-py when the name was mended).
 WANT=b0c679596ce886aa055e78f228f6afe88dccc38d183826c94b04778463d12485
-if [ -f "$OUT" ] && [ "$(sha256sum "$OUT" | cut -d' ' -f1)" = "$WANT" ]; then echo "$OUT"; exit 0; fi
-"$ROOT/scripts/fetch-models.sh" qwen25coder >&2
-TMP="$(mktemp -d "$CACHE/.trained-model.XXXXXX")"  # same file system: the final mv is a rename
-trap 'rm -rf "$TMP"' EXIT
-"$SO8T" convert "$CACHE/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf" --out "$TMP/qwen2.5-coder-0.5b-heads" >&2
-cp "$ROOT"/eval/qwen2.5-coder-0.5b/model/* "$TMP/qwen2.5-coder-0.5b-heads/"
-"$SO8T" export "$TMP/qwen2.5-coder-0.5b-heads" --out "$TMP/m.gguf" --quant q8_0 >&2
-GOT="$(sha256sum "$TMP/m.gguf" | cut -d' ' -f1)"
-[ "$GOT" = "$WANT" ] || { echo "trained-model: export sha256 $GOT, expected $WANT" >&2; exit 1; }
-mv "$TMP/m.gguf" "$OUT"
-echo "$OUT"
+exec "$ROOT/scripts/trained-gguf.sh" qwen25coder qwen2.5-coder-0.5b-instruct-q4_k_m.gguf qwen2.5-coder-0.5b \
+  qwen2.5-coder-0.5b-heads "$WANT" so8t-qwen2.5-coder-0.5b-trained-q8_0.gguf "$@"
