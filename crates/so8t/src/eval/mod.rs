@@ -101,7 +101,7 @@ pub struct RowVerdict {
     /// The streaming rule's scores over the answer ([`RowScore::rule_score`]).
     pub answer_unsafe: f32,
     pub answer_escalate: f32,
-    pub decision: Option<&'static str>,
+    pub decision: Option<crate::so8::verdict::Decision>,
 }
 
 fn breakdown(
@@ -328,7 +328,7 @@ pub fn evaluate(
                 p_escalate: r.prompt.p_escalate,
                 answer_unsafe: r.rule_score[0],
                 answer_escalate: r.rule_score[1],
-                decision: r.decision.map(|d| d.name()),
+                decision: r.decision,
             })
             .collect(),
     })
