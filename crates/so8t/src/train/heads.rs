@@ -98,14 +98,17 @@ pub enum AnswerWeight {
     ByFamilies,
 }
 
-/// The grid started at 0.25 … 16; both heads chose its corner (16, with weight decay 0.1)
-/// twice, the held-out-family loss falling towards it in both directions, so it moved
-/// one step out (README, "Training results").
+/// The grid [`AnswerWeight::ByFamilies`] starts from. Fixed grids were outgrown twice (the
+/// best point sat on their edge, the held-out-family loss still falling towards it), so
+/// the search now walks outward by itself: see [`family_grid_search`].
 pub const ANSWER_WEIGHTS: [f64; 4] = [1.0, 4.0, 16.0, 64.0];
 pub const FAMILY_FOLDS: usize = 5;
-/// The upper part of [`WEIGHT_DECAYS`] (see [`ANSWER_WEIGHTS`]); each value costs a fit
-/// per fold and answer weight.
+/// The upper part of [`WEIGHT_DECAYS`]; each value costs a fit per fold and answer weight.
 const FAMILY_WEIGHT_DECAYS: [f64; 3] = [1e-2, 1e-1, 1.0];
+/// How far the walk may go: answer weights are multiplied or divided by 4 a step, weight
+/// decays by 10, within these bounds (a bound is an edge the search may end on).
+const ANSWER_WEIGHT_RANGE: (f64, f64) = (1.0 / 16.0, 4096.0);
+const WEIGHT_DECAY_RANGE: (f64, f64) = (1e-4, 10.0);
 
 /// The fold of each family (or source) of the examples labelled for head `h`: in sorted
 /// order, dealt round [`FAMILY_FOLDS`] folds, so a family is never split across folds.
@@ -190,6 +193,56 @@ fn family_criterion(f: &Features, t: &Labelled, folds: &[usize], d: usize, wd: f
         (Some(l), None) | (None, Some(l)) => Some(l),
         (None, None) => None,
     })
+}
+
+/// The (answer weight, weight decay) pair of the lowest `criterion`, over a grid that
+/// starts as `aws` × `wds` and, while the best pair lies on an edge of it, grows one step
+/// past that edge (×4 or ÷4 for answer weights, ×10 or ÷10 for weight decays, within
+/// [`ANSWER_WEIGHT_RANGE`] and [`WEIGHT_DECAY_RANGE`]; a single weight decay stays as
+/// given): a fixed grid would report its own edge as the optimum. Returns the best pair
+/// and every pair scored with its criterion, in the order scored.
+fn family_grid_search(
+    mut aws: Vec<f64>,
+    mut wds: Vec<f64>,
+    mut criterion: impl FnMut(f64, f64) -> Result<Option<f64>>,
+) -> Result<(Option<(f64, f64)>, Vec<(f64, f64, f64)>)> {
+    let mut tried = std::collections::HashSet::new();
+    let mut scored: Vec<(f64, f64, f64)> = Vec::new();
+    let walk_wd = wds.len() > 1;
+    loop {
+        for &aw in &aws {
+            for &wd in &wds {
+                if tried.insert((aw.to_bits(), wd.to_bits())) {
+                    if let Some(c) = criterion(aw, wd)? {
+                        scored.push((aw, wd, c));
+                    }
+                }
+            }
+        }
+        let Some(&(aw, wd, _)) = scored.iter().min_by(|a, b| a.2.total_cmp(&b.2)) else {
+            return Ok((None, scored));
+        };
+        let edge = |v: &[f64], x: f64, hi: bool| {
+            let m = if hi { v.iter().copied().fold(f64::MIN, f64::max) } else { v.iter().copied().fold(f64::MAX, f64::min) };
+            x == m
+        };
+        let before = (aws.len(), wds.len());
+        if edge(&aws, aw, true) && aw * 4.0 <= ANSWER_WEIGHT_RANGE.1 {
+            aws.push(aw * 4.0);
+        }
+        if edge(&aws, aw, false) && aw / 4.0 >= ANSWER_WEIGHT_RANGE.0 {
+            aws.push(aw / 4.0);
+        }
+        if walk_wd && edge(&wds, wd, true) && wd * 10.0 <= WEIGHT_DECAY_RANGE.1 * (1.0 + 1e-9) {
+            wds.push(wd * 10.0);
+        }
+        if walk_wd && edge(&wds, wd, false) && wd / 10.0 >= WEIGHT_DECAY_RANGE.0 * (1.0 - 1e-9) {
+            wds.push(wd / 10.0);
+        }
+        if (aws.len(), wds.len()) == before {
+            return Ok((Some((aw, wd)), scored));
+        }
+    }
 }
 
 /// How [`fit_heads`] fits.
@@ -285,21 +338,13 @@ pub fn fit_heads(
         let (answer_weight, family_wd) = match (opts.answer_weight, &t_folds) {
             (AnswerWeight::ByFamilies, Some(t_folds)) => {
                 let wds = opts.weight_decay.map_or(FAMILY_WEIGHT_DECAYS.to_vec(), |wd| vec![wd]);
-                let mut best = None;
-                for &aw in &ANSWER_WEIGHTS {
+                let (best, searched) = family_grid_search(ANSWER_WEIGHTS.to_vec(), wds, |aw, wd| {
                     t.w = train.sample_weights(&t.idx, Some(aw));
-                    for &wd in &wds {
-                        let Some(c) = family_criterion(train, &t, t_folds, d, wd)? else {
-                            continue;
-                        };
-                        family_search.push((aw, wd, c));
-                        if best.is_none_or(|(b, _, _)| c < b) {
-                            best = Some((c, aw, wd));
-                        }
-                    }
-                }
+                    family_criterion(train, &t, t_folds, d, wd)
+                })?;
+                family_search = searched;
                 match best {
-                    Some((_, aw, wd)) => (Some(aw), Some(wd)),
+                    Some((aw, wd)) => (Some(aw), Some(wd)),
                     None => (None, None),
                 }
             }
@@ -468,7 +513,7 @@ mod tests {
             e.family = Some(format!("family {}", i % 12));
         }
         let r = &fit(&train)[0];
-        assert_eq!(r.family_search.len(), ANSWER_WEIGHTS.len() * FAMILY_WEIGHT_DECAYS.len());
+        assert!(r.family_search.len() >= ANSWER_WEIGHTS.len() * FAMILY_WEIGHT_DECAYS.len(), "{r:?}");
         let best = r
             .family_search
             .iter()
@@ -476,6 +521,39 @@ mod tests {
             .unwrap();
         assert_eq!((r.answer_weight, r.weight_decay), (Some(best.0), best.1));
         assert!(best.2 < 0.5, "the signal is linear and shared by every family: {best:?}");
+    }
+
+    /// The grid walks past its edges to an optimum outside it, and stops at the bounds.
+    #[test]
+    fn family_grid_walks_to_an_optimum_outside_the_start() {
+        let bowl = |aw0: f64, wd0: f64| {
+            move |aw: f64, wd: f64| -> Result<Option<f64>> {
+                Ok(Some((aw / aw0).ln().powi(2) + (wd / wd0).ln().powi(2)))
+            }
+        };
+        let start = || (ANSWER_WEIGHTS.to_vec(), FAMILY_WEIGHT_DECAYS.to_vec());
+        let close = |a: f64, b: f64| (a / b - 1.0).abs() < 1e-9;
+        let (aws, wds) = start();
+        let (best, scored) = family_grid_search(aws, wds, bowl(1024.0, 1e-3)).unwrap();
+        let (aw, wd) = best.unwrap();
+        assert!(close(aw, 1024.0) && close(wd, 1e-3), "{best:?} {scored:?}");
+        // every pair once
+        let mut keys: Vec<_> = scored.iter().map(|s| (s.0.to_bits(), s.1.to_bits())).collect();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), scored.len());
+        // an optimum beyond the bounds: the search ends on them
+        let (aws, wds) = start();
+        let (best, _) = family_grid_search(aws, wds, bowl(1e9, 1e-9)).unwrap();
+        let (aw, wd) = best.unwrap();
+        assert!(close(aw, ANSWER_WEIGHT_RANGE.1) && close(wd, WEIGHT_DECAY_RANGE.0), "{best:?}");
+        // inside the start grid: nothing more is tried
+        let (aws, wds) = start();
+        let (best, scored) = family_grid_search(aws, wds, bowl(4.0, 0.1)).unwrap();
+        assert_eq!((best, scored.len()), (Some((4.0, 0.1)), 12));
+        // one given weight decay is kept
+        let (best, _) = family_grid_search(ANSWER_WEIGHTS.to_vec(), vec![0.5], bowl(4.0, 1e-3)).unwrap();
+        assert_eq!(best, Some((4.0, 0.5)));
     }
 
     #[test]
