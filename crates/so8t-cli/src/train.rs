@@ -17,7 +17,7 @@ use std::time::Instant;
 enum Mode {
     /// Fit both heads on hidden states cached in one pass (logistic regression).
     Heads,
-    /// Train the gates' generators and the heads by backpropagation (spec §6).
+    /// Train the gates' generators and the heads by backpropagation (SO8T_SPEC.md §6).
     Gates,
     /// Keep the heads; choose the thresholds again on --val (e.g. after changing
     /// --target-fpr or --consecutive).

@@ -51,16 +51,6 @@ impl QType {
         }
     }
 
-    /// The type of ggml type id (`enum ggml_type`) `id`.
-    pub fn from_ggml_id(id: u32) -> Option<QType> {
-        GGML_IDS.iter().find(|(i, _)| *i == id).map(|&(_, t)| t)
-    }
-
-    /// ggml's type id of this type.
-    pub fn ggml_id(self) -> u32 {
-        GGML_IDS.iter().find(|(_, t)| *t == self).map(|&(i, _)| i).expect("every QType is in GGML_IDS")
-    }
-
     pub fn block_size(self) -> usize {
         match self {
             QType::Q4K | QType::Q5K | QType::Q6K => QK_K,
@@ -83,20 +73,6 @@ impl QType {
         }
     }
 }
-
-/// ggml's type ids (`enum ggml_type`) of the types the kernels take.
-const GGML_IDS: [(u32, QType); 10] = [
-    (2, QType::Q4_0),
-    (3, QType::Q4_1),
-    (6, QType::Q5_0),
-    (7, QType::Q5_1),
-    (8, QType::Q8_0),
-    (12, QType::Q4K),
-    (13, QType::Q5K),
-    (14, QType::Q6K),
-    (1, QType::F16),
-    (30, QType::BF16),
-];
 
 fn f16_table() -> &'static [f32] {
     static T: OnceLock<Vec<f32>> = OnceLock::new();

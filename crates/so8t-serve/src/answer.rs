@@ -117,9 +117,8 @@ pub(crate) fn prepare(
     })
 }
 
-/// The rendered chat prompt (what the audit log hashes) and its ids; errors name `param`.
-/// The rendered prompt, its ids, and the token whose verdict is the prompt's (`None`
-/// for the last; spec §5's setting).
+/// The rendered chat prompt (what the audit log hashes), its ids, and the token whose
+/// verdict is the prompt's (`None` for the last; spec §5's setting); errors name `param`.
 pub(crate) fn chat_prompt(
     st: &AppState,
     messages: &[Message],

@@ -3,7 +3,9 @@
 //! chat page. The modules follow a request: `limits` (per-client rates and connections)
 //! → `server` (routes, key/rate/body checks, handlers) → `api` (shapes and checks) →
 //! `answer` (a generation request to its answer and audit row; `stream` for SSE) →
-//! `engine` (the model's thread) → `audit`. `state` is what they all share.
+//! `engine` (the model's thread) → `audit`. `state` is what they all share. "spec §5" in
+//! the comments is section 5 (Triality heads) of `../shared/SO8T_SPEC.md` from the
+//! repository root, as in the `so8t` crate.
 
 pub mod answer;
 pub mod api;

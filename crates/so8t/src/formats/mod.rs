@@ -45,7 +45,7 @@ pub enum Matrix {
 impl Matrix {
     /// A quantised tensor as the best matrix for it.
     pub fn from_qtensor(q: Arc<QTensor>) -> candle_core::Result<Matrix> {
-        let ty = QType::from_ggml_id(ggml_type_id(q.dtype()));
+        let ty = kernel_type(q.dtype());
         match ty {
             Some(ty) => {
                 let (rows, cols) = q.shape().dims2()?;
@@ -133,10 +133,7 @@ impl Matrix {
                         Matrix::Dense(half(Tensor::from_raw_buffer(&bytes, stored, &[rows, cols], device)?)?)
                     }
                     ty => {
-                        let dtype = ggml_dtype(ty.ggml_id()).ok_or_else(|| {
-                            Error::Invalid(format!("{ty:?} weights cannot run on {}: candle has no kernel for them", crate::device::name(device)))
-                        })?;
-                        let q = QTensor::new(QStorage::from_data(bytes, device, dtype)?, (rows, cols))?;
+                        let q = QTensor::new(QStorage::from_data(bytes, device, candle_type(ty))?, (rows, cols))?;
                         Matrix::Candle(QMatMul::QTensor(Arc::new(q)))
                     }
                 }
@@ -283,38 +280,53 @@ fn dense_rows(w: &Tensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
     Ok(Some(Tensor::from_vec(out, dims, &Device::Cpu)?))
 }
 
-/// ggml's type ids (`enum ggml_type`) of the types candle holds: the one table the GGUF
-/// reader, the GGUF writer and the kernels' dispatch go through.
-const GGML_TYPES: [(u32, GgmlDType); 15] = [
-    (0, GgmlDType::F32),
-    (1, GgmlDType::F16),
-    (2, GgmlDType::Q4_0),
-    (3, GgmlDType::Q4_1),
-    (6, GgmlDType::Q5_0),
-    (7, GgmlDType::Q5_1),
-    (8, GgmlDType::Q8_0),
-    (9, GgmlDType::Q8_1),
-    (10, GgmlDType::Q2K),
-    (11, GgmlDType::Q3K),
-    (12, GgmlDType::Q4K),
-    (13, GgmlDType::Q5K),
-    (14, GgmlDType::Q6K),
-    (15, GgmlDType::Q8K),
-    (30, GgmlDType::BF16),
+/// ggml's type ids (`enum ggml_type`) of the types candle holds, and the kernels' type of
+/// each where they have one: the one table the GGUF reader, the GGUF writer and the
+/// kernels' dispatch go through.
+const GGML_TYPES: [(u32, GgmlDType, Option<QType>); 15] = [
+    (0, GgmlDType::F32, None),
+    (1, GgmlDType::F16, Some(QType::F16)),
+    (2, GgmlDType::Q4_0, Some(QType::Q4_0)),
+    (3, GgmlDType::Q4_1, Some(QType::Q4_1)),
+    (6, GgmlDType::Q5_0, Some(QType::Q5_0)),
+    (7, GgmlDType::Q5_1, Some(QType::Q5_1)),
+    (8, GgmlDType::Q8_0, Some(QType::Q8_0)),
+    (9, GgmlDType::Q8_1, None),
+    (10, GgmlDType::Q2K, None),
+    (11, GgmlDType::Q3K, None),
+    (12, GgmlDType::Q4K, Some(QType::Q4K)),
+    (13, GgmlDType::Q5K, Some(QType::Q5K)),
+    (14, GgmlDType::Q6K, Some(QType::Q6K)),
+    (15, GgmlDType::Q8K, None),
+    (30, GgmlDType::BF16, Some(QType::BF16)),
 ];
 
 /// The type of ggml type id `id`, if candle holds it.
 pub fn ggml_dtype(id: u32) -> Option<GgmlDType> {
-    GGML_TYPES.iter().find(|(i, _)| *i == id).map(|&(_, t)| t)
+    GGML_TYPES.iter().find(|row| row.0 == id).map(|row| row.1)
 }
 
 /// ggml's type id of `t`.
 pub fn ggml_type_id(t: GgmlDType) -> u32 {
     GGML_TYPES
         .iter()
-        .find(|(_, d)| *d == t)
-        .map(|&(i, _)| i)
+        .find(|row| row.1 == t)
+        .map(|row| row.0)
         .expect("every GgmlDType is in GGML_TYPES")
+}
+
+/// The kernels' type for candle's `t`, if they have a kernel for it.
+pub fn kernel_type(t: GgmlDType) -> Option<QType> {
+    GGML_TYPES.iter().find(|row| row.1 == t).and_then(|row| row.2)
+}
+
+/// candle's type for the kernels' `t`.
+pub fn candle_type(t: QType) -> GgmlDType {
+    GGML_TYPES
+        .iter()
+        .find(|row| row.2 == Some(t))
+        .map(|row| row.1)
+        .expect("every QType is in GGML_TYPES")
 }
 
 /// A token embedding table; quantised tables stay quantised and only the looked-up rows
