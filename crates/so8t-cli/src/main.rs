@@ -89,7 +89,16 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    if std::env::args_os().nth(1).is_some_and(|a| a == so8t::chat::sandbox::CHILD_ARG) {
+        return so8t::chat::sandbox::child_main();
+    }
     let cli = Cli::parse();
+    // Chat templates come with the checkpoint: they render in a child process with a
+    // memory budget (so8t::chat::sandbox), which needs this binary's path.
+    match std::env::current_exe() {
+        Ok(exe) => so8t::chat::sandbox::enable(exe),
+        Err(e) => eprintln!("so8t: cannot find this program's path ({e}): chat templates render without a memory budget"),
+    }
     if let Some(t) = cli.threads {
         // The kernels' workers spin while they wait: threads beyond the cores take turns
         // on them and each token then costs scheduler slices (200 threads on 2 cores:

@@ -459,6 +459,35 @@ fn bad_requests_get_the_right_status_and_an_error_object() {
     assert_eq!(got, 200, "{v}");
 }
 
+/// A chat template that grows a string without bound for one message: that request fails
+/// with the render budget's error (the render runs in a child process with a memory
+/// limit, so8t::chat::sandbox), and the server answers the next requests as before.
+#[test]
+fn a_template_that_exhausts_memory_fails_its_request_and_the_server_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_so8t(dir.path());
+    let tc = model.join("tokenizer_config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&tc).unwrap()).unwrap();
+    let chatml = cfg["chat_template"].as_str().unwrap().to_string();
+    let grow = "{% if messages[-1]['content'] == 'grow' %}{% set ns = namespace(s='xx') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}{% endif %}";
+    cfg["chat_template"] = format!("{grow}{chatml}").into();
+    std::fs::write(&tc, cfg.to_string()).unwrap();
+    let s = Server::start(&model, &[]);
+    let chat = s.url("/v1/chat/completions");
+    let (status, body) = post(&chat, &chat_body("hello", 2, false), &[]);
+    assert_eq!(status, 200, "{body}");
+    let t = std::time::Instant::now();
+    let (status, body) = post(&chat, &chat_body("grow", 2, false), &[]);
+    let msg = body["error"]["message"].as_str().unwrap_or_default();
+    assert_eq!(status, 400, "{body}");
+    assert!(msg.contains("tokenizer_config.json") && msg.contains("MiB of memory"), "{body}");
+    eprintln!("the growing template failed in {:.1?}", t.elapsed());
+    for _ in 0..2 {
+        let (status, body) = post(&chat, &chat_body("hello", 2, false), &[]);
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
 /// A Phi-3 SO8T model behind the server: the chat template (Phi-3's, with the right-strip
 /// after its special tokens) and the greedy answer are `so8t run`'s, with verdicts.
 #[test]

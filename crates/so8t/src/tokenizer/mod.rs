@@ -200,12 +200,14 @@ impl TextTokenizer {
             return Ok(ids.len().max(1) - 1);
         };
         let escaped = self.escape_messages(messages);
-        let text = t.render(&escaped, true)?;
-        let mut marked = escaped;
+        let mut marked = escaped.clone();
         if let Some(last) = marked.last_mut() {
             last.content.push_str(MARK);
         }
-        let marked_text = t.render(&marked, true)?;
+        let [text, marked_text]: [String; 2] = t
+            .render_all(&[(&escaped, true), (&marked, true)])?
+            .try_into()
+            .expect("two conversations, two texts");
         let end = marked_text
             .find(MARK)
             .filter(|&e| text.get(..e) == marked_text.get(..e))

@@ -3,6 +3,8 @@
 //! lstrip_blocks, Python string methods). minijinja cannot run arbitrary code, which
 //! makes a template from an untrusted checkpoint safe to render.
 
+pub mod sandbox;
+
 use crate::error::{Error, Result};
 use minijinja::{Environment, Value};
 use serde::{Deserialize, Serialize};
@@ -53,9 +55,19 @@ impl std::io::Write for Bounded {
 /// the template's, so they are reported without the template's file.
 const RAISED: &str = "the chat template refused the messages: ";
 
+/// Why a render failed: `raised` when the template raised it about the messages (the
+/// request's fault), else the template's own fault, said in `why`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RenderFailure {
+    pub raised: bool,
+    pub why: String,
+}
+
 #[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// Kept for the render sandbox, which parses it again in its own process.
+    source: String,
     bos: String,
     eos: String,
     /// The file and field the template came from, named in errors that are its fault.
@@ -88,6 +100,7 @@ impl ChatTemplate {
             .map_err(|e| Error::Invalid(format!("chat template does not parse: {e}")))?;
         Ok(ChatTemplate {
             env,
+            source: source.to_string(),
             bos: bos.to_string(),
             eos: eos.to_string(),
             origin: None,
@@ -110,10 +123,39 @@ impl ChatTemplate {
     }
 
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let tmpl = self
-            .env
-            .get_template("chat")
-            .map_err(|e| Error::Invalid(e.to_string()))?;
+        let mut out = self.render_all(&[(messages, add_generation_prompt)])?;
+        Ok(out.pop().expect("one conversation, one text"))
+    }
+
+    /// Renders each conversation (its messages, and whether to add the generation
+    /// prompt): in the [`sandbox`] process when it is enabled (the `so8t` binary does so),
+    /// else here.
+    pub fn render_all(&self, conversations: &[(&[Message], bool)]) -> Result<Vec<String>> {
+        let rendered = match sandbox::executable() {
+            Some(exe) => sandbox::render(exe, self, conversations)?,
+            None => conversations
+                .iter()
+                .map(|&(messages, add)| self.render_here(messages, add))
+                .collect(),
+        };
+        rendered.map_err(|f| self.error(f))
+    }
+
+    /// The error for `f`: a failure that is the template's fault names the file and field
+    /// it came from; what it raises about the messages does not.
+    fn error(&self, f: RenderFailure) -> Error {
+        match &self.origin {
+            Some((path, field)) if !f.raised => {
+                Error::format(path, format!("{field}: chat template failed: {}", f.why))
+            }
+            _ => Error::Invalid(format!("chat template failed: {}", f.why)),
+        }
+    }
+
+    /// One render in this process, within [`RENDER_FUEL`] and [`RENDER_MAX_BYTES`].
+    fn render_here(&self, messages: &[Message], add_generation_prompt: bool) -> std::result::Result<String, RenderFailure> {
+        let fail = |why: String| RenderFailure { raised: false, why };
+        let tmpl = self.env.get_template("chat").map_err(|e| fail(e.to_string()))?;
         let mut out = Bounded(Vec::new());
         tmpl.render_captured_to(
             minijinja::context! {
@@ -125,7 +167,10 @@ impl ChatTemplate {
             &mut out,
         )
         .map_err(|e| {
-            let why = match e.kind() {
+            if e.detail().is_some_and(|d| d.starts_with(RAISED)) {
+                return RenderFailure { raised: true, why: e.to_string() };
+            }
+            fail(match e.kind() {
                 minijinja::ErrorKind::OutOfFuel => format!(
                     "the chat template ran more than {RENDER_FUEL} instructions (a loop without end?)"
                 ),
@@ -133,16 +178,9 @@ impl ChatTemplate {
                     format!("the chat template's output exceeds {RENDER_MAX_BYTES} bytes")
                 }
                 _ => e.to_string(),
-            };
-            match &self.origin {
-                Some((path, field)) if !e.detail().is_some_and(|d| d.starts_with(RAISED)) => {
-                    Error::format(path, format!("{field}: chat template failed: {why}"))
-                }
-                _ => Error::Invalid(format!("chat template failed: {why}")),
-            }
+            })
         })?;
-        String::from_utf8(out.0)
-            .map_err(|_| Error::Invalid("chat template failed: output is not UTF-8".into()))
+        String::from_utf8(out.0).map_err(|_| fail("output is not UTF-8".into()))
     }
 }
 
