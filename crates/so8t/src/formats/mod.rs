@@ -153,7 +153,7 @@ impl Matrix {
             Matrix::Dense(w) if w.dtype() != x.dtype() => {
                 x.to_dtype(w.dtype())?.broadcast_matmul(&w.t()?)?.to_dtype(x.dtype())
             }
-            Matrix::Dense(w) => match dense_rows(w, x)? {
+            Matrix::Dense(w) => match dense_product(w, x)? {
                 Some(y) => Ok(y),
                 None => x.broadcast_matmul(&w.t()?),
             },
@@ -187,7 +187,7 @@ impl Matrix {
 }
 
 /// Activation rows up to which a dense product runs on the kernels' f32 matrix–vector
-/// code; from here on candle's gemm, which blocks for cache reuse, is faster (prompts).
+/// code; from here on gemm, which blocks for cache reuse, is faster (prompts).
 const DENSE_KERNEL_ROWS: usize = 16;
 
 /// Activation rows from which a product with f16/bf16 weights widens them to f32 for gemm,
@@ -236,32 +236,57 @@ fn half_gemm(m: &QMatrix, x: &Tensor) -> candle_core::Result<Tensor> {
         }
         let w = &mut wide[..rows * cols];
         widen_into(m, w);
-        let threads = rayon::current_num_threads();
-        let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-        // SAFETY: out is [n, rows], xs [n, cols], w [rows, cols], all row-major and alive
-        // for the call; the strides below address exactly those elements (rhs = wᵀ).
-        unsafe {
-            gemm::gemm(
-                n, rows, cols,
-                out.as_mut_ptr(), 1, rows as isize, false,
-                xs.as_ptr(), 1, cols as isize,
-                w.as_ptr(), cols as isize, 1,
-                0.0, 1.0, false, false, false, par,
-            )
-        }
+        pool_gemm(n, rows, cols, &xs, w, &mut out);
     });
     dims.pop();
     dims.push(rows);
     Tensor::from_vec(out, dims, &Device::Cpu)
 }
 
-/// `x·Wᵀ` for an f32 `w` and a few f32 activation rows (decoding) on the kernels, `None`
-/// where candle's gemm should do it.
-fn dense_rows(w: &Tensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+/// `out[n, rows] = x[n, cols]·w[rows, cols]ᵀ` by gemm, the weight's rows (the output's
+/// columns) shared out on the kernels' pool, single-threaded gemm on each share. Through
+/// candle's product, gemm ran on the calling thread while the pool's worker spun for the
+/// next kernel: a third of the heads pass's time (`perf`, BENCHMARKS.md).
+fn pool_gemm(n: usize, rows: usize, cols: usize, x: &[f32], w: &[f32], out: &mut [f32]) {
+    assert!(x.len() >= n * cols && w.len() >= rows * cols && out.len() >= n * rows);
+    struct Dst(*mut f32);
+    // SAFETY: the tasks write disjoint columns of `out`, which outlives `run`.
+    unsafe impl Sync for Dst {}
+    let dst = Dst(out.as_mut_ptr());
+    let pool = so8t_kernels::pool::global();
+    // Shares of at least 64 weight rows: below that gemm's packing costs more than a
+    // thread saves.
+    let tasks = pool.threads().min(rows.div_ceil(64)).max(1);
+    let per = rows.div_ceil(tasks);
+    pool.run(tasks, &|t| {
+        let (r0, r1) = (t * per, ((t + 1) * per).min(rows));
+        if r0 >= r1 {
+            return;
+        }
+        let dst = &dst;
+        // SAFETY: checked above: x is [n, cols], w [rows, cols], out [n, rows], all
+        // row-major; this task writes out[.., r0..r1] (row stride `rows`) from
+        // w[r0..r1, ..] (rhs = wᵀ: column stride `cols`).
+        unsafe {
+            gemm::gemm(
+                n, r1 - r0, cols,
+                dst.0.add(r0), 1, rows as isize, false,
+                x.as_ptr(), 1, cols as isize,
+                w.as_ptr().add(r0 * cols), cols as isize, 1,
+                0.0, 1.0, false, false, false, gemm::Parallelism::None,
+            )
+        }
+    });
+}
+
+/// `x·Wᵀ` for an f32 `w` and f32 activations on the CPU: a few rows (decoding) on the
+/// kernels' matrix–vector code, more (prompts) by [`pool_gemm`]; `None` where candle
+/// should do it (other devices and types, strided tensors).
+fn dense_product(w: &Tensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
     let (rows, cols) = w.dims2()?;
     let mut dims = x.dims().to_vec();
     let n = x.elem_count() / cols.max(1);
-    if dims.last() != Some(&cols) || n == 0 || n > DENSE_KERNEL_ROWS || w.dtype() != candle_core::DType::F32 || x.dtype() != candle_core::DType::F32 || !w.device().is_cpu() {
+    if dims.last() != Some(&cols) || n == 0 || w.dtype() != candle_core::DType::F32 || x.dtype() != candle_core::DType::F32 || !w.device().is_cpu() {
         return Ok(None);
     }
     let (ws, wl) = w.storage_and_layout();
@@ -274,7 +299,12 @@ fn dense_rows(w: &Tensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
         return Ok(None);
     };
     let mut out = vec![0f32; n * rows];
-    so8t_kernels::dense::matmul_f32(&ws.as_slice::<f32>()?[w0..w1], rows, cols, &xs.as_slice::<f32>()?[x0..x1], n, &mut out);
+    let (w, x) = (&ws.as_slice::<f32>()?[w0..w1], &xs.as_slice::<f32>()?[x0..x1]);
+    if n <= DENSE_KERNEL_ROWS {
+        so8t_kernels::dense::matmul_f32(w, rows, cols, x, n, &mut out);
+    } else {
+        pool_gemm(n, rows, cols, x, w, &mut out);
+    }
     dims.pop();
     dims.push(rows);
     Ok(Some(Tensor::from_vec(out, dims, &Device::Cpu)?))
