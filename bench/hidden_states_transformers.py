@@ -21,4 +21,4 @@ with torch.inference_mode():
             ids = ids["input_ids"]
         out = model.model(input_ids=ids)
         h = out.last_hidden_state[0, -1]
-print(f"transformers: {time.time() - t0:.1f} s of features (torch {torch.__version__}, 2 threads)")
+print(f"transformers: {time.time() - t0:.2f} s of features (torch {torch.__version__}, 2 threads)")

@@ -107,35 +107,58 @@ pub fn positions(
     })
 }
 
+/// Sequences per forward in [`walk`]: one pass over the weights for all of them (gemm on
+/// more rows packs each weight once for more work; BENCHMARKS.md "Heads pass").
+const WALK_BATCH: usize = 8;
+
 /// Runs every id sequence through the decoder as it is (gates installed, its taps set),
-/// computing at least positions `from[i]..` of sequence `i`; consecutive sequences share
-/// their chat-template prefix (system prompt, headers) through the KV cache. `f(i, start,
-/// tapped)` gets the tapped states `[len − start, hidden]` of positions `start..`.
+/// computing at least positions `from[i]..` of sequence `i`, [`WALK_BATCH`] sequences per
+/// forward; the sequences of a batch share their common prefix (system prompt, chat
+/// headers), computed once into a KV cache that each of them starts from. `f(i, start,
+/// tapped)` gets the tapped states `[len − start, hidden]` of positions `start..`, in
+/// order of `i`.
 pub fn walk(
     model: &mut Model,
     ids: &[Vec<u32>],
     from: &[usize],
     mut f: impl FnMut(usize, usize, &[Tensor]) -> Result<()>,
 ) -> Result<()> {
-    let mut prev: &[u32] = &[];
-    model.decoder.clear_cache();
-    for (i, seq) in ids.iter().enumerate() {
-        if seq.is_empty() {
-            return Err(Error::Invalid(format!("example {i} has no tokens")));
-        }
-        let shared = prev
-            .iter()
-            .zip(seq)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(from[i])
-            .min(seq.len() - 1);
-        model.decoder.truncate_cache(shared)?;
-        model.decoder.forward_hidden(&seq[shared..], shared)?;
-        f(i, shared, model.decoder.tapped())?;
-        prev = seq;
+    if let Some(i) = ids.iter().position(|s| s.is_empty()) {
+        return Err(Error::Invalid(format!("example {i} has no tokens")));
     }
-    model.decoder.clear_cache();
+    let mut base = model.decoder.new_cache();
+    for (b, batch) in ids.chunks(WALK_BATCH).enumerate() {
+        let first = b * WALK_BATCH;
+        let head = &batch[0];
+        let shared = batch
+            .iter()
+            .zip(&from[first..])
+            .map(|(seq, &fresh)| {
+                let common = head.iter().zip(seq).take_while(|(a, b)| a == b).count();
+                common.min(fresh).min(seq.len() - 1)
+            })
+            .min()
+            .expect("a batch is not empty");
+        let kept = base.shared_prefix(&head[..shared]);
+        base.truncate(kept);
+        if kept < shared {
+            model.decoder.forward_batch(&mut [&mut base], &[&head[kept..shared]])?;
+        }
+        let mut caches: Vec<_> = batch.iter().map(|_| base.clone()).collect();
+        let mut refs: Vec<_> = caches.iter_mut().collect();
+        let rest: Vec<&[u32]> = batch.iter().map(|seq| &seq[shared..]).collect();
+        model.decoder.forward_batch(&mut refs, &rest)?;
+        let tapped = model.decoder.tapped().to_vec();
+        let mut row = 0;
+        for (j, r) in rest.iter().enumerate() {
+            let states = tapped
+                .iter()
+                .map(|t| t.narrow(0, row, r.len()))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            f(first + j, shared, &states)?;
+            row += r.len();
+        }
+    }
     Ok(())
 }
 
