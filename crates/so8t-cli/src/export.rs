@@ -22,9 +22,18 @@ pub struct Args {
     /// Replace --out if it exists.
     #[arg(long)]
     force: bool,
+    /// Labelled JSONL rows (the validation split, never the test split) on which to move
+    /// the SO8T thresholds so that the export decides as the source does: the export is
+    /// scored beside the source, each threshold moved to where the flags agree most, and
+    /// the file written again with them (gguf only).
+    #[arg(long, value_name = "ROWS")]
+    calibrate: Option<PathBuf>,
 }
 
 pub fn main(a: Args) -> Result<()> {
+    if a.calibrate.is_some() && a.format != "gguf" {
+        anyhow::bail!("--calibrate applies to GGUF exports");
+    }
     if a.format == "peft-oft" {
         if a.quant.is_some() {
             anyhow::bail!("--quant applies to GGUF exports; a PEFT adapter is f32");
@@ -64,11 +73,26 @@ pub fn main(a: Args) -> Result<()> {
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tensors, {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let report = export(&a.path, &a.out, quant, |done, total, bytes| {
+    let progress = |done: usize, total: usize, bytes: u64| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
         bar.set_message(format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64));
-    })?;
+    };
+    let report = match &a.calibrate {
+        None => export(&a.path, &a.out, quant, progress)?,
+        Some(rows) => {
+            let (report, c) = so8t::eval::calibrate::export_calibrated(&a.path, &a.out, quant, rows, progress)?;
+            bar.finish_and_clear();
+            eprintln!("thresholds calibrated on {} rows of {}:", c.rows, rows.display());
+            for s in &c.shifts {
+                eprintln!(
+                    "  {:<16} {:.4} -> {:.4} (flags differing from the source's: {} -> {} of {})",
+                    s.score, s.source, s.export, s.differ_before, s.differ_after, s.rows
+                );
+            }
+            report
+        }
+    };
     bar.finish_and_clear();
     println!("{}  {}", report.sha256, a.out.display());
     eprintln!(

@@ -420,3 +420,50 @@ fn device_flag_names_a_bad_or_missing_device_in_one_line() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+/// `export --calibrate ROWS` writes the thresholds it reports into the file's SO8T
+/// metadata, leaves nothing beside the target, and is refused for other formats.
+#[test]
+fn calibrated_export_carries_the_thresholds_it_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("so8t");
+    let out = Command::new(env!("CARGO_BIN_EXE_so8t"))
+        .args(["convert", fixtures().join("tiny-qwen3").to_str().unwrap(), "--out", model.to_str().unwrap()])
+        .args(["--init", "random", "--scale", "0.1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let gguf = dir.path().join("out").join("m.gguf");
+    std::fs::create_dir(gguf.parent().unwrap()).unwrap();
+    let rows = fixtures().join("train/tiny.jsonl");
+    let export = |format: &str| {
+        Command::new(env!("CARGO_BIN_EXE_so8t"))
+            .args(["export", model.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--quant", "q4_0"])
+            .args(["--format", format, "--calibrate", rows.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let refused = export("vllm");
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("--calibrate"));
+    let done = export("gguf");
+    let said = String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success(), "{said}");
+    // "  prompt_unsafe    0.5000 -> 0.4987 (…)": the calibrated value of each threshold
+    let reported: std::collections::HashMap<String, f32> = said
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let (name, _, arrow, to) = (w.next()?, w.next()?, w.next()?, w.next()?);
+            (arrow == "->").then(|| (name.to_string(), to.parse().unwrap()))
+        })
+        .collect();
+    assert_eq!(reported.len(), 4, "{said}");
+    let m = so8t::Model::open(&gguf).unwrap();
+    let t = &m.so8t.as_ref().unwrap().config.thresholds;
+    let (p, r) = (t.prompt(), t.response());
+    for (name, v) in [("prompt_unsafe", p[0]), ("prompt_escalate", p[1]), ("answer_unsafe", r[0]), ("answer_escalate", r[1])] {
+        assert!((reported[name] - v).abs() <= 5e-5, "{name}: reported {} but the file has {v}", reported[name]);
+    }
+    let left: Vec<_> = std::fs::read_dir(gguf.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("m.gguf")]);
+}

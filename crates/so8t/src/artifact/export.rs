@@ -188,9 +188,24 @@ pub fn export(
     src: &Path,
     out: &Path,
     quant: Quant,
+    progress: impl FnMut(usize, usize, u64),
+) -> Result<ExportReport> {
+    export_with_thresholds(src, out, quant, None, progress)
+}
+
+/// [`export`], the SO8T thresholds in the file replaced by `thresholds` when given (an
+/// export calibrated to decide as its source: `eval::calibrate`).
+pub fn export_with_thresholds(
+    src: &Path,
+    out: &Path,
+    quant: Quant,
+    thresholds: Option<&crate::so8::verdict::Thresholds>,
     mut progress: impl FnMut(usize, usize, u64),
 ) -> Result<ExportReport> {
     let mut input = open_input(src)?;
+    if let (Some(t), Some((_, c))) = (thresholds, input.heads.as_mut()) {
+        c.thresholds = t.clone();
+    }
     let cfg = &input.config;
     let mut planned: Vec<PlannedTensor> = Vec::new();
     let mut sources: Vec<Option<String>> = Vec::new();

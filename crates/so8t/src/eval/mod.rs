@@ -1,6 +1,7 @@
 //! `eval`: the heads of any SO8T-capable model (SO8T directory, baked directory, GGUF)
 //! on labelled JSONL, with the thresholds the model carries.
 
+pub mod calibrate;
 pub mod metrics;
 pub mod report;
 
