@@ -98,38 +98,28 @@ pub fn calibrate(
     let mut t = thresholds.clone();
     let mut shifts = Vec::new();
     let (prompt, answer) = (thresholds.prompt(), thresholds.response());
+    let mut shift = |score: &'static str, pairs: Vec<(f32, f32)>, at: f32| {
+        let (s, e): (Vec<f32>, Vec<f32>) = pairs.into_iter().unzip();
+        let (moved, differ_before, differ_after) = shifted_threshold(&s, &e, at);
+        shifts.push(ThresholdShift { score, source: at, export: moved, rows: s.len(), differ_before, differ_after });
+        moved
+    };
     for h in 0..2 {
-        let (s, e): (Vec<f32>, Vec<f32>) = source
+        let prompts = source
             .iter()
             .zip(export)
             .filter(|(s, _)| s.first_of_prompt)
             .map(|(s, e)| (prompt_p(&s.prompt, h), prompt_p(&e.prompt, h)))
-            .unzip();
-        let (moved, before, after) = shifted_threshold(&s, &e, prompt[h]);
-        shifts.push(ThresholdShift {
-            score: ["prompt_unsafe", "prompt_escalate"][h],
-            source: prompt[h],
-            export: moved,
-            rows: s.len(),
-            differ_before: before,
-            differ_after: after,
-        });
-        let (s, e): (Vec<f32>, Vec<f32>) = source
+            .collect();
+        let moved = shift(["prompt_unsafe", "prompt_escalate"][h], prompts, prompt[h]);
+        let answers = source
             .iter()
             .zip(export)
             .zip(has_answer)
             .filter(|(_, &a)| a)
             .map(|((s, e), _)| (s.rule_score[h], e.rule_score[h]))
-            .unzip();
-        let (moved_answer, before_a, after_a) = shifted_threshold(&s, &e, answer[h]);
-        shifts.push(ThresholdShift {
-            score: ["answer_unsafe", "answer_escalate"][h],
-            source: answer[h],
-            export: moved_answer,
-            rows: s.len(),
-            differ_before: before_a,
-            differ_after: after_a,
-        });
+            .collect();
+        let moved_answer = shift(["answer_unsafe", "answer_escalate"][h], answers, answer[h]);
         if h == 0 {
             t.unsafe_ = moved;
             t.response_unsafe = Some(moved_answer);
