@@ -24,8 +24,8 @@ pub struct Args {
     force: bool,
     /// Labelled JSONL rows (the validation split, never the test split) on which to move
     /// the SO8T thresholds so that the export decides as the source does: the export is
-    /// scored beside the source, each threshold moved to where the flags agree most, and
-    /// the file written again with them (gguf only).
+    /// scored beside the source, each threshold moved by the median logit change of the
+    /// scores near it, and the file written again with them (gguf only).
     #[arg(long, value_name = "ROWS")]
     calibrate: Option<PathBuf>,
 }
@@ -78,22 +78,23 @@ pub fn main(a: Args) -> Result<()> {
         bar.set_position(done as u64);
         bar.set_message(format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64));
     };
-    let report = match &a.calibrate {
-        None => export(&a.path, &a.out, quant, progress)?,
+    let (report, calibration) = match &a.calibrate {
+        None => (export(&a.path, &a.out, quant, progress)?, None),
         Some(rows) => {
             let (report, c) = so8t::eval::calibrate::export_calibrated(&a.path, &a.out, quant, rows, progress)?;
-            bar.finish_and_clear();
-            eprintln!("thresholds calibrated on {} rows of {}:", c.rows, rows.display());
-            for s in &c.shifts {
-                eprintln!(
-                    "  {:<16} {:.4} -> {:.4} (flags differing from the source's: {} -> {} of {})",
-                    s.score, s.source, s.export, s.differ_before, s.differ_after, s.rows
-                );
-            }
-            report
+            (report, Some((rows, c)))
         }
     };
     bar.finish_and_clear();
+    if let Some((rows, c)) = calibration {
+        eprintln!("thresholds calibrated on {} rows of {}:", c.rows, rows.display());
+        for s in &c.shifts {
+            eprintln!(
+                "  {:<16} {:.4} -> {:.4} (flags differing from the source's: {} -> {} of {})",
+                s.score, s.source, s.export, s.differ_before, s.differ_after, s.rows
+            );
+        }
+    }
     println!("{}  {}", report.sha256, a.out.display());
     eprintln!(
         "{} tensors, {:.1} MiB of tensor data ({})",

@@ -9,7 +9,7 @@
 //! validation split, never the test split: what the test split shows is then whether the
 //! shift carries to rows it was not fitted on.
 
-use crate::artifact::export::{export_with_thresholds, ExportReport, Quant};
+use crate::artifact::export::{export, export_with_thresholds, ExportReport, Quant};
 use crate::error::Result;
 use crate::so8::verdict::Thresholds;
 use crate::train::data::read_jsonl;
@@ -78,12 +78,8 @@ pub fn shifted_threshold(source: &[f32], export: &[f32], threshold: f32) -> (f32
     }
     d.sort_by(f64::total_cmp);
     let median = if d.len() % 2 == 1 { d[d.len() / 2] } else { (d[d.len() / 2 - 1] + d[d.len() / 2]) / 2.0 };
-    let moved = (1.0 / (1.0 + (-(at + median)).exp())) as f32;
+    let moved = crate::train::logistic::sigmoid(at + median) as f32;
     (moved, before, differ(moved))
-}
-
-fn prompt_p(v: &crate::so8::verdict::Verdict, head: usize) -> f32 {
-    [v.p_unsafe, v.p_escalate][head]
 }
 
 /// `source`'s thresholds moved for `export`, from both models' scores of the same rows:
@@ -109,7 +105,7 @@ pub fn calibrate(
             .iter()
             .zip(export)
             .filter(|(s, _)| s.first_of_prompt)
-            .map(|(s, e)| (prompt_p(&s.prompt, h), prompt_p(&e.prompt, h)))
+            .map(|(s, e)| (s.prompt.head(h), e.prompt.head(h)))
             .collect();
         let moved = shift(["prompt_unsafe", "prompt_escalate"][h], prompts, prompt[h]);
         let answers = source
@@ -120,13 +116,7 @@ pub fn calibrate(
             .map(|((s, e), _)| (s.rule_score[h], e.rule_score[h]))
             .collect();
         let moved_answer = shift(["answer_unsafe", "answer_escalate"][h], answers, answer[h]);
-        if h == 0 {
-            t.unsafe_ = moved;
-            t.response_unsafe = Some(moved_answer);
-        } else {
-            t.escalate = moved;
-            t.response_escalate = Some(moved_answer);
-        }
+        t.set_head(h, moved, Some(moved_answer));
     }
     Calibration { rows: source.len(), thresholds: t, shifts }
 }
@@ -153,7 +143,7 @@ pub fn export_calibrated(
     drop(model);
     crate::staging::write_file(out, |tmp| {
         let first = tmp.with_file_name("calibration.gguf");
-        export_with_thresholds(src, &first, quant, None, &mut progress)?;
+        export(src, &first, quant, &mut progress)?;
         let exported = super::score_rows(&mut Model::open(&first)?, &data, |_| {})?;
         std::fs::remove_file(&first).map_err(|e| crate::error::Error::io(&first, e))?;
         let c = calibrate(&source, &exported, &has_answer, &thresholds);

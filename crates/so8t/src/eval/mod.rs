@@ -197,7 +197,7 @@ pub fn score_rows(
         let rule_score = [0, 1].map(|h| {
             let p: Vec<f32> = response
                 .iter()
-                .map(|v| if h == 0 { v.p_unsafe } else { v.p_escalate })
+                .map(|v| v.head(h))
                 .collect();
             rule_score(&p, k)
         });
@@ -243,8 +243,7 @@ pub fn evaluate(
         let rows: Vec<usize> = (0..n)
             .filter(|&i| prompt_v[i].is_some() && data.examples[i].label(h).is_some())
             .collect();
-        let pick = |v: Verdict| if h == 0 { v.p_unsafe } else { v.p_escalate };
-        let scores: Vec<f32> = rows.iter().map(|&i| pick(prompt_v[i].unwrap())).collect();
+        let scores: Vec<f32> = rows.iter().map(|&i| prompt_v[i].unwrap().head(h)).collect();
         let labels: Vec<bool> = rows.iter().map(|&i| data.examples[i].label(h).unwrap()).collect();
         let exs: Vec<_> = rows.iter().map(|&i| &data.examples[i]).collect();
         let mut fneg: Vec<usize> = (0..rows.len()).filter(|&k| labels[k] && scores[k] < t).collect();

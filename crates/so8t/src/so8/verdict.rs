@@ -39,6 +39,16 @@ impl Thresholds {
             self.response_escalate.unwrap_or(self.escalate),
         ]
     }
+
+    /// Sets head `h`'s (0 safety, 1 authority) prompt threshold and its answer threshold
+    /// (`None`: the prompt's).
+    pub fn set_head(&mut self, h: usize, prompt: f32, response: Option<f32>) {
+        if h == 0 {
+            (self.unsafe_, self.response_unsafe) = (prompt, response);
+        } else {
+            (self.escalate, self.response_escalate) = (prompt, response);
+        }
+    }
 }
 
 fn default_consecutive() -> usize {
@@ -242,6 +252,11 @@ impl Verdict {
         Verdict { p_unsafe, p_escalate }
     }
 
+    /// Head `h`'s probability (0: p_unsafe, 1: p_escalate).
+    pub fn head(self, h: usize) -> f32 {
+        if h == 0 { self.p_unsafe } else { self.p_escalate }
+    }
+
     /// Each probability's larger value: the verdict of a span of tokens is its worst.
     pub fn max(self, other: Verdict) -> Verdict {
         Verdict {
@@ -337,7 +352,7 @@ impl Heads {
         Ok(self
             .verdicts(&t)?
             .iter()
-            .map(|v| if head == 0 { v.p_unsafe } else { v.p_escalate })
+            .map(|v| v.head(head))
             .collect())
     }
 

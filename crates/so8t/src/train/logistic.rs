@@ -78,7 +78,7 @@ pub fn balanced_sample_weights(y: &[bool], sample: Option<&[f64]>) -> Vec<f64> {
         .collect()
 }
 
-fn sigmoid(z: f64) -> f64 {
+pub(crate) fn sigmoid(z: f64) -> f64 {
     if z >= 0.0 {
         1.0 / (1.0 + (-z).exp())
     } else {

@@ -117,13 +117,7 @@ fn head_thresholds(
 }
 
 fn set_thresholds(t: &mut Thresholds, h: usize, r: &ThresholdReport) {
-    if h == 0 {
-        t.unsafe_ = r.prompt_threshold;
-        t.response_unsafe = r.response_threshold;
-    } else {
-        t.escalate = r.prompt_threshold;
-        t.response_escalate = r.response_threshold;
-    }
+    t.set_head(h, r.prompt_threshold, r.response_threshold);
 }
 
 /// Per head, the thresholds of [`head_thresholds`] on the validation split. `val` must
