@@ -14,6 +14,10 @@ pub enum Arch {
     Qwen3,
     /// Phi-3/3.5/4-mini: fused `qkv_proj` and `gate_up_proj`, partial rotary, LongRoPE.
     Phi3,
+    /// Qwen2-VL's text decoder: Qwen2 with multimodal RoPE (`mrope_section`); its vision
+    /// tower is [`crate::vision`]'s.
+    #[serde(rename = "qwen2_vl")]
+    Qwen2Vl,
 }
 
 impl Arch {
@@ -23,6 +27,7 @@ impl Arch {
             "qwen2" => Some(Arch::Qwen2),
             "qwen3" => Some(Arch::Qwen3),
             "phi3" => Some(Arch::Phi3),
+            "qwen2_vl" => Some(Arch::Qwen2Vl),
             _ => None,
         }
     }
@@ -33,6 +38,7 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Phi3 => "phi3",
+            Arch::Qwen2Vl => "qwen2_vl",
         }
     }
 
@@ -93,6 +99,10 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// Multimodal RoPE (Qwen2-VL): how many of the rotary frequencies follow a token's
+    /// temporal, height and width position, in that order (they sum to `rotary_dim / 2`).
+    /// A text token has one position on all three, so text alone is ordinary RoPE.
+    pub mrope_section: Option<[usize; 3]>,
 }
 
 impl ModelConfig {
@@ -233,6 +243,11 @@ impl ModelConfig {
             Arch::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
             Arch::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
             Arch::Phi3 => ("phi3", "Phi3ForCausalLM"),
+            Arch::Qwen2Vl => {
+                return Err(Error::Invalid(
+                    "a Qwen2-VL config.json carries its vision tower's settings, which a GGUF of the text decoder does not hold".into(),
+                ))
+            }
         };
         let rope_scaling = match &self.rope_scaling {
             RopeScaling::None => serde_json::Value::Null,
@@ -369,6 +384,16 @@ impl ModelConfig {
         if self.original_context == Some(0) {
             return bad(format!("field `{}` must be positive, got 0", field("original_max_position_embeddings")));
         }
+        if let Some(sec) = self.mrope_section {
+            if sec.iter().sum::<usize>() != self.rotary_dim / 2 {
+                return bad(format!(
+                    "`{}` {sec:?} sums to {}, expected rotary dims / 2 = {}",
+                    field("rope_scaling.mrope_section"),
+                    sec.iter().sum::<usize>(),
+                    self.rotary_dim / 2
+                ));
+            }
+        }
         if let RopeScaling::LongRope { short, long, attention_factor } = &self.rope_scaling {
             for (which, f) in [("rope_scaling.short_factor", short), ("rope_scaling.long_factor", long)] {
                 let name = field(which);
@@ -415,12 +440,25 @@ impl ModelConfig {
     }
 
     pub fn from_hf_json(text: &str, path: &Path) -> Result<ModelConfig> {
-        let raw: HfConfig = crate::error::parse_json(text, path)?;
+        let mut top: serde_json::Value = crate::error::parse_json(text, path)?;
+        // Composite configs (Qwen2-VL as transformers 5 writes it) keep the decoder's
+        // fields in `text_config`; they win over the top level, whose `model_type` stays.
+        if let Some(serde_json::Value::Object(inner)) = top.get("text_config").cloned() {
+            if let serde_json::Value::Object(outer) = &mut top {
+                for (k, v) in inner {
+                    if k != "model_type" {
+                        outer.insert(k, v);
+                    }
+                }
+            }
+        }
+        let raw: HfConfig = serde_json::from_value(top)
+            .map_err(|e| Error::format(path, format!("not a valid model config: {e}")))?;
         let arch = Arch::parse(&raw.model_type).ok_or_else(|| {
             Error::format(
                 path,
                 format!(
-                    "unsupported model_type `{}` (expected llama, qwen2, qwen3 or phi3)",
+                    "unsupported model_type `{}` (expected llama, qwen2, qwen3, phi3 or qwen2_vl)",
                     raw.model_type
                 ),
             )
@@ -461,8 +499,21 @@ impl ModelConfig {
             .original_max_position_embeddings
             .or_else(|| rope.and_then(|r| r.original_max_position_embeddings))
             .or(if arch == Arch::Phi3 { Some(4096) } else { None });
+        let mrope_section = match rope.and_then(|r| r.mrope_section.as_ref()) {
+            _ if arch != Arch::Qwen2Vl => None,
+            Some(s) if s.len() == 3 => Some([s[0], s[1], s[2]]),
+            Some(s) => {
+                return Err(Error::format(
+                    path,
+                    format!("rope_scaling.mrope_section must have 3 entries (temporal, height, width), got {}", s.len()),
+                ))
+            }
+            None => return Err(Error::format(path, "qwen2_vl: missing field `rope_scaling.mrope_section`")),
+        };
         let rope_scaling = match rope.and_then(|r| r.kind()) {
-            None | Some("default") => RopeScaling::None,
+            // Qwen2-VL's released configs name M-RoPE as the type; its frequencies are the
+            // default ones.
+            None | Some("default") | Some("mrope") => RopeScaling::None,
             Some("llama3") => {
                 let r = rope.unwrap();
                 let f = |v: Option<f64>, name: &str| {
@@ -533,10 +584,11 @@ impl ModelConfig {
             // Qwen2 configs carry a window that `use_sliding_window: false` turns off.
             sliding_window: if arch == Arch::Phi3 { raw.sliding_window } else { None },
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
-            qkv_bias: arch == Arch::Qwen2 || (arch != Arch::Phi3 && raw.attention_bias.unwrap_or(false)),
+            qkv_bias: matches!(arch, Arch::Qwen2 | Arch::Qwen2Vl) || (arch != Arch::Phi3 && raw.attention_bias.unwrap_or(false)),
             qk_norm: arch == Arch::Qwen3,
             bos_token_id: raw.bos_token_id,
             eos_token_ids,
+            mrope_section,
         };
         if raw.mlp_bias.unwrap_or(false) {
             return Err(Error::format(path, "mlp_bias = true is not supported"));
@@ -567,6 +619,7 @@ struct HfRope {
     long_factor: Option<Vec<f64>>,
     attention_factor: Option<f64>,
     partial_rotary_factor: Option<f64>,
+    mrope_section: Option<Vec<usize>>,
 }
 
 impl HfRope {

@@ -22,6 +22,7 @@ pub mod so8;
 pub mod staging;
 pub mod tokenizer;
 pub mod train;
+pub mod vision;
 
 pub use error::{Error, Result};
 pub use load::Model;

@@ -33,6 +33,8 @@ pub struct Model {
     pub weights: Box<dyn WeightStore>,
     /// Present for an SO8T directory: its config and heads (the gates are in the decoder).
     pub so8t: Option<So8tState>,
+    /// A vision-language checkpoint's image processor and vision tower (Qwen2-VL).
+    pub vision: Option<crate::vision::Vision>,
 }
 
 pub struct So8tState {
@@ -138,6 +140,13 @@ impl Model {
             } => {
                 let weights = SafetensorsStore::open(&dir, fp8_block)?;
                 let decoder = Decoder::load(config.clone(), &weights)?;
+                let vision = if config.arch == crate::config::Arch::Qwen2Vl {
+                    let cfg_path = dir.join("config.json");
+                    let text = crate::files::read_text(&cfg_path, crate::files::SETTINGS_LIMIT)?;
+                    Some(crate::vision::Vision::load(&dir, &text, &weights)?)
+                } else {
+                    None
+                };
                 let tokenizer = if dir.join("tokenizer.json").exists() {
                     let t = TextTokenizer::from_hf_dir(&dir, &config.eos_token_ids)?.for_model(
                         config.vocab_size,
@@ -170,6 +179,7 @@ impl Model {
                     generation,
                     weights: Box::new(weights),
                     so8t: None,
+                    vision,
                 })
             }
             Source::Gguf(file) => {
@@ -195,6 +205,7 @@ impl Model {
                     generation: GenerationDefaults::default(),
                     weights: Box::new(weights),
                     so8t: None,
+                    vision: None,
                 })
             }
         }

@@ -207,6 +207,12 @@ pub fn export_with_thresholds(
         c.thresholds = t.clone();
     }
     let cfg = &input.config;
+    if cfg.arch == crate::config::Arch::Qwen2Vl {
+        return Err(Error::format(
+            src,
+            "exporting Qwen2-VL (the qwen2vl text GGUF and its mmproj) is not supported yet",
+        ));
+    }
     let mut planned: Vec<PlannedTensor> = Vec::new();
     let mut sources: Vec<Option<String>> = Vec::new();
     let rope = rope_factors(cfg);

@@ -283,6 +283,7 @@ impl GgufFile {
                 .opt_usize("tokenizer.ggml.bos_token_id")?
                 .map(|v| v as u32),
             eos_token_ids: eos,
+            mrope_section: None,
         };
         cfg.validate_fields(&self.path, &key)?;
         Ok(cfg)

@@ -26,6 +26,20 @@ pub struct SafetensorsStore {
     fp8_block: Option<(usize, usize)>,
 }
 
+/// A tensor's name as the decoder asks for it. Vision-language checkpoints saved by newer
+/// transformers nest the text model under `model.language_model.` and the vision tower
+/// under `model.visual.`; released Qwen2-VL checkpoints use `model.` and `visual.`, which
+/// transformers itself maps the newer names back to when it saves.
+fn canonical_name(name: String) -> String {
+    if let Some(rest) = name.strip_prefix("model.language_model.") {
+        format!("model.{rest}")
+    } else if let Some(rest) = name.strip_prefix("model.visual.") {
+        format!("visual.{rest}")
+    } else {
+        name
+    }
+}
+
 impl SafetensorsStore {
     /// Opens the weights of an HF directory. `fp8_block` comes from `config.json`.
     pub fn open(dir: &Path, fp8_block: Option<(usize, usize)>) -> Result<Self> {
@@ -98,7 +112,7 @@ impl SafetensorsStore {
                 let data = view.data();
                 let start = data.as_ptr() as usize - bytes.as_ptr() as usize;
                 entries.insert(
-                    name,
+                    canonical_name(name),
                     Entry {
                         file: i,
                         dtype: view.dtype(),

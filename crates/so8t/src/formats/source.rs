@@ -72,8 +72,10 @@ pub(crate) fn fp8_block_size(config_text: &str, path: &Path) -> Result<Option<(u
 /// templates. Anything else (other formats of the weights, notes, SO8T files) stays behind,
 /// so that no stale copy of the weights travels with a converted or baked model.
 pub fn is_hf_model_file(name: &str, with_weights: bool) -> bool {
-    const FILES: [&str; 10] = [
+    const FILES: [&str; 11] = [
         "config.json",
+        // A vision model's image processor settings (Qwen2-VL).
+        "preprocessor_config.json",
         "generation_config.json",
         "tokenizer.json",
         "tokenizer_config.json",

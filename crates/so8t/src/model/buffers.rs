@@ -5,7 +5,7 @@
 //! a generated token allocates none.
 
 use super::layer::{KvCache, Projection, Vector};
-use super::ops::{rope_tables, Ops, Run, Span};
+use super::ops::{rope_tables, Injected, Ops, Run, Span};
 use super::rotation::BlockRotation;
 use crate::error::Result;
 use crate::formats::{Embedding, Matrix};
@@ -55,7 +55,7 @@ impl<'a> Buffers<'a> {
         let s: usize = spans.iter().map(|sp| sp.len).sum();
         let scale = cfg.rope_attention_factor();
         let (mut cos, mut sin) = (pool.take(s * half), pool.take(s * half));
-        rope_tables(spans, half, scale, &mut cos, &mut sin);
+        rope_tables(spans, half, scale, cfg.mrope_section, &mut cos, &mut sin);
         Buffers {
             pool,
             run: Run::new(cfg, s),
@@ -179,9 +179,13 @@ fn project_all<const K: usize>(
 impl Ops for Buffers<'_> {
     type X = Vec<f32>;
 
-    fn embed(&mut self, e: &Embedding, ids: &[u32]) -> Result<Vec<f32>> {
+    fn embed(&mut self, e: &Embedding, ids: &[u32], injected: &Injected) -> Result<Vec<f32>> {
+        let n = ids.len();
         let ids = Tensor::new(ids, &Device::Cpu)?;
-        Ok(e.forward(&ids)?.flatten_all()?.to_vec1::<f32>()?)
+        let mut x = e.forward(&ids)?.flatten_all()?.to_vec1::<f32>()?;
+        let hidden = x.len() / n;
+        injected.apply(&mut x, hidden);
+        Ok(x)
     }
 
     fn rms_norm(&mut self, x: &Vec<f32>, w: &Vector) -> Result<Vec<f32>> {

@@ -8,7 +8,7 @@
 use super::layer::{KvCache, Layer, Projection, Vector};
 use super::tensors::Tensors;
 use super::buffers::{Buffers, Pool};
-use super::ops::{Ops, Span};
+use super::ops::{Injected, Ops, Span};
 use super::rotation::BlockRotation;
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -65,6 +65,22 @@ impl LayerGates {
             Site::Mlp => &mut self.mlp,
         }
     }
+}
+
+/// What a forward over a prompt with images takes besides its token ids (Qwen2-VL): the
+/// images' features at their placeholder tokens and every token's multimodal RoPE position
+/// (`crate::vision` computes both).
+#[derive(Clone, Debug)]
+pub struct Media {
+    /// Indices into the run's ids of the placeholder tokens, in order.
+    pub rows: Vec<usize>,
+    /// The features that replace their embeddings, `[rows, hidden]` row-major.
+    pub embeds: Vec<f32>,
+    /// (temporal, height, width) RoPE position of every token of the run.
+    pub positions: Vec<[u32; 3]>,
+    /// What the RoPE positions of the text tokens after the run add to their cache
+    /// positions (transformers' `rope_deltas`).
+    pub delta: i64,
 }
 
 pub struct Decoder {
@@ -328,6 +344,12 @@ impl Decoder {
         self.cache.len
     }
 
+    /// The RoPE position the next text token takes: its place in the cache, moved by the
+    /// images before it (multimodal RoPE).
+    pub fn next_rope_position(&self) -> i64 {
+        self.cache.len as i64 + self.cache.rope_delta()
+    }
+
     /// Drops cached positions from `len` on (e.g. to reuse a shared prompt prefix).
     pub fn truncate_cache(&mut self, len: usize) -> Result<()> {
         self.cache.truncate(len);
@@ -340,11 +362,40 @@ impl Decoder {
         self.forward_own(ids, pos, false)
     }
 
+    /// [`Decoder::forward_hidden`] of tokens among which are images' placeholders: their
+    /// embeddings are `media`'s features, and every token rotates at its multimodal RoPE
+    /// position; the text that follows continues from the positions `media` says.
+    pub fn forward_hidden_media(&mut self, ids: &[u32], pos: usize, media: &Media) -> Result<Tensor> {
+        let hidden = self.cfg.hidden_size;
+        if self.cfg.mrope_section.is_none() {
+            return Err(crate::error::Error::Invalid(format!(
+                "decoder: a {} model takes no images",
+                self.cfg.arch.name()
+            )));
+        }
+        if media.positions.len() != ids.len()
+            || media.embeds.len() != media.rows.len() * hidden
+            || media.rows.iter().any(|&r| r >= ids.len())
+        {
+            return Err(crate::error::Error::Invalid(format!(
+                "decoder: image features for {} of {} tokens with {} positions do not fit the run",
+                media.rows.len(),
+                ids.len(),
+                media.positions.len()
+            )));
+        }
+        self.check_run(&self.cache, ids.len(), pos)?;
+        let mut cache = std::mem::replace(&mut self.cache, KvCache::new(0, 0));
+        let out = self.forward_on(&mut [&mut cache], &[ids], &[Some(media)], false);
+        self.cache = cache;
+        out
+    }
+
     /// A forward of the decoder's own cache.
     fn forward_own(&mut self, ids: &[u32], pos: usize, differentiable: bool) -> Result<Tensor> {
         self.check_run(&self.cache, ids.len(), pos)?;
         let mut cache = std::mem::replace(&mut self.cache, KvCache::new(0, 0));
-        let out = self.forward_on(&mut [&mut cache], &[ids], differentiable);
+        let out = self.forward_on(&mut [&mut cache], &[ids], &[None], differentiable);
         self.cache = cache;
         out
     }
@@ -369,12 +420,19 @@ impl Decoder {
             }
             self.check_run(cache, ids.len(), cache.len)?;
         }
-        self.forward_on(caches, ids, false)
+        self.forward_on(caches, ids, &vec![None; ids.len()], false)
     }
 
-    /// Runs sequence `i`'s `ids[i]` after what `caches[i]` holds, on the one choice of
-    /// backend: the kernels on the CPU, candle ops on a GPU or where gradients must flow.
-    fn forward_on(&mut self, caches: &mut [&mut KvCache], ids: &[&[u32]], differentiable: bool) -> Result<Tensor> {
+    /// Runs sequence `i`'s `ids[i]` (with `media[i]`'s images) after what `caches[i]`
+    /// holds, on the one choice of backend: the kernels on the CPU, candle ops on a GPU or
+    /// where gradients must flow.
+    fn forward_on(
+        &mut self,
+        caches: &mut [&mut KvCache],
+        ids: &[&[u32]],
+        media: &[Option<&Media>],
+        differentiable: bool,
+    ) -> Result<Tensor> {
         let on_kernels = self.device.is_cpu() && !differentiable && !self.tensor_backend;
         if on_kernels && caches.iter().any(|c| c.holds_tensors()) {
             return Err(crate::error::Error::Invalid(
@@ -390,21 +448,41 @@ impl Decoder {
         let spans: Vec<Span> = caches
             .iter()
             .zip(&runs)
-            .map(|(c, r)| Span {
+            .zip(media)
+            .map(|((c, r), m)| Span {
                 pos: c.len,
                 len: r.len(),
                 inv_freq: self.rope_set(c),
+                mrope: m.map(|m| m.positions.as_slice()),
+                delta: c.rope_delta(),
             })
             .collect();
+        let (mut rows, mut values) = (Vec::new(), Vec::new());
+        let mut start = 0;
+        for (m, r) in media.iter().zip(&runs) {
+            if let Some(m) = m {
+                rows.extend(m.rows.iter().map(|&i| start + i));
+                values.extend_from_slice(&m.embeds);
+            }
+            start += r.len();
+        }
+        let injected = Injected { rows: &rows, values: &values };
         let out = if on_kernels {
             let ops = Buffers::new(&mut pool, &self.cfg, &spans);
             drop(spans);
-            self.run(ops, caches, &runs)
+            self.run(ops, caches, &runs, &injected)
         } else {
             let ops = Tensors::new(&self.cfg, &self.device, differentiable, &spans);
             drop(spans);
-            ops.and_then(|ops| self.run(ops, caches, &runs))
+            ops.and_then(|ops| self.run(ops, caches, &runs, &injected))
         };
+        if out.is_ok() {
+            for (c, m) in caches.iter_mut().zip(media) {
+                if let Some(m) = m {
+                    c.rope_deltas.push((c.len, m.delta));
+                }
+            }
+        }
         self.pool = pool;
         let kept: Vec<(usize, usize)> = runs.iter().zip(ids).map(|(r, ids)| (r.len(), ids.len())).collect();
         self.keep_last(out?, &kept)
@@ -467,12 +545,18 @@ impl Decoder {
 
     /// The layer loop: every step of a layer, and where each gate sits (spec §4), in order.
     /// Sequence `i` runs `ids[i]` after what `caches[i]` holds.
-    fn run<B: Ops, I: AsRef<[u32]>>(&mut self, mut b: B, caches: &mut [&mut KvCache], ids: &[I]) -> Result<Tensor> {
+    fn run<B: Ops, I: AsRef<[u32]>>(
+        &mut self,
+        mut b: B,
+        caches: &mut [&mut KvCache],
+        ids: &[I],
+        injected: &Injected,
+    ) -> Result<Tensor> {
         let (nh, nkv) = (self.cfg.num_heads, self.cfg.num_kv_heads);
         let n_layers = self.layers.len();
         let mut taps = Vec::new();
         let all: Vec<u32> = ids.iter().flat_map(|i| i.as_ref().iter().copied()).collect();
-        let mut x = b.embed(&self.embed, &all)?;
+        let mut x = b.embed(&self.embed, &all, injected)?;
         for l in 0..n_layers {
             let (layer, gates) = (&self.layers[l], &self.gates[l]);
             let h = b.rms_norm(&x, &layer.attn_norm)?;

@@ -133,6 +133,11 @@ pub struct KvCache {
     pub(super) ids: Vec<u32>,
     /// Whether the cached keys were rotated with LongRoPE's long factor set.
     pub(super) long_rope: bool,
+    /// Multimodal RoPE: from cache position `.0` on, text positions are rotated at their
+    /// place plus `.1` (an image before them took fewer positions than tokens), the last
+    /// entry applying; kept as a list so that truncating past an image restores the delta
+    /// before it.
+    pub(super) rope_deltas: Vec<(usize, i64)>,
 }
 
 impl KvCache {
@@ -144,7 +149,13 @@ impl KvCache {
             row,
             ids: Vec::new(),
             long_rope: false,
+            rope_deltas: Vec::new(),
         }
+    }
+
+    /// What the RoPE position of the next text token adds to its cache position.
+    pub(super) fn rope_delta(&self) -> i64 {
+        self.rope_deltas.last().map_or(0, |d| d.1)
     }
 
     /// How many of the cached positions hold the first tokens of `ids`.
@@ -172,6 +183,7 @@ impl KvCache {
                 };
             }
             self.ids.truncate(len);
+            self.rope_deltas.retain(|&(from, _)| from <= len);
             self.len = len;
         }
     }

@@ -5,6 +5,6 @@ mod ops;
 pub mod rotation;
 mod tensors;
 
-pub use decoder::{Decoder, Site};
+pub use decoder::{Decoder, Media, Site};
 pub use layer::KvCache;
 pub use rotation::BlockRotation;

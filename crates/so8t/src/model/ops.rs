@@ -35,23 +35,52 @@ impl Run {
     }
 }
 
-/// One sequence's rows in a forward: `len` positions from `pos`, rotated with `inv_freq`
-/// (its RoPE factor set).
+/// One sequence's rows in a forward: `len` positions from `pos` in its KV cache, rotated
+/// with `inv_freq` (its RoPE factor set) at the positions [`Span::rope_position`] gives.
 pub(super) struct Span<'f> {
     pub pos: usize,
     pub len: usize,
     pub inv_freq: &'f [f32],
+    /// Multimodal RoPE's (temporal, height, width) position of each of the `len` rows,
+    /// when an image is among them; else every row's three positions are its text position.
+    pub mrope: Option<&'f [[u32; 3]]>,
+    /// What a text row's RoPE position adds to its place in the cache: an image before it
+    /// took fewer positions than tokens (transformers' `rope_deltas`), 0 otherwise.
+    pub delta: i64,
+}
+
+impl Span<'_> {
+    /// Row `p`'s (temporal, height, width) RoPE positions.
+    fn rope_position(&self, p: usize) -> [f32; 3] {
+        match self.mrope {
+            Some(m) => m[p].map(|x| x as f32),
+            None => [((self.pos + p) as i64 + self.delta) as f32; 3],
+        }
+    }
 }
 
 /// RoPE's tables for the rows of `spans` in order, `[rows, half]` each: every row at its
-/// sequence's position and with its factor set, scaled by `scale` (LongRoPE's attention
-/// factor).
-pub(super) fn rope_tables(spans: &[Span], half: usize, scale: f32, cos: &mut [f32], sin: &mut [f32]) {
+/// sequence's positions and with its factor set, scaled by `scale` (LongRoPE's attention
+/// factor). With `mrope_section` the first frequencies follow the temporal position, the
+/// next the height, the last the width (transformers' `mrope_section` split).
+pub(super) fn rope_tables(
+    spans: &[Span],
+    half: usize,
+    scale: f32,
+    mrope_section: Option<[usize; 3]>,
+    cos: &mut [f32],
+    sin: &mut [f32],
+) {
+    let axis_of: Vec<usize> = match mrope_section {
+        Some([t, h, _]) => (0..half).map(|i| if i < t { 0 } else if i < t + h { 1 } else { 2 }).collect(),
+        None => vec![0; half],
+    };
     let mut row = 0;
     for sp in spans {
         for p in 0..sp.len {
+            let at = sp.rope_position(p);
             for (i, f) in sp.inv_freq.iter().take(half).enumerate() {
-                let a = (sp.pos + p) as f32 * f;
+                let a = at[axis_of[i]] * f;
                 cos[row * half + i] = a.cos() * scale;
                 sin[row * half + i] = a.sin() * scale;
             }
@@ -60,12 +89,29 @@ pub(super) fn rope_tables(spans: &[Span], half: usize, scale: f32, cos: &mut [f3
     }
 }
 
+/// Rows of a forward that take given embeddings instead of their token's (an image's
+/// features at its placeholder tokens): row indices within the run, and their values,
+/// `[rows, hidden]` row-major.
+pub(super) struct Injected<'a> {
+    pub rows: &'a [usize],
+    pub values: &'a [f32],
+}
+
+impl Injected<'_> {
+    /// Writes the injected rows into embeddings `x` (`[positions, hidden]`).
+    pub fn apply(&self, x: &mut [f32], hidden: usize) {
+        for (k, &r) in self.rows.iter().enumerate() {
+            x[r * hidden..(r + 1) * hidden].copy_from_slice(&self.values[k * hidden..(k + 1) * hidden]);
+        }
+    }
+}
+
 pub(super) trait Ops {
     /// Activations of the positions being run, one row of some width per position.
     type X;
 
-    /// The embeddings of `ids`, `[positions, hidden]`.
-    fn embed(&mut self, e: &Embedding, ids: &[u32]) -> Result<Self::X>;
+    /// The embeddings of `ids`, `[positions, hidden]`, the `injected` rows replaced.
+    fn embed(&mut self, e: &Embedding, ids: &[u32], injected: &Injected) -> Result<Self::X>;
 
     /// Each row RMS-normed and scaled by `w` (the row's width is `w.len()`).
     fn rms_norm(&mut self, x: &Self::X, w: &Vector) -> Result<Self::X>;

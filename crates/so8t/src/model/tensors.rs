@@ -7,7 +7,7 @@
 //! their own type for the product: [`crate::formats::Matrix::forward`]).
 
 use super::layer::{KvCache, Projection, Vector};
-use super::ops::{rope_tables, Ops, Run, Span};
+use super::ops::{rope_tables, Injected, Ops, Run, Span};
 use super::rotation::BlockRotation;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -31,7 +31,7 @@ impl Tensors {
         let s: usize = spans.iter().map(|sp| sp.len).sum();
         let half = cfg.rotary_dim / 2;
         let (mut cos, mut sin) = (vec![0f32; s * half], vec![0f32; s * half]);
-        rope_tables(spans, half, cfg.rope_attention_factor(), &mut cos, &mut sin);
+        rope_tables(spans, half, cfg.rope_attention_factor(), cfg.mrope_section, &mut cos, &mut sin);
         Ok(Tensors {
             run: Run::new(cfg, s),
             device: device.clone(),
@@ -85,10 +85,17 @@ impl Tensors {
 impl Ops for Tensors {
     type X = Tensor;
 
-    fn embed(&mut self, e: &Embedding, ids: &[u32]) -> Result<Tensor> {
+    fn embed(&mut self, e: &Embedding, ids: &[u32], injected: &Injected) -> Result<Tensor> {
         // The table stays in host memory (one row per token crosses to the device).
-        let x = e.forward(&Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?)?;
-        Ok(x.to_dtype(candle_core::DType::F32)?.to_device(&self.device)?)
+        let mut x = e.forward(&Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?)?.to_dtype(candle_core::DType::F32)?;
+        if !injected.rows.is_empty() {
+            // No gradient flows into embeddings (the table and the vision tower are frozen).
+            let (_, n, hidden) = x.dims3()?;
+            let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+            injected.apply(&mut v, hidden);
+            x = Tensor::from_vec(v, (1, n, hidden), &Device::Cpu)?;
+        }
+        Ok(x.to_device(&self.device)?)
     }
 
     fn rms_norm(&mut self, x: &Tensor, w: &Vector) -> Result<Tensor> {

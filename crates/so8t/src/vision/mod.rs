@@ -1,0 +1,419 @@
+//! Qwen2-VL's vision side: the image processor ([`preprocess`]), the vision tower that
+//! turns pixel rows into one feature per merged 2×2 patch block, and the multimodal RoPE
+//! positions of a prompt with images (transformers' `modeling_qwen2_vl.py`:
+//! `Qwen2VisionTransformerPretrainedModel`, `get_rope_index`). SO8T's gates and heads
+//! belong to the text decoder; the tower runs as the checkpoint has it.
+
+pub mod preprocess;
+
+use crate::error::{Error, Result};
+use crate::formats::WeightStore;
+use crate::model::Media;
+use candle_core::{Device, Tensor, D};
+use preprocess::{ImageProcessorConfig, PixelRows};
+use serde::Deserialize;
+use std::path::Path;
+
+/// The vision tower's shape and the tokens that place images in a prompt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VisionConfig {
+    pub depth: usize,
+    pub embed_dim: usize,
+    pub num_heads: usize,
+    pub mlp_ratio: f64,
+    pub in_channels: usize,
+    pub patch_size: usize,
+    pub temporal_patch_size: usize,
+    pub spatial_merge_size: usize,
+    /// The merger's output width: the text decoder's hidden size.
+    pub out_hidden_size: usize,
+    pub rope_theta: f32,
+    pub image_token_id: u32,
+    pub vision_start_token_id: u32,
+    pub vision_end_token_id: u32,
+}
+
+#[derive(Deserialize)]
+struct RawVision {
+    depth: usize,
+    embed_dim: usize,
+    num_heads: usize,
+    mlp_ratio: Option<f64>,
+    in_channels: Option<usize>,
+    in_chans: Option<usize>,
+    patch_size: Option<usize>,
+    temporal_patch_size: Option<usize>,
+    spatial_merge_size: Option<usize>,
+    hidden_size: usize,
+    hidden_act: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawTop {
+    vision_config: Option<RawVision>,
+    image_token_id: Option<u32>,
+    vision_start_token_id: Option<u32>,
+    vision_end_token_id: Option<u32>,
+}
+
+impl VisionConfig {
+    /// Reads the vision tower's settings from a Qwen2-VL `config.json`.
+    pub fn from_hf_json(text: &str, path: &Path) -> Result<VisionConfig> {
+        let raw: RawTop = crate::error::parse_json(text, path)?;
+        let v = raw
+            .vision_config
+            .ok_or_else(|| Error::format(path, "qwen2_vl: missing field `vision_config`"))?;
+        let need = |x: Option<u32>, name: &str| x.ok_or_else(|| Error::format(path, format!("qwen2_vl: missing field `{name}`")));
+        let cfg = VisionConfig {
+            depth: v.depth,
+            embed_dim: v.embed_dim,
+            num_heads: v.num_heads,
+            mlp_ratio: v.mlp_ratio.unwrap_or(4.0),
+            in_channels: v.in_channels.or(v.in_chans).unwrap_or(3),
+            patch_size: v.patch_size.unwrap_or(14),
+            temporal_patch_size: v.temporal_patch_size.unwrap_or(2),
+            spatial_merge_size: v.spatial_merge_size.unwrap_or(2),
+            out_hidden_size: v.hidden_size,
+            rope_theta: 10_000.0,
+            image_token_id: need(raw.image_token_id, "image_token_id")?,
+            vision_start_token_id: need(raw.vision_start_token_id, "vision_start_token_id")?,
+            vision_end_token_id: need(raw.vision_end_token_id, "vision_end_token_id")?,
+        };
+        let bad = |what: String| Err(Error::format(path, format!("vision_config: {what}")));
+        if let Some(act) = v.hidden_act.as_deref().filter(|a| *a != "quick_gelu") {
+            return bad(format!("hidden_act `{act}` is not supported (expected quick_gelu)"));
+        }
+        if cfg.in_channels != 3 {
+            return bad(format!("in_channels is {}; images are RGB (3)", cfg.in_channels));
+        }
+        if cfg.num_heads == 0 || cfg.embed_dim % cfg.num_heads != 0 || (cfg.embed_dim / cfg.num_heads) % 4 != 0 {
+            return bad(format!(
+                "embed_dim {} over num_heads {} must give a head width that is a multiple of 4 (2-D rotary)",
+                cfg.embed_dim, cfg.num_heads
+            ));
+        }
+        if cfg.depth == 0 || cfg.patch_size == 0 || cfg.temporal_patch_size == 0 || cfg.spatial_merge_size == 0 {
+            return bad("depth, patch_size, temporal_patch_size and spatial_merge_size must be positive".into());
+        }
+        if !(cfg.mlp_ratio.is_finite() && cfg.mlp_ratio > 0.0) {
+            return bad(format!("mlp_ratio must be positive, got {}", cfg.mlp_ratio));
+        }
+        Ok(cfg)
+    }
+
+    fn head_dim(&self) -> usize {
+        self.embed_dim / self.num_heads
+    }
+
+    fn mlp_width(&self) -> usize {
+        // transformers: int(embed_dim * mlp_ratio).
+        (self.embed_dim as f64 * self.mlp_ratio) as usize
+    }
+}
+
+struct Linear {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl Linear {
+    fn load(ws: &dyn WeightStore, name: &str, out: usize, inp: usize) -> Result<Linear> {
+        Ok(Linear {
+            w: ws.dense(&format!("{name}.weight"), &[out, inp])?.t()?.contiguous()?,
+            b: ws.dense(&format!("{name}.bias"), &[out])?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.matmul(&self.w)?.broadcast_add(&self.b)
+    }
+}
+
+struct LayerNorm {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl LayerNorm {
+    fn load(ws: &dyn WeightStore, name: &str, len: usize) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            w: ws.dense(&format!("{name}.weight"), &[len])?,
+            b: ws.dense(&format!("{name}.bias"), &[len])?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // transformers' LayerNorm eps in every Qwen2-VL vision norm.
+        candle_nn::ops::layer_norm(x, &self.w, &self.b, 1e-6)
+    }
+}
+
+struct Block {
+    norm1: LayerNorm,
+    norm2: LayerNorm,
+    qkv: Linear,
+    proj: Linear,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+/// The vision tower: patch embedding, `depth` pre-norm blocks of full (per-image)
+/// attention with 2-D rotary, and the merger of 2×2 patch blocks into the text width.
+pub struct VisionTower {
+    cfg: VisionConfig,
+    patch: Tensor,
+    blocks: Vec<Block>,
+    ln_q: LayerNorm,
+    mlp0: Linear,
+    mlp2: Linear,
+    /// Inverse frequencies of the 2-D rotary, one set shared by rows and columns.
+    inv_freq: Vec<f32>,
+}
+
+impl VisionTower {
+    pub fn load(cfg: VisionConfig, ws: &dyn WeightStore) -> Result<VisionTower> {
+        let (d, p, t) = (cfg.embed_dim, cfg.patch_size, cfg.temporal_patch_size);
+        let row = cfg.in_channels * t * p * p;
+        // Conv3d with kernel = stride = one patch is a product with its flattened weight,
+        // whose (channel, time, y, x) order is the pixel rows'.
+        let patch = ws
+            .dense("visual.patch_embed.proj.weight", &[d, cfg.in_channels, t, p, p])?
+            .reshape((d, row))?
+            .t()?
+            .contiguous()?;
+        let mlp = cfg.mlp_width();
+        let mut blocks = Vec::with_capacity(cfg.depth);
+        for i in 0..cfg.depth {
+            let b = format!("visual.blocks.{i}");
+            blocks.push(Block {
+                norm1: LayerNorm::load(ws, &format!("{b}.norm1"), d)?,
+                norm2: LayerNorm::load(ws, &format!("{b}.norm2"), d)?,
+                qkv: Linear::load(ws, &format!("{b}.attn.qkv"), 3 * d, d)?,
+                proj: Linear::load(ws, &format!("{b}.attn.proj"), d, d)?,
+                fc1: Linear::load(ws, &format!("{b}.mlp.fc1"), mlp, d)?,
+                fc2: Linear::load(ws, &format!("{b}.mlp.fc2"), d, mlp)?,
+            });
+        }
+        let merged = d * cfg.spatial_merge_size * cfg.spatial_merge_size;
+        // transformers: 1 / θ^(arange(0, dim, 2) / dim) over half a head, in f32.
+        let dim = cfg.head_dim() / 2;
+        let inv_freq = (0..dim)
+            .step_by(2)
+            .map(|i| 1.0 / cfg.rope_theta.powf(i as f32 / dim as f32))
+            .collect();
+        Ok(VisionTower {
+            patch,
+            blocks,
+            ln_q: LayerNorm::load(ws, "visual.merger.ln_q", d)?,
+            mlp0: Linear::load(ws, "visual.merger.mlp.0", merged, merged)?,
+            mlp2: Linear::load(ws, "visual.merger.mlp.2", cfg.out_hidden_size, merged)?,
+            inv_freq,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &VisionConfig {
+        &self.cfg
+    }
+
+    /// One image's features, `[merged patches, out_hidden_size]`, in the order of its
+    /// placeholder tokens.
+    pub fn forward(&self, image: &PixelRows) -> Result<Tensor> {
+        let [t, gh, gw] = image.grid;
+        let m = self.cfg.spatial_merge_size;
+        let n = t * gh * gw;
+        let width = self.patch.dims()[0];
+        if gh % m != 0 || gw % m != 0 || image.rows.len() != n * width {
+            return Err(Error::Invalid(format!(
+                "vision: pixel rows for a {t}×{gh}×{gw} grid must be {} values of a grid divisible by {m}, got {}",
+                n * width,
+                image.rows.len()
+            )));
+        }
+        let x = Tensor::from_slice(&image.rows, (n, width), &Device::Cpu)?;
+        let mut x = x.matmul(&self.patch)?;
+        let (cos, sin) = self.rotary(image.grid)?;
+        let (heads, hd) = (self.cfg.num_heads, self.cfg.head_dim());
+        let scale = (hd as f64).powf(-0.5);
+        for b in &self.blocks {
+            let h = b.norm1.forward(&x)?;
+            let qkv = b.qkv.forward(&h)?.reshape((n, 3, heads, hd))?;
+            let q = rotate(&qkv.narrow(1, 0, 1)?.squeeze(1)?, &cos, &sin)?;
+            let k = rotate(&qkv.narrow(1, 1, 1)?.squeeze(1)?, &cos, &sin)?;
+            let v = qkv.narrow(1, 2, 1)?.squeeze(1)?;
+            // Every patch of the image attends to every other (the image is one block of
+            // the block-diagonal mask; each image runs alone here).
+            let (q, k, v) = (q.transpose(0, 1)?.contiguous()?, k.transpose(0, 1)?.contiguous()?, v.transpose(0, 1)?.contiguous()?);
+            let att = (q.matmul(&k.t()?)? * scale)?;
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let y = att.matmul(&v)?.transpose(0, 1)?.reshape((n, heads * hd))?;
+            x = (x + b.proj.forward(&y)?)?;
+            let h = b.fc1.forward(&b.norm2.forward(&x)?)?;
+            // quick_gelu: x · σ(1.702 x).
+            let h = (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?;
+            x = (x + b.fc2.forward(&h)?)?;
+        }
+        let merged = self.ln_q.forward(&x)?.reshape((n / (m * m), self.cfg.embed_dim * m * m))?;
+        Ok(self.mlp2.forward(&self.mlp0.forward(&merged)?.gelu_erf()?)?)
+    }
+
+    /// cos and sin `[patches, 1, head_dim]` of the 2-D rotary: each patch's row position
+    /// on the first half of the frequencies, its column on the second, in the patches'
+    /// merge-block order, the whole repeated for rotate-half.
+    fn rotary(&self, [t, gh, gw]: [usize; 3]) -> Result<(Tensor, Tensor)> {
+        let m = self.cfg.spatial_merge_size;
+        let f = &self.inv_freq;
+        let hd = self.cfg.head_dim();
+        let (mut cos, mut sin) = (Vec::with_capacity(t * gh * gw * hd), Vec::with_capacity(t * gh * gw * hd));
+        for _ in 0..t {
+            for bh in 0..gh / m {
+                for bw in 0..gw / m {
+                    for mh in 0..m {
+                        for mw in 0..m {
+                            let (r, c) = ((bh * m + mh) as f32, (bw * m + mw) as f32);
+                            let angles: Vec<f32> = f.iter().map(|x| r * x).chain(f.iter().map(|x| c * x)).collect();
+                            for _ in 0..2 {
+                                cos.extend(angles.iter().map(|a| a.cos()));
+                                sin.extend(angles.iter().map(|a| a.sin()));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let n = t * gh * gw;
+        Ok((
+            Tensor::from_vec(cos, (n, 1, hd), &Device::Cpu)?,
+            Tensor::from_vec(sin, (n, 1, hd), &Device::Cpu)?,
+        ))
+    }
+}
+
+/// Rotate-half RoPE of `x` `[n, heads, head_dim]` with tables `[n, 1, head_dim]`.
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// The placeholder rows, multimodal RoPE positions and delta of a run of `ids` holding
+/// `grids.len()` images' placeholders (transformers' `get_rope_index`): text tokens take
+/// consecutive positions on all three axes from `start`; an image's merged patches take
+/// (start, start + row, start + column) and the text after it continues from start + the
+/// larger of its merged height and width. `cache_pos` is where the run begins in the KV
+/// cache; the delta makes later text positions continue from where this run left off.
+pub fn mrope_positions(
+    ids: &[u32],
+    image_token: u32,
+    grids: &[[usize; 3]],
+    merge: usize,
+    cache_pos: usize,
+    start: i64,
+) -> Result<(Vec<usize>, Vec<[u32; 3]>, i64)> {
+    let mut positions = Vec::with_capacity(ids.len());
+    let mut rows = Vec::new();
+    let mut next = start;
+    let mut images = grids.iter();
+    let at = |x: i64| -> Result<u32> {
+        u32::try_from(x).map_err(|_| Error::Invalid(format!("vision: RoPE position {x} is out of range")))
+    };
+    let mut i = 0;
+    while i < ids.len() {
+        if ids[i] != image_token {
+            positions.push([at(next)?; 3]);
+            next += 1;
+            i += 1;
+            continue;
+        }
+        let run = ids[i..].iter().take_while(|&&t| t == image_token).count();
+        let &[t, gh, gw] = images.next().ok_or_else(|| {
+            Error::Invalid(format!(
+                "{} images given, but the prompt has more image placeholder runs",
+                grids.len()
+            ))
+        })?;
+        let (h, w) = (gh / merge, gw / merge);
+        if run != t * h * w {
+            return Err(Error::Invalid(format!(
+                "image {} takes {} placeholder tokens ({t}×{h}×{w} merged patches), but the prompt has {run} there",
+                grids.len() - images.len(),
+                t * h * w
+            )));
+        }
+        for ti in 0..t {
+            for r in 0..h {
+                for c in 0..w {
+                    positions.push([at(next + ti as i64)?, at(next + r as i64)?, at(next + c as i64)?]);
+                }
+            }
+        }
+        rows.extend(i..i + run);
+        next += t.max(h).max(w) as i64;
+        i += run;
+    }
+    if images.len() > 0 {
+        return Err(Error::Invalid(format!(
+            "{} images given, but the prompt has placeholders for {}",
+            grids.len(),
+            grids.len() - images.len()
+        )));
+    }
+    let delta = next - (cache_pos + ids.len()) as i64;
+    Ok((rows, positions, delta))
+}
+
+/// A Qwen2-VL checkpoint's vision side: its image processor and tower.
+pub struct Vision {
+    pub processor: ImageProcessorConfig,
+    pub tower: VisionTower,
+}
+
+impl Vision {
+    /// Loads the tower from the checkpoint's weights and the processor settings from
+    /// `preprocessor_config.json` beside `config.json` (Qwen2-VL's defaults without one).
+    pub fn load(dir: &Path, config_text: &str, ws: &dyn WeightStore) -> Result<Vision> {
+        let cfg = VisionConfig::from_hf_json(config_text, &dir.join("config.json"))?;
+        let pre_path = dir.join("preprocessor_config.json");
+        let processor = match crate::files::read_text_if_exists(&pre_path, crate::files::SETTINGS_LIMIT)? {
+            Some(text) => ImageProcessorConfig::from_json(&text, &pre_path)?,
+            None => ImageProcessorConfig::default(),
+        };
+        if (processor.patch_size, processor.temporal_patch_size, processor.merge_size)
+            != (cfg.patch_size, cfg.temporal_patch_size, cfg.spatial_merge_size)
+        {
+            return Err(Error::format(
+                &pre_path,
+                format!(
+                    "patch {} / temporal patch {} / merge {} differ from config.json's vision_config ({} / {} / {})",
+                    processor.patch_size,
+                    processor.temporal_patch_size,
+                    processor.merge_size,
+                    cfg.patch_size,
+                    cfg.temporal_patch_size,
+                    cfg.spatial_merge_size
+                ),
+            ));
+        }
+        Ok(Vision {
+            processor,
+            tower: VisionTower::load(cfg, ws)?,
+        })
+    }
+
+    /// What the decoder takes for a run of `ids` with `images` in order: their features
+    /// at the placeholders and every token's RoPE position. `cache_pos` and `start` are the
+    /// run's first cache position and RoPE position.
+    pub fn media(&self, ids: &[u32], images: &[PixelRows], cache_pos: usize, start: i64) -> Result<Media> {
+        let cfg = self.tower.config();
+        let grids: Vec<[usize; 3]> = images.iter().map(|i| i.grid).collect();
+        let (rows, positions, delta) =
+            mrope_positions(ids, cfg.image_token_id, &grids, cfg.spatial_merge_size, cache_pos, start)?;
+        let mut embeds = Vec::with_capacity(rows.len() * cfg.out_hidden_size);
+        for image in images {
+            embeds.extend(self.tower.forward(image)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(Media { rows, embeds, positions, delta })
+    }
+}
