@@ -1,5 +1,5 @@
 use anyhow::{bail, Context, Result};
-use so8t::chat::{split_reasoning, Message};
+use so8t::chat::{split_reasoning, Message, Part};
 use so8t::generate::{generate, Control, GenerateRequest};
 use so8t::sampling::SamplingRequest;
 use so8t::so8::verdict::Verdict;
@@ -22,6 +22,11 @@ pub struct Args {
     /// Use the prompt as it is, without the chat template.
     #[arg(long)]
     raw: bool,
+    /// An image (PNG or JPEG) for a vision model, placed before the prompt's text in the
+    /// user message (repeatable, in order). With --prompt-ids or --raw the prompt holds
+    /// the image placeholders itself: with --prompt-ids each image's full run of them.
+    #[arg(long)]
+    image: Vec<PathBuf>,
     /// System message for the chat template.
     #[arg(long)]
     system: Option<String>,
@@ -63,6 +68,7 @@ pub fn main(a: Args) -> Result<()> {
         bail!("--{}: {}", b.field.replace('_', "-"), b.message);
     }
     let mut model = a.device.open_model(&a.model)?;
+    let images = a.image.iter().map(|p| model.read_image(p)).collect::<so8t::Result<Vec<_>>>()?;
     let (prompt_ids, verdict_position) = match (&a.prompt_ids, &a.prompt) {
         (Some(ids), _) => (ids.clone(), None),
         (None, Some(text)) if a.raw => (model.tokenizer()?.encode(text, true)?, None),
@@ -71,12 +77,32 @@ pub fn main(a: Args) -> Result<()> {
             if let Some(s) = &a.system {
                 msgs.push(Message::new("system", s));
             }
-            msgs.push(Message::new("user", text));
+            msgs.push(if images.is_empty() {
+                Message::new("user", text)
+            } else {
+                let mut parts = vec![Part::Image; images.len()];
+                parts.push(Part::Text(text.clone()));
+                Message::with_parts("user", parts)
+            });
             let ids = model.prompt_ids(&msgs)?;
             let at = model.prompt_verdict_position(&msgs, &ids)?;
             (ids, at)
         }
         (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
+    };
+    // A rendered prompt holds one placeholder per image, which the image's patches
+    // expand; --prompt-ids come expanded.
+    let (prompt_ids, verdict_position, media) = if images.is_empty() {
+        (prompt_ids, verdict_position, None)
+    } else {
+        let (ids, at) = if a.prompt_ids.is_some() {
+            (prompt_ids, verdict_position)
+        } else {
+            let (ids, moved) = model.vision()?.expand(&prompt_ids, &images)?;
+            (ids, verdict_position.map(|i| moved[i]))
+        };
+        let media = model.prompt_media(&ids, &images)?;
+        (ids, at, Some(std::sync::Arc::new(media)))
     };
     let sampling = asked.resolve(&model.generation, || {
         std::time::SystemTime::now()
@@ -92,6 +118,7 @@ pub fn main(a: Args) -> Result<()> {
         top_logprobs: if a.json { 5 } else { 0 },
         verdict_every_token: true,
         verdict_position,
+        media,
     };
     let json = a.json;
     let mut out = std::io::stdout();

@@ -467,3 +467,75 @@ fn calibrated_export_carries_the_thresholds_it_reports() {
     let left: Vec<_> = std::fs::read_dir(gguf.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left, vec![std::ffi::OsString::from("m.gguf")]);
 }
+
+/// `run --image` on the tiny Qwen2-VL (scripts/reference/qwen2vl_fixtures.py): the chat
+/// template places the image, its placeholder is expanded to the image's merged patches,
+/// and the greedy tokens are transformers' generate() for the same prompt; with two
+/// images the prompt and tokens are those of the fixture's two-image case. The ids of the
+/// one-image case given as --prompt-ids (placeholders expanded) give the same tokens.
+#[test]
+fn run_with_images_matches_transformers_generate() {
+    let dir = fixtures().join("tiny-qwen2vl");
+    let images = fixtures().join("qwen2vl-images");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let one = &expected["prompts"][1];
+    let want: Vec<u32> = serde_json::from_value(one["greedy"].clone()).unwrap();
+    let a = images.join("a.png");
+    let v = so8t(&[
+        "run", "--model", dir.to_str().unwrap(), "--image", a.to_str().unwrap(),
+        "--prompt", "What is in this picture?", "-n", "12", "--temperature", "0", "--json",
+    ]);
+    assert_eq!(v["prompt_tokens"], one["ids"]);
+    assert_eq!(serde_json::from_value::<Vec<u32>>(v["tokens"].clone()).unwrap(), want);
+    let ids: Vec<String> = one["ids"].as_array().unwrap().iter().map(|i| i.to_string()).collect();
+    let v = so8t(&[
+        "run", "--model", dir.to_str().unwrap(), "--image", a.to_str().unwrap(),
+        "--prompt-ids", &ids.join(","), "-n", "12", "--temperature", "0", "--json",
+    ]);
+    assert_eq!(serde_json::from_value::<Vec<u32>>(v["tokens"].clone()).unwrap(), want);
+
+    // The two-image case's text is "Compare", c, "and", b, "briefly.": with the raw prompt
+    // the placeholders come from the text itself.
+    let two = &expected["prompts"][2];
+    let (c, b) = (images.join("c.png"), images.join("b.png"));
+    let v = so8t(&[
+        "run", "--model", dir.to_str().unwrap(), "--raw", "--prompt", two["text"].as_str().unwrap(),
+        "--image", c.to_str().unwrap(), "--image", b.to_str().unwrap(),
+        "-n", "12", "--temperature", "0", "--json",
+    ]);
+    assert_eq!(v["prompt_tokens"], two["ids"]);
+    assert_eq!(v["tokens"], two["greedy"]);
+}
+
+/// Images that cannot be used fail in one line that names the file or the model, exit 1.
+#[test]
+fn run_refuses_bad_images_in_one_line() {
+    let dir = fixtures().join("tiny-qwen2vl");
+    let a = fixtures().join("qwen2vl-images/a.png");
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("notes.png");
+    std::fs::write(&text, "not an image").unwrap();
+    // A PNG header claiming 100000×100000 pixels (the decoder must not allocate for it).
+    let huge = tmp.path().join("huge.png");
+    let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
+    png.extend_from_slice(&100_000u32.to_be_bytes());
+    png.extend_from_slice(&100_000u32.to_be_bytes());
+    png.extend_from_slice(&[8, 2, 0, 0, 0]);
+    png.extend_from_slice(&[0; 4]);
+    std::fs::write(&huge, &png).unwrap();
+    let qwen2 = fixtures().join("tiny-qwen2");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--model", dir.to_str().unwrap(), "--image", text.to_str().unwrap(), "-p", "x"], "not a PNG or JPEG image"),
+        (vec!["--model", dir.to_str().unwrap(), "--image", huge.to_str().unwrap(), "-p", "x"], "huge.png"),
+        (vec!["--model", qwen2.to_str().unwrap(), "--image", a.to_str().unwrap(), "-p", "x"], "takes no images"),
+        (vec!["--model", dir.to_str().unwrap(), "--image", a.to_str().unwrap(), "--prompt-ids", "1,5,5,2"], "placeholder tokens"),
+        (vec!["--model", dir.to_str().unwrap(), "--image", a.to_str().unwrap(), "--raw", "-p", "no placeholder"], "image placeholders"),
+    ];
+    for (args, want) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_so8t")).arg("run").args(&args).args(["-n", "2"]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(want) && err.trim().lines().count() == 1, "{args:?}: {err}");
+    }
+}

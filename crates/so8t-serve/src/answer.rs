@@ -101,6 +101,7 @@ pub(crate) fn prepare(
         top_logprobs: logprobs.map_or(0, |n| n.max(1)),
         verdict_every_token: true,
         verdict_position,
+        media: None,
     };
     let id = new_id(if kind == Kind::Chat {
         "chatcmpl"

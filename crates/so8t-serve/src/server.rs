@@ -449,6 +449,7 @@ async fn moderations(
             top_logprobs: 0,
             verdict_every_token: false,
             verdict_position: at,
+            media: None,
         };
         let started = Instant::now();
         let n_tokens = req.prompt_ids.len();

@@ -23,6 +23,9 @@ pub struct GenerateRequest {
     /// Index of the prompt token whose verdict is the prompt's (spec §5's setting,
     /// [`crate::Model::prompt_verdict_position`]); `None` for the last.
     pub verdict_position: Option<usize>,
+    /// The images of a vision model's prompt, at their placeholders in `prompt_ids`
+    /// ([`crate::Model::prompt_media`]).
+    pub media: Option<std::sync::Arc<crate::model::Media>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -114,6 +117,8 @@ enum Pending {
 /// What a turn runs through the decoder: `ids` after what the sequence's cache holds.
 struct Feed {
     ids: Vec<u32>,
+    /// The images among a prompt chunk's tokens.
+    media: Option<crate::model::Media>,
     /// Whether the last row's logits are wanted (the next token is picked from them).
     logits: bool,
 }
@@ -146,6 +151,15 @@ impl Sequence {
                 "verdict position {at} is past the prompt's {} tokens",
                 req.prompt_ids.len()
             )));
+        }
+        if let Some(m) = &req.media {
+            if m.positions.len() != req.prompt_ids.len() {
+                return Err(crate::Error::Invalid(format!(
+                    "the images' positions cover {} tokens of a prompt of {}",
+                    m.positions.len(),
+                    req.prompt_ids.len()
+                )));
+            }
         }
         let ctx = model.config.context();
         if req.prompt_ids.len() >= ctx {
@@ -189,7 +203,8 @@ impl Sequence {
         let n = self.req.prompt_ids.len();
         let at = self.req.verdict_position.unwrap_or(n - 1);
         let shared = cache.shared_prefix(&self.req.prompt_ids).min(at).min(n - 1);
-        if self.prefilled > 0 || shared == 0 {
+        // A prompt with images is read from its start: its positions are laid out whole.
+        if self.prefilled > 0 || shared == 0 || self.req.media.is_some() {
             return 0;
         }
         cache.truncate(shared);
@@ -240,6 +255,7 @@ impl Sequence {
             self.pending = Some(Pending::Prompt { from, to });
             return Ok(Some(Feed {
                 ids: self.req.prompt_ids[from..to].to_vec(),
+                media: self.req.media.as_ref().map(|m| m.slice(from, to)),
                 logits: to == n,
             }));
         }
@@ -320,6 +336,7 @@ impl Sequence {
         let verdict = self.req.verdict_every_token && model.so8t.is_some();
         Ok((!last || verdict).then(|| Feed {
             ids: vec![id],
+            media: None,
             logits: !last,
         }))
     }
@@ -477,7 +494,8 @@ fn run_feeds(
         }
     }
     let ids: Vec<&[u32]> = feeds.iter().map(|(_, f)| f.ids.as_slice()).collect();
-    let hidden = model.decoder.forward_batch(&mut caches, &ids)?;
+    let media: Vec<Option<&crate::model::Media>> = feeds.iter().map(|(_, f)| f.media.as_ref()).collect();
+    let hidden = model.decoder.forward_batch_media(&mut caches, &ids, &media)?;
     let mut first_rows = Vec::with_capacity(feeds.len());
     let mut last_rows = Vec::new();
     let mut row = 0;

@@ -23,6 +23,9 @@ pub enum SourceKind {
 
 pub use crate::sampling::GenerationDefaults;
 
+/// The largest image file `so8t` reads (PNG or JPEG): 32 MiB.
+pub const IMAGE_FILE_LIMIT: u64 = 32 << 20;
+
 pub struct Model {
     pub path: PathBuf,
     pub kind: SourceKind,
@@ -237,6 +240,26 @@ impl Model {
             Some(s) => s.config.verdict_position.index(self.tokenizer()?, messages, ids),
             None => Ok(None),
         }
+    }
+
+    /// A vision model's image, read and preprocessed; `path` names it in errors.
+    pub fn read_image(&self, path: &Path) -> Result<crate::vision::preprocess::PixelRows> {
+        let vision = self.vision()?;
+        let bytes = crate::files::read(path, IMAGE_FILE_LIMIT)?;
+        vision.processor.preprocess(&bytes, path)
+    }
+
+    /// The vision side, or an error naming the model for a text-only one.
+    pub fn vision(&self) -> Result<&crate::vision::Vision> {
+        self.vision.as_ref().ok_or_else(|| {
+            Error::format(&self.path, format!("a {} model takes no images", self.config.arch.name()))
+        })
+    }
+
+    /// What the decoder takes for a prompt's `ids` holding `images`' placeholders, each
+    /// image's run of them already its full length.
+    pub fn prompt_media(&self, ids: &[u32], images: &[crate::vision::preprocess::PixelRows]) -> Result<crate::model::Media> {
+        self.vision()?.media(ids, images, 0, 0)
     }
 
     /// Ids that end generation: the tokenizer's, or the config's when there is none.

@@ -331,6 +331,7 @@ fn greedy_with_verdicts(prompt_ids: Vec<u32>, max_tokens: usize) -> so8t::genera
         top_logprobs: 0,
         verdict_every_token: true,
         verdict_position: None,
+        media: None,
     }
 }
 

@@ -9,10 +9,21 @@ use crate::error::{Error, Result};
 use minijinja::{Environment, Value};
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Message {
     pub role: String,
+    /// The message's text (with images, the text of its parts joined).
     pub content: String,
+    /// A message with images: its parts in order. The template then sees `content` as
+    /// the list of parts transformers passes (`{"type": "text", "text": …}` and
+    /// `{"type": "image"}`), which vision models' templates turn into image placeholders.
+    pub parts: Vec<Part>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Part {
+    Text(String),
+    Image,
 }
 
 impl Message {
@@ -20,7 +31,111 @@ impl Message {
         Message {
             role: role.to_string(),
             content: content.to_string(),
+            parts: Vec::new(),
         }
+    }
+
+    /// A message of text and images in order.
+    pub fn with_parts(role: &str, parts: Vec<Part>) -> Message {
+        let content = parts
+            .iter()
+            .filter_map(|p| match p {
+                Part::Text(t) => Some(t.as_str()),
+                Part::Image => None,
+            })
+            .collect();
+        Message { role: role.to_string(), content, parts }
+    }
+
+    /// Appends `text` to the message's text (its last text part, with parts).
+    pub fn push_text(&mut self, text: &str) {
+        self.content.push_str(text);
+        match self.parts.last_mut() {
+            Some(Part::Text(t)) => t.push_str(text),
+            Some(Part::Image) => self.parts.push(Part::Text(text.to_string())),
+            None => {}
+        }
+    }
+
+    /// How many images the message holds.
+    pub fn images(&self) -> usize {
+        self.parts.iter().filter(|p| matches!(p, Part::Image)).count()
+    }
+
+    /// The message with every text (content and text parts) passed through `f`.
+    pub fn map_text(&self, f: impl Fn(&str) -> String) -> Message {
+        Message {
+            role: self.role.clone(),
+            content: f(&self.content),
+            parts: self
+                .parts
+                .iter()
+                .map(|p| match p {
+                    Part::Text(t) => Part::Text(f(t)),
+                    Part::Image => Part::Image,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Serialize for Message {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(2))?;
+        m.serialize_entry("role", &self.role)?;
+        if self.parts.is_empty() {
+            m.serialize_entry("content", &self.content)?;
+        } else {
+            let parts: Vec<serde_json::Value> = self
+                .parts
+                .iter()
+                .map(|p| match p {
+                    Part::Text(t) => serde_json::json!({"type": "text", "text": t}),
+                    Part::Image => serde_json::json!({"type": "image"}),
+                })
+                .collect();
+            m.serialize_entry("content", &parts)?;
+        }
+        m.end()
+    }
+}
+
+/// The inverse of the serialisation above (the template sandbox's child reads messages so).
+impl<'de> Deserialize<'de> for Message {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Raw {
+            role: String,
+            content: Content,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Content {
+            Text(String),
+            Parts(Vec<RawPart>),
+        }
+        #[derive(Deserialize)]
+        struct RawPart {
+            #[serde(rename = "type")]
+            kind: String,
+            text: Option<String>,
+        }
+        let raw = Raw::deserialize(d)?;
+        Ok(match raw.content {
+            Content::Text(t) => Message::new(&raw.role, &t),
+            Content::Parts(parts) => {
+                let parts = parts
+                    .into_iter()
+                    .map(|p| match (p.kind.as_str(), p.text) {
+                        ("text", Some(t)) => Ok(Part::Text(t)),
+                        ("image", None) => Ok(Part::Image),
+                        (k, _) => Err(serde::de::Error::custom(format!("unknown message part `{k}`"))),
+                    })
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                Message::with_parts(&raw.role, parts)
+            }
+        })
     }
 }
 

@@ -83,6 +83,27 @@ pub struct Media {
     pub delta: i64,
 }
 
+impl Media {
+    /// The part of the run `from..to` covers (a chunk of a prompt read in pieces): its
+    /// placeholders, features and positions; the delta is the whole run's.
+    pub fn slice(&self, from: usize, to: usize) -> Media {
+        let hidden = if self.rows.is_empty() { 0 } else { self.embeds.len() / self.rows.len() };
+        let (mut rows, mut embeds) = (Vec::new(), Vec::new());
+        for (k, &r) in self.rows.iter().enumerate() {
+            if (from..to).contains(&r) {
+                rows.push(r - from);
+                embeds.extend_from_slice(&self.embeds[k * hidden..(k + 1) * hidden]);
+            }
+        }
+        Media {
+            rows,
+            embeds,
+            positions: self.positions[from.min(self.positions.len())..to.min(self.positions.len())].to_vec(),
+            delta: self.delta,
+        }
+    }
+}
+
 pub struct Decoder {
     pub cfg: ModelConfig,
     embed: Embedding,
@@ -366,7 +387,15 @@ impl Decoder {
     /// embeddings are `media`'s features, and every token rotates at its multimodal RoPE
     /// position; the text that follows continues from the positions `media` says.
     pub fn forward_hidden_media(&mut self, ids: &[u32], pos: usize, media: &Media) -> Result<Tensor> {
-        let hidden = self.cfg.hidden_size;
+        self.check_media(ids, media)?;
+        self.check_run(&self.cache, ids.len(), pos)?;
+        let mut cache = std::mem::replace(&mut self.cache, KvCache::new(0, 0));
+        let out = self.forward_on(&mut [&mut cache], &[ids], &[Some(media)], false);
+        self.cache = cache;
+        out
+    }
+
+    fn check_media(&self, ids: &[u32], media: &Media) -> Result<()> {
         if self.cfg.mrope_section.is_none() {
             return Err(crate::error::Error::Invalid(format!(
                 "decoder: a {} model takes no images",
@@ -374,7 +403,7 @@ impl Decoder {
             )));
         }
         if media.positions.len() != ids.len()
-            || media.embeds.len() != media.rows.len() * hidden
+            || media.embeds.len() != media.rows.len() * self.cfg.hidden_size
             || media.rows.iter().any(|&r| r >= ids.len())
         {
             return Err(crate::error::Error::Invalid(format!(
@@ -384,11 +413,7 @@ impl Decoder {
                 media.positions.len()
             )));
         }
-        self.check_run(&self.cache, ids.len(), pos)?;
-        let mut cache = std::mem::replace(&mut self.cache, KvCache::new(0, 0));
-        let out = self.forward_on(&mut [&mut cache], &[ids], &[Some(media)], false);
-        self.cache = cache;
-        out
+        Ok(())
     }
 
     /// A forward of the decoder's own cache.
@@ -405,7 +430,18 @@ impl Decoder {
     /// (caches from [`Decoder::new_cache`]). The rows of the result, and of
     /// [`Decoder::tapped`], are the sequences' in order.
     pub fn forward_batch(&mut self, caches: &mut [&mut KvCache], ids: &[&[u32]]) -> Result<Tensor> {
-        if caches.len() != ids.len() || ids.is_empty() {
+        self.forward_batch_media(caches, ids, &vec![None; ids.len()])
+    }
+
+    /// [`Decoder::forward_batch`] where sequence `i` may hold images (`media[i]`, as
+    /// [`Decoder::forward_hidden_media`] takes them).
+    pub fn forward_batch_media(
+        &mut self,
+        caches: &mut [&mut KvCache],
+        ids: &[&[u32]],
+        media: &[Option<&Media>],
+    ) -> Result<Tensor> {
+        if caches.len() != ids.len() || ids.is_empty() || media.len() != ids.len() {
             return Err(crate::error::Error::Invalid(format!(
                 "decoder: a batch of {} caches for {} sequences",
                 caches.len(),
@@ -420,7 +456,12 @@ impl Decoder {
             }
             self.check_run(cache, ids.len(), cache.len)?;
         }
-        self.forward_on(caches, ids, &vec![None; ids.len()], false)
+        for (m, ids) in media.iter().zip(ids) {
+            if let Some(m) = m {
+                self.check_media(ids, m)?;
+            }
+        }
+        self.forward_on(caches, ids, media, false)
     }
 
     /// Runs sequence `i`'s `ids[i]` (with `media[i]`'s images) after what `caches[i]`
@@ -480,6 +521,10 @@ impl Decoder {
             for (c, m) in caches.iter_mut().zip(media) {
                 if let Some(m) = m {
                     c.rope_deltas.push((c.len, m.delta));
+                    if let Some(&first) = m.rows.first() {
+                        let at = c.len - m.positions.len() + first;
+                        c.media_from = Some(c.media_from.map_or(at, |f| f.min(at)));
+                    }
                 }
             }
         }

@@ -138,6 +138,10 @@ pub struct KvCache {
     /// entry applying; kept as a list so that truncating past an image restores the delta
     /// before it.
     pub(super) rope_deltas: Vec<(usize, i64)>,
+    /// The first cached position that holds an image's features: a prompt sharing this
+    /// cache's token ids from there on need not share its images (every image's
+    /// placeholders are the same token), so prefixes are matched only before it.
+    pub(super) media_from: Option<usize>,
 }
 
 impl KvCache {
@@ -150,6 +154,7 @@ impl KvCache {
             ids: Vec::new(),
             long_rope: false,
             rope_deltas: Vec::new(),
+            media_from: None,
         }
     }
 
@@ -160,7 +165,8 @@ impl KvCache {
 
     /// How many of the cached positions hold the first tokens of `ids`.
     pub fn shared_prefix(&self, ids: &[u32]) -> usize {
-        self.ids.iter().zip(ids).take_while(|(a, b)| a == b).count()
+        let n = self.ids.iter().zip(ids).take_while(|(a, b)| a == b).count();
+        self.media_from.map_or(n, |m| n.min(m))
     }
 
     /// Whether the positions held were computed by the tensor backend.
@@ -184,6 +190,7 @@ impl KvCache {
             }
             self.ids.truncate(len);
             self.rope_deltas.retain(|&(from, _)| from <= len);
+            self.media_from = self.media_from.filter(|&m| m < len);
             self.len = len;
         }
     }

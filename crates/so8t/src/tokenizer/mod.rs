@@ -202,7 +202,7 @@ impl TextTokenizer {
         let escaped = self.escape_messages(messages);
         let mut marked = escaped.clone();
         if let Some(last) = marked.last_mut() {
-            last.content.push_str(MARK);
+            last.push_text(MARK);
         }
         let [text, marked_text]: [String; 2] = t
             .render_all(&[(&escaped, true), (&marked, true)])?
@@ -240,13 +240,7 @@ impl TextTokenizer {
     }
 
     fn escape_messages(&self, messages: &[crate::chat::Message]) -> Vec<crate::chat::Message> {
-        messages
-            .iter()
-            .map(|m| crate::chat::Message {
-                role: m.role.clone(),
-                content: escape(&m.content, &self.specials),
-            })
-            .collect()
+        messages.iter().map(|m| m.map_text(|t| escape(t, &self.specials))).collect()
     }
 
     /// Ids of rendered, escaped text: the special tokens found in it (the template's), and

@@ -135,10 +135,7 @@ fn parse_row(text: &str, line: usize, labels: &Labels) -> std::result::Result<Ex
                     .transpose()?;
                 match (role, content) {
                     (Some(r), Some(c)) if ["system", "user", "assistant"].contains(&r.as_str()) => {
-                        out.push(Message {
-                            role: r,
-                            content: c,
-                        })
+                        out.push(Message::new(&r, &c))
                     }
                     (Some(r), Some(_)) => {
                         return Err(format!(

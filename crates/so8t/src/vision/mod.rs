@@ -402,6 +402,40 @@ impl Vision {
         })
     }
 
+    /// How many placeholder tokens an image takes: one per merged patch block.
+    pub fn placeholders(&self, image: &PixelRows) -> usize {
+        let m = self.tower.config().spatial_merge_size;
+        let [t, h, w] = image.grid;
+        t * (h / m) * (w / m)
+    }
+
+    /// A rendered prompt's ids with its one placeholder per image repeated once per
+    /// merged patch block of that image (as transformers' processor expands the text), and
+    /// where each old position went.
+    pub fn expand(&self, ids: &[u32], images: &[PixelRows]) -> Result<(Vec<u32>, Vec<usize>)> {
+        let token = self.tower.config().image_token_id;
+        let found = ids.iter().filter(|&&t| t == token).count();
+        if found != images.len() {
+            return Err(Error::Invalid(format!(
+                "{} images given, but the prompt has {found} image placeholders (the chat template places one per image part)",
+                images.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(ids.len() + images.iter().map(|i| self.placeholders(i)).sum::<usize>());
+        let mut map = Vec::with_capacity(ids.len());
+        let mut next = images.iter();
+        for &t in ids {
+            map.push(out.len());
+            if t == token {
+                let image = next.next().expect("as many placeholders as images");
+                out.extend(std::iter::repeat_n(token, self.placeholders(image)));
+            } else {
+                out.push(t);
+            }
+        }
+        Ok((out, map))
+    }
+
     /// What the decoder takes for a run of `ids` with `images` in order: their features
     /// at the placeholders and every token's RoPE position. `cache_pos` and `start` are the
     /// run's first cache position and RoPE position.
