@@ -518,16 +518,22 @@ fn run_refuses_bad_images_in_one_line() {
     std::fs::write(&text, "not an image").unwrap();
     // A PNG header claiming 100000×100000 pixels (the decoder must not allocate for it).
     let huge = tmp.path().join("huge.png");
-    let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
-    png.extend_from_slice(&100_000u32.to_be_bytes());
-    png.extend_from_slice(&100_000u32.to_be_bytes());
-    png.extend_from_slice(&[8, 2, 0, 0, 0]);
-    png.extend_from_slice(&[0; 4]);
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\x0d".to_vec();
+    png.extend_from_slice(&ihdr);
+    png.extend_from_slice(&crc32(&ihdr).to_be_bytes());
+    // An empty IDAT: the header is all the decoder may read.
+    png.extend_from_slice(&[0, 0, 0, 0]);
+    png.extend_from_slice(b"IDAT");
+    png.extend_from_slice(&crc32(b"IDAT").to_be_bytes());
     std::fs::write(&huge, &png).unwrap();
     let qwen2 = fixtures().join("tiny-qwen2");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--model", dir.to_str().unwrap(), "--image", text.to_str().unwrap(), "-p", "x"], "not a PNG or JPEG image"),
-        (vec!["--model", dir.to_str().unwrap(), "--image", huge.to_str().unwrap(), "-p", "x"], "huge.png"),
+        (vec!["--model", dir.to_str().unwrap(), "--image", huge.to_str().unwrap(), "-p", "x"], "limit"),
         (vec!["--model", qwen2.to_str().unwrap(), "--image", a.to_str().unwrap(), "-p", "x"], "takes no images"),
         (vec!["--model", dir.to_str().unwrap(), "--image", a.to_str().unwrap(), "--prompt-ids", "1,5,5,2"], "placeholder tokens"),
         (vec!["--model", dir.to_str().unwrap(), "--image", a.to_str().unwrap(), "--raw", "-p", "no placeholder"], "image placeholders"),
@@ -538,4 +544,16 @@ fn run_refuses_bad_images_in_one_line() {
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
         assert!(err.contains(want) && err.trim().lines().count() == 1, "{args:?}: {err}");
     }
+}
+
+/// PNG's chunk checksum (CRC-32, ISO 3309).
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = 0xffff_ffffu32;
+    for &b in bytes {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+        }
+    }
+    !c
 }

@@ -289,21 +289,26 @@ pub fn decode_rgb(bytes: &[u8], what: &Path, max_pixels_in: usize) -> Result<(Ve
     if !matches!(format, image::ImageFormat::Png | image::ImageFormat::Jpeg) {
         return Err(Error::format(what, format!("a {format:?} image; expected PNG or JPEG")));
     }
-    let mut reader = image::io::Reader::with_format(std::io::Cursor::new(bytes), format);
-    // The header's size bounds the decoder's allocation before any pixel is read.
-    let mut limits = image::io::Limits::default();
-    limits.max_alloc = Some((max_pixels_in as u64) * 8);
-    reader.limits(limits);
-    let img = reader
-        .decode()
-        .map_err(|e| Error::format(what, format!("cannot decode the image: {e}")))?;
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    if w * h > max_pixels_in {
+    let reader = || image::io::Reader::with_format(std::io::Cursor::new(bytes), format);
+    // The header's size is checked before anything is decoded or allocated for it.
+    let (w, h) = reader()
+        .into_dimensions()
+        .map_err(|e| Error::format(what, format!("cannot read the image's header: {e}")))?;
+    let (w, h) = (w as usize, h as usize);
+    if w.saturating_mul(h) > max_pixels_in {
         return Err(Error::format(
             what,
             format!("an image of {w}×{h} pixels is over the limit of {max_pixels_in} pixels"),
         ));
     }
+    let mut limits = image::io::Limits::default();
+    limits.max_alloc = Some((max_pixels_in as u64) * 8);
+    let mut decoder = reader();
+    decoder.limits(limits);
+    let img = decoder
+        .decode()
+        .map_err(|e| Error::format(what, format!("cannot decode the image: {e}")))?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
     Ok((img.to_rgb8().into_raw(), w, h))
 }
 
