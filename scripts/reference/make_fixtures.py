@@ -206,22 +206,23 @@ def base_checksum(d: Path):
     return h.hexdigest()
 
 
-def make_so8t_reference(base: Path, inputs, seed, scale=0.3):
+def make_so8t_reference(base: Path, inputs, seed, scale=0.3, auto=AutoModelForCausalLM, extra=None):
     """Random generators at all five sites (shared granularity, factors safe then cmd) and
     random heads; logits and verdicts recorded from so8t_torch (python/so8t_torch: the
     gates as forward hooks on the transformers model, triality by numpy least squares, exp
-    by torch.linalg.matrix_exp), the package users train with."""
+    by torch.linalg.matrix_exp), the package users train with. `auto` loads the base;
+    `extra[i]` are input i's other arguments (a vision model's images)."""
     sys.path.insert(0, str(ROOT / "python" / "so8t_torch"))
     from so8t_torch import So8tModel
     from so8t_torch.model import generator_name
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    cfg = model.config
+    model = auto.from_pretrained(base, dtype=torch.float32).eval()
+    cfg = model.config.get_text_config()
     factors = ["safe", "cmd"]
     sites = ["q", "k", "v", "o", "mlp"]
     config = {
         "version": 1,
-        "base": {"architecture": cfg.model_type, "source": base.name, "sha256": base_checksum(base)},
+        "base": {"architecture": model.config.model_type, "source": base.name, "sha256": base_checksum(base)},
         "sites": sites, "granularity": "shared", "factors": factors,
         "labels": {"safety": ["safe", "unsafe"], "authority": ["handle", "escalate"]},
         "heads_trained": False,
@@ -248,7 +249,7 @@ def make_so8t_reference(base: Path, inputs, seed, scale=0.3):
     exp = {}
     with torch.no_grad():
         for i, ids in enumerate(inputs):
-            logits, _, heads = so8t(torch.tensor([ids]))
+            logits, _, heads = so8t(torch.tensor([ids]), **((extra or {}).get(i) or {}))
             exp[f"logits.{i}"] = logits[0].contiguous()
             v = so8t.verdicts(heads)
             for key in ("p_unsafe", "p_escalate"):
@@ -273,7 +274,7 @@ def so8t_references_only(so8t_bin: Path):
         print(f"{name}/so8t-random: done", file=sys.stderr)
 
 
-def check_baked_with_transformers(base: Path, so8t_bin: Path, inputs):
+def check_baked_with_transformers(base: Path, so8t_bin: Path, inputs, auto=AutoModelForCausalLM, extra=None):
     """`so8t bake` of the reference SO8T model, loaded by transformers as a plain model:
     its logits must equal the hooked reference, and are recorded for the Rust test."""
     import tempfile
@@ -288,12 +289,12 @@ def check_baked_with_transformers(base: Path, so8t_bin: Path, inputs):
             shutil.copy(ref / f, so8t_dir / f)
         baked = Path(tmp) / "baked"
         subprocess.run([str(so8t_bin), "bake", str(so8t_dir), "--out", str(baked)], check=True)
-        model = AutoModelForCausalLM.from_pretrained(baked, dtype=torch.float32).eval()
+        model = auto.from_pretrained(baked, dtype=torch.float32).eval()
         hooked = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(ref / "expected.safetensors"))
         out = {}
         with torch.no_grad():
             for i, ids in enumerate(inputs):
-                logits = model(torch.tensor([ids])).logits[0].contiguous()
+                logits = model(torch.tensor([ids]), **((extra or {}).get(i) or {})).logits[0].contiguous()
                 d = (logits - hooked[f"logits.{i}"]).abs().max().item()
                 assert d < 1e-4, f"{base.name}: baked model in transformers differs from the hooked reference by {d}"
                 out[f"logits.{i}"] = logits

@@ -5,6 +5,7 @@ sizes, the vision tower's merged features, and the model's logits and greedy gen
 on a text-only prompt, a prompt with one image and one with two. Run with the reference
 venv (it needs Pillow):
 
+    cargo build --release -p so8t-cli   # for `so8t bake`
     python scripts/reference/qwen2vl_fixtures.py
 
 The shapes follow the real Qwen2-VL-2B layout at toy widths: text hidden 64 with 4 heads
@@ -18,6 +19,7 @@ the pitfalls issue #16 names: 90×70 (70/28 = 2.5, which Python's round takes to
 120×40 (a merged grid of 1×4), 200×300 (downscaled: 4×3 merged), and a 20×20 greyscale
 PNG (upscaled, and converted to RGB).
 """
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -27,7 +29,7 @@ from jinja2 import Environment
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers import AutoModelForImageTextToText, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -122,6 +124,9 @@ def prompt_ids(tok, content, grids):
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--so8t", type=Path, default=mf.ROOT / "target/release/so8t", help="the so8t binary, for baking")
+    args = ap.parse_args()
     if not (IMAGES / "a.png").exists():
         make_images()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -175,6 +180,18 @@ def main():
                                 "greedy": gen[0, len(ids):].tolist()})
     save_file(tensors, str(OUT / "expected.safetensors"))
     (OUT / "expected.json").write_text(json.dumps(meta, indent=1))
+
+    # SO8T on the text decoder: random gates and heads through so8t_torch's hooks, then
+    # `so8t bake` loaded by transformers with its vision tower as it was.
+    inputs, extra = [], {}
+    for i, p in enumerate(meta["prompts"]):
+        inputs.append(p["ids"])
+        if p["images"]:
+            extra[i] = {"pixel_values": torch.cat([pixels[n][0] for n in p["images"]]),
+                        "image_grid_thw": torch.cat([pixels[n][1] for n in p["images"]]),
+                        "mm_token_type_ids": torch.tensor([[1 if t == 5 else 0 for t in p["ids"]]])}
+    mf.make_so8t_reference(OUT, inputs, seed=900, auto=AutoModelForImageTextToText, extra=extra)
+    mf.check_baked_with_transformers(OUT, args.so8t, inputs, auto=AutoModelForImageTextToText, extra=extra)
     print("wrote", OUT)
 
 

@@ -422,4 +422,61 @@ mod qwen2vl {
             assert_eq!(got, greedy, "{label}: greedy tokens");
         }
     }
+
+    /// SO8T on the text decoder of the Qwen2-VL fixture: random gates at all five sites and
+    /// random heads, against so8t_torch's forward hooks on transformers' model
+    /// (`make_so8t_reference` in scripts/reference/make_fixtures.py, called by
+    /// qwen2vl_fixtures.py) on the prompts with zero, one and two images; then `bake`,
+    /// whose directory transformers loaded with its vision tower as it was
+    /// (`check_baked_with_transformers`): our logits on it equal transformers'. Tolerances
+    /// as for the text models: 1e-4 on logits, 1e-5 on probabilities.
+    #[test]
+    fn gates_and_heads_on_images_match_so8t_torch_and_the_bake_matches_transformers() {
+        use so8t::artifact::bake::{bake, BakeOptions};
+        let (meta, _) = fixture();
+        let base = fixtures().join("tiny-qwen2vl");
+        let reference = base.join("so8t-random");
+        let exp = candle_core::safetensors::load(reference.join("expected.safetensors"), &candle_core::Device::Cpu).unwrap();
+        let baked_exp =
+            candle_core::safetensors::load(reference.join("transformers-baked.safetensors"), &candle_core::Device::Cpu).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("so8t");
+        std::fs::create_dir(&dir).unwrap();
+        for e in std::fs::read_dir(&base).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            if p.is_file() && !name.starts_with("expected") {
+                std::fs::copy(&p, dir.join(&name)).unwrap();
+            }
+        }
+        for f in ["so8t_adapter.safetensors", "so8t_config.json"] {
+            std::fs::copy(reference.join(f), dir.join(f)).unwrap();
+        }
+        let baked = tmp.path().join("baked");
+        bake(&dir, &baked, &BakeOptions::default()).unwrap();
+        for (path, want, verdicts) in [(&dir, &exp, true), (&baked, &baked_exp, false)] {
+            let mut model = Model::open(path).unwrap();
+            for (i, p) in meta["prompts"].as_array().unwrap().iter().enumerate() {
+                let ids: Vec<u32> = serde_json::from_value(p["ids"].clone()).unwrap();
+                let names: Vec<String> = serde_json::from_value(p["images"].clone()).unwrap();
+                let images: Vec<PixelRows> = names.iter().map(|n| pixels(&model, n)).collect();
+                let media = model.prompt_media(&ids, &images).unwrap();
+                model.decoder.clear_cache();
+                let h = model.decoder.forward_hidden_media(&ids, 0, &media).unwrap();
+                let d = max_abs_diff(&model.decoder.logits(&h).unwrap(), &want[&format!("logits.{i}")]);
+                assert!(d <= LOGIT_TOL, "{} prompt {i}: max |Δlogit| = {d}", path.display());
+                if verdicts {
+                    let v = model.so8t.as_ref().unwrap().verdicts(&model.decoder, None).unwrap();
+                    let pu = exp[&format!("p_unsafe.{i}")].to_vec1::<f32>().unwrap();
+                    let pe = exp[&format!("p_escalate.{i}")].to_vec1::<f32>().unwrap();
+                    for (k, vk) in v.iter().enumerate() {
+                        assert!(
+                            (vk.p_unsafe - pu[k]).abs() <= 1e-5 && (vk.p_escalate - pe[k]).abs() <= 1e-5,
+                            "prompt {i} position {k}: verdicts"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from .algebra import family_generators, skew
 
@@ -38,7 +38,10 @@ class So8tModel(torch.nn.Module):
         self.config = config
         for p in base.parameters():
             p.requires_grad_(False)
-        c = base.config
+        # A vision-language base (Qwen2-VL) keeps the decoder's settings in its text config
+        # and its layers under `language_model`; the gates and heads are the decoder's.
+        c = self.text_config = base.config.get_text_config()
+        self.decoder = getattr(base.model, "language_model", base.model)
         self.hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.n_layers = c.num_hidden_layers
         self.eps = c.rms_norm_eps
@@ -63,7 +66,8 @@ class So8tModel(torch.nn.Module):
         """An SO8T directory (the base model's files, untouched, plus the adapter)."""
         d = Path(so8t_dir)
         config = json.loads((d / CONFIG_FILE).read_text())
-        base = AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
+        auto = AutoModelForImageTextToText if "vision_config" in json.loads((d / "config.json").read_text()) else AutoModelForCausalLM
+        base = auto.from_pretrained(d, dtype=dtype)
         model = cls(base, config)
         model.load_adapter(d / ADAPTER_FILE)
         return model
@@ -103,7 +107,7 @@ class So8tModel(torch.nn.Module):
 
     def site_shape(self, site):
         """(heads, blocks per head, generators) of a site (spec §4)."""
-        c = self.base.config
+        c = self.text_config
         heads = {"q": c.num_attention_heads, "o": c.num_attention_heads, "k": c.num_key_value_heads,
                  "v": c.num_key_value_heads, "mlp": c.hidden_size // 8}[site]
         bph = 1 if site == "mlp" else self.hd // 8
@@ -131,7 +135,7 @@ class So8tModel(torch.nn.Module):
         return y.reshape(shp)
 
     def _install_hooks(self):
-        c = self.base.config
+        c = self.text_config
         q_w, kv_w = c.num_attention_heads * self.hd, c.num_key_value_heads * self.hd
         rot = lambda l, s: self._rot.get((l, s))
 
@@ -141,7 +145,7 @@ class So8tModel(torch.nn.Module):
         def in_hook(l, s):
             return lambda m, i: None if rot(l, s) is None else (self.rotate(i[0], rot(l, s)),) + tuple(i[1:])
 
-        for l, layer in enumerate(self.base.model.layers):
+        for l, layer in enumerate(self.decoder.layers):
             at = layer.self_attn
             if hasattr(at, "qkv_proj"):
                 def qkv(m, i, o, l=l):
@@ -154,7 +158,7 @@ class So8tModel(torch.nn.Module):
             at.o_proj.register_forward_pre_hook(in_hook(l, "o"))
             layer.mlp.register_forward_pre_hook(in_hook(l, "mlp"))
             layer.register_forward_hook(lambda m, i, o, l=l: self._taps.__setitem__(l + 1, o[0] if isinstance(o, tuple) else o))
-        self.base.model.norm.register_forward_hook(lambda m, i, o: self._taps.__setitem__("final", o))
+        self.decoder.norm.register_forward_hook(lambda m, i, o: self._taps.__setitem__("final", o))
 
     # -- forward -----------------------------------------------------------------------
 
@@ -168,11 +172,13 @@ class So8tModel(torch.nn.Module):
         x = self._taps[layer].float()
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
-    def forward(self, input_ids, attention_mask=None):
-        """`(logits, final hidden states, {head: head logits})` for `input_ids` `[b, s]`."""
+    def forward(self, input_ids, attention_mask=None, **inputs):
+        """`(logits, final hidden states, {head: head logits})` for `input_ids` `[b, s]`;
+        `inputs` are the base's others (a vision model's `pixel_values`, `image_grid_thw`,
+        `mm_token_type_ids`)."""
         self._rot = {(l, s): self.rotation(l, s) for l in range(self.n_layers) for s in self.config["sites"]}
         self._taps = {}
-        out = self.base(input_ids=input_ids, attention_mask=attention_mask)
+        out = self.base(input_ids=input_ids, attention_mask=attention_mask, **inputs)
         heads = {h: self.heads[h](self.state(self.head_layer(h)).to(self.heads[h].weight.dtype)) for h in HEADS}
         hidden = self._taps["final"]
         self._rot = {}
