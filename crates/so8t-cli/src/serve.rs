@@ -37,9 +37,10 @@ pub struct Args {
     /// Keep the prompt text in the audit log, not only its sha256.
     #[arg(long, requires = "audit")]
     audit_text: bool,
-    /// Largest request body in bytes.
-    #[arg(long, default_value_t = 1 << 20)]
-    max_body: usize,
+    /// Largest request body in bytes [default: 1 MiB; 48 MiB for a vision model, whose
+    /// requests carry base64 images].
+    #[arg(long)]
+    max_body: Option<usize>,
     /// Tokens to generate when a request does not say (bounded by the context).
     #[arg(long, default_value_t = 512)]
     default_max_tokens: usize,

@@ -38,6 +38,7 @@ pub(crate) fn prepare(
     kind: Kind,
     prompt_text: String,
     (prompt_ids, verdict_position): (Vec<u32>, Option<usize>),
+    media: Option<std::sync::Arc<so8t::model::Media>>,
     checked: Checked,
     logprobs: Option<usize>,
 ) -> Result<Prepared, ApiError> {
@@ -101,7 +102,7 @@ pub(crate) fn prepare(
         top_logprobs: logprobs.map_or(0, |n| n.max(1)),
         verdict_every_token: true,
         verdict_position,
-        media: None,
+        media,
     };
     let id = new_id(if kind == Kind::Chat {
         "chatcmpl"
@@ -136,6 +137,37 @@ pub(crate) fn chat_prompt(
         None => None,
     };
     Ok((text, ids, at))
+}
+
+/// A chat prompt with images: each image's data URL decoded and preprocessed, its
+/// placeholder in `ids` expanded to its merged patches, and its features computed (on a
+/// blocking task: the vision tower is a forward pass of its own). Returns the prompt's
+/// ids, its verdict position moved with them, and what the decoder takes for the images.
+pub(crate) async fn image_prompt(
+    st: &AppState,
+    ids: Vec<u32>,
+    at: Option<usize>,
+    urls: &[String],
+) -> Result<(Vec<u32>, Option<usize>, std::sync::Arc<so8t::model::Media>), ApiError> {
+    let vision = st.vision.clone().ok_or_else(|| {
+        ApiError::invalid("messages", "this model takes no images (image_url parts need a vision model)")
+    })?;
+    let limit = so8t::load::IMAGE_FILE_LIMIT as usize;
+    let bytes = urls.iter().map(|u| crate::api::image_bytes(u, limit)).collect::<Result<Vec<_>, _>>()?;
+    let work = move || -> so8t::Result<_> {
+        let images = bytes
+            .iter()
+            .enumerate()
+            .map(|(k, b)| vision.processor.preprocess(b, std::path::Path::new(&format!("image {}", k + 1))))
+            .collect::<so8t::Result<Vec<_>>>()?;
+        let (ids, moved) = vision.expand(&ids, &images)?;
+        let media = vision.media(&ids, &images, 0, 0)?;
+        Ok((ids, at.map(|i| moved[i]), std::sync::Arc::new(media)))
+    };
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::invalid("messages", format!("image processing failed: {e}")))?
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))
 }
 
 /// What the answer so far holds; feeds the final response, the audit row and metrics.

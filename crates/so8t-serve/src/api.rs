@@ -4,7 +4,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use so8t::chat::Message;
+use so8t::chat::{Message, Part as MessagePart};
 use so8t::sampling::SamplingRequest;
 
 /// An error as OpenAI's API returns it: `{"error": {"message", "type", "param", "code"}}`.
@@ -112,7 +112,8 @@ pub fn parse<T: serde::de::DeserializeOwned>(body: &Value) -> Result<T, ApiError
     })
 }
 
-/// Message content: a string, or OpenAI's list of parts of which the text parts count.
+/// Message content: a string, or OpenAI's list of parts (text, and images for a vision
+/// model).
 #[derive(Deserialize)]
 #[serde(untagged)]
 pub enum Content {
@@ -125,6 +126,12 @@ pub struct Part {
     #[serde(rename = "type")]
     pub kind: String,
     pub text: Option<String>,
+    pub image_url: Option<ImageUrl>,
+}
+
+#[derive(Deserialize)]
+pub struct ImageUrl {
+    pub url: String,
 }
 
 #[derive(Deserialize)]
@@ -332,7 +339,8 @@ impl Sampling {
 }
 
 impl ChatRequest {
-    pub fn messages(&self) -> Result<Vec<Message>, ApiError> {
+    /// The conversation, and the URLs of its images in the order they appear.
+    pub fn messages(&self) -> Result<(Vec<Message>, Vec<String>), ApiError> {
         if self.messages.is_empty() {
             return Err(ApiError::invalid(
                 "messages",
@@ -342,13 +350,17 @@ impl ChatRequest {
         if self.tools.as_ref().is_some_and(|t| !t.is_null()) {
             return Err(ApiError::invalid("tools", "tool calls are not supported"));
         }
-        self.messages
+        let mut images = Vec::new();
+        let messages = self
+            .messages
             .iter()
             .enumerate()
             .map(|(i, m)| {
                 if !["system", "developer", "user", "assistant", "tool"].contains(&m.role.as_str()) {
                     return Err(ApiError::invalid("messages", format!("messages[{i}].role `{}` is not a known role", m.role)));
                 }
+                // The templates know `system`; OpenAI's newer `developer` role means the same.
+                let role = if m.role == "developer" { "system" } else { m.role.as_str() };
                 let content = match &m.content {
                     // OpenAI allows a null content only on an assistant turn (one that
                     // called tools); any other turn without text is a client's mistake.
@@ -361,18 +373,70 @@ impl ChatRequest {
                     }
                     Some(Content::Text(t)) => t.clone(),
                     Some(Content::Parts(parts)) => {
-                        if let Some(p) = parts.iter().find(|p| p.kind != "text") {
-                            return Err(ApiError::invalid("messages", format!("messages[{i}]: content parts of type `{}` are not supported (text only)", p.kind)));
+                        if let Some(p) = parts.iter().find(|p| p.kind != "text" && p.kind != "image_url") {
+                            return Err(ApiError::invalid("messages", format!("messages[{i}]: content parts of type `{}` are not supported (text and image_url)", p.kind)));
+                        }
+                        if parts.iter().any(|p| p.kind == "image_url") {
+                            let mut out = Vec::with_capacity(parts.len());
+                            for (k, p) in parts.iter().enumerate() {
+                                match (p.kind.as_str(), &p.text, &p.image_url) {
+                                    ("text", Some(t), _) => out.push(MessagePart::Text(t.clone())),
+                                    ("image_url", _, Some(u)) => {
+                                        images.push(u.url.clone());
+                                        out.push(MessagePart::Image);
+                                    }
+                                    (kind, _, _) => {
+                                        let field = if kind == "text" { "text" } else { "image_url.url" };
+                                        return Err(ApiError::invalid("messages", format!("messages[{i}].content[{k}]: a `{kind}` part needs `{field}`")));
+                                    }
+                                }
+                            }
+                            return Ok(Message::with_parts(role, out));
                         }
                         parts.iter().filter_map(|p| p.text.as_deref()).collect::<Vec<_>>().join("\n")
                     }
                 };
-                // The templates know `system`; OpenAI's newer `developer` role means the same.
-                let role = if m.role == "developer" { "system" } else { m.role.as_str() };
                 Ok(Message::new(role, &content))
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((messages, images))
     }
+}
+
+/// An image part's bytes: a base64 `data:image/…` URL (OpenAI's way to send a local
+/// image), at most `limit` bytes once decoded. Remote URLs are refused: the server fetches
+/// nothing on a client's behalf.
+pub fn image_bytes(url: &str, limit: usize) -> Result<Vec<u8>, ApiError> {
+    use base64::Engine as _;
+    let bad = |m: String| ApiError::invalid("messages", m);
+    let Some(rest) = url.strip_prefix("data:") else {
+        let scheme = url.split(':').next().unwrap_or("");
+        return Err(bad(format!(
+            "image_url: `{scheme}:` URLs are not fetched; send the image inline as a data:image/png;base64,… URL"
+        )));
+    };
+    let (head, data) = rest
+        .split_once(',')
+        .ok_or_else(|| bad("image_url: a data URL needs a `,` before its data".into()))?;
+    let Some(mime) = head.strip_suffix(";base64") else {
+        return Err(bad("image_url: the data URL must be base64 (`data:image/png;base64,…`)".into()));
+    };
+    if !["image/png", "image/jpeg", "image/jpg"].contains(&mime) {
+        return Err(bad(format!("image_url: `{mime}` images are not supported (PNG or JPEG)")));
+    }
+    // Base64 is 4 characters per 3 bytes: the text's length bounds the bytes before decoding.
+    if data.len() / 4 * 3 > limit + 3 {
+        return Err(ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!("image_url: the image is larger than the limit of {limit} bytes"),
+            kind: "invalid_request_error",
+            param: Some("messages"),
+            code: None,
+        });
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(data.trim_end())
+        .map_err(|e| bad(format!("image_url: the data is not valid base64: {e}")))
 }
 
 /// Fuzzing entry point (`fuzz/`, FUZZING.md): a request body through every route's
@@ -382,7 +446,11 @@ pub fn fuzz_request(bytes: &[u8]) {
         return;
     };
     if let Ok(r) = parse::<ChatRequest>(&body) {
-        let _ = r.messages();
+        if let Ok((_, images)) = r.messages() {
+            for url in images {
+                let _ = image_bytes(&url, 1 << 16);
+            }
+        }
     }
     if let Ok(s) = parse::<Sampling>(&body) {
         let _ = s.check();
@@ -454,13 +522,31 @@ mod tests {
     }
 
     #[test]
+    fn image_urls_are_data_urls_of_png_or_jpeg_within_the_limit() {
+        assert_eq!(image_bytes("data:image/png;base64,aGVsbG8=", 16).unwrap(), b"hello");
+        for (url, want) in [
+            ("https://example.com/a.png", "`https:` URLs are not fetched"),
+            ("file:///etc/passwd", "`file:` URLs are not fetched"),
+            ("data:image/png,hello", "must be base64"),
+            ("data:image/gif;base64,aGVsbG8=", "`image/gif` images are not supported"),
+            ("data:image/png;base64,@@@@", "not valid base64"),
+            ("data:image/png;base64", "needs a `,`"),
+        ] {
+            let e = image_bytes(url, 16).unwrap_err();
+            assert!(e.message.contains(want), "{url}: {}", e.message);
+        }
+        let big = format!("data:image/png;base64,{}", "A".repeat(4000));
+        assert_eq!(image_bytes(&big, 1000).unwrap_err().status, StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[test]
     fn content_parts_join_and_roles_are_checked() {
         let r: ChatRequest = serde_json::from_value(json!({"messages": [
             {"role": "developer", "content": "be brief"},
             {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
         ]}))
         .unwrap();
-        let m = r.messages().ok().unwrap();
+        let (m, images) = r.messages().ok().unwrap();
         assert_eq!(
             m,
             vec![
@@ -468,6 +554,14 @@ mod tests {
                 Message::new("user", "a\nb")
             ]
         );
+        assert!(images.is_empty());
+        let r: ChatRequest = serde_json::from_value(json!({"messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, {"type": "text", "text": "what?"}]}
+        ]}))
+        .unwrap();
+        let (m, images) = r.messages().ok().unwrap();
+        assert_eq!(m, vec![Message::with_parts("user", vec![MessagePart::Image, MessagePart::Text("what?".into())])]);
+        assert_eq!(images, vec!["data:image/png;base64,AAAA".to_string()]);
         let r: ChatRequest =
             serde_json::from_value(json!({"messages": [{"role": "wizard", "content": "x"}]}))
                 .unwrap();

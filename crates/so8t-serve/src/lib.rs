@@ -24,6 +24,17 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
+/// The request body limit when none is given: 1 MiB, or 48 MiB for a vision model, whose
+/// requests carry images as base64 (up to [`so8t::load::IMAGE_FILE_LIMIT`] each, a third
+/// more in base64).
+pub fn default_max_body(vision: bool) -> usize {
+    if vision {
+        48 << 20
+    } else {
+        1 << 20
+    }
+}
+
 pub struct Options {
     pub model: PathBuf,
     /// Where the decoder runs, and what f16/bf16 weights multiply in there.
@@ -41,7 +52,8 @@ pub struct Options {
     pub queue: usize,
     pub audit: Option<PathBuf>,
     pub audit_text: bool,
-    pub max_body: usize,
+    /// Largest request body; `None`: [`default_max_body`].
+    pub max_body: Option<usize>,
     pub default_max_tokens: usize,
     pub alias: Option<String>,
     /// Open connections at most; more are closed at once (and counted).
@@ -83,6 +95,7 @@ pub fn serve(o: Options) -> Result<()> {
     let tokenizer = model.tokenizer()?.clone();
     let audit = o.audit.as_deref().map(audit::Audit::open).transpose()?;
     let sha = model_sha256(&o.model)?;
+    let model_has_vision = model.vision.is_some();
     let state = state::AppState {
         model_id: o.alias.clone().unwrap_or_else(|| model_id(&o.model)),
         model_sha256: sha,
@@ -90,6 +103,7 @@ pub fn serve(o: Options) -> Result<()> {
         ctx: model.config.context(),
         generation: model.generation.clone(),
         so8t: model.so8t.as_ref().map(|s| s.config.clone()),
+        vision: model.vision.clone(),
         engine: engine::Engine::start(model, o.parallel),
         parallel: o.parallel.max(1),
         capacity: o.parallel.max(1) + o.queue,
@@ -100,7 +114,7 @@ pub fn serve(o: Options) -> Result<()> {
         api_keys: o.api_keys.clone(),
         rate_limit: o.rate_limit.map(limits::RateLimiter::new),
         default_max_tokens: o.default_max_tokens,
-        max_body: o.max_body,
+        max_body: o.max_body.unwrap_or(default_max_body(model_has_vision)),
         read_timeout: o.read_timeout,
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -2,7 +2,7 @@
 //! completions (whole or streamed), moderations, models, health, metrics, the page.
 
 use crate::answer::{
-    chat_prompt, prepare, thresholds_json, whole_answer, write_audit, Kind, Prepared,
+    chat_prompt, image_prompt, prepare, thresholds_json, whole_answer, write_audit, Kind, Prepared,
 };
 use crate::api::{
     parse, ApiError, ChatRequest, CompletionRequest, Moderation, ModerationInput,
@@ -294,7 +294,7 @@ async fn chat(
     let Json(body) = body?;
     let r: ChatRequest = parse(&body)?;
     check_model(&st, r.model.as_deref())?;
-    let messages = r.messages()?;
+    let (messages, image_urls) = r.messages()?;
     let checked = parse::<Sampling>(&body)?.check()?;
     let logprobs = match (r.logprobs, r.top_logprobs) {
         (_, Some(n)) if !(0..=20).contains(&n) => {
@@ -313,7 +313,13 @@ async fn chat(
         (false, _) => None,
     };
     let (text, ids, at) = chat_prompt(&st, &messages, "messages")?;
-    let p = prepare(&st, Kind::Chat, text, (ids, at), checked, logprobs)?;
+    let (ids, at, media) = if image_urls.is_empty() {
+        (ids, at, None)
+    } else {
+        let (ids, at, media) = image_prompt(&st, ids, at, &image_urls).await?;
+        (ids, at, Some(media))
+    };
+    let p = prepare(&st, Kind::Chat, text, (ids, at), media, checked, logprobs)?;
     start(st, p).await
 }
 
@@ -371,7 +377,7 @@ async fn completions(
             .encode(&text, true)
             .map_err(|e| ApiError::invalid("prompt", e.to_string()))?,
     };
-    let p = prepare(&st, Kind::Completion, text, (ids, None), checked, logprobs)?;
+    let p = prepare(&st, Kind::Completion, text, (ids, None), None, checked, logprobs)?;
     start(st, p).await
 }
 

@@ -23,6 +23,9 @@ pub struct AppState {
     pub generation: GenerationDefaults,
     /// SO8T config when the model has heads.
     pub so8t: Option<So8tConfig>,
+    /// A vision model's image processor and tower (image features are computed on the
+    /// request's own blocking task, not on the engine's thread).
+    pub vision: Option<Arc<so8t::vision::Vision>>,
     pub engine: Engine,
     pub parallel: usize,
     /// Requests generating or queued at most (`--parallel` + `--queue`).

@@ -36,8 +36,9 @@ pub struct Model {
     pub weights: Box<dyn WeightStore>,
     /// Present for an SO8T directory: its config and heads (the gates are in the decoder).
     pub so8t: Option<So8tState>,
-    /// A vision-language checkpoint's image processor and vision tower (Qwen2-VL).
-    pub vision: Option<crate::vision::Vision>,
+    /// A vision-language checkpoint's image processor and vision tower (Qwen2-VL); shared,
+    /// so that a server computes image features beside the thread that owns the decoder.
+    pub vision: Option<std::sync::Arc<crate::vision::Vision>>,
 }
 
 pub struct So8tState {
@@ -146,7 +147,7 @@ impl Model {
                 let vision = if config.arch == crate::config::Arch::Qwen2Vl {
                     let cfg_path = dir.join("config.json");
                     let text = crate::files::read_text(&cfg_path, crate::files::SETTINGS_LIMIT)?;
-                    Some(crate::vision::Vision::load(&dir, &text, &weights)?)
+                    Some(std::sync::Arc::new(crate::vision::Vision::load(&dir, &text, &weights)?))
                 } else {
                     None
                 };
@@ -251,7 +252,7 @@ impl Model {
 
     /// The vision side, or an error naming the model for a text-only one.
     pub fn vision(&self) -> Result<&crate::vision::Vision> {
-        self.vision.as_ref().ok_or_else(|| {
+        self.vision.as_deref().ok_or_else(|| {
             Error::format(&self.path, format!("a {} model takes no images", self.config.arch.name()))
         })
     }

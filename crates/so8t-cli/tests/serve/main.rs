@@ -517,3 +517,60 @@ fn phi3_model_serves_what_run_generates() {
     assert_eq!(v["choices"][0]["message"]["content"], run["text"], "{v} vs {run}");
     assert!(v["so8t"]["prompt"]["p_unsafe"].is_number(), "{v}");
 }
+
+/// A Qwen2-VL SO8T model (the tiny fixture with random gates) behind the server, driven by
+/// the official `openai` client with images as base64 data URLs: one image answered as
+/// `so8t run --image` answers it, streamed and not, two images in one message, and the
+/// refusals (remote URLs, other formats, oversize, bytes that are not an image).
+#[test]
+fn openai_client_sends_images_to_a_vision_model() {
+    let _turn = machine();
+    let Some(python) = script("test-tools.sh", &["openai"], "the openai Python client") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("qwen2vl");
+    let st = Command::new(env!("CARGO_BIN_EXE_so8t"))
+        .args(["convert", root().join("fixtures/tiny-qwen2vl").to_str().unwrap(), "--out"])
+        .arg(&model)
+        .args(["--init", "random", "--scale", "0.1", "--seed", "5"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let images = root().join("fixtures/qwen2vl-images");
+    let run = |image_args: &[PathBuf], prompt: &str, raw: bool| -> serde_json::Value {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_so8t"));
+        cmd.args(["run", "--model"]).arg(&model);
+        for i in image_args {
+            cmd.arg("--image").arg(i);
+        }
+        if raw {
+            cmd.arg("--raw");
+        }
+        let out = cmd.args(["--prompt", prompt, "--temperature", "0", "-n", "8", "--json"]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let a = images.join("a.png");
+    let one = run(&[a.clone()], "What is in this picture?", false);
+    // The two-image message as the chat template renders it (the fixture's text).
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("fixtures/tiny-qwen2vl/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let (c, b) = (images.join("c.png"), images.join("b.png"));
+    let two = run(&[c.clone(), b.clone()], meta["prompts"][2]["text"].as_str().unwrap(), true);
+    let expected = serde_json::json!({
+        "one": {"image": a, "prompt": "What is in this picture?", "text": one["text"],
+                "prompt_tokens": one["prompt_tokens"].as_array().unwrap().len()},
+        "two": {"images": [c, b], "prompt_tokens": two["prompt_tokens"].as_array().unwrap().len()},
+    });
+    let s = Server::start(&model, &["--alias", "qwen2vl-so8t"]);
+    let text = run_client(
+        Command::new(python)
+            .arg(root().join("crates/so8t-cli/tests/serve/openai_images.py"))
+            .args([&s.url("/v1"), "qwen2vl-so8t", &expected.to_string()]),
+        "openai image checks",
+    );
+    assert!(text.contains("all image checks passed"), "{text}");
+}
