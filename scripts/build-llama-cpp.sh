@@ -6,7 +6,7 @@ set -euo pipefail
 CACHE="${SO8T_CACHE:-$HOME/.cache/so8t}"
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 DEST="$CACHE/llama.cpp"
-targets=(llama-cli llama-bench llama-quantize llama-server llama-simple llama-tokenize llama-perplexity)
+targets=(llama-cli llama-bench llama-quantize llama-server llama-simple llama-tokenize llama-perplexity llama-mtmd-cli)
 missing=()
 for t in "${targets[@]}" llama-ref-greedy; do [ -x "$DEST/build/bin/$t" ] || missing+=("$t"); done
 if [ ${#missing[@]} = 0 ]; then

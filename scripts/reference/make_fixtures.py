@@ -177,8 +177,10 @@ def make_fp8(src_dir: Path, dst: Path, inputs):
     record(model, dst.name, inputs)
 
 
-def to_gguf(llama_cpp: Path, hf_dir: Path, outtype: str):
-    out = hf_dir / f"model-{outtype}.gguf"
+def to_gguf(llama_cpp: Path, hf_dir: Path, outtype: str, mmproj=False):
+    """`convert_hf_to_gguf.py` of `hf_dir` at `outtype` into model-TYPE.gguf there; with
+    `mmproj`, a vision model's projector file, mmproj-model-TYPE.gguf."""
+    out = hf_dir / f"{'mmproj-' if mmproj else ''}model-{outtype}.gguf"
     # The tiny tokenizer is not one llama.cpp knows by hash; tell the converter it is a
     # qwen2-style BPE, which is what its pre-tokenizer is.
     code = (
@@ -187,8 +189,8 @@ def to_gguf(llama_cpp: Path, hf_dir: Path, outtype: str):
         "import convert_hf_to_gguf as c, conversion.base as b; b.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'qwen2';"
         "c.main()"
     )
-    subprocess.run([sys.executable, "-c", code, "convert_hf_to_gguf.py", str(hf_dir), "--outtype", outtype, "--outfile", str(out)],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-c", code, "convert_hf_to_gguf.py", str(hf_dir), "--outtype", outtype, "--outfile", str(out)]
+                   + (["--mmproj"] if mmproj else []), check=True, stdout=subprocess.DEVNULL)
 
 
 # ---- SO8T gates, implemented independently of the Rust code from SO8T_SPEC.md §2–§5 in

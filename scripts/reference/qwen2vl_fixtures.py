@@ -6,7 +6,7 @@ on a text-only prompt, a prompt with one image and one with two. Run with the re
 venv (it needs Pillow):
 
     cargo build --release -p so8t-cli   # for `so8t bake`
-    python scripts/reference/qwen2vl_fixtures.py
+    python scripts/reference/qwen2vl_fixtures.py --llama-cpp ~/.cache/so8t/llama.cpp
 
 The shapes follow the real Qwen2-VL-2B layout at toy widths: text hidden 64 with 4 heads
 of 16 (so `mrope_section` [2, 3, 3] covers the 8 rotary frequencies as [16, 24, 24]
@@ -17,7 +17,9 @@ The processor keeps Qwen2-VL's factor 28 and min_pixels, with max_pixels lowered
 The images (fixtures/qwen2vl-images/, written here once and committed) are chosen for
 the pitfalls issue #16 names: 90×70 (70/28 = 2.5, which Python's round takes to 2),
 120×40 (a merged grid of 1×4), 200×300 (downscaled: 4×3 merged), and a 20×20 greyscale
-PNG (upscaled, and converted to RGB).
+PNG (upscaled, and converted to RGB); and 84×112, a size both transformers' and llama.cpp's
+mtmd keep as it is (a multiple of 28 within both's pixel bounds: mtmd asks for at least 8
+merged patches), so that the two runtimes see the same pixels.
 """
 import argparse
 import json
@@ -60,8 +62,10 @@ def make_images():
     """Deterministic images with edges and gradients (bicubic overshoots at edges, which
     is where a resampler that rounds or clips differently shows)."""
     IMAGES.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(7)
-    for name, (w, h) in {"a": (90, 70), "b": (120, 40), "c": (200, 300)}.items():
+    for seed, (name, (w, h)) in enumerate({"a": (90, 70), "b": (120, 40), "c": (200, 300), "e": (84, 112)}.items()):
+        if (IMAGES / f"{name}.png").exists():
+            continue
+        rng = np.random.default_rng(7 + seed)
         y, x = np.mgrid[0:h, 0:w]
         img = np.stack([
             (255 * x / max(w - 1, 1)),
@@ -69,8 +73,10 @@ def make_images():
             (128 + 100 * np.sin(x / 5.0) * np.cos(y / 4.0)),
         ], axis=-1) + rng.normal(0, 12, (h, w, 3))
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB").save(IMAGES / f"{name}.png")
-    grey = np.clip(rng.normal(128, 60, (20, 20)), 0, 255).astype(np.uint8)
-    Image.fromarray(grey, "L").save(IMAGES / "d.png")
+    if not (IMAGES / "d.png").exists():
+        rng = np.random.default_rng(6)
+        grey = np.clip(rng.normal(128, 60, (20, 20)), 0, 255).astype(np.uint8)
+        Image.fromarray(grey, "L").save(IMAGES / "d.png")
 
 
 def make_model():
@@ -79,7 +85,7 @@ def make_model():
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
                          tie_word_embeddings=False, eos_token_id=2, bos_token_id=None),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=4, num_heads=4, in_channels=3, patch_size=14,
+        vision_config=dict(depth=3, embed_dim=32, hidden_size=64, mlp_ratio=4, num_heads=4, in_channels=3, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu"),
         image_token_id=5, video_token_id=6, vision_start_token_id=3, vision_end_token_id=4,
         tie_word_embeddings=False,
@@ -125,10 +131,10 @@ def prompt_ids(tok, content, grids):
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--llama-cpp", type=Path, default=Path.home() / ".cache/so8t/llama.cpp")
     ap.add_argument("--so8t", type=Path, default=mf.ROOT / "target/release/so8t", help="the so8t binary, for baking")
     args = ap.parse_args()
-    if not (IMAGES / "a.png").exists():
-        make_images()
+    make_images()
     OUT.mkdir(parents=True, exist_ok=True)
     tok = mf.make_tokenizer(OUT, SPECIALS, {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
@@ -144,7 +150,7 @@ def main():
 
     tensors, meta = {}, {"images": {}, "prompts": []}
     pixels = {}
-    for name in ["a", "b", "c", "d"]:
+    for name in ["a", "b", "c", "d", "e"]:
         with Image.open(IMAGES / f"{name}.png") as im:
             feat = proc(images=[im], return_tensors="pt")
         pv, grid = feat["pixel_values"].float(), feat["image_grid_thw"]
@@ -190,9 +196,47 @@ def main():
             extra[i] = {"pixel_values": torch.cat([pixels[n][0] for n in p["images"]]),
                         "image_grid_thw": torch.cat([pixels[n][1] for n in p["images"]]),
                         "mm_token_type_ids": torch.tensor([[1 if t == 5 else 0 for t in p["ids"]]])}
+    # llama.cpp's converter: the text GGUF and the mmproj, at f32 and f16.
+    for ty in ("f32", "f16"):
+        mf.to_gguf(args.llama_cpp, OUT, ty)
+        mf.to_gguf(args.llama_cpp, OUT, ty, mmproj=True)
     mf.make_so8t_reference(OUT, inputs, seed=900, auto=AutoModelForImageTextToText, extra=extra)
     mf.check_baked_with_transformers(OUT, args.so8t, inputs, auto=AutoModelForImageTextToText, extra=extra)
+    record_mtmd(args.llama_cpp, args.so8t)
     print("wrote", OUT)
+
+
+MTMD_CASES = [
+    {"images": ["e"], "prompt": "What is in this picture?"},
+    {"images": ["e", "e"], "prompt": "Compare the two pictures."},
+]
+
+
+def record_mtmd(llama_cpp: Path, so8t_bin: Path):
+    """llama.cpp's `llama-mtmd-cli` on `so8t export`'s text GGUF and projector (f32), greedy,
+    with the GGUF's own chat template (--jinja): its answer's bytes, and the sha256 of the
+    two files it read, for crates/so8t/tests/export.rs. The image is 84×112, which both
+    runtimes keep as it is, so both see the same pixels. mtmd-cli writes the answer through
+    its logger, so it is read from --log-file (its stdout is not reliable in a pipe)."""
+    import hashlib, subprocess, tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(tmp) / "tiny-qwen2vl.gguf"
+        subprocess.run([str(so8t_bin), "export", str(OUT), "--out", str(text), "--quant", "f32"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        mmproj = Path(tmp) / "mmproj-tiny-qwen2vl.gguf"
+        record = {"sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (text, mmproj)}, "cases": []}
+        for case in MTMD_CASES:
+            log = Path(tmp) / "log.txt"
+            cmd = [str(llama_cpp / "build/bin/llama-mtmd-cli"), "-m", str(text), "--mmproj", str(mmproj), "-p", case["prompt"],
+                   "-n", "12", "--temp", "0", "--jinja", "-t", "2", "--log-file", str(log)]
+            for name in case["images"]:
+                cmd += ["--image", str(IMAGES / f"{name}.png")]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            lines = log.read_bytes().split(b"\n")
+            done = max(i for i, l in enumerate(lines) if b"batch encoding done" in l)
+            answer = b"\n".join(lines[done + 1:]).strip(b"\n")
+            record["cases"].append({**case, "answer_hex": answer.hex()})
+    (mf.OUT / "llama-cpp" / "mtmd-qwen2vl.json").write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

@@ -102,5 +102,12 @@ pub fn main(a: Args) -> Result<()> {
         report.bytes as f64 / (1 << 20) as f64,
         quant_name
     );
+    if let Some((path, tensors, bytes)) = &report.mmproj {
+        eprintln!(
+            "vision projector: {} ({tensors} tensors, {:.1} MiB; pass it to llama.cpp with --mmproj)",
+            path.display(),
+            *bytes as f64 / (1 << 20) as f64
+        );
+    }
     Ok(())
 }

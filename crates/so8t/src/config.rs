@@ -27,7 +27,8 @@ impl Arch {
             "qwen2" => Some(Arch::Qwen2),
             "qwen3" => Some(Arch::Qwen3),
             "phi3" => Some(Arch::Phi3),
-            "qwen2_vl" => Some(Arch::Qwen2Vl),
+            // transformers' model_type, and llama.cpp's name for its text GGUF.
+            "qwen2_vl" | "qwen2vl" => Some(Arch::Qwen2Vl),
             _ => None,
         }
     }
@@ -39,6 +40,14 @@ impl Arch {
             Arch::Qwen3 => "qwen3",
             Arch::Phi3 => "phi3",
             Arch::Qwen2Vl => "qwen2_vl",
+        }
+    }
+
+    /// The architecture's name in GGUF files (`general.architecture`, the key prefix).
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Arch::Qwen2Vl => "qwen2vl",
+            other => other.name(),
         }
     }
 

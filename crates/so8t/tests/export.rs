@@ -117,6 +117,24 @@ fn export_matches_llama_cpp_converter_f32_f16_q8_0() {
     }
 }
 
+/// Qwen2-VL: the text GGUF (arch `qwen2vl`, M-RoPE sections) and its projector beside it
+/// (`mmproj-NAME.gguf`: the vision tower, qkv and patch weights cut as the converter cuts
+/// them), against `convert_hf_to_gguf.py` and `--mmproj` (scripts/reference/
+/// qwen2vl_fixtures.py), metadata and bytes, at f32 and f16.
+#[test]
+fn qwen2vl_export_and_projector_match_llama_cpp_converter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixtures().join("tiny-qwen2vl");
+    for ty in ["f32", "f16"] {
+        let out = tmp.path().join(format!("tiny-{ty}.gguf"));
+        let report = export(&dir, &out, parse_quant(ty).unwrap(), |_, _, _| {}).unwrap();
+        let mmproj = tmp.path().join(format!("mmproj-tiny-{ty}.gguf"));
+        assert_eq!(report.mmproj.as_ref().map(|m| m.0.clone()), Some(mmproj.clone()));
+        compare(&read_gguf(&out), &read_gguf(&dir.join(format!("model-{ty}.gguf"))), &format!("qwen2vl {ty}"), true);
+        compare(&read_gguf(&mmproj), &read_gguf(&dir.join(format!("mmproj-model-{ty}.gguf"))), &format!("qwen2vl mmproj {ty}"), true);
+    }
+}
+
 /// A SentencePiece vocabulary (tokens, scores and types from tokenizer.model, Phi-3's
 /// chat tokens added after it, padding to the model's vocabulary) exported as the
 /// converter's Phi-3 path writes it.
@@ -505,4 +523,59 @@ fn vllm_views_score_tokens_as_the_heads_less_their_biases() {
         }
         assert!(out.join("model/so8t_heads.safetensors").exists());
     }
+}
+
+/// llama.cpp's `llama-mtmd-cli` on this export of the tiny Qwen2-VL (fixtures/llama-cpp/
+/// mtmd-qwen2vl.json, from scripts/reference/qwen2vl_fixtures.py): the two files it read
+/// are the ones `export` writes (sha256 of each), and its greedy answers to a prompt with
+/// one image and with two are ours. Its answer is raw bytes (a random tiny vocabulary
+/// splits UTF-8 sequences); both sides are compared as text with invalid bytes replaced.
+#[test]
+fn llama_cpp_mtmd_answers_image_prompts_on_our_export_as_we_do() {
+    use so8t::chat::{Message, Part};
+    use so8t::generate::{generate, Control, GenerateRequest};
+    use sha2::{Digest, Sha256};
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("llama-cpp/mtmd-qwen2vl.json")).unwrap()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixtures().join("tiny-qwen2vl");
+    let out = tmp.path().join("tiny-qwen2vl.gguf");
+    export(&src, &out, parse_quant("f32").unwrap(), |_, _, _| {}).unwrap();
+    for (file, sha) in record["sha256"].as_object().unwrap() {
+        let got = format!("{:x}", Sha256::digest(std::fs::read(tmp.path().join(file)).unwrap()));
+        assert_eq!(&got, sha.as_str().unwrap(), "{file}: the bytes llama.cpp read");
+    }
+    let mut model = so8t::Model::open(&src).unwrap();
+    for case in record["cases"].as_array().unwrap() {
+        let names: Vec<String> = serde_json::from_value(case["images"].clone()).unwrap();
+        let images: Vec<_> = names
+            .iter()
+            .map(|n| model.read_image(&fixtures().join(format!("qwen2vl-images/{n}.png"))).unwrap())
+            .collect();
+        // mtmd-cli puts each image's marker before the prompt's text.
+        let mut parts = vec![Part::Image; images.len()];
+        parts.push(Part::Text(case["prompt"].as_str().unwrap().to_string()));
+        let ids = model.prompt_ids(&[Message::with_parts("user", parts)]).unwrap();
+        let (ids, _) = model.vision().unwrap().expand(&ids, &images).unwrap();
+        let media = model.prompt_media(&ids, &images).unwrap();
+        let req = GenerateRequest {
+            prompt_ids: ids,
+            max_tokens: 12,
+            sampling: so8t::sampling::SamplingParams { temperature: 0.0, ..Default::default() },
+            stop: vec![],
+            top_logprobs: 0,
+            verdict_every_token: false,
+            verdict_position: None,
+            media: Some(std::sync::Arc::new(media)),
+        };
+        let gen = generate(&mut model, &req, |_| Control::Continue).unwrap();
+        let tok = model.tokenizer().unwrap();
+        let ours = tok.decode(&gen.tokens).unwrap();
+        let theirs = String::from_utf8_lossy(&hex(case["answer_hex"].as_str().unwrap())).to_string();
+        assert_eq!(ours, theirs, "{names:?}: llama-mtmd-cli's answer");
+    }
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
 }

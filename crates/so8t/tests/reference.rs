@@ -339,7 +339,7 @@ mod qwen2vl {
     fn pixel_rows_equal_the_pil_image_processor() {
         let (meta, want) = fixture();
         let model = Model::open(&fixtures().join("tiny-qwen2vl")).unwrap();
-        for name in ["a", "b", "c", "d"] {
+        for name in ["a", "b", "c", "d", "e"] {
             let got = pixels(&model, name);
             let grid: Vec<usize> = serde_json::from_value(meta["images"][name]["grid_thw"].clone()).unwrap();
             assert_eq!(got.grid.to_vec(), grid, "image {name}: grid");
@@ -357,7 +357,7 @@ mod qwen2vl {
         let (_, want) = fixture();
         let model = Model::open(&fixtures().join("tiny-qwen2vl")).unwrap();
         let vision = model.vision.as_ref().unwrap();
-        for name in ["a", "b", "c", "d"] {
+        for name in ["a", "b", "c", "d", "e"] {
             let got = vision.tower.forward(&pixels(&model, name)).unwrap();
             let d = max_abs_diff(&got, &want[&format!("vision.{name}")]);
             assert!(d <= LOGIT_TOL, "image {name}: max |Δfeature| = {d}");

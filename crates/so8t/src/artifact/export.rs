@@ -182,6 +182,8 @@ pub struct ExportReport {
     pub tensors: usize,
     pub bytes: u64,
     pub sha256: String,
+    /// A vision model's projector file written beside it: its path, tensors and bytes.
+    pub mmproj: Option<(std::path::PathBuf, usize, u64)>,
 }
 
 pub fn export(
@@ -207,10 +209,12 @@ pub fn export_with_thresholds(
         c.thresholds = t.clone();
     }
     let cfg = &input.config;
-    if cfg.arch == crate::config::Arch::Qwen2Vl {
+    // A vision model's projector is written from the HF checkpoint beside the text file.
+    let vision = cfg.arch == Arch::Qwen2Vl;
+    if vision && !src.is_dir() {
         return Err(Error::format(
             src,
-            "exporting Qwen2-VL (the qwen2vl text GGUF and its mmproj) is not supported yet",
+            "exporting a qwen2vl GGUF again would leave its vision tower behind; export the HF or SO8T directory",
         ));
     }
     let mut planned: Vec<PlannedTensor> = Vec::new();
@@ -268,10 +272,22 @@ pub fn export_with_thresholds(
             progress(i + 1, total, bytes)
         },
     )?;
+    let mmproj = if vision {
+        let path = super::mmproj::mmproj_path(out);
+        let text_type = match quant {
+            Quant::Plain(t) => t,
+            _ => GgmlDType::F16,
+        };
+        let (n, b, _) = super::mmproj::write_mmproj(src, input.store.as_ref(), &path, super::mmproj::projector_type(text_type), &name)?;
+        Some((path, n, b))
+    } else {
+        None
+    };
     Ok(ExportReport {
         tensors: total,
         bytes,
         sha256,
+        mmproj,
     })
 }
 
@@ -393,7 +409,7 @@ fn rope_factors(cfg: &ModelConfig) -> Vec<(&'static str, Vec<f32>)> {
 }
 
 fn model_metadata(cfg: &ModelConfig, quant: Quant, name: &str) -> Vec<(String, Meta)> {
-    let a = cfg.arch.name();
+    let a = cfg.arch.gguf_name();
     let k = |s: &str| format!("{a}.{s}");
     let key = |field: &str| gguf_key(a, field);
     let mut m = vec![
@@ -429,7 +445,10 @@ fn model_metadata(cfg: &ModelConfig, quant: Quant, name: &str) -> Vec<(String, M
         ("general.file_type".into(), Meta::U32(file_type(quant))),
         ("general.quantization_version".into(), Meta::U32(2)),
     ];
-    if !matches!(cfg.arch, Arch::Qwen2 | Arch::Phi3) {
+    if let Some([t, h, w]) = cfg.mrope_section {
+        m.push((k("rope.dimension_sections"), Meta::I32Array(vec![t as i32, h as i32, w as i32, 0])));
+    }
+    if !matches!(cfg.arch, Arch::Qwen2 | Arch::Qwen2Vl | Arch::Phi3) {
         m.push((key("head_dim"), Meta::U32(cfg.head_dim as u32)));
         m.push((k("attention.value_length"), Meta::U32(cfg.head_dim as u32)));
     }

@@ -164,7 +164,7 @@ impl GgufFile {
             Error::format(
                 &self.path,
                 format!(
-                    "unsupported general.architecture `{name}` (expected llama, qwen2, qwen3 or phi3)"
+                    "unsupported general.architecture `{name}` (expected llama, qwen2, qwen3, phi3 or qwen2vl)"
                 ),
             )
         })
@@ -193,7 +193,7 @@ impl GgufFile {
 
     pub fn config(&self) -> Result<ModelConfig> {
         let arch = self.architecture()?;
-        let a = arch.name();
+        let a = arch.gguf_name();
         // One table names the keys for reading and for the errors about their values.
         let key = |field: &str| gguf_key(a, field);
         let hidden = self.usize(&key("hidden_size"))?;
@@ -283,7 +283,18 @@ impl GgufFile {
                 .opt_usize("tokenizer.ggml.bos_token_id")?
                 .map(|v| v as u32),
             eos_token_ids: eos,
-            mrope_section: None,
+            // llama.cpp's M-RoPE sections: temporal, height, width and a fourth (0 for
+            // Qwen2-VL).
+            mrope_section: match arch {
+                Arch::Qwen2Vl => {
+                    let k = format!("{a}.rope.dimension_sections");
+                    match self.i32_array(&k).as_deref() {
+                        Some([t, h, w, ..]) if *t >= 0 && *h >= 0 && *w >= 0 => Some([*t as usize, *h as usize, *w as usize]),
+                        _ => return Err(Error::format(&self.path, format!("metadata `{k}` must hold 4 non-negative integers"))),
+                    }
+                }
+                _ => None,
+            },
         };
         cfg.validate_fields(&self.path, &key)?;
         Ok(cfg)
