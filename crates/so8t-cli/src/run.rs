@@ -27,6 +27,10 @@ pub struct Args {
     /// the image placeholders itself: with --prompt-ids each image's full run of them.
     #[arg(long)]
     image: Vec<PathBuf>,
+    /// A vision GGUF's projector file (llama.cpp's mmproj); by default `mmproj-NAME.gguf`
+    /// beside the model is used when present.
+    #[arg(long)]
+    mmproj: Option<PathBuf>,
     /// System message for the chat template.
     #[arg(long)]
     system: Option<String>,
@@ -68,6 +72,9 @@ pub fn main(a: Args) -> Result<()> {
         bail!("--{}: {}", b.field.replace('_', "-"), b.message);
     }
     let mut model = a.device.open_model(&a.model)?;
+    if let Some(p) = &a.mmproj {
+        model.attach_mmproj(p)?;
+    }
     let images = a.image.iter().map(|p| model.read_image(p)).collect::<so8t::Result<Vec<_>>>()?;
     let (prompt_ids, verdict_position) = match (&a.prompt_ids, &a.prompt) {
         (Some(ids), _) => (ids.clone(), None),

@@ -8,6 +8,10 @@ pub struct Args {
     /// HF or SO8T directory, or .gguf file.
     #[arg(short, long)]
     model: PathBuf,
+    /// A vision GGUF's projector file (llama.cpp's mmproj); by default `mmproj-NAME.gguf`
+    /// beside the model is used when present.
+    #[arg(long)]
+    mmproj: Option<PathBuf>,
     /// Address to listen on (loopback by default; give 0.0.0.0 to accept other hosts).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -75,6 +79,7 @@ pub fn main(a: Args) -> Result<()> {
         max_connections: a.max_connections,
         read_timeout: std::time::Duration::from_secs_f64(a.read_timeout),
         model: a.model,
+        mmproj: a.mmproj,
         host: a.host,
         port: a.port,
         api_keys,

@@ -557,3 +557,39 @@ fn crc32(bytes: &[u8]) -> u32 {
     }
     !c
 }
+
+/// A Qwen2-VL export runs images with its projector beside it (found by llama.cpp's name,
+/// `mmproj-NAME.gguf`) or given with --mmproj, answering as the HF directory does; without
+/// one, or with a projector given to a directory, the error says what to do.
+#[test]
+fn run_takes_a_gguf_with_its_projector() {
+    let dir = fixtures().join("tiny-qwen2vl");
+    let image = fixtures().join("qwen2vl-images/e.png");
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("tiny.gguf");
+    let out = Command::new(env!("CARGO_BIN_EXE_so8t"))
+        .args(["export", dir.to_str().unwrap(), "--out", text.to_str().unwrap(), "--quant", "f32"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let answer = |model: &std::path::Path, extra: &[&str]| {
+        let mut args = vec!["run", "--model", model.to_str().unwrap(), "--image", image.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--prompt", "What is in this picture?", "-n", "8", "--temperature", "0", "--json"]);
+        so8t(&args)["tokens"].clone()
+    };
+    let want = answer(&dir, &[]);
+    assert_eq!(answer(&text, &[]), want);
+    let moved = tmp.path().join("projector.gguf");
+    std::fs::rename(tmp.path().join("mmproj-tiny.gguf"), &moved).unwrap();
+    assert_eq!(answer(&text, &["--mmproj", moved.to_str().unwrap()]), want);
+    for (args, words) in [
+        (vec!["--model", text.to_str().unwrap(), "--image", image.to_str().unwrap()], "give --mmproj FILE, or put mmproj-tiny.gguf beside"),
+        (vec!["--model", dir.to_str().unwrap(), "--mmproj", moved.to_str().unwrap()], "a projector file goes with a qwen2vl GGUF"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_so8t")).arg("run").args(&args).args(["-p", "x", "-n", "2"]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(words), "{args:?}: {err}");
+    }
+}

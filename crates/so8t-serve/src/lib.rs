@@ -36,6 +36,8 @@ pub fn default_max_body(vision: bool) -> usize {
 }
 
 pub struct Options {
+    /// A vision GGUF's projector file, when not beside the model.
+    pub mmproj: Option<PathBuf>,
     pub model: PathBuf,
     /// Where the decoder runs, and what f16/bf16 weights multiply in there.
     pub device: candle_core::Device,
@@ -91,6 +93,9 @@ fn model_id(path: &Path) -> String {
 pub fn serve(o: Options) -> Result<()> {
     let mut model = Model::open(&o.model)
         .with_context(|| format!("{}: cannot load the model", o.model.display()))?;
+    if let Some(p) = &o.mmproj {
+        model.attach_mmproj(p)?;
+    }
     model.to_device(&o.device, o.dtype)?;
     let tokenizer = model.tokenizer()?.clone();
     let audit = o.audit.as_deref().map(audit::Audit::open).transpose()?;

@@ -3,7 +3,7 @@
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::formats::gguf::GgufStore;
+use crate::formats::gguf::{GgufFile, GgufStore};
 use crate::formats::source::{open_source, Source};
 use crate::formats::safetensors::SafetensorsStore;
 use crate::formats::WeightStore;
@@ -190,6 +190,13 @@ impl Model {
                 let config = file.config()?;
                 let weights = GgufStore::new(file.clone(), &config);
                 let decoder = Decoder::load(config.clone(), &weights)?;
+                // A vision model's projector, where llama.cpp's converter puts it.
+                let mmproj = crate::artifact::mmproj::mmproj_path(&file.path);
+                let vision = if config.arch == crate::config::Arch::Qwen2Vl && mmproj.is_file() {
+                    Some(std::sync::Arc::new(crate::vision::Vision::load_mmproj(&mmproj, &file)?))
+                } else {
+                    None
+                };
                 let tokenizer = if file.get("tokenizer.ggml.tokens").is_some() {
                     let t = TextTokenizer::from_gguf(&file)?.for_model(
                         config.vocab_size,
@@ -209,7 +216,7 @@ impl Model {
                     generation: GenerationDefaults::default(),
                     weights: Box::new(weights),
                     so8t: None,
-                    vision: None,
+                    vision,
                 })
             }
         }
@@ -243,6 +250,25 @@ impl Model {
         }
     }
 
+    /// Loads a vision GGUF's projector from `mmproj` (llama.cpp's `--mmproj`), in place of
+    /// any found beside the model.
+    pub fn attach_mmproj(&mut self, mmproj: &Path) -> Result<()> {
+        if self.kind != SourceKind::Gguf || self.config.arch != crate::config::Arch::Qwen2Vl {
+            return Err(Error::format(
+                mmproj,
+                format!(
+                    "a projector file goes with a qwen2vl GGUF; {} is a {} {}",
+                    self.path.display(),
+                    self.config.arch.name(),
+                    if self.kind == SourceKind::Gguf { "GGUF" } else { "directory (its vision tower is in its weights)" }
+                ),
+            ));
+        }
+        let text = GgufFile::open(&self.path)?;
+        self.vision = Some(std::sync::Arc::new(crate::vision::Vision::load_mmproj(mmproj, &text)?));
+        Ok(())
+    }
+
     /// A vision model's image, read and preprocessed; `path` names it in errors.
     pub fn read_image(&self, path: &Path) -> Result<crate::vision::preprocess::PixelRows> {
         let vision = self.vision()?;
@@ -252,8 +278,15 @@ impl Model {
 
     /// The vision side, or an error naming the model for a text-only one.
     pub fn vision(&self) -> Result<&crate::vision::Vision> {
-        self.vision.as_deref().ok_or_else(|| {
-            Error::format(&self.path, format!("a {} model takes no images", self.config.arch.name()))
+        self.vision.as_deref().ok_or_else(|| match (self.kind, self.config.arch) {
+            (SourceKind::Gguf, crate::config::Arch::Qwen2Vl) => Error::format(
+                &self.path,
+                format!(
+                    "no vision projector: give --mmproj FILE, or put {} beside the model",
+                    crate::artifact::mmproj::mmproj_path(&self.path).file_name().unwrap_or_default().to_string_lossy()
+                ),
+            ),
+            _ => Error::format(&self.path, format!("a {} model takes no images", self.config.arch.name())),
         })
     }
 

@@ -576,6 +576,49 @@ fn llama_cpp_mtmd_answers_image_prompts_on_our_export_as_we_do() {
     }
 }
 
+/// The exported text GGUF with its projector beside it runs image prompts as the HF
+/// directory does: logits at every position of the fixture's one- and two-image prompts
+/// within 1e-4 of transformers' (f32 files: the same weights, the same f32 math), and the
+/// same greedy tokens as transformers' generate().
+#[test]
+fn exported_qwen2vl_gguf_and_projector_run_images_as_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixtures().join("tiny-qwen2vl");
+    let out = tmp.path().join("tiny.gguf");
+    export(&dir, &out, parse_quant("f32").unwrap(), |_, _, _| {}).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let want = candle_core::safetensors::load(dir.join("expected.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let mut model = so8t::Model::open(&out).unwrap();
+    // The projector keeps no pixel bounds: the HF directory's (a lowered max_pixels) are
+    // put back so that image c is resized as transformers resized it.
+    let hf = so8t::Model::open(&dir).unwrap();
+    let found = model.vision.take().expect("the projector beside the file is loaded");
+    let mut vision = std::sync::Arc::try_unwrap(found).ok().unwrap();
+    assert_eq!(vision.processor.image_mean, hf.vision().unwrap().processor.image_mean);
+    vision.processor = hf.vision().unwrap().processor.clone();
+    model.vision = Some(std::sync::Arc::new(vision));
+    for (i, p) in meta["prompts"].as_array().unwrap().iter().enumerate() {
+        let ids: Vec<u32> = serde_json::from_value(p["ids"].clone()).unwrap();
+        let names: Vec<String> = serde_json::from_value(p["images"].clone()).unwrap();
+        let images: Vec<_> = names.iter().map(|n| model.read_image(&fixtures().join(format!("qwen2vl-images/{n}.png"))).unwrap()).collect();
+        let media = model.prompt_media(&ids, &images).unwrap();
+        model.decoder.clear_cache();
+        let mut h = model.decoder.forward_hidden_media(&ids, 0, &media).unwrap();
+        let d = max_abs_diff(&model.decoder.logits(&h).unwrap(), &want[&format!("logits.{i}")]);
+        assert!(d <= 1e-4, "prompt {i}: max |Δlogit| = {d}");
+        let greedy: Vec<u32> = serde_json::from_value(p["greedy"].clone()).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..greedy.len() {
+            let last = h.get(h.dim(0).unwrap() - 1).unwrap().unsqueeze(0).unwrap();
+            let t = model.decoder.logits(&last).unwrap().squeeze(0).unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
+            got.push(t);
+            let pos = model.decoder.cached_len();
+            h = model.decoder.forward_hidden(&[t], pos).unwrap();
+        }
+        assert_eq!(got, greedy, "prompt {i}: greedy tokens");
+    }
+}
+
 fn hex(s: &str) -> Vec<u8> {
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
 }

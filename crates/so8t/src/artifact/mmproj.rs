@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::formats::gguf_write::{write, Meta, PlannedTensor};
 use crate::formats::WeightStore;
 use crate::vision::preprocess::ImageProcessorConfig;
-use crate::vision::VisionConfig;
+use crate::vision::{mmproj_name, VisionConfig};
 use candle_core::quantized::GgmlDType;
 use std::path::{Path, PathBuf};
 
@@ -48,30 +48,33 @@ enum Source {
     PatchSlice(usize),
 }
 
-fn plan(v: &VisionConfig) -> Vec<Planned> {
+fn plan(v: &VisionConfig) -> Result<Vec<Planned>> {
     let (d, mlp) = (v.embed_dim, (v.embed_dim as f64 * v.mlp_ratio) as usize);
     let merged = d * v.spatial_merge_size * v.spatial_merge_size;
-    let mut out = Vec::new();
-    let mut whole = |gguf: String, hf: String, dims: Vec<usize>| {
-        out.push(Planned { name: gguf, dims, source: Source::Whole(hf) })
-    };
+    // The tensors kept whole, by HF name, in the converter's order.
+    let mut whole: Vec<(String, Vec<usize>)> = Vec::new();
     for b in 0..v.depth {
-        let (g, h) = (format!("v.blk.{b}"), format!("visual.blocks.{b}"));
-        for (gn, hn, o, i) in [("attn_out", "attn.proj", d, d), ("ffn_up", "mlp.fc1", mlp, d), ("ffn_down", "mlp.fc2", d, mlp)] {
-            whole(format!("{g}.{gn}.weight"), format!("{h}.{hn}.weight"), vec![o, i]);
-            whole(format!("{g}.{gn}.bias"), format!("{h}.{hn}.bias"), vec![o]);
+        let h = format!("visual.blocks.{b}");
+        for (m, o, i) in [("attn.proj", d, d), ("mlp.fc1", mlp, d), ("mlp.fc2", d, mlp)] {
+            whole.push((format!("{h}.{m}.weight"), vec![o, i]));
+            whole.push((format!("{h}.{m}.bias"), vec![o]));
         }
-        for (gn, hn) in [("ln1", "norm1"), ("ln2", "norm2")] {
-            whole(format!("{g}.{gn}.weight"), format!("{h}.{hn}.weight"), vec![d]);
-            whole(format!("{g}.{gn}.bias"), format!("{h}.{hn}.bias"), vec![d]);
+        for m in ["norm1", "norm2"] {
+            whole.push((format!("{h}.{m}.weight"), vec![d]));
+            whole.push((format!("{h}.{m}.bias"), vec![d]));
         }
     }
-    whole("v.post_ln.weight".into(), "visual.merger.ln_q.weight".into(), vec![d]);
-    whole("v.post_ln.bias".into(), "visual.merger.ln_q.bias".into(), vec![d]);
-    whole("mm.0.weight".into(), "visual.merger.mlp.0.weight".into(), vec![merged, merged]);
-    whole("mm.0.bias".into(), "visual.merger.mlp.0.bias".into(), vec![merged]);
-    whole("mm.2.weight".into(), "visual.merger.mlp.2.weight".into(), vec![v.out_hidden_size, merged]);
-    whole("mm.2.bias".into(), "visual.merger.mlp.2.bias".into(), vec![v.out_hidden_size]);
+    for (m, o, i) in [("merger.mlp.0", merged, merged), ("merger.mlp.2", v.out_hidden_size, merged)] {
+        whole.push((format!("visual.{m}.weight"), vec![o, i]));
+        whole.push((format!("visual.{m}.bias"), vec![o]));
+    }
+    whole.push(("visual.merger.ln_q.weight".into(), vec![d]));
+    whole.push(("visual.merger.ln_q.bias".into(), vec![d]));
+    let mut out = Vec::new();
+    for (hf, dims) in whole {
+        let name = mmproj_name(&hf).ok_or_else(|| Error::Invalid(format!("no projector name for `{hf}`")))?;
+        out.push(Planned { name, dims, source: Source::Whole(hf) });
+    }
     for b in 0..v.depth {
         for (k, part) in ["attn_q", "attn_k", "attn_v"].into_iter().enumerate() {
             let name = format!("visual.blocks.{b}.attn.qkv");
@@ -92,7 +95,7 @@ fn plan(v: &VisionConfig) -> Vec<Planned> {
         let name = if t == 0 { "v.patch_embd.weight".to_string() } else { format!("v.patch_embd.weight.{t}") };
         out.push(Planned { name, dims: vec![d, v.in_channels, p, p], source: Source::PatchSlice(t) });
     }
-    out
+    Ok(out)
 }
 
 fn values(ws: &dyn WeightStore, v: &VisionConfig, src: &Source, dims: &[usize]) -> Result<Vec<f32>> {
@@ -164,7 +167,7 @@ pub fn write_mmproj(dir: &Path, ws: &dyn WeightStore, out: &Path, ty: GgmlDType,
         ("clip.vision.attention.layer_norm_epsilon".into(), Meta::F32(1e-6)),
         ("general.quantization_version".into(), Meta::U32(2)),
     ];
-    let plan = plan(&v);
+    let plan = plan(&v)?;
     let planned: Vec<PlannedTensor> = plan
         .iter()
         .map(|p| PlannedTensor {

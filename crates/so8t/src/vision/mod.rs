@@ -7,6 +7,7 @@
 pub mod preprocess;
 
 use crate::error::{Error, Result};
+use crate::formats::gguf::GgufFile;
 use crate::formats::WeightStore;
 use crate::model::Media;
 use candle_core::{Device, Tensor, D};
@@ -116,11 +117,14 @@ struct Linear {
     b: Tensor,
 }
 
+/// A tensor of the checkpoint by its HF name, as dense f32 of the shape given (checked).
+type Get<'a> = &'a dyn Fn(&str, &[usize]) -> Result<Tensor>;
+
 impl Linear {
-    fn load(ws: &dyn WeightStore, name: &str, out: usize, inp: usize) -> Result<Linear> {
+    fn load(get: Get, name: &str, out: usize, inp: usize) -> Result<Linear> {
         Ok(Linear {
-            w: ws.dense(&format!("{name}.weight"), &[out, inp])?.t()?.contiguous()?,
-            b: ws.dense(&format!("{name}.bias"), &[out])?,
+            w: get(&format!("{name}.weight"), &[out, inp])?.t()?.contiguous()?,
+            b: get(&format!("{name}.bias"), &[out])?,
         })
     }
 
@@ -135,10 +139,10 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn load(ws: &dyn WeightStore, name: &str, len: usize) -> Result<LayerNorm> {
+    fn load(get: Get, name: &str, len: usize) -> Result<LayerNorm> {
         Ok(LayerNorm {
-            w: ws.dense(&format!("{name}.weight"), &[len])?,
-            b: ws.dense(&format!("{name}.bias"), &[len])?,
+            w: get(&format!("{name}.weight"), &[len])?,
+            b: get(&format!("{name}.bias"), &[len])?,
         })
     }
 
@@ -171,13 +175,18 @@ pub struct VisionTower {
 }
 
 impl VisionTower {
+    /// The tower from an HF checkpoint's `visual.*` weights.
     pub fn load(cfg: VisionConfig, ws: &dyn WeightStore) -> Result<VisionTower> {
+        Self::load_with(cfg, &|name, shape| ws.dense(name, shape))
+    }
+
+    /// The tower from tensors `get` gives by their HF names.
+    fn load_with(cfg: VisionConfig, get: Get) -> Result<VisionTower> {
         let (d, p, t) = (cfg.embed_dim, cfg.patch_size, cfg.temporal_patch_size);
         let row = cfg.in_channels * t * p * p;
         // Conv3d with kernel = stride = one patch is a product with its flattened weight,
         // whose (channel, time, y, x) order is the pixel rows'.
-        let patch = ws
-            .dense("visual.patch_embed.proj.weight", &[d, cfg.in_channels, t, p, p])?
+        let patch = get("visual.patch_embed.proj.weight", &[d, cfg.in_channels, t, p, p])?
             .reshape((d, row))?
             .t()?
             .contiguous()?;
@@ -186,12 +195,12 @@ impl VisionTower {
         for i in 0..cfg.depth {
             let b = format!("visual.blocks.{i}");
             blocks.push(Block {
-                norm1: LayerNorm::load(ws, &format!("{b}.norm1"), d)?,
-                norm2: LayerNorm::load(ws, &format!("{b}.norm2"), d)?,
-                qkv: Linear::load(ws, &format!("{b}.attn.qkv"), 3 * d, d)?,
-                proj: Linear::load(ws, &format!("{b}.attn.proj"), d, d)?,
-                fc1: Linear::load(ws, &format!("{b}.mlp.fc1"), mlp, d)?,
-                fc2: Linear::load(ws, &format!("{b}.mlp.fc2"), d, mlp)?,
+                norm1: LayerNorm::load(get, &format!("{b}.norm1"), d)?,
+                norm2: LayerNorm::load(get, &format!("{b}.norm2"), d)?,
+                qkv: Linear::load(get, &format!("{b}.attn.qkv"), 3 * d, d)?,
+                proj: Linear::load(get, &format!("{b}.attn.proj"), d, d)?,
+                fc1: Linear::load(get, &format!("{b}.mlp.fc1"), mlp, d)?,
+                fc2: Linear::load(get, &format!("{b}.mlp.fc2"), d, mlp)?,
             });
         }
         let merged = d * cfg.spatial_merge_size * cfg.spatial_merge_size;
@@ -204,9 +213,9 @@ impl VisionTower {
         Ok(VisionTower {
             patch,
             blocks,
-            ln_q: LayerNorm::load(ws, "visual.merger.ln_q", d)?,
-            mlp0: Linear::load(ws, "visual.merger.mlp.0", merged, merged)?,
-            mlp2: Linear::load(ws, "visual.merger.mlp.2", cfg.out_hidden_size, merged)?,
+            ln_q: LayerNorm::load(get, "visual.merger.ln_q", d)?,
+            mlp0: Linear::load(get, "visual.merger.mlp.0", merged, merged)?,
+            mlp2: Linear::load(get, "visual.merger.mlp.2", cfg.out_hidden_size, merged)?,
             inv_freq,
             cfg,
         })
@@ -364,6 +373,117 @@ pub fn mrope_positions(
     Ok((rows, positions, delta))
 }
 
+/// The GGUF name of a vision tensor `hf` (`visual.…`) in llama.cpp's projector file, for
+/// the tensors it keeps whole (the fused qkv and the Conv3d patch weight are cut there).
+pub fn mmproj_name(hf: &str) -> Option<String> {
+    let rest = hf.strip_prefix("visual.")?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let g = match module {
+        "merger.ln_q" => "v.post_ln".to_string(),
+        "merger.mlp.0" => "mm.0".to_string(),
+        "merger.mlp.2" => "mm.2".to_string(),
+        _ => {
+            let rest = module.strip_prefix("blocks.")?;
+            let (b, m) = rest.split_once('.')?;
+            let part = match m {
+                "attn.proj" => "attn_out",
+                "mlp.fc1" => "ffn_up",
+                "mlp.fc2" => "ffn_down",
+                "norm1" => "ln1",
+                "norm2" => "ln2",
+                _ => return None,
+            };
+            format!("v.blk.{b}.{part}")
+        }
+    };
+    Some(format!("{g}.{kind}"))
+}
+
+/// A tensor of a projector file by its HF name, dense f32: the whole ones by
+/// [`mmproj_name`], the qkv as its q, k and v stacked, the patch weight as its temporal
+/// slices stacked.
+fn mmproj_tensor(file: &GgufFile, hf: &str, shape: &[usize]) -> Result<Tensor> {
+    let read = |name: &str, want: &[usize]| -> Result<Tensor> {
+        let got = file.tensor_shape(name).ok_or_else(|| Error::format(&file.path, format!("tensor `{name}` is missing")))?;
+        if got != want {
+            return Err(Error::format(&file.path, format!("tensor `{name}` has shape {got:?}, expected {want:?}")));
+        }
+        Ok(file.qtensor(name)?.dequantize(&Device::Cpu)?.to_dtype(candle_core::DType::F32)?)
+    };
+    if let Some(qkv) = hf.strip_suffix(".attn.qkv.weight").or(hf.strip_suffix(".attn.qkv.bias")) {
+        let b = qkv.strip_prefix("visual.blocks.").unwrap_or(qkv);
+        let kind = if hf.ends_with(".weight") { "weight" } else { "bias" };
+        let part: Vec<usize> = std::iter::once(shape[0] / 3).chain(shape[1..].iter().copied()).collect();
+        let parts = ["attn_q", "attn_k", "attn_v"]
+            .iter()
+            .map(|p| read(&format!("v.blk.{b}.{p}.{kind}"), &part))
+            .collect::<Result<Vec<_>>>()?;
+        return Ok(Tensor::cat(&parts, 0)?);
+    }
+    if hf == "visual.patch_embed.proj.weight" {
+        let [d, c, t, p, q] = shape else {
+            return Err(Error::Invalid("vision: the patch weight has five dims".into()));
+        };
+        let slices = (0..*t)
+            .map(|i| {
+                let name = if i == 0 { "v.patch_embd.weight".to_string() } else { format!("v.patch_embd.weight.{i}") };
+                read(&name, &[*d, *c, *p, *q])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return Ok(Tensor::stack(&slices, 2)?);
+    }
+    let name = mmproj_name(hf).ok_or_else(|| Error::Invalid(format!("vision: no projector name for `{hf}`")))?;
+    read(&name, shape)
+}
+
+impl VisionConfig {
+    /// The tower's settings from llama.cpp's projector file and the text GGUF's vocabulary
+    /// (the image tokens by their text, as mtmd finds them).
+    pub fn from_mmproj(file: &GgufFile, text: &GgufFile) -> Result<VisionConfig> {
+        let bad = |what: String| Err(Error::format(&file.path, what));
+        match file.opt_str("clip.projector_type")? {
+            Some("qwen2vl_merger") => {}
+            other => return bad(format!("clip.projector_type is {other:?}; expected qwen2vl_merger (Qwen2-VL)")),
+        }
+        let embed_dim = file.usize("clip.vision.embedding_length")?;
+        let mlp = file
+            .tensor_shape("v.blk.0.ffn_up.weight")
+            .map(|s| s[0])
+            .ok_or_else(|| Error::format(&file.path, "tensor `v.blk.0.ffn_up.weight` is missing"))?;
+        let temporal = 1 + (1..4).take_while(|i| file.tensor_shape(&format!("v.patch_embd.weight.{i}")).is_some()).count();
+        let tokens = text.str_array("tokenizer.ggml.tokens")?;
+        let id = |t: &str| -> Result<u32> {
+            tokens
+                .iter()
+                .position(|x| *x == t)
+                .map(|i| i as u32)
+                .ok_or_else(|| Error::format(&text.path, format!("the vocabulary has no `{t}` token for images")))
+        };
+        let cfg = VisionConfig {
+            depth: file.usize("clip.vision.block_count")?,
+            embed_dim,
+            num_heads: file.usize("clip.vision.attention.head_count")?,
+            mlp_ratio: mlp as f64 / embed_dim.max(1) as f64,
+            in_channels: 3,
+            patch_size: file.usize("clip.vision.patch_size")?,
+            temporal_patch_size: temporal,
+            spatial_merge_size: file.opt_usize("clip.vision.spatial_merge_size")?.unwrap_or(2),
+            out_hidden_size: file.usize("clip.vision.projection_dim")?,
+            rope_theta: 10_000.0,
+            image_token_id: id("<|image_pad|>")?,
+            vision_start_token_id: id("<|vision_start|>")?,
+            vision_end_token_id: id("<|vision_end|>")?,
+        };
+        if cfg.num_heads == 0 || cfg.embed_dim % cfg.num_heads != 0 || (cfg.embed_dim / cfg.num_heads) % 4 != 0 || cfg.depth == 0 || cfg.patch_size == 0 {
+            return bad(format!(
+                "clip.vision: {} heads over width {}, depth {}, patch {} do not describe a Qwen2-VL tower",
+                cfg.num_heads, cfg.embed_dim, cfg.depth, cfg.patch_size
+            ));
+        }
+        Ok(cfg)
+    }
+}
+
 /// A Qwen2-VL checkpoint's vision side: its image processor and tower.
 pub struct Vision {
     pub processor: ImageProcessorConfig,
@@ -400,6 +520,32 @@ impl Vision {
             processor,
             tower: VisionTower::load(cfg, ws)?,
         })
+    }
+
+    /// Loads the tower from llama.cpp's projector file `mmproj` for the text GGUF `text`.
+    /// The file keeps the image mean and std but not the processor's pixel bounds, which
+    /// are Qwen2-VL's defaults here.
+    pub fn load_mmproj(mmproj: &Path, text: &GgufFile) -> Result<Vision> {
+        let file = GgufFile::open(mmproj)?;
+        let cfg = VisionConfig::from_mmproj(&file, text)?;
+        let d = ImageProcessorConfig::default();
+        let stats = |key: &str, default: [f32; 3]| -> Result<[f32; 3]> {
+            match file.f32_array(key) {
+                None => Ok(default),
+                Some(v) if v.len() == 3 => Ok([v[0], v[1], v[2]]),
+                Some(v) => Err(Error::format(mmproj, format!("metadata `{key}` has {} values, expected 3", v.len()))),
+            }
+        };
+        let processor = ImageProcessorConfig {
+            patch_size: cfg.patch_size,
+            temporal_patch_size: cfg.temporal_patch_size,
+            merge_size: cfg.spatial_merge_size,
+            image_mean: stats("clip.vision.image_mean", d.image_mean)?,
+            image_std: stats("clip.vision.image_std", d.image_std)?,
+            ..d
+        };
+        let tower = VisionTower::load_with(cfg, &|name, shape| mmproj_tensor(&file, name, shape))?;
+        Ok(Vision { processor, tower })
     }
 
     /// How many placeholder tokens an image takes: one per merged patch block.
