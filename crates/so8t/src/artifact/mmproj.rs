@@ -51,7 +51,7 @@ enum Source {
 fn plan(v: &VisionConfig) -> Result<Vec<Planned>> {
     let (d, mlp) = (v.embed_dim, (v.embed_dim as f64 * v.mlp_ratio) as usize);
     let merged = d * v.spatial_merge_size * v.spatial_merge_size;
-    // The tensors kept whole, by HF name, in the converter's order.
+    // The tensors kept whole, by HF name (the file's order is ours; llama.cpp reads by name).
     let mut whole: Vec<(String, Vec<usize>)> = Vec::new();
     for b in 0..v.depth {
         let h = format!("visual.blocks.{b}");
@@ -64,12 +64,12 @@ fn plan(v: &VisionConfig) -> Result<Vec<Planned>> {
             whole.push((format!("{h}.{m}.bias"), vec![d]));
         }
     }
+    whole.push(("visual.merger.ln_q.weight".into(), vec![d]));
+    whole.push(("visual.merger.ln_q.bias".into(), vec![d]));
     for (m, o, i) in [("merger.mlp.0", merged, merged), ("merger.mlp.2", v.out_hidden_size, merged)] {
         whole.push((format!("visual.{m}.weight"), vec![o, i]));
         whole.push((format!("visual.{m}.bias"), vec![o]));
     }
-    whole.push(("visual.merger.ln_q.weight".into(), vec![d]));
-    whole.push(("visual.merger.ln_q.bias".into(), vec![d]));
     let mut out = Vec::new();
     for (hf, dims) in whole {
         let name = mmproj_name(&hf).ok_or_else(|| Error::Invalid(format!("no projector name for `{hf}`")))?;
