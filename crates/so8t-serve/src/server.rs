@@ -282,6 +282,8 @@ async fn models(State(st): State<St>) -> Json<Value> {
                 "thresholds": st.so8t.as_ref().map(thresholds_json),
                 "context_length": st.ctx,
                 "sha256": st.model_sha256,
+                // Whether chat messages may carry image_url parts.
+                "vision": st.vision.is_some(),
             },
         }],
     }))

@@ -281,7 +281,8 @@ fn chat_page_streams_coloured_tokens_in_headless_chromium() {
         return;
     };
     let (node_path, chromium) = tools.split_once(' ').unwrap();
-    let s = Server::start(&model, &[]);
+    // The page asks for no length; the answers here are at most 256 tokens, as before.
+    let s = Server::start(&model, &["--default-max-tokens", "256"]);
     // The screenshot is kept as the test's artefact.
     let artefacts = root().join("target/test-artifacts");
     std::fs::create_dir_all(&artefacts).unwrap();
@@ -573,4 +574,42 @@ fn openai_client_sends_images_to_a_vision_model() {
         "openai image checks",
     );
     assert!(text.contains("all image checks passed"), "{text}");
+}
+
+/// The chat page on a vision model (the tiny Qwen2-VL SO8T model) in headless Chromium:
+/// an image attached to a message shows in the user's bubble, goes to the server as a data
+/// URL part, and the answer streams in with verdicts.
+#[test]
+fn chat_page_sends_an_attached_image_in_headless_chromium() {
+    let _turn = machine();
+    let Some(tools) = script("test-tools.sh", &["browser"], "Chromium and playwright-core") else {
+        return;
+    };
+    let (node_path, chromium) = tools.split_once(' ').unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("qwen2vl");
+    let st = Command::new(env!("CARGO_BIN_EXE_so8t"))
+        .args(["convert", root().join("fixtures/tiny-qwen2vl").to_str().unwrap(), "--out"])
+        .arg(&model)
+        .args(["--init", "random", "--scale", "0.1", "--seed", "5"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let s = Server::start(&model, &[]);
+    let artefacts = root().join("target/test-artifacts");
+    std::fs::create_dir_all(&artefacts).unwrap();
+    let shot = artefacts.join("chat-page-image.png");
+    let text = run_client(
+        Command::new("node")
+            .env("NODE_PATH", node_path)
+            .arg(root().join("crates/so8t-cli/tests/serve/chat_page_image.mjs"))
+            .args([
+                &s.url("/"),
+                chromium,
+                root().join("fixtures/qwen2vl-images/e.png").to_str().unwrap(),
+                shot.to_str().unwrap(),
+            ]),
+        "chat page image check",
+    );
+    eprintln!("{text}\nscreenshot: {}", shot.display());
 }
