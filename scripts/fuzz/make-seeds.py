@@ -8,6 +8,7 @@ Seeds are small on purpose (libFuzzer mutates whole inputs): tiny fixture models
 metadata-only cut of a GGUF (no tensors, so the tokenizer and template paths are reached
 fast), real configs, tokenizers, chat templates, training rows and request bodies.
 """
+import base64
 import json
 import os
 import shutil
@@ -93,8 +94,22 @@ def main():
     }).encode()
     put("safetensors", "two.safetensors", struct.pack("<Q", len(header)) + header + bytes(range(24)))
 
-    for arch in ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-qwen3-fp8"):
+    for arch in ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-qwen3-fp8", "tiny-qwen2vl"):
         put("model_config", f"{arch}.json", read(FIX, arch, "config.json"))
+    put("model_config", "qwen2vl-preprocessor.json", read(FIX, "tiny-qwen2vl", "preprocessor_config.json"))
+
+    # Images (a vision model's processor): PNGs of the fixtures (RGB, grey), and a JPEG
+    # made from one when Pillow is at hand.
+    for name in ("d", "e"):
+        put("image", f"{name}.png", read(FIX, "qwen2vl-images", f"{name}.png"))
+    try:
+        from PIL import Image
+        import io
+        buf = io.BytesIO()
+        Image.open(os.path.join(FIX, "qwen2vl-images", "e.png")).resize((20, 28)).save(buf, "JPEG", quality=80)
+        put("image", "e-small.jpg", buf.getvalue())
+    except ImportError:
+        pass
 
     put("so8t_config", "smollm2-trained.json",
         read(ROOT, "eval", "smollm2-135m", "model", "so8t_config.json"))
@@ -132,6 +147,10 @@ def main():
         {"prompt": "Once upon", "max_tokens": 16, "logprobs": 2},
         {"prompt": [1, 2, 3]},
         {"input": ["How do I bake bread?", "How do I make a bomb?"]},
+        {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(
+                read(FIX, "qwen2vl-images", "d.png")).decode()}},
+            {"type": "text", "text": "what is this?"}]}]},
     ]):
         put("request", f"body{i}.json", json.dumps(body))
 

@@ -11,7 +11,7 @@ secs=${1:-60}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(gguf safetensors model_config so8t_config hf_tokenizer chat_template jsonl request)
+  targets=(gguf safetensors model_config so8t_config hf_tokenizer chat_template jsonl request image)
 fi
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1

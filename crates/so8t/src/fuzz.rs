@@ -63,6 +63,19 @@ pub fn model_config(bytes: &[u8]) {
         let _ = c.rope_inv_freq(true);
     }
     let _ = crate::formats::source::fp8_block_size(text, Path::new(NAME));
+    // A vision model's settings: the tower's (config.json) and the image processor's.
+    let _ = crate::vision::VisionConfig::from_hf_json(text, Path::new(NAME));
+    let _ = crate::vision::preprocess::ImageProcessorConfig::from_json(text, Path::new(NAME));
+}
+
+/// An image file (PNG or JPEG from a request or the command line) through the vision
+/// processor. The bounds are a fuzzer's (a 1-megapixel input, 64 patches out) so that
+/// each run stays fast; the code is the one every bound takes.
+pub fn image(bytes: &[u8]) {
+    use crate::vision::preprocess::{decode_rgb, ImageProcessorConfig};
+    let Ok((rgb, w, h)) = decode_rgb(bytes, Path::new(NAME), 1 << 20) else { return };
+    let cfg = ImageProcessorConfig { max_pixels: 28 * 28 * 16, ..ImageProcessorConfig::default() };
+    let _ = cfg.preprocess_rgb(&rgb, w, h);
 }
 
 /// An `so8t_config.json`.
@@ -119,4 +132,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("hf_tokenizer", hf_tokenizer),
     ("chat_template", chat_template),
     ("jsonl", jsonl),
+    ("image", image),
 ];
