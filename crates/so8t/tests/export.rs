@@ -204,7 +204,7 @@ fn quantised_bytes_equal_ggml_for_every_required_type() {
             so8t::artifact::export::Quant::Plain(d) => d,
             q => panic!("{q:?}"),
         };
-        let ours = so8t::artifact::export::encode(&x, &[8, 1024], dtype).unwrap();
+        let ours = so8t::formats::gguf_write::encode(&x, &[8, 1024], dtype).unwrap();
         let theirs = std::fs::read(dir.join(format!("{ty}.bin"))).unwrap();
         let same = ours == theirs;
         report.push(format!(

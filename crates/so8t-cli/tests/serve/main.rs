@@ -68,11 +68,17 @@ fn machine() -> MutexGuard<'static, ()> {
 /// The tiny fixture model as an SO8T directory (random gates, untrained heads): a server
 /// on it starts and answers in milliseconds.
 fn tiny_so8t(dir: &Path) -> PathBuf {
-    let model = dir.join("so8t");
+    random_so8t("tiny-qwen3", dir, 0)
+}
+
+/// `fixtures/FIXTURE` converted into an SO8T directory in `dir` with random gates
+/// (scale 0.1, `seed`) and untrained heads.
+fn random_so8t(fixture: &str, dir: &Path, seed: u64) -> PathBuf {
+    let model = dir.join(format!("{fixture}-so8t"));
     let st = Command::new(env!("CARGO_BIN_EXE_so8t"))
-        .args(["convert", root().join("fixtures/tiny-qwen3").to_str().unwrap(), "--out"])
+        .args(["convert", root().join("fixtures").join(fixture).to_str().unwrap(), "--out"])
         .arg(&model)
-        .args(["--init", "random", "--scale", "0.1"])
+        .args(["--init", "random", "--scale", "0.1", "--seed", &seed.to_string()])
         .status()
         .unwrap();
     assert!(st.success());
@@ -495,14 +501,7 @@ fn a_template_that_exhausts_memory_fails_its_request_and_the_server_goes_on() {
 fn phi3_model_serves_what_run_generates() {
     let _turn = machine();
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("phi3");
-    let st = Command::new(env!("CARGO_BIN_EXE_so8t"))
-        .args(["convert", root().join("fixtures/tiny-phi3").to_str().unwrap(), "--out"])
-        .arg(&model)
-        .args(["--init", "random", "--scale", "0.1", "--seed", "9"])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let model = random_so8t("tiny-phi3", tmp.path(), 9);
     let out = Command::new(env!("CARGO_BIN_EXE_so8t"))
         .args(["run", "--model"])
         .arg(&model)
@@ -530,14 +529,7 @@ fn openai_client_sends_images_to_a_vision_model() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("qwen2vl");
-    let st = Command::new(env!("CARGO_BIN_EXE_so8t"))
-        .args(["convert", root().join("fixtures/tiny-qwen2vl").to_str().unwrap(), "--out"])
-        .arg(&model)
-        .args(["--init", "random", "--scale", "0.1", "--seed", "5"])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let model = random_so8t("tiny-qwen2vl", tmp.path(), 5);
     let images = root().join("fixtures/qwen2vl-images");
     let run = |image_args: &[PathBuf], prompt: &str, raw: bool| -> serde_json::Value {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_so8t"));
@@ -587,14 +579,7 @@ fn chat_page_sends_an_attached_image_in_headless_chromium() {
     };
     let (node_path, chromium) = tools.split_once(' ').unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("qwen2vl");
-    let st = Command::new(env!("CARGO_BIN_EXE_so8t"))
-        .args(["convert", root().join("fixtures/tiny-qwen2vl").to_str().unwrap(), "--out"])
-        .arg(&model)
-        .args(["--init", "random", "--scale", "0.1", "--seed", "5"])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let model = random_so8t("tiny-qwen2vl", tmp.path(), 5);
     let s = Server::start(&model, &[]);
     let artefacts = root().join("target/test-artifacts");
     std::fs::create_dir_all(&artefacts).unwrap();

@@ -8,12 +8,12 @@ use super::bake::read_heads;
 use crate::config::{Arch, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::formats::gguf::{gguf_key, gguf_name, GgufFile, GgufStore};
-use crate::formats::gguf_write::{write, Meta, PlannedTensor};
+use crate::formats::gguf_write::{encode, write, Meta, PlannedTensor};
 use crate::formats::safetensors::SafetensorsStore;
 use crate::formats::WeightStore;
 use crate::formats::source::{open_source, Source};
 use crate::model::Site;
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
@@ -291,68 +291,6 @@ pub fn export_with_thresholds(
     })
 }
 
-/// ggml blocks for a row-major f32 tensor of shape `dims`: our ggml-exact quantisers
-/// (Q8_0, Q5_0, Q4_K, Q5_K, Q6_K) and parallel f16/bf16 conversion, candle's block encoders for
-/// the other types.
-pub fn encode(data: &[f32], dims: &[usize], dtype: GgmlDType) -> Result<Vec<u8>> {
-    use rayon::prelude::*;
-    let cols = *dims.last().unwrap_or(&1);
-    let ours = match dtype {
-        GgmlDType::Q8_0 => Some(so8t_kernels::QType::Q8_0),
-        GgmlDType::Q5_0 => Some(so8t_kernels::QType::Q5_0),
-        GgmlDType::Q4K => Some(so8t_kernels::QType::Q4K),
-        GgmlDType::Q5K => Some(so8t_kernels::QType::Q5K),
-        GgmlDType::Q6K => Some(so8t_kernels::QType::Q6K),
-        _ => None,
-    };
-    if let Some(ty) = ours {
-        if let Some(b) = so8t_kernels::quantize::quantize_rows(ty, data, cols) {
-            return Ok(b);
-        }
-    }
-    match dtype {
-        GgmlDType::F32 => return Ok(to_bytes(data, |v| v.to_le_bytes())),
-        GgmlDType::F16 => return Ok(to_bytes(data, |v| half::f16::from_f32(v).to_le_bytes())),
-        GgmlDType::BF16 => return Ok(to_bytes(data, |v| half::bf16::from_f32(v).to_le_bytes())),
-        _ => {}
-    }
-    // candle's encoders are single-threaded; blocks never cross rows, so chunks of rows
-    // quantised in parallel and concatenated are the same bytes.
-    let rows = data.len() / cols.max(1);
-    let chunk = rows.div_ceil(rayon::current_num_threads() * 4).max(16);
-    let parts: Vec<candle_core::Result<Vec<u8>>> = data
-        .par_chunks(chunk * cols.max(1))
-        .map(|part| {
-            let t = Tensor::from_slice(
-                part,
-                (part.len() / cols.max(1), cols),
-                &candle_core::Device::Cpu,
-            )?;
-            Ok(QTensor::quantize(&t, dtype)?.data()?.into_owned())
-        })
-        .collect();
-    let mut out = Vec::new();
-    for p in parts {
-        out.extend(p?);
-    }
-    Ok(out)
-}
-
-/// Each value as `W` little-endian bytes, in parallel chunks (generic, so the conversion
-/// inlines into the loop; the mirror of the safetensors reader's).
-fn to_bytes<const W: usize>(data: &[f32], f: impl Fn(f32) -> [u8; W] + Sync) -> Vec<u8> {
-    use rayon::prelude::*;
-    const CHUNK: usize = 1 << 16;
-    let mut out = vec![0u8; data.len() * W];
-    out.par_chunks_mut(CHUNK * W)
-        .zip(data.par_chunks(CHUNK))
-        .for_each(|(o, x)| {
-            for (b, &v) in o.chunks_exact_mut(W).zip(x) {
-                b.copy_from_slice(&f(v));
-            }
-        });
-    out
-}
 
 /// A tensor as row-major f32 in the GGUF's layout: gates folded, llama q/k rows permuted.
 fn prepare(input: &Input, name: &str, dims: &[usize]) -> Result<Vec<f32>> {

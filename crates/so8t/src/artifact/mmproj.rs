@@ -6,7 +6,7 @@
 //! §4 places gates in the text decoder), so it is written as the checkpoint has it.
 
 use crate::error::{Error, Result};
-use crate::formats::gguf_write::{write, Meta, PlannedTensor};
+use crate::formats::gguf_write::{encode, write, Meta, PlannedTensor};
 use crate::formats::WeightStore;
 use crate::vision::preprocess::ImageProcessorConfig;
 use crate::vision::{mmproj_name, VisionConfig};
@@ -183,7 +183,7 @@ pub fn write_mmproj(dir: &Path, ws: &dyn WeightStore, out: &Path, ty: GgmlDType,
         &planned,
         |i| {
             let data = values(ws, &v, &plan[i].source, &plan[i].dims)?;
-            super::export::encode(&data, &planned[i].dims, planned[i].dtype)
+            encode(&data, &planned[i].dims, planned[i].dtype)
         },
         |_, b| bytes += b,
     )?;
