@@ -139,19 +139,23 @@ pub(crate) fn chat_prompt(
     Ok((text, ids, at))
 }
 
+/// The model's vision side, for a request with images.
+pub(crate) fn vision(st: &AppState) -> Result<std::sync::Arc<so8t::vision::Vision>, ApiError> {
+    st.vision
+        .clone()
+        .ok_or_else(|| ApiError::invalid("messages", "this model takes no images (image_url parts need a vision model)"))
+}
+
 /// A chat prompt with images: each image's data URL decoded and preprocessed, its
 /// placeholder in `ids` expanded to its merged patches, and its features computed (on a
 /// blocking task: the vision tower is a forward pass of its own). Returns the prompt's
 /// ids, its verdict position moved with them, and what the decoder takes for the images.
 pub(crate) async fn image_prompt(
-    st: &AppState,
+    vision: std::sync::Arc<so8t::vision::Vision>,
     ids: Vec<u32>,
     at: Option<usize>,
     urls: &[String],
 ) -> Result<(Vec<u32>, Option<usize>, std::sync::Arc<so8t::model::Media>), ApiError> {
-    let vision = st.vision.clone().ok_or_else(|| {
-        ApiError::invalid("messages", "this model takes no images (image_url parts need a vision model)")
-    })?;
     let limit = so8t::load::IMAGE_FILE_LIMIT as usize;
     let bytes = urls.iter().map(|u| crate::api::image_bytes(u, limit)).collect::<Result<Vec<_>, _>>()?;
     let work = move || -> so8t::Result<_> {

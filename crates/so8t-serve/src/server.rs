@@ -2,7 +2,7 @@
 //! completions (whole or streamed), moderations, models, health, metrics, the page.
 
 use crate::answer::{
-    chat_prompt, image_prompt, prepare, thresholds_json, whole_answer, write_audit, Kind, Prepared,
+    chat_prompt, image_prompt, prepare, vision, thresholds_json, whole_answer, write_audit, Kind, Prepared,
 };
 use crate::api::{
     parse, ApiError, ChatRequest, CompletionRequest, Moderation, ModerationInput,
@@ -314,12 +314,15 @@ async fn chat(
         (true, n) => Some(n.unwrap_or(0) as usize),
         (false, _) => None,
     };
+    // Before the template sees image parts, which a text model's template cannot render.
+    let vision = if image_urls.is_empty() { None } else { Some(vision(&st)?) };
     let (text, ids, at) = chat_prompt(&st, &messages, "messages")?;
-    let (ids, at, media) = if image_urls.is_empty() {
-        (ids, at, None)
-    } else {
-        let (ids, at, media) = image_prompt(&st, ids, at, &image_urls).await?;
-        (ids, at, Some(media))
+    let (ids, at, media) = match vision {
+        None => (ids, at, None),
+        Some(v) => {
+            let (ids, at, media) = image_prompt(v, ids, at, &image_urls).await?;
+            (ids, at, Some(media))
+        }
     };
     let p = prepare(&st, Kind::Chat, text, (ids, at), media, checked, logprobs)?;
     start(st, p).await

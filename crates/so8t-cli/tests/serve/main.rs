@@ -347,6 +347,13 @@ fn bad_requests_get_the_right_status_and_an_error_object() {
             "`messages[0].role`",
         ),
         (
+            "an image for a text model",
+            r#"{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGk="}}, {"type": "text", "text": "hi"}]}]}"#.into(),
+            auth.to_vec(),
+            400,
+            "takes no images",
+        ),
+        (
             "missing messages",
             r#"{"model": "x"}"#.into(),
             auth.to_vec(),
