@@ -597,3 +597,57 @@ impl Vision {
         Ok(Media { rows, embeds, positions, delta })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Qwen2-VL-2B-Instruct's config.json as released (transformers 4.41 layout: the
+    /// decoder's fields at the top level, `rope_scaling` of type `mrope`, `in_chans`).
+    const RELEASED: &str = r#"{
+      "architectures": ["Qwen2VLForConditionalGeneration"], "attention_dropout": 0.0,
+      "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
+      "vision_end_token_id": 151653, "vision_token_id": 151654, "image_token_id": 151655,
+      "video_token_id": 151656, "hidden_act": "silu", "hidden_size": 1536, "initializer_range": 0.02,
+      "intermediate_size": 8960, "max_position_embeddings": 32768, "max_window_layers": 28,
+      "model_type": "qwen2_vl", "num_attention_heads": 12, "num_hidden_layers": 28,
+      "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+      "tie_word_embeddings": true, "torch_dtype": "bfloat16", "transformers_version": "4.41.2",
+      "use_cache": true, "use_sliding_window": false,
+      "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
+        "hidden_size": 1536, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
+        "temporal_patch_size": 2},
+      "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "vocab_size": 151936
+    }"#;
+
+    #[test]
+    fn the_released_qwen2_vl_2b_config_reads_as_its_model() {
+        let path = Path::new("config.json");
+        let c = crate::config::ModelConfig::from_hf_json(RELEASED, path).unwrap();
+        assert_eq!(c.arch, crate::config::Arch::Qwen2Vl);
+        assert_eq!((c.head_dim, c.rotary_dim, c.mrope_section), (128, 128, Some([16, 24, 24])));
+        assert!(c.qkv_bias && c.tie_word_embeddings && c.sliding_window.is_none());
+        let v = VisionConfig::from_hf_json(RELEASED, path).unwrap();
+        assert_eq!((v.depth, v.embed_dim, v.num_heads, v.out_hidden_size, v.mlp_width()), (32, 1280, 16, 1536, 5120));
+        assert_eq!((v.image_token_id, v.vision_start_token_id, v.vision_end_token_id), (151655, 151652, 151653));
+        // A section that does not cover the rotary frequencies is named.
+        let bad = RELEASED.replace("[16, 24, 24]", "[16, 24, 16]");
+        let e = crate::config::ModelConfig::from_hf_json(&bad, path).unwrap_err().to_string();
+        assert!(e.contains("mrope_section") && e.contains("sums to 56"), "{e}");
+    }
+
+    #[test]
+    fn positions_follow_get_rope_index() {
+        // 2 text tokens, an image of 1×4×6 patches (2×3 merged), 2 text tokens.
+        let ids = [7, 8, 5, 5, 5, 5, 5, 5, 9, 10];
+        let (rows, pos, delta) = mrope_positions(&ids, 5, &[[1, 4, 6]], 2, 0, 0).unwrap();
+        assert_eq!(rows, vec![2, 3, 4, 5, 6, 7]);
+        assert_eq!(&pos[..3], &[[0; 3], [1; 3], [2, 2, 2]]);
+        assert_eq!(&pos[2..8], &[[2, 2, 2], [2, 2, 3], [2, 2, 4], [2, 3, 2], [2, 3, 3], [2, 3, 4]]);
+        // Text after the image continues from its start + max(2, 3).
+        assert_eq!(&pos[8..], &[[5; 3], [6; 3]]);
+        assert_eq!(delta, 7 - 10);
+        assert!(mrope_positions(&ids[..6], 5, &[[1, 4, 6]], 2, 0, 0).unwrap_err().to_string().contains("6 placeholder"));
+        assert!(mrope_positions(&ids, 5, &[], 2, 0, 0).is_err());
+    }
+}
