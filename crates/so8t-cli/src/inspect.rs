@@ -27,6 +27,14 @@ pub fn main(a: Args) -> Result<()> {
             "end_of_generation": t.eog,
             "chat_template": t.chat_template.is_some(),
         })),
+        "vision": model.vision.as_ref().map(|v| {
+            let (t, p) = (v.tower.config(), &v.processor);
+            serde_json::json!({
+                "depth": t.depth, "embed_dim": t.embed_dim, "heads": t.num_heads, "patch_size": t.patch_size,
+                "merge_size": t.spatial_merge_size, "out_hidden_size": t.out_hidden_size,
+                "image_token_id": t.image_token_id, "min_pixels": p.min_pixels, "max_pixels": p.max_pixels,
+            })
+        }),
     });
     if a.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -61,8 +69,11 @@ pub fn main(a: Args) -> Result<()> {
         ),
     };
     println!(
-        "rope:          theta {} over {} of {} dims per head, scaling {scaling}",
-        c.rope_theta, c.rotary_dim, c.head_dim
+        "rope:          theta {} over {} of {} dims per head, scaling {scaling}{}",
+        c.rope_theta,
+        c.rotary_dim,
+        c.head_dim,
+        c.mrope_section.map(|s| format!(", multimodal sections {s:?} (temporal, height, width)")).unwrap_or_default()
     );
     println!(
         "flags:         qkv_bias={} qk_norm={} tied_embeddings={}",
@@ -90,6 +101,13 @@ pub fn main(a: Args) -> Result<()> {
             }
         ),
         None => println!("tokenizer:     absent"),
+    }
+    if let Some(v) = &model.vision {
+        let (t, p) = (v.tower.config(), &v.processor);
+        println!(
+            "vision:        {} blocks of width {} ({} heads), patch {}, {}×{} merged into {}; images resized to {}..{} pixels",
+            t.depth, t.embed_dim, t.num_heads, t.patch_size, t.spatial_merge_size, t.spatial_merge_size, t.out_hidden_size, p.min_pixels, p.max_pixels
+        );
     }
     Ok(())
 }
