@@ -16,6 +16,8 @@ Bases:
   gguf   fixtures/tiny-qwen2/model-q8_0.gguf (as one file, model.gguf)
   hf     fixtures/tiny-qwen2 (config.json, model.safetensors, tokenizer files)
   so8t   the hf base plus fixtures/tiny-qwen2/so8t-random/so8t_{adapter.safetensors,config.json}
+  vl     fixtures/tiny-qwen2vl (Qwen2-VL: the hf files plus preprocessor_config.json; `run`
+         gets an image)
 
 Edits (all on one file of the base, named by `file`):
   truncate at / write at hex / json_set path value / json_del path / text / delete
@@ -35,6 +37,7 @@ OUT = os.path.join(FIX, "malformed", "cases.json")
 READ_GGUF = ["inspect", "validate", "run", "bench", "convert", "export", "modelfile", "serve"]
 READ_HF = ["inspect", "validate", "run", "bench", "convert", "export", "serve"]
 READ_SO8T = ["inspect", "validate", "run", "bench", "bake", "export", "eval", "serve"]
+READ_VL = ["inspect", "validate", "run", "bench", "convert", "export", "serve"]
 # Commands that load the weights' values, not only the header.
 LOADS_WEIGHTS = ["run", "bench", "convert", "export", "serve"]
 
@@ -44,7 +47,7 @@ cases = []
 def case(name, base, edits, refuse, expect, names=None):
     """`names`: the file the error must name, when not the edited one (an edit that makes
     two files disagree may be reported against the other)."""
-    assert all(c in {"gguf": READ_GGUF, "hf": READ_HF, "so8t": READ_SO8T}[base] for c in refuse), name
+    assert all(c in {"gguf": READ_GGUF, "hf": READ_HF, "so8t": READ_SO8T, "vl": READ_VL}[base] for c in refuse), name
     c = {"name": name, "base": base, "edits": edits, "refuse": refuse, "expect": expect}
     if names:
         c["names"] = names
@@ -411,10 +414,50 @@ def so8t_cases():
     case("so8t_config.json not JSON", "so8t", [{"file": c, "text": "{"}], every, c)
 
 
+def vl_cases():
+    """Qwen2-VL: the vision tower's settings, the image processor's, a missing tower tensor.
+    Every command that opens the model (the tower and the processor load with it), and
+    export (it writes the projector), must refuse them."""
+    opens = ["inspect", "run", "bench", "export", "serve"]
+    c, p = "config.json", "preprocessor_config.json"
+    for path, v, expect in ((["vision_config", "depth"], 1 << 40, "depth"),
+                            (["vision_config", "patch_size"], 1 << 40, "patch_size"),
+                            (["vision_config", "embed_dim"], 33, "head width"),
+                            (["vision_config", "num_heads"], 0, "num_heads"),
+                            (["vision_config", "mlp_ratio"], 1e300, "MLP width"),
+                            (["vision_config", "hidden_act"], "gelu", "hidden_act"),
+                            (["vision_config", "depth"], "three", "depth"),
+                            (["image_token_id"], -5, "image_token_id")):
+        case(f"qwen2vl config.json {'.'.join(path)} = {json.dumps(v)}", "vl",
+             [{"file": c, "json_set": path, "value": v}], opens, expect)
+    for key in ("vision_config", "image_token_id"):
+        case(f"qwen2vl config.json without {key}", "vl", [{"file": c, "json_del": [key]}], opens, key)
+    for v in ([2, 3], [2, 3, 4]):
+        case(f"qwen2vl config.json mrope_section = {v}", "vl",
+             [{"file": c, "json_set": ["text_config", "rope_parameters", "mrope_section"], "value": v}],
+             READ_VL, "mrope_section")
+    for path, v, expect in ((["resample"], 2, "resample"), (["size", "longest_edge"], 1 << 40, "pixel bounds"),
+                            (["size", "shortest_edge"], 1 << 30, "pixel bounds"), (["merge_size"], 3, "differ"),
+                            (["image_std"], [0, 0, 0], "image_std"), (["do_normalize"], False, "do_normalize"),
+                            (["patch_size"], 0, "patch_size")):
+        case(f"qwen2vl preprocessor_config.json {'.'.join(path)} = {json.dumps(v)}", "vl",
+             [{"file": p, "json_set": path, "value": v}], opens, expect)
+    case("qwen2vl preprocessor_config.json not JSON", "vl", [{"file": p, "text": "{\"size\": "}], opens, p)
+    f = "model.safetensors"
+    b = open(os.path.join(FIX, "tiny-qwen2vl", f), "rb").read()
+    n, _ = walk_safetensors(b)
+    header = b[8: 8 + n].decode()
+    old = '"visual.merger.mlp.2.weight"'
+    case("qwen2vl safetensors without visual.merger.mlp.2.weight", "vl",
+         [{"file": f, "write_at": 8 + header.index(old), "hex": '"visual.merger.mlp.2.weigh~"'.encode().hex()}],
+         ["inspect", "run", "bench", "export", "serve"], "visual.merger.mlp.2.weight")
+
+
 def main():
     gguf_cases()
     hf_cases()
     so8t_cases()
+    vl_cases()
     names = [c["name"] for c in cases]
     assert len(names) == len(set(names)), "case names must be unique"
     os.makedirs(os.path.dirname(OUT), exist_ok=True)

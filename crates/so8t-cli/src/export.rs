@@ -68,6 +68,11 @@ pub fn main(a: Args) -> Result<()> {
             a.out.display()
         );
     }
+    // A vision model writes its projector beside the file, which --force governs too.
+    let mmproj = so8t::artifact::mmproj::mmproj_path(&a.out);
+    if mmproj.exists() && !a.force && so8t::artifact::mmproj::writes_projector(&a.path)? {
+        anyhow::bail!("{}: already exists (use --force to replace it)", mmproj.display());
+    }
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tensors, {msg}")

@@ -53,11 +53,12 @@ const COMMANDS: &[(&str, &[&str])] = &[
     ("gguf", &["inspect", "validate", "run", "bench", "convert", "export", "modelfile", "serve"]),
     ("hf", &["inspect", "validate", "run", "bench", "convert", "export", "serve"]),
     ("so8t", &["inspect", "validate", "run", "bench", "bake", "export", "eval", "serve"]),
+    ("vl", &["inspect", "validate", "run", "bench", "convert", "export", "serve"]),
 ];
 
 /// Copies the case's base into `dir` and applies its edits; returns the model path.
 fn materialise(case: &Case, dir: &Path) -> PathBuf {
-    let fixtures = root().join("fixtures/tiny-qwen2");
+    let fixtures = root().join(if case.base == "vl" { "fixtures/tiny-qwen2vl" } else { "fixtures/tiny-qwen2" });
     let model = if case.base == "gguf" {
         std::fs::create_dir_all(dir).unwrap();
         std::fs::copy(fixtures.join("model-q8_0.gguf"), dir.join("model.gguf")).unwrap();
@@ -73,6 +74,9 @@ fn materialise(case: &Case, dir: &Path) -> PathBuf {
             "tokenizer_config.json",
         ] {
             std::fs::copy(fixtures.join(f), m.join(f)).unwrap();
+        }
+        if case.base == "vl" {
+            std::fs::copy(fixtures.join("preprocessor_config.json"), m.join("preprocessor_config.json")).unwrap();
         }
         if case.base == "so8t" {
             for f in ["so8t_adapter.safetensors", "so8t_config.json"] {
@@ -192,8 +196,13 @@ fn check(case: &Case, command: &str, dir: &Path) -> Result<(), String> {
     let m = model.to_str().unwrap();
     let o = |name: &str| out.join(name).to_str().unwrap().to_string();
     let data = root().join("fixtures/train/tiny.jsonl");
+    let image = root().join("fixtures/qwen2vl-images/e.png").to_str().unwrap().to_string();
     let args: Vec<String> = match command {
         "inspect" | "validate" => vec![command.into(), m.into()],
+        // A vision model's run reads an image too.
+        "run" if case.base == "vl" => ["run", "--model", m, "--image", &image, "--prompt", "hi", "-n", "2"]
+            .map(String::from)
+            .into(),
         "run" => ["run", "--model", m, "--prompt", "hi", "-n", "2"].map(String::from).into(),
         "bench" => ["bench", "-m", m, "-p", "8", "-n", "2", "-r", "1", "--no-probe"]
             .map(String::from)

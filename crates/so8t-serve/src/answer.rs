@@ -165,7 +165,7 @@ pub(crate) async fn image_prompt(
             .map(|(k, b)| vision.processor.preprocess(b, std::path::Path::new(&format!("image {}", k + 1))))
             .collect::<so8t::Result<Vec<_>>>()?;
         let (ids, moved) = vision.expand(&ids, &images)?;
-        let media = vision.media(&ids, &images, 0, 0)?;
+        let media = vision.media(&ids, &images)?;
         Ok((ids, at.map(|i| moved[i]), std::sync::Arc::new(media)))
     };
     tokio::task::spawn_blocking(work)

@@ -461,8 +461,7 @@ impl ModelConfig {
                 }
             }
         }
-        let raw: HfConfig = serde_json::from_value(top)
-            .map_err(|e| Error::format(path, format!("not a valid model config: {e}")))?;
+        let raw: HfConfig = crate::error::from_json_value(top, path)?;
         let arch = Arch::parse(&raw.model_type).ok_or_else(|| {
             Error::format(
                 path,

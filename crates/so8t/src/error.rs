@@ -68,21 +68,21 @@ impl Error {
 /// (`field `thresholds.unsafe`: invalid type: …`), which serde's own message does not.
 pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
     let mut de = serde_json::Deserializer::from_str(text);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let at = e.path().to_string();
-        let msg = e.into_inner().to_string();
-        Error::format(
-            path,
-            if at == "." {
-                msg
-            } else {
-                format!("field `{at}`: {msg}")
-            },
-        )
-    })?;
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| field_error(e, path))?;
     // What `serde_json::from_str` also refuses: anything after the value.
     de.end().map_err(|e| Error::format(path, e.to_string()))?;
     Ok(value)
+}
+
+/// [`parse_json`] of a value already parsed (a config rearranged before it is read).
+pub(crate) fn from_json_value<T: serde::de::DeserializeOwned>(value: serde_json::Value, path: &Path) -> Result<T> {
+    serde_path_to_error::deserialize(value).map_err(|e| field_error(e, path))
+}
+
+fn field_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>, path: &Path) -> Error {
+    let at = e.path().to_string();
+    let msg = e.into_inner().to_string();
+    Error::format(path, if at == "." { msg } else { format!("field `{at}`: {msg}") })
 }
 
 /// Attaches a file to a lower-level error (candle, safetensors, serde).

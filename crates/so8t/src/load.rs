@@ -293,7 +293,7 @@ impl Model {
     /// What the decoder takes for a prompt's `ids` holding `images`' placeholders, each
     /// image's run of them already its full length.
     pub fn prompt_media(&self, ids: &[u32], images: &[crate::vision::preprocess::PixelRows]) -> Result<crate::model::Media> {
-        self.vision()?.media(ids, images, 0, 0)
+        self.vision()?.media(ids, images)
     }
 
     /// Ids that end generation: the tokenizer's, or the config's when there is none.

@@ -404,7 +404,7 @@ mod qwen2vl {
             let images: Vec<PixelRows> = names.iter().map(|n| pixels(&model, n)).collect();
             let label = format!("{} ({}, tensor backend {tensor_backend})", p["label"].as_str().unwrap(), path.display());
             model.decoder.clear_cache();
-            let media = model.vision.as_ref().unwrap().media(&ids, &images, 0, 0).unwrap();
+            let media = model.vision.as_ref().unwrap().media(&ids, &images).unwrap();
             let mut h = model.decoder.forward_hidden_media(&ids, 0, &media).unwrap();
             let logits = model.decoder.logits(&h).unwrap();
             let d = max_abs_diff(&logits, &want[&format!("logits.{i}")]);

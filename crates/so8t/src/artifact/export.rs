@@ -256,32 +256,41 @@ pub fn export_with_thresholds(
     }
     let total = planned.len();
     let mut bytes = 0u64;
-    let sha256 = write(
-        out,
-        &meta,
-        &planned,
-        |i| {
-            let data = match &sources[i] {
-                None => rope[i].1.clone(),
-                Some(name) => prepare(&input, name, &planned[i].dims)?,
-            };
-            encode(&data, &planned[i].dims, planned[i].dtype)
-        },
-        |i, b| {
-            bytes += b;
-            progress(i + 1, total, bytes)
-        },
-    )?;
-    let mmproj = if vision {
+    let mut write_text = || {
+        write(
+            out,
+            &meta,
+            &planned,
+            |i| {
+                let data = match &sources[i] {
+                    None => rope[i].1.clone(),
+                    Some(name) => prepare(&input, name, &planned[i].dims)?,
+                };
+                encode(&data, &planned[i].dims, planned[i].dtype)
+            },
+            |i, b| {
+                bytes += b;
+                progress(i + 1, total, bytes)
+            },
+        )
+    };
+    // A vision model's two files appear together: the projector is written first (every
+    // fault of the vision side shows before the text file is begun) under a temporary
+    // name, renamed into place only after the text file is.
+    let (sha256, mmproj) = if vision {
         let path = super::mmproj::mmproj_path(out);
         let text_type = match quant {
             Quant::Plain(t) => t,
             _ => GgmlDType::F16,
         };
-        let (n, b, _) = super::mmproj::write_mmproj(src, input.store.as_ref(), &path, super::mmproj::projector_type(text_type), &name)?;
-        Some((path, n, b))
+        let ty = super::mmproj::projector_type(text_type);
+        let (sha256, n, b) = crate::staging::write_file(&path, |tmp| {
+            let (n, b, _) = super::mmproj::write_mmproj(src, input.store.as_ref(), tmp, ty, &name)?;
+            Ok((write_text()?, n, b))
+        })?;
+        (sha256, Some((path, n, b)))
     } else {
-        None
+        (write_text()?, None)
     };
     Ok(ExportReport {
         tensors: total,

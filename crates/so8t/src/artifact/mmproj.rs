@@ -8,7 +8,6 @@
 use crate::error::{Error, Result};
 use crate::formats::gguf_write::{encode, write, Meta, PlannedTensor};
 use crate::formats::WeightStore;
-use crate::vision::preprocess::ImageProcessorConfig;
 use crate::vision::{mmproj_name, VisionConfig};
 use candle_core::quantized::GgmlDType;
 use std::path::{Path, PathBuf};
@@ -18,6 +17,15 @@ use std::path::{Path, PathBuf};
 pub fn mmproj_path(text: &Path) -> PathBuf {
     let name = text.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
     text.with_file_name(format!("mmproj-{name}"))
+}
+
+/// Whether exporting the model at `src` writes a projector beside the GGUF (a Qwen2-VL
+/// directory); reads only its config.
+pub fn writes_projector(src: &Path) -> Result<bool> {
+    Ok(match crate::formats::source::open_source(src)? {
+        crate::formats::source::Source::Hf { config, .. } => config.arch == crate::config::Arch::Qwen2Vl,
+        crate::formats::source::Source::Gguf(_) => false,
+    })
 }
 
 /// The projector's tensor type: f32 for an f32 export, f16 otherwise. llama.cpp's
@@ -129,11 +137,7 @@ pub fn write_mmproj(dir: &Path, ws: &dyn WeightStore, out: &Path, ty: GgmlDType,
     let cfg_path = dir.join("config.json");
     let text = crate::files::read_text(&cfg_path, crate::files::SETTINGS_LIMIT)?;
     let v = VisionConfig::from_hf_json(&text, &cfg_path)?;
-    let pre_path = dir.join("preprocessor_config.json");
-    let processor = match crate::files::read_text_if_exists(&pre_path, crate::files::SETTINGS_LIMIT)? {
-        Some(t) => ImageProcessorConfig::from_json(&t, &pre_path)?,
-        None => ImageProcessorConfig::default(),
-    };
+    let processor = crate::vision::read_processor(dir, &v)?;
     if v.temporal_patch_size != 2 {
         return Err(Error::format(
             &cfg_path,

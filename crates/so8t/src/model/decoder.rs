@@ -365,12 +365,6 @@ impl Decoder {
         self.cache.len
     }
 
-    /// The RoPE position the next text token takes: its place in the cache, moved by the
-    /// images before it (multimodal RoPE).
-    pub fn next_rope_position(&self) -> i64 {
-        self.cache.len as i64 + self.cache.rope_delta()
-    }
-
     /// Drops cached positions from `len` on (e.g. to reuse a shared prompt prefix).
     pub fn truncate_cache(&mut self, len: usize) -> Result<()> {
         self.cache.truncate(len);

@@ -93,8 +93,8 @@ impl VisionConfig {
                 cfg.embed_dim, cfg.num_heads
             ));
         }
-        if cfg.depth == 0 || cfg.patch_size == 0 || cfg.temporal_patch_size == 0 || cfg.spatial_merge_size == 0 {
-            return bad("depth, patch_size, temporal_patch_size and spatial_merge_size must be positive".into());
+        if let Err(what) = cfg.check_sizes() {
+            return bad(what);
         }
         if !(cfg.mlp_ratio.is_finite() && cfg.mlp_ratio > 0.0) {
             return bad(format!("mlp_ratio must be positive, got {}", cfg.mlp_ratio));
@@ -104,6 +104,26 @@ impl VisionConfig {
 
     fn head_dim(&self) -> usize {
         self.embed_dim / self.num_heads
+    }
+
+    /// Every size within what a vision tower has (Qwen2-VL-2B: depth 32, width 1280,
+    /// patch 14), so that no product of them overflows and no loop runs on a wild value.
+    fn check_sizes(&self) -> std::result::Result<(), String> {
+        for (name, v, max) in [
+            ("depth", self.depth, 1024),
+            ("embed_dim", self.embed_dim, 1 << 16),
+            ("num_heads", self.num_heads, 1024),
+            ("patch_size", self.patch_size, 1024),
+            ("temporal_patch_size", self.temporal_patch_size, 16),
+            ("spatial_merge_size", self.spatial_merge_size, 16),
+            ("hidden_size", self.out_hidden_size, 1 << 20),
+            ("MLP width", self.mlp_width(), 1 << 20),
+        ] {
+            if v == 0 || v > max {
+                return Err(format!("{name} is {v}; expected 1..={max}"));
+            }
+        }
+        Ok(())
     }
 
     fn mlp_width(&self) -> usize {
@@ -191,7 +211,7 @@ impl VisionTower {
             .t()?
             .contiguous()?;
         let mlp = cfg.mlp_width();
-        let mut blocks = Vec::with_capacity(cfg.depth);
+        let mut blocks = Vec::new();
         for i in 0..cfg.depth {
             let b = format!("visual.blocks.{i}");
             blocks.push(Block {
@@ -307,23 +327,21 @@ fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor>
     x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
-/// The placeholder rows, multimodal RoPE positions and delta of a run of `ids` holding
+/// The placeholder rows, multimodal RoPE positions and delta of a prompt `ids` holding
 /// `grids.len()` images' placeholders (transformers' `get_rope_index`): text tokens take
-/// consecutive positions on all three axes from `start`; an image's merged patches take
-/// (start, start + row, start + column) and the text after it continues from start + the
-/// larger of its merged height and width. `cache_pos` is where the run begins in the KV
-/// cache; the delta makes later text positions continue from where this run left off.
+/// consecutive positions on all three axes; an image's merged patches starting at
+/// position s take (s, s + row, s + column), and the text after it continues from s + the
+/// larger of its merged height and width. The delta makes the tokens generated after the
+/// prompt continue from where it left off.
 pub fn mrope_positions(
     ids: &[u32],
     image_token: u32,
     grids: &[[usize; 3]],
     merge: usize,
-    cache_pos: usize,
-    start: i64,
 ) -> Result<(Vec<usize>, Vec<[u32; 3]>, i64)> {
     let mut positions = Vec::with_capacity(ids.len());
     let mut rows = Vec::new();
-    let mut next = start;
+    let mut next: i64 = 0;
     let mut images = grids.iter();
     let at = |x: i64| -> Result<u32> {
         u32::try_from(x).map_err(|_| Error::Invalid(format!("vision: RoPE position {x} is out of range")))
@@ -369,7 +387,7 @@ pub fn mrope_positions(
             grids.len() - images.len()
         )));
     }
-    let delta = next - (cache_pos + ids.len()) as i64;
+    let delta = next - ids.len() as i64;
     Ok((rows, positions, delta))
 }
 
@@ -474,14 +492,44 @@ impl VisionConfig {
             vision_start_token_id: id("<|vision_start|>")?,
             vision_end_token_id: id("<|vision_end|>")?,
         };
-        if cfg.num_heads == 0 || cfg.embed_dim % cfg.num_heads != 0 || (cfg.embed_dim / cfg.num_heads) % 4 != 0 || cfg.depth == 0 || cfg.patch_size == 0 {
+        if let Err(what) = cfg.check_sizes() {
+            return bad(format!("clip.vision: {what}"));
+        }
+        if cfg.embed_dim % cfg.num_heads != 0 || (cfg.embed_dim / cfg.num_heads) % 4 != 0 {
             return bad(format!(
-                "clip.vision: {} heads over width {}, depth {}, patch {} do not describe a Qwen2-VL tower",
-                cfg.num_heads, cfg.embed_dim, cfg.depth, cfg.patch_size
+                "clip.vision: {} heads over width {} do not give a head width that is a multiple of 4",
+                cfg.num_heads, cfg.embed_dim
             ));
         }
         Ok(cfg)
     }
+}
+
+/// The image processor of the checkpoint in `dir` (`preprocessor_config.json`, Qwen2-VL's
+/// defaults without one), checked against the tower it feeds.
+pub fn read_processor(dir: &Path, cfg: &VisionConfig) -> Result<ImageProcessorConfig> {
+    let pre_path = dir.join("preprocessor_config.json");
+    let processor = match crate::files::read_text_if_exists(&pre_path, crate::files::SETTINGS_LIMIT)? {
+        Some(text) => ImageProcessorConfig::from_json(&text, &pre_path)?,
+        None => ImageProcessorConfig::default(),
+    };
+    if (processor.patch_size, processor.temporal_patch_size, processor.merge_size)
+        != (cfg.patch_size, cfg.temporal_patch_size, cfg.spatial_merge_size)
+    {
+        return Err(Error::format(
+            &pre_path,
+            format!(
+                "patch {} / temporal patch {} / merge {} differ from config.json's vision_config ({} / {} / {})",
+                processor.patch_size,
+                processor.temporal_patch_size,
+                processor.merge_size,
+                cfg.patch_size,
+                cfg.temporal_patch_size,
+                cfg.spatial_merge_size
+            ),
+        ));
+    }
+    Ok(processor)
 }
 
 /// A Qwen2-VL checkpoint's vision side: its image processor and tower.
@@ -495,29 +543,8 @@ impl Vision {
     /// `preprocessor_config.json` beside `config.json` (Qwen2-VL's defaults without one).
     pub fn load(dir: &Path, config_text: &str, ws: &dyn WeightStore) -> Result<Vision> {
         let cfg = VisionConfig::from_hf_json(config_text, &dir.join("config.json"))?;
-        let pre_path = dir.join("preprocessor_config.json");
-        let processor = match crate::files::read_text_if_exists(&pre_path, crate::files::SETTINGS_LIMIT)? {
-            Some(text) => ImageProcessorConfig::from_json(&text, &pre_path)?,
-            None => ImageProcessorConfig::default(),
-        };
-        if (processor.patch_size, processor.temporal_patch_size, processor.merge_size)
-            != (cfg.patch_size, cfg.temporal_patch_size, cfg.spatial_merge_size)
-        {
-            return Err(Error::format(
-                &pre_path,
-                format!(
-                    "patch {} / temporal patch {} / merge {} differ from config.json's vision_config ({} / {} / {})",
-                    processor.patch_size,
-                    processor.temporal_patch_size,
-                    processor.merge_size,
-                    cfg.patch_size,
-                    cfg.temporal_patch_size,
-                    cfg.spatial_merge_size
-                ),
-            ));
-        }
         Ok(Vision {
-            processor,
+            processor: read_processor(dir, &cfg)?,
             tower: VisionTower::load(cfg, ws)?,
         })
     }
@@ -582,14 +609,13 @@ impl Vision {
         Ok((out, map))
     }
 
-    /// What the decoder takes for a run of `ids` with `images` in order: their features
-    /// at the placeholders and every token's RoPE position. `cache_pos` and `start` are the
-    /// run's first cache position and RoPE position.
-    pub fn media(&self, ids: &[u32], images: &[PixelRows], cache_pos: usize, start: i64) -> Result<Media> {
+    /// What the decoder takes for a prompt `ids` with `images` in order: their features at
+    /// the placeholders and every token's RoPE position. A prompt with images is read from
+    /// its start (no cached prefix is reused for it).
+    pub fn media(&self, ids: &[u32], images: &[PixelRows]) -> Result<Media> {
         let cfg = self.tower.config();
         let grids: Vec<[usize; 3]> = images.iter().map(|i| i.grid).collect();
-        let (rows, positions, delta) =
-            mrope_positions(ids, cfg.image_token_id, &grids, cfg.spatial_merge_size, cache_pos, start)?;
+        let (rows, positions, delta) = mrope_positions(ids, cfg.image_token_id, &grids, cfg.spatial_merge_size)?;
         let mut embeds = Vec::with_capacity(rows.len() * cfg.out_hidden_size);
         for image in images {
             embeds.extend(self.tower.forward(image)?.flatten_all()?.to_vec1::<f32>()?);
@@ -640,14 +666,14 @@ mod tests {
     fn positions_follow_get_rope_index() {
         // 2 text tokens, an image of 1×4×6 patches (2×3 merged), 2 text tokens.
         let ids = [7, 8, 5, 5, 5, 5, 5, 5, 9, 10];
-        let (rows, pos, delta) = mrope_positions(&ids, 5, &[[1, 4, 6]], 2, 0, 0).unwrap();
+        let (rows, pos, delta) = mrope_positions(&ids, 5, &[[1, 4, 6]], 2).unwrap();
         assert_eq!(rows, vec![2, 3, 4, 5, 6, 7]);
         assert_eq!(&pos[..3], &[[0; 3], [1; 3], [2, 2, 2]]);
         assert_eq!(&pos[2..8], &[[2, 2, 2], [2, 2, 3], [2, 2, 4], [2, 3, 2], [2, 3, 3], [2, 3, 4]]);
         // Text after the image continues from its start + max(2, 3).
         assert_eq!(&pos[8..], &[[5; 3], [6; 3]]);
         assert_eq!(delta, 7 - 10);
-        assert!(mrope_positions(&ids[..6], 5, &[[1, 4, 6]], 2, 0, 0).unwrap_err().to_string().contains("6 placeholder"));
-        assert!(mrope_positions(&ids, 5, &[], 2, 0, 0).is_err());
+        assert!(mrope_positions(&ids[..6], 5, &[[1, 4, 6]], 2).unwrap_err().to_string().contains("6 placeholder"));
+        assert!(mrope_positions(&ids, 5, &[], 2).is_err());
     }
 }

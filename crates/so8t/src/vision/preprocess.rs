@@ -123,8 +123,9 @@ impl ImageProcessorConfig {
 }
 
 /// A bound on `max_pixels` (the processor resizes every image to at most this many pixels,
-/// so it bounds every buffer below): 16k × 16k.
-const MAX_PIXELS_LIMIT: usize = 1 << 28;
+/// so it bounds every buffer below): the largest Qwen's processors allow, 16384 merged
+/// patches of 28² (12.8 megapixels).
+const MAX_PIXELS_LIMIT: usize = 16384 * 28 * 28;
 
 /// An image's pixel rows for the vision tower, `[t·h·w, row_width]`, and its patch grid.
 #[derive(Clone, Debug)]
