@@ -5,6 +5,7 @@ of the halves' losses is the whole batch's loss). Exits non-zero on a mismatch.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 ddp_gradients.py SO8T_DIR
 """
+import os
 import sys
 from pathlib import Path
 
@@ -67,8 +68,14 @@ def main():
         ok = True
     flag = torch.tensor([int(ok)])
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    code = 0 if flag.item() else 1
     dist.destroy_process_group()
-    sys.exit(0 if flag.item() else 1)
+    # Leave without the interpreter's teardown: gloo's worker threads (DDP's reducer still
+    # holds work on them) can race it and abort the process ("terminate called without an
+    # active exception", seen once in CI after the check had passed; pytorch/pytorch#179291).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

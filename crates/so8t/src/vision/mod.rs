@@ -29,9 +29,9 @@ pub struct VisionConfig {
     /// The merger's output width: the text decoder's hidden size.
     pub out_hidden_size: usize,
     pub rope_theta: f32,
+    /// The placeholder an image's features replace (the chat template writes the
+    /// `<|vision_start|>` and `<|vision_end|>` around it as text).
     pub image_token_id: u32,
-    pub vision_start_token_id: u32,
-    pub vision_end_token_id: u32,
 }
 
 #[derive(Deserialize)]
@@ -53,8 +53,6 @@ struct RawVision {
 struct RawTop {
     vision_config: Option<RawVision>,
     image_token_id: Option<u32>,
-    vision_start_token_id: Option<u32>,
-    vision_end_token_id: Option<u32>,
 }
 
 impl VisionConfig {
@@ -77,8 +75,6 @@ impl VisionConfig {
             out_hidden_size: v.hidden_size,
             rope_theta: 10_000.0,
             image_token_id: need(raw.image_token_id, "image_token_id")?,
-            vision_start_token_id: need(raw.vision_start_token_id, "vision_start_token_id")?,
-            vision_end_token_id: need(raw.vision_end_token_id, "vision_end_token_id")?,
         };
         let bad = |what: String| Err(Error::format(path, format!("vision_config: {what}")));
         if let Some(act) = v.hidden_act.as_deref().filter(|a| *a != "quick_gelu") {
@@ -489,8 +485,6 @@ impl VisionConfig {
             out_hidden_size: file.usize("clip.vision.projection_dim")?,
             rope_theta: 10_000.0,
             image_token_id: id("<|image_pad|>")?,
-            vision_start_token_id: id("<|vision_start|>")?,
-            vision_end_token_id: id("<|vision_end|>")?,
         };
         if let Err(what) = cfg.check_sizes() {
             return bad(format!("clip.vision: {what}"));
@@ -655,7 +649,7 @@ mod tests {
         assert!(c.qkv_bias && c.tie_word_embeddings && c.sliding_window.is_none());
         let v = VisionConfig::from_hf_json(RELEASED, path).unwrap();
         assert_eq!((v.depth, v.embed_dim, v.num_heads, v.out_hidden_size, v.mlp_width()), (32, 1280, 16, 1536, 5120));
-        assert_eq!((v.image_token_id, v.vision_start_token_id, v.vision_end_token_id), (151655, 151652, 151653));
+        assert_eq!(v.image_token_id, 151655);
         // A section that does not cover the rotary frequencies is named.
         let bad = RELEASED.replace("[16, 24, 24]", "[16, 24, 16]");
         let e = crate::config::ModelConfig::from_hf_json(&bad, path).unwrap_err().to_string();
