@@ -102,13 +102,12 @@ pub fn main(a: Args) -> Result<()> {
     let (prompt_ids, verdict_position, media) = if images.is_empty() {
         (prompt_ids, verdict_position, None)
     } else {
-        let (ids, at) = if a.prompt_ids.is_some() {
-            (prompt_ids, verdict_position)
+        let (ids, at, media) = if a.prompt_ids.is_some() {
+            let media = model.prompt_media(&prompt_ids, &images)?;
+            (prompt_ids, verdict_position, media)
         } else {
-            let (ids, moved) = model.vision()?.expand(&prompt_ids, &images)?;
-            (ids, verdict_position.map(|i| moved[i]))
+            model.vision()?.expanded_prompt(&prompt_ids, verdict_position, &images)?
         };
-        let media = model.prompt_media(&ids, &images)?;
         (ids, at, Some(std::sync::Arc::new(media)))
     };
     let sampling = asked.resolve(&model.generation, || {

@@ -164,9 +164,8 @@ pub(crate) async fn image_prompt(
             .enumerate()
             .map(|(k, b)| vision.processor.preprocess(b, std::path::Path::new(&format!("image {}", k + 1))))
             .collect::<so8t::Result<Vec<_>>>()?;
-        let (ids, moved) = vision.expand(&ids, &images)?;
-        let media = vision.media(&ids, &images)?;
-        Ok((ids, at.map(|i| moved[i]), std::sync::Arc::new(media)))
+        let (ids, at, media) = vision.expanded_prompt(&ids, at, &images)?;
+        Ok((ids, at, std::sync::Arc::new(media)))
     };
     tokio::task::spawn_blocking(work)
         .await

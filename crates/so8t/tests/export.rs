@@ -556,8 +556,7 @@ fn llama_cpp_mtmd_answers_image_prompts_on_our_export_as_we_do() {
         let mut parts = vec![Part::Image; images.len()];
         parts.push(Part::Text(case["prompt"].as_str().unwrap().to_string()));
         let ids = model.prompt_ids(&[Message::with_parts("user", parts)]).unwrap();
-        let (ids, _) = model.vision().unwrap().expand(&ids, &images).unwrap();
-        let media = model.prompt_media(&ids, &images).unwrap();
+        let (ids, _, media) = model.vision().unwrap().expanded_prompt(&ids, None, &images).unwrap();
         let req = GenerateRequest {
             prompt_ids: ids,
             max_tokens: 12,

@@ -57,8 +57,7 @@ enum Source {
 }
 
 fn plan(v: &VisionConfig) -> Result<Vec<Planned>> {
-    let (d, mlp) = (v.embed_dim, (v.embed_dim as f64 * v.mlp_ratio) as usize);
-    let merged = d * v.spatial_merge_size * v.spatial_merge_size;
+    let (d, mlp, merged) = (v.embed_dim, v.mlp_width(), v.merged_width());
     // The tensors kept whole, by HF name (the file's order is ours; llama.cpp reads by name).
     let mut whole: Vec<(String, Vec<usize>)> = Vec::new();
     for b in 0..v.depth {

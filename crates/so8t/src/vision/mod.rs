@@ -122,9 +122,14 @@ impl VisionConfig {
         Ok(())
     }
 
-    fn mlp_width(&self) -> usize {
+    pub(crate) fn mlp_width(&self) -> usize {
         // transformers: int(embed_dim * mlp_ratio).
         (self.embed_dim as f64 * self.mlp_ratio) as usize
+    }
+
+    /// The merger's input width: a merge block's patches side by side.
+    pub(crate) fn merged_width(&self) -> usize {
+        self.embed_dim * self.spatial_merge_size * self.spatial_merge_size
     }
 }
 
@@ -219,7 +224,7 @@ impl VisionTower {
                 fc2: Linear::load(get, &format!("{b}.mlp.fc2"), d, mlp)?,
             });
         }
-        let merged = d * cfg.spatial_merge_size * cfg.spatial_merge_size;
+        let merged = cfg.merged_width();
         // transformers: 1 / θ^(arange(0, dim, 2) / dim) over half a head, in f32.
         let dim = cfg.head_dim() / 2;
         let inv_freq = (0..dim)
@@ -278,7 +283,7 @@ impl VisionTower {
             let h = (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?;
             x = (x + b.fc2.forward(&h)?)?;
         }
-        let merged = self.ln_q.forward(&x)?.reshape((n / (m * m), self.cfg.embed_dim * m * m))?;
+        let merged = self.ln_q.forward(&x)?.reshape((n / (m * m), self.cfg.merged_width()))?;
         Ok(self.mlp2.forward(&self.mlp0.forward(&merged)?.gelu_erf()?)?)
     }
 
@@ -601,6 +606,15 @@ impl Vision {
             }
         }
         Ok((out, map))
+    }
+
+    /// A rendered prompt (one placeholder per image) made ready for the decoder: its ids
+    /// expanded ([`Vision::expand`]), the verdict position `at` moved with them, and the
+    /// images' [`Media`].
+    pub fn expanded_prompt(&self, ids: &[u32], at: Option<usize>, images: &[PixelRows]) -> Result<(Vec<u32>, Option<usize>, Media)> {
+        let (ids, moved) = self.expand(ids, images)?;
+        let media = self.media(&ids, images)?;
+        Ok((ids, at.map(|i| moved[i]), media))
     }
 
     /// What the decoder takes for a prompt `ids` with `images` in order: their features at
