@@ -36,8 +36,13 @@ if [ "${LLAMA_CPP_NATIVE:-0}" = 1 ] || ! grep -qw avx512f /proc/cpuinfo 2>/dev/n
   cpu_flags=(-DGGML_NATIVE=ON)
 else
   cpu_flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
-             -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON
-             -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+             -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+  # Each extension only where the CPU lists it: AMD Zen 4 has AVX512-VNNI but not the
+  # VEX-encoded AVX-VNNI, and code built for an extension the CPU lacks dies with SIGILL.
+  flags="$(grep -m1 '^flags' /proc/cpuinfo)"
+  for f in avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16 avx_vnni:AVX_VNNI; do
+    if grep -qw "${f%%:*}" <<<"$flags"; then cpu_flags+=("-DGGML_${f#*:}=ON"); else cpu_flags+=("-DGGML_${f#*:}=OFF"); fi
+  done
 fi
 cmake -S "$DEST" -B "$DEST/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF "${cpu_flags[@]}" \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=ON
