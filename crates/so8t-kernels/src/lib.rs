@@ -219,22 +219,31 @@ impl QMatrix {
     }
 
     /// Several matrices applied to the same activations (a layer's Q, K and V; gate and
-    /// up), which are quantised once per activation format rather than once per matrix.
+    /// up), which are quantised once per activation format rather than once per matrix,
+    /// and multiplied in one job of the pool: a decoding step hands work to the other
+    /// threads and waits for them once per layer input, not once per matrix.
     pub fn matmul_many(ms: &[&QMatrix], x: &[f32], n: usize, outs: &mut [&mut [f32]]) {
         assert_eq!(ms.len(), outs.len(), "one output per matrix");
         let mut done: Vec<(blocks::ActKind, blocks::Activations)> = Vec::new();
-        for (m, out) in ms.iter().zip(outs.iter_mut()) {
+        let mut which = Vec::with_capacity(ms.len());
+        for m in ms {
             assert_eq!(x.len(), n * m.cols, "activations must be [n, cols]");
             let kind = m.ty.act_kind();
-            let i = match done.iter().position(|(k, _)| *k == kind) {
+            which.push(match done.iter().position(|(k, _)| *k == kind) {
                 Some(i) => i,
                 None => {
                     done.push((kind, blocks::quantize_activations(m.ty, x, n, m.cols)));
                     done.len() - 1
                 }
-            };
-            m.matmul_quantized(Kernel::best(), &done[i].1, n, out);
+            });
         }
+        let parts: Vec<Part> = ms
+            .iter()
+            .zip(outs.iter_mut())
+            .zip(which)
+            .map(|((m, out), i)| m.part(Kernel::best(), &done[i].1, n, out))
+            .collect();
+        run_parts(&parts, n);
     }
 
     fn matmul_quantized(
@@ -244,6 +253,18 @@ impl QMatrix {
         n: usize,
         out: &mut [f32],
     ) {
+        run_parts(&[self.part(kernel, act, n, out)], n)
+    }
+
+    /// This matrix's share of a job: its units (rows, or groups of eight interleaved rows)
+    /// and what computes one of them into `out`.
+    fn part<'a>(
+        &'a self,
+        kernel: Kernel,
+        act: &'a blocks::Activations,
+        n: usize,
+        out: &'a mut [f32],
+    ) -> Part<'a> {
         assert_eq!(out.len(), n * self.rows, "output must be [n, rows]");
         let kernel = if kernel.supports(self.ty) {
             kernel
@@ -251,71 +272,89 @@ impl QMatrix {
             Kernel::Portable
         };
         let rows = self.rows;
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        #[cfg(target_arch = "x86_64")]
         if self.interleaved && kernel == Kernel::Avx512Vnni {
-            #[cfg(target_arch = "x86_64")]
-            return self.matmul_interleaved(act, n, out);
+            let gb = 8 * self.row_bytes();
+            return Part {
+                units: rows / 8,
+                min_units: 2,
+                tile: 4,
+                act,
+                f: Box::new(move |g, i0, a| {
+                    let p = &out_ptr;
+                    let mut res = [[0f32; 8]; GROUP];
+                    let res = &mut res[..a.len()];
+                    // SAFETY: `interleaved` is only set when `Kernel::best()` found AVX-512
+                    // VNNI, and the group's bytes are whole interleaved blocks.
+                    unsafe { x86::group8_vnni(self.ty, &self.data[g * gb..(g + 1) * gb], a, res) };
+                    for (j, v) in res.iter().enumerate() {
+                        // SAFETY: each (i, group) is written by exactly one task, and `out`
+                        // outlives the job.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(v.as_ptr(), p.0.add((i0 + j) * rows + 8 * g), 8)
+                        };
+                    }
+                }),
+            };
         }
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        for_units(rows, 16, 32, act, n, &|r, i0, a| {
-            let p = &out_ptr;
-            let (mut buf, mut res) = (Vec::new(), [0f32; GROUP]);
-            let res = &mut res[..a.len()];
-            kernel.rows(self.ty, self.row(r, &mut buf), a, res);
-            for (k, v) in res.iter().enumerate() {
-                // SAFETY: each (i, r) is written by exactly one task (rows are
-                // partitioned), and `out` outlives the call.
-                unsafe { *p.0.add((i0 + k) * rows + r) = *v };
-            }
-        });
-    }
-
-    /// [`QMatrix::matmul_with`] for the interleaved layout: the units are groups of eight rows.
-    #[cfg(target_arch = "x86_64")]
-    fn matmul_interleaved(&self, act: &blocks::Activations, n: usize, out: &mut [f32]) {
-        let rows = self.rows;
-        let gb = 8 * self.row_bytes();
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        for_units(rows / 8, 2, 4, act, n, &|g, i0, a| {
-            let p = &out_ptr;
-            let mut res = [[0f32; 8]; GROUP];
-            let res = &mut res[..a.len()];
-            // SAFETY: `interleaved` is only set when `Kernel::best()` found AVX-512 VNNI,
-            // and the group's bytes are whole interleaved blocks.
-            unsafe { x86::group8_vnni(self.ty, &self.data[g * gb..(g + 1) * gb], a, res) };
-            for (j, v) in res.iter().enumerate() {
-                // SAFETY: each (i, group) is written by exactly one task.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(v.as_ptr(), p.0.add((i0 + j) * rows + 8 * g), 8)
-                };
-            }
-        });
+        Part {
+            units: rows,
+            min_units: 16,
+            tile: 32,
+            act,
+            f: Box::new(move |r, i0, a| {
+                let p = &out_ptr;
+                let (mut buf, mut res) = (Vec::new(), [0f32; GROUP]);
+                let res = &mut res[..a.len()];
+                kernel.rows(self.ty, self.row(r, &mut buf), a, res);
+                for (k, v) in res.iter().enumerate() {
+                    // SAFETY: each (i, r) is written by exactly one task (rows are
+                    // partitioned), and `out` outlives the job.
+                    unsafe { *p.0.add((i0 + k) * rows + r) = *v };
+                }
+            }),
+        }
     }
 }
 
-/// `f(unit, i0, acts)` for every unit of a matrix (a row, or a group of eight interleaved
-/// rows) and every group `acts` of up to [`GROUP`] activation rows from `i0`. Tasks take a
-/// few units per thread (at least `min_units`), so that a thread that starts late still
-/// gets an even share; within a task, units go in tiles of `tile` that stay in cache while
-/// each group of activations passes.
-fn for_units(
+/// One matrix's work in a job: `f(unit, i0, acts)` for each of `units` units and each
+/// group `acts` of up to [`GROUP`] activation rows of `act` from `i0`.
+struct Part<'a> {
     units: usize,
+    /// Units per task at least, so that tiny tasks do not cost more than they do.
     min_units: usize,
+    /// Units kept in cache while every group of activations passes over them.
     tile: usize,
-    act: &blocks::Activations,
-    n: usize,
-    f: &(dyn Fn(usize, usize, &[blocks::ActRow]) + Sync),
-) {
+    act: &'a blocks::Activations,
+    f: Box<dyn Fn(usize, usize, &[blocks::ActRow]) + Sync + 'a>,
+}
+
+/// Every part's units on the pool in one job. Each part is cut into tasks of a few units
+/// per thread (so that a thread that starts late still gets an even share); within a task,
+/// units go in tiles that stay in cache while each group of activations passes.
+fn run_parts(parts: &[Part], n: usize) {
     let pool = pool::global();
-    let per_task = units.div_ceil(pool.threads() * 4).max(min_units);
-    pool.run(units.div_ceil(per_task), &|t| {
-        let (u0, u1) = (t * per_task, ((t + 1) * per_task).min(units));
+    // (part, units per task, first task of the part)
+    let mut plan = Vec::with_capacity(parts.len());
+    let mut tasks = 0;
+    for (i, p) in parts.iter().enumerate() {
+        let per_task = p.units.div_ceil(pool.threads() * 4).max(p.min_units);
+        plan.push((i, per_task, tasks));
+        tasks += p.units.div_ceil(per_task);
+    }
+    pool.run(tasks, &|t| {
+        let &(i, per_task, first) = plan.iter().rev().find(|&&(_, _, first)| first <= t).expect("task 0 is in the first part");
+        let p = &parts[i];
+        let t = t - first;
+        let (u0, u1) = (t * per_task, ((t + 1) * per_task).min(p.units));
         let mut a = Vec::with_capacity(GROUP);
-        for t0 in (u0..u1).step_by(tile) {
+        for t0 in (u0..u1).step_by(p.tile) {
             for i0 in (0..n).step_by(GROUP) {
                 a.clear();
-                a.extend((i0..(i0 + GROUP).min(n)).map(|i| act.row(i)));
-                for u in t0..(t0 + tile).min(u1) {
-                    f(u, i0, &a);
+                a.extend((i0..(i0 + GROUP).min(n)).map(|i| p.act.row(i)));
+                for u in t0..(t0 + p.tile).min(u1) {
+                    (p.f)(u, i0, &a);
                 }
             }
         }
