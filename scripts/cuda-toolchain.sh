@@ -37,7 +37,9 @@ ln -sf libcudart.so.13 "$ROOT/lib/libcudart.so"
 # Link stubs, from the names cudarc's bindings call (the crate candle builds with).
 stubs="$ROOT/stubs"
 if [ ! -e "$stubs/.cudarc-$CUDARC_VERSION" ]; then
-  src="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-$CUDARC_VERSION 2>/dev/null | head -1)"
+  # `|| true`: under pipefail a missing directory (a fresh machine: cargo has not unpacked
+  # cudarc yet) would end the script here, before the fetch below.
+  src="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-$CUDARC_VERSION 2>/dev/null | head -1 || true)"
   if [ -z "$src" ]; then
     (cd "$(dirname "$0")/.." && cargo fetch --quiet >&2)
     src="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-$CUDARC_VERSION | head -1)"

@@ -9,7 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --release --workspace
 if [ "${SO8T_CUDA_BUILD:-1}" != 0 ]; then
-  eval "$(scripts/cuda-toolchain.sh)"
+  # Not `eval "$(…)"` alone: a failing script would leave the exports unset and say nothing.
+  cuda_env="$(scripts/cuda-toolchain.sh)"
+  eval "$cuda_env"
   export LD_LIBRARY_PATH="$CUDA_ROOT/stubs:$CUDA_ROOT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   cargo test --release --features cuda -p so8t-cli --test cli device_flag
   cargo test --release --features cuda -p so8t-cli --test cuda -- --nocapture
