@@ -37,6 +37,15 @@ pub struct Args {
         default_value = "32"
     )]
     n_gen: Vec<usize>,
+    /// Tokens already in the cache before each test (comma-separated), as llama-bench's
+    /// `-d`: `tg32 @ d512` is 32 steps after a 512-token prompt; the prompt is not timed.
+    #[arg(
+        short = 'd',
+        long = "n-depth",
+        value_delimiter = ',',
+        default_value = "0"
+    )]
+    n_depth: Vec<usize>,
     #[arg(short = 'r', long, default_value_t = 5)]
     repetitions: usize,
     #[arg(long)]
@@ -49,7 +58,16 @@ pub struct Args {
 struct Row {
     test: String,
     n: usize,
+    depth: usize,
     samples: Vec<f64>,
+}
+
+/// llama-bench's test names: `tg32`, and `tg32 @ d512` after a context.
+fn test_name(kind: &str, n: usize, depth: usize) -> String {
+    match depth {
+        0 => format!("{kind}{n}"),
+        d => format!("{kind}{n} @ d{d}"),
+    }
 }
 
 fn mean_sd(xs: &[f64]) -> (f64, f64) {
@@ -67,66 +85,81 @@ pub fn main(a: Args) -> Result<()> {
     let vocab = model.config.vocab_size as u32;
     let start = model.config.bos_token_id.unwrap_or(0).min(vocab - 1);
     let reps = a.repetitions.max(1);
-    let mut rows = Vec::new();
-    for &n in a.n_prompt.iter().filter(|&&n| n > 0) {
-        // Token ids spread over the vocabulary; content does not change the cost.
-        let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7919 + 13) % vocab).collect();
-        let mut samples = Vec::new();
-        for r in 0..=reps {
-            model.decoder.clear_cache();
-            let t = Instant::now();
-            let h = model.decoder.forward_hidden(&ids, 0)?;
-            let last = h.get(n - 1)?.unsqueeze(0)?;
-            let _ = model.decoder.logits(&last)?.squeeze(0)?.to_vec1::<f32>()?;
-            if r > 0 {
-                samples.push(n as f64 / t.elapsed().as_secs_f64());
-            }
-        }
-        rows.push(Row {
-            test: format!("pp{n}"),
-            n,
-            samples,
-        });
-    }
+    // Token ids spread over the vocabulary; content does not change the cost.
+    let spread = |n: usize, from: usize| -> Vec<u32> {
+        (from as u32..(from + n) as u32).map(|i| (i * 7919 + 13) % vocab).collect()
+    };
     // The heads as the model has them, or untrained ones of the same shape (same cost).
     let heads = match &model.so8t {
         Some(s) => s.heads.clone(),
         None => Heads::zeros(model.config.hidden_size)?,
     };
+    let mut rows = Vec::new();
     let mut heads_share = None;
-    for &n in a.n_gen.iter().filter(|&&n| n > 0) {
-        let mut samples = Vec::new();
-        let (mut heads_s, mut total_s) = (0f64, 0f64);
-        for r in 0..=reps {
-            model.decoder.clear_cache();
-            let mut tok = start;
-            let t = Instant::now();
-            let mut in_heads = 0f64;
-            for pos in 0..n {
-                let h = model.decoder.forward_hidden(&[tok], pos)?;
-                let th = Instant::now();
-                // An SO8T model's heads read the layers its config names (kept by the
-                // forward as it runs); others get untrained heads on the final state.
-                match &model.so8t {
-                    Some(s) => std::hint::black_box(s.verdicts(&model.decoder, Some(0))?),
-                    None => std::hint::black_box(heads.verdicts(&h)?),
-                };
-                in_heads += th.elapsed().as_secs_f64();
-                tok = argmax(&model.decoder.logits(&h)?.squeeze(0)?.to_vec1::<f32>()?);
+    for &depth in &a.n_depth {
+        let context = spread(depth, 0);
+        let fill = |decoder: &mut so8t::model::Decoder| -> Result<()> {
+            decoder.clear_cache();
+            if depth > 0 {
+                decoder.forward_hidden(&context, 0)?;
             }
-            let took = t.elapsed().as_secs_f64();
-            if r > 0 {
-                samples.push(n as f64 / took);
-                heads_s += in_heads;
-                total_s += took;
+            Ok(())
+        };
+        for &n in a.n_prompt.iter().filter(|&&n| n > 0) {
+            let ids = spread(n, depth);
+            let mut samples = Vec::new();
+            for r in 0..=reps {
+                fill(&mut model.decoder)?;
+                let t = Instant::now();
+                let h = model.decoder.forward_hidden(&ids, depth)?;
+                let last = h.get(n - 1)?.unsqueeze(0)?;
+                let _ = model.decoder.logits(&last)?.squeeze(0)?.to_vec1::<f32>()?;
+                if r > 0 {
+                    samples.push(n as f64 / t.elapsed().as_secs_f64());
+                }
             }
+            rows.push(Row {
+                test: test_name("pp", n, depth),
+                n,
+                depth,
+                samples,
+            });
         }
-        heads_share = Some((heads_s / (reps * n) as f64, heads_s / total_s));
-        rows.push(Row {
-            test: format!("tg{n}"),
-            n,
-            samples,
-        });
+        for &n in a.n_gen.iter().filter(|&&n| n > 0) {
+            let mut samples = Vec::new();
+            let (mut heads_s, mut total_s) = (0f64, 0f64);
+            for r in 0..=reps {
+                fill(&mut model.decoder)?;
+                let mut tok = start;
+                let t = Instant::now();
+                let mut in_heads = 0f64;
+                for pos in depth..depth + n {
+                    let h = model.decoder.forward_hidden(&[tok], pos)?;
+                    let th = Instant::now();
+                    // An SO8T model's heads read the layers its config names (kept by the
+                    // forward as it runs); others get untrained heads on the final state.
+                    match &model.so8t {
+                        Some(s) => std::hint::black_box(s.verdicts(&model.decoder, Some(0))?),
+                        None => std::hint::black_box(heads.verdicts(&h)?),
+                    };
+                    in_heads += th.elapsed().as_secs_f64();
+                    tok = argmax(&model.decoder.logits(&h)?.squeeze(0)?.to_vec1::<f32>()?);
+                }
+                let took = t.elapsed().as_secs_f64();
+                if r > 0 {
+                    samples.push(n as f64 / took);
+                    heads_s += in_heads;
+                    total_s += took;
+                }
+            }
+            heads_share = Some((heads_s / (reps * n) as f64, heads_s / total_s));
+            rows.push(Row {
+                test: test_name("tg", n, depth),
+                n,
+                depth,
+                samples,
+            });
+        }
     }
     let (params, bytes) = model.weights.size();
     // Weight bytes read per generated token: every tensor, except an embedding table that
@@ -146,10 +179,11 @@ pub fn main(a: Args) -> Result<()> {
     let probe = |bytes: usize| so8t::kernels::probe::read_bandwidth(bytes, 5);
     let bandwidth = (!a.no_probe).then(|| (probe(per_token as usize), probe(512 << 20)));
     let roofline = bandwidth.map(|(bw, _)| bw / per_token as f64);
+    // The roofline counts weight bytes only: it is compared with the shallowest decode.
     let tg_mean = rows
         .iter()
-        .rev()
-        .find(|r| r.test.starts_with("tg"))
+        .filter(|r| r.test.starts_with("tg"))
+        .min_by_key(|r| r.depth)
         .map(|r| mean_sd(&r.samples).0);
     let name = model
         .path
@@ -162,7 +196,7 @@ pub fn main(a: Args) -> Result<()> {
             .map(|r| {
                 let (m, sd) = mean_sd(&r.samples);
                 serde_json::json!({"model": name, "device": a.device.device, "arch": model.config.arch, "size_bytes": bytes, "params": params,
-                    "threads": threads, "kernel": so8t::kernels::Kernel::best().name(), "test": r.test, "n_tokens": r.n, "samples_ts": r.samples, "avg_ts": m, "stddev_ts": sd})
+                    "threads": threads, "kernel": so8t::kernels::Kernel::best().name(), "test": r.test, "n_tokens": r.n, "n_depth": r.depth, "samples_ts": r.samples, "avg_ts": m, "stddev_ts": sd})
             })
             .collect();
         let summary = serde_json::json!({"bytes_per_token": per_token, "read_bandwidth_bytes_per_s": bandwidth.map(|b| b.0),

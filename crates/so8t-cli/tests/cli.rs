@@ -101,6 +101,24 @@ fn run_applies_the_chat_template_unless_raw() {
     );
 }
 
+/// `bench -d` names its tests as llama-bench does (`tg2 @ d5`) and reports each depth.
+#[test]
+fn bench_reports_each_depth_as_llama_bench_names_it() {
+    let m = fixtures().join("tiny-qwen3/model-q8_0.gguf");
+    let v = so8t(&[
+        "bench", "-m", m.to_str().unwrap(), "-p", "3", "-n", "2", "-d", "0,5", "-r", "1", "--json", "--no-probe",
+    ]);
+    let tests = v["tests"].as_array().unwrap();
+    let names: Vec<&str> = tests.iter().map(|t| t["test"].as_str().unwrap()).collect();
+    assert_eq!(names, ["pp3", "tg2", "pp3 @ d5", "tg2 @ d5"]);
+    let depths: Vec<u64> = tests.iter().map(|t| t["n_depth"].as_u64().unwrap()).collect();
+    assert_eq!(depths, [0, 0, 5, 5]);
+    for t in tests {
+        let ts = t["avg_ts"].as_f64().unwrap();
+        assert!(ts.is_finite() && ts > 0.0, "{t}");
+    }
+}
+
 #[test]
 fn inspect_json_describes_the_model() {
     let v = so8t(&[
