@@ -2,8 +2,9 @@
 //! `[positions, kv_heads, head_dim]` f32, queries `[s, heads, head_dim]` for positions
 //! `pos..pos+s`, grouped-query heads sharing their KV head. A task is one KV head and a
 //! few consecutive positions: all their query heads (up to 16 query vectors) share every
-//! key and value row they read. Tasks go to the worker pool when there is enough work to
-//! share. Under AVX-512, for the usual head sizes, scores are computed sixteen keys at a
+//! key and value row they read; a decoding step, which has too few such tasks to keep
+//! every thread busy, splits each KV head's query heads among several. Tasks go to the
+//! worker pool when there is enough work to share. Under AVX-512, for the usual head sizes, scores are computed sixteen keys at a
 //! time and each output head stays in registers across its weighted sum: the plain loops
 //! had spent 41% of a 512-token SmolLM2 prompt here, on one horizontal sum per score and
 //! a load and store of the output per value row.
@@ -25,6 +26,8 @@ pub struct Shape {
 const MAXQ: usize = 16;
 /// Keys per block of the scores pass.
 const KEYS: usize = 64;
+/// Query-key pairs from which the tasks go to the pool.
+const PARALLEL_CELLS: usize = 1024;
 
 /// `out[i, h] = softmax_j≤pos+i(q[i, h]·k[j, h/rep] / √hd) · v[j, h/rep]`.
 pub fn causal(q: &[f32], k: &[f32], v: &[f32], sh: Shape, out: &mut [f32]) {
@@ -58,9 +61,17 @@ pub fn causal(q: &[f32], k: &[f32], v: &[f32], sh: Shape, out: &mut [f32]) {
         static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     let rep = heads / kv_heads;
-    // Positions per task: all `rep` query heads of each; one when `rep` alone fills a task.
-    let per = (MAXQ / rep).max(1);
-    let groups = rep.div_ceil(MAXQ);
+    let threads = pool::global().threads();
+    // Query heads per task: all of a KV head's, which then share every key and value row
+    // read, unless that leaves threads without a task (a decoding step has one task per
+    // KV head); then fewer. A query's result does not depend on the others in its task.
+    let mut per_task = rep.min(MAXQ);
+    while per_task > 1 && s.div_ceil(MAXQ / per_task) * kv_heads * rep.div_ceil(per_task) < 2 * threads {
+        per_task = per_task.div_ceil(2);
+    }
+    // Positions per task: as many as fill MAXQ query vectors.
+    let per = MAXQ / per_task;
+    let groups = rep.div_ceil(per_task);
     let tiles = s.div_ceil(per);
     let out_ptr = crate::SendPtr(out.as_mut_ptr());
     let run = |t: usize| {
@@ -68,8 +79,8 @@ pub fn causal(q: &[f32], k: &[f32], v: &[f32], sh: Shape, out: &mut [f32]) {
         let (unit, tile) = (t % (kv_heads * groups), t / (kv_heads * groups));
         let (kvh, g) = (unit / groups, unit % groups);
         let heads = (
-            kvh * rep + g * MAXQ,
-            (kvh * rep + ((g + 1) * MAXQ).min(rep)),
+            kvh * rep + g * per_task,
+            kvh * rep + ((g + 1) * per_task).min(rep),
         );
         let (i0, i1) = (tile * per, ((tile + 1) * per).min(s));
         let tile = Tile {
@@ -86,7 +97,7 @@ pub fn causal(q: &[f32], k: &[f32], v: &[f32], sh: Shape, out: &mut [f32]) {
     };
     let tasks = tiles * kv_heads * groups;
     // A token over a short context is a few microseconds: not worth a hand-off.
-    if s * (pos + s) * heads < 8192 {
+    if s * (pos + s) * heads < PARALLEL_CELLS {
         (0..tasks).for_each(run);
     } else {
         pool::global().run(tasks, &run);
