@@ -281,44 +281,63 @@ impl QMatrix {
                 min_units: 2,
                 tile: 4,
                 act,
-                f: Box::new(move |g, i0, a| {
+                f: Box::new(move |units, i0, a| {
                     let p = &out_ptr;
-                    let mut res = [[0f32; 8]; GROUP];
-                    let res = &mut res[..a.len()];
-                    // SAFETY: `interleaved` is only set when `Kernel::best()` found AVX-512
-                    // VNNI, and the group's bytes are whole interleaved blocks.
-                    unsafe { x86::group8_vnni(self.ty, &self.data[g * gb..(g + 1) * gb], a, res) };
-                    for (j, v) in res.iter().enumerate() {
-                        // SAFETY: each (i, group) is written by exactly one task, and `out`
-                        // outlives the job.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(v.as_ptr(), p.0.add((i0 + j) * rows + 8 * g), 8)
-                        };
+                    for g in units {
+                        let mut res = [[0f32; 8]; GROUP];
+                        let res = &mut res[..a.len()];
+                        // SAFETY: `interleaved` is only set when `Kernel::best()` found
+                        // AVX-512 VNNI, and the group's bytes are whole interleaved blocks.
+                        unsafe { x86::group8_vnni(self.ty, &self.data[g * gb..(g + 1) * gb], a, res) };
+                        for (j, v) in res.iter().enumerate() {
+                            // SAFETY: each (i, group) is written by exactly one task, and
+                            // `out` outlives the job.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(v.as_ptr(), p.0.add((i0 + j) * rows + 8 * g), 8)
+                            };
+                        }
                     }
                 }),
             };
         }
+        let rb = self.row_bytes();
         Part {
             units: rows,
             min_units: 16,
-            tile: 32,
+            tile: ROW_TILE,
             act,
-            f: Box::new(move |r, i0, a| {
+            f: Box::new(move |units, i0, a| {
                 let p = &out_ptr;
-                let (mut buf, mut res) = (Vec::new(), [0f32; GROUP]);
-                let res = &mut res[..a.len()];
-                kernel.rows(self.ty, self.row(r, &mut buf), a, res);
-                for (k, v) in res.iter().enumerate() {
-                    // SAFETY: each (i, r) is written by exactly one task (rows are
-                    // partitioned), and `out` outlives the job.
-                    unsafe { *p.0.add((i0 + k) * rows + r) = *v };
+                let mut res = [0f32; ROW_TILE * GROUP];
+                let (r0, n) = (units.start, a.len());
+                let res = &mut res[..units.len() * n];
+                // Interleaved rows meet another kernel only when tests compare kernels.
+                let rebuilt: Vec<u8>;
+                let w = if self.interleaved {
+                    let mut buf = Vec::new();
+                    rebuilt = units.clone().flat_map(|r| self.row(r, &mut buf).to_vec()).collect();
+                    &rebuilt[..]
+                } else {
+                    &self.data[units.start * rb..units.end * rb]
+                };
+                kernel.rows(self.ty, w, rb, a, res);
+                for (r, v) in res.chunks_exact(n).enumerate() {
+                    for (k, v) in v.iter().enumerate() {
+                        // SAFETY: each (i, r) is written by exactly one task (rows are
+                        // partitioned), and `out` outlives the job.
+                        unsafe { *p.0.add((i0 + k) * rows + r0 + r) = *v };
+                    }
                 }
             }),
         }
     }
 }
 
-/// One matrix's work in a job: `f(unit, i0, acts)` for each of `units` units and each
+/// Rows of a matrix that is not interleaved per kernel call, kept in cache while each
+/// group of activation rows passes over them.
+const ROW_TILE: usize = 32;
+
+/// One matrix's work in a job: `f(units, i0, acts)` for tiles of its `units` units and each
 /// group `acts` of up to [`GROUP`] activation rows of `act` from `i0`.
 struct Part<'a> {
     units: usize,
@@ -327,7 +346,7 @@ struct Part<'a> {
     /// Units kept in cache while every group of activations passes over them.
     tile: usize,
     act: &'a blocks::Activations,
-    f: Box<dyn Fn(usize, usize, &[blocks::ActRow]) + Sync + 'a>,
+    f: Box<dyn Fn(std::ops::Range<usize>, usize, &[blocks::ActRow]) + Sync + 'a>,
 }
 
 /// Every part's units on the pool in one job. Each part is cut into tasks of a few units
@@ -353,9 +372,7 @@ fn run_parts(parts: &[Part], n: usize) {
             for i0 in (0..n).step_by(GROUP) {
                 a.clear();
                 a.extend((i0..(i0 + GROUP).min(n)).map(|i| p.act.row(i)));
-                for u in t0..(t0 + p.tile).min(u1) {
-                    (p.f)(u, i0, &a);
-                }
+                (p.f)(t0..(t0 + p.tile).min(u1), i0, &a);
             }
         }
     });
@@ -508,20 +525,23 @@ impl Kernel {
         }
     }
 
-    /// `out[i] = w · a[i]`; `self` must be available and support `ty`.
+    /// `out[r·n + i] = w_r · a[i]` for the consecutive rows `w_r` of `w`, `n = a.len()`;
+    /// `self` must be available and support `ty`.
     #[inline]
-    fn rows(self, ty: QType, w: &[u8], a: &[blocks::ActRow], out: &mut [f32]) {
+    fn rows(self, ty: QType, w: &[u8], row_bytes: usize, a: &[blocks::ActRow], out: &mut [f32]) {
         match self {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: only kernels `available()` found are handed out by `best`, and
             // `matmul_with` falls back to `Portable` for the others.
-            Kernel::Avx512Vnni => unsafe { x86::rows_vnni(ty, w, a, out) },
+            Kernel::Avx512Vnni => unsafe { x86::rows_vnni(ty, w, row_bytes, a, out) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { x86::rows_avx2(ty, w, a, out) },
+            Kernel::Avx2 => unsafe { x86::rows_avx2(ty, w, row_bytes, a, out) },
             _ => {
                 let isa = dot::Isa::detect();
-                for (o, &ai) in out.iter_mut().zip(a) {
-                    *o = dot::row_dot(isa, ty, w, ai);
+                for (wr, o) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut(a.len())) {
+                    for (o, &ai) in o.iter_mut().zip(a) {
+                        *o = dot::row_dot(isa, ty, wr, ai);
+                    }
                 }
             }
         }

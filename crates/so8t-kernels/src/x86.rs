@@ -13,13 +13,16 @@
 use crate::blocks::{scale_min_k4, ActRow, Q8Block, Q8KBlock, QType};
 use std::arch::x86_64::*;
 
-/// `out[i] = w · a[i]` for `i < a.len() ≤ 4`, compiled for AVX-512 VNNI.
+/// `out[r·n + i] = w_r · a[i]` for `i < n = a.len() ≤ 4` and each row `w_r` of `w` (consecutive
+/// rows of `row_bytes`), compiled for AVX-512 VNNI. A call takes a tile of rows: a row of
+/// a small matrix is decoded in tens of nanoseconds, which one call per row would spend
+/// again on dispatch.
 ///
 /// # Safety
 /// The CPU must have avx512f, avx512bw, avx512vl, avx512vnni, avx2, fma and f16c.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub unsafe fn rows_vnni(ty: QType, w: &[u8], a: &[ActRow], out: &mut [f32]) {
-    rows::<true>(ty, w, a, out)
+pub unsafe fn rows_vnni(ty: QType, w: &[u8], row_bytes: usize, a: &[ActRow], out: &mut [f32]) {
+    rows::<true>(ty, w, row_bytes, a, out)
 }
 
 /// The same with AVX2 only.
@@ -27,17 +30,24 @@ pub unsafe fn rows_vnni(ty: QType, w: &[u8], a: &[ActRow], out: &mut [f32]) {
 /// # Safety
 /// The CPU must have avx2, fma and f16c.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn rows_avx2(ty: QType, w: &[u8], a: &[ActRow], out: &mut [f32]) {
-    rows::<false>(ty, w, a, out)
+pub unsafe fn rows_avx2(ty: QType, w: &[u8], row_bytes: usize, a: &[ActRow], out: &mut [f32]) {
+    rows::<false>(ty, w, row_bytes, a, out)
 }
 
 #[inline(always)]
-unsafe fn rows<const VNNI: bool>(ty: QType, w: &[u8], a: &[ActRow], out: &mut [f32]) {
+unsafe fn rows<const VNNI: bool>(ty: QType, w: &[u8], row_bytes: usize, a: &[ActRow], out: &mut [f32]) {
+    macro_rules! each_row {
+        ($n:literal) => {
+            for (wr, o) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut($n)) {
+                group::<VNNI, $n>(ty, wr, a, o)
+            }
+        };
+    }
     match a.len() {
-        4 => group::<VNNI, 4>(ty, w, a, out),
-        3 => group::<VNNI, 3>(ty, w, a, out),
-        2 => group::<VNNI, 2>(ty, w, a, out),
-        1 => group::<VNNI, 1>(ty, w, a, out),
+        4 => each_row!(4),
+        3 => each_row!(3),
+        2 => each_row!(2),
+        1 => each_row!(1),
         n => unreachable!("{n} activation rows in a group"),
     }
 }
