@@ -85,6 +85,18 @@ fn by_rows(buf: &mut [f32], width: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)
     pool.chunks(buf, per * width, &|i, chunk| f(i / width, chunk));
 }
 
+/// `f(first, values)` over `buf` in pieces of at least `min` values on the worker pool,
+/// for elementwise work that costs more than a hand-off even for one token (SwiGLU's
+/// exponentials: 1,536 of them per layer and token in SmolLM2).
+fn by_elements(buf: &mut [f32], min: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+    if buf.len() < 2 * min {
+        return f(0, buf);
+    }
+    let pool = so8t_kernels::pool::global();
+    let per = buf.len().div_ceil(pool.threads() * 2).max(min);
+    pool.chunks(buf, per, f);
+}
+
 /// The residual: `x += y`, row by row.
 fn add_rows(x: &mut [f32], y: &[f32], width: usize) {
     by_rows(x, width, &|r, xs| {
@@ -258,10 +270,9 @@ impl Ops for Buffers<'_> {
 
     fn swiglu(&mut self, mut g: Vec<f32>, u: Vec<f32>) -> Result<Vec<f32>> {
         // as candle's silu: x / (1 + e^-x)
-        let inter = u.len() / self.run.s.max(1);
-        by_rows(&mut g, inter, &|r, gs| {
+        by_elements(&mut g, 512, &|i, gs| {
             gs.iter_mut()
-                .zip(&u[r * inter..])
+                .zip(&u[i..])
                 .for_each(|(g, &u)| *g = *g / (1.0 + (-*g).exp()) * u)
         });
         self.pool.give(u);
