@@ -541,3 +541,32 @@ unsafe fn packed8<const N: usize, const T: u8>(w: &[u8], a: [&[Q8Block]; N], out
         _mm256_storeu_ps(out[i].as_mut_ptr(), acc[i]);
     }
 }
+
+/// ggml's 8-bit activation blocks ([`crate::blocks`]' `quantize_q8`) with AVX-512: the
+/// same maximum (NaN ignored), products and round-half-to-even, so the same bytes and
+/// sums; a prompt had spent 7% of its time in the compiler's version.
+///
+/// # Safety
+/// The CPU must have avx512f, avx512bw and avx512vl; `x` holds `32 · out.len()` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn quantize_q8(x: &[f32], out: &mut [Q8Block]) {
+    const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    let abs = |v: __m512| _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fff_ffff)));
+    for (o, c) in out.iter_mut().zip(x.chunks_exact(32)) {
+        let (a, b) = (_mm512_loadu_ps(c.as_ptr()), _mm512_loadu_ps(c.as_ptr().add(16)));
+        // `max` returns its second operand when either is NaN: the running maximum.
+        let m = _mm512_max_ps(abs(b), _mm512_max_ps(abs(a), _mm512_setzero_ps()));
+        let amax = _mm512_reduce_max_ps(m);
+        let d = amax / 127.0;
+        let id = _mm512_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+        // NaN converts to i32::MIN, whose low byte is 0, as `NaN as i8` is.
+        let qa = _mm512_cvtepi32_epi8(_mm512_cvt_roundps_epi32::<NEAREST>(_mm512_mul_ps(a, id)));
+        let qb = _mm512_cvtepi32_epi8(_mm512_cvt_roundps_epi32::<NEAREST>(_mm512_mul_ps(b, id)));
+        _mm_storeu_si128(o.qs.as_mut_ptr() as *mut __m128i, qa);
+        _mm_storeu_si128(o.qs.as_mut_ptr().add(16) as *mut __m128i, qb);
+        let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_cvtepi8_epi32(qa), _mm512_cvtepi8_epi32(qb)));
+        o.d = crate::blocks::round_f16(d);
+        o.s = crate::blocks::round_f16(d * sum as f32);
+        o.sum = sum;
+    }
+}
