@@ -9,6 +9,7 @@
 //! had spent 41% of a 512-token SmolLM2 prompt here, on one horizontal sum per score and
 //! a load and store of the output per value row.
 
+use crate::elementwise::exp;
 use crate::pool;
 
 #[derive(Clone, Copy, Debug)]
@@ -430,22 +431,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes_total(acc) + tail
 }
 
-/// `e^x` for `x ≤ 0` without a libm call, so that a row of scores is one vector loop:
-/// `x = n·ln2 + r` with |r| ≤ ln2/2, `e^r` by its degree-6 Taylor polynomial (relative
-/// error below 2·10⁻⁷ there, about one f32 step), `2^n` assembled in the exponent bits.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    let x = x.max(-87.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
-    // ln2 split in two so that n·ln2 is subtracted without losing r's low bits.
-    let r = (x - n * 0.693_145_75) - n * 1.428_606_8e-6;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
 /// Σx in sixteen lanes, then pairwise.
 #[inline(always)]
 fn lane_sum(x: &[f32]) -> f32 {
@@ -470,20 +455,6 @@ fn lanes_total(acc: [f32; 16]) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    /// The polynomial exp against libm's over the range softmax uses (x ≤ 0): within a few
-    /// f32 steps relative, and exactly 1 at 0.
-    #[test]
-    fn exp_is_within_a_few_ulps_of_libm() {
-        assert_eq!(super::exp(0.0), 1.0);
-        let mut worst = 0f64;
-        for i in 0..=200_000 {
-            let x = -87.0 * i as f32 / 200_000.0;
-            let (got, want) = (super::exp(x) as f64, (x as f64).exp());
-            worst = worst.max((got - want).abs() / want);
-        }
-        assert!(worst < 5e-7, "relative error {worst}");
-    }
-
     /// The AVX-512 weighted sum and the plain loop give the same bits (a model decodes
     /// the same tokens on AVX2 and AVX-512 machines), for every head size with its own
     /// register kernel and value-row counts odd and even.

@@ -49,6 +49,7 @@ macro_rules! multiversion {
 
 pub mod attention;
 pub mod dense;
+pub mod elementwise;
 mod blocks;
 mod dot;
 pub mod pool;

@@ -269,11 +269,8 @@ impl Ops for Buffers<'_> {
     }
 
     fn swiglu(&mut self, mut g: Vec<f32>, u: Vec<f32>) -> Result<Vec<f32>> {
-        // as candle's silu: x / (1 + e^-x)
         by_elements(&mut g, 512, &|i, gs| {
-            gs.iter_mut()
-                .zip(&u[i..])
-                .for_each(|(g, &u)| *g = *g / (1.0 + (-*g).exp()) * u)
+            so8t_kernels::elementwise::swiglu(gs, &u[i..i + gs.len()])
         });
         self.pool.give(u);
         Ok(g)
