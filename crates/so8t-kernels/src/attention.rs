@@ -155,6 +155,14 @@ trait Dot {
         weighted_sum(o, w, v, stride)
     }
 
+    /// [`Dot::weighted_sum`] for two queries over the same value rows (`wa` and `wb` may
+    /// differ in length): each output gets the bits it gets alone.
+    #[inline(always)]
+    fn weighted_sum2(oa: &mut [f32], ob: &mut [f32], wa: &[f32], wb: &[f32], v: &[f32], stride: usize) {
+        Self::weighted_sum(oa, wa, v, stride);
+        Self::weighted_sum(ob, wb, v, stride);
+    }
+
     /// `s[j] = scale · q · k[j·stride..][..q.len()]`: each a function of `q` and key `j`
     /// alone (not of where the key falls in a call), so a prompt and the same positions
     /// decoded one by one give the same scores.
@@ -248,6 +256,72 @@ impl Dot for Avx512Dot {
                 96 => sum::<6>(o, w, v, stride),
                 128 => sum::<8>(o, w, v, stride),
                 _ => weighted_sum(o, w, v, stride),
+            }
+        }
+    }
+
+    /// Both queries' sums in registers at once, so that each value row is loaded once for
+    /// two queries (a prompt's tile passes the same rows for up to sixteen): the loads
+    /// had bounded a 512-token prompt's weighted sums. Head sizes up to 96 (four sums of
+    /// up to six vectors fit the registers); larger ones go one query at a time.
+    #[inline(always)]
+    fn weighted_sum2(oa: &mut [f32], ob: &mut [f32], wa: &[f32], wb: &[f32], v: &[f32], stride: usize) {
+        use std::arch::x86_64::*;
+        /// # Safety
+        /// `oa`, `ob` hold `16·C` values and `v` every row below `max(wa.len(), wb.len())`.
+        #[inline(always)]
+        unsafe fn sum2<const C: usize>(oa: &mut [f32], ob: &mut [f32], wa: &[f32], wb: &[f32], v: &[f32], stride: usize) {
+            let z = [_mm512_setzero_ps(); C];
+            // [query a even, query a odd, query b even, query b odd]
+            let mut acc = [z; 4];
+            let both = wa.len().min(wb.len());
+            let mut j = 0;
+            while j + 1 < both {
+                let (p0, p1) = (v.as_ptr().add(j * stride), v.as_ptr().add((j + 1) * stride));
+                let (a0, a1) = (_mm512_set1_ps(wa[j]), _mm512_set1_ps(wa[j + 1]));
+                let (b0, b1) = (_mm512_set1_ps(wb[j]), _mm512_set1_ps(wb[j + 1]));
+                for c in 0..C {
+                    let x0 = _mm512_loadu_ps(p0.add(16 * c));
+                    acc[0][c] = _mm512_fmadd_ps(a0, x0, acc[0][c]);
+                    acc[2][c] = _mm512_fmadd_ps(b0, x0, acc[2][c]);
+                    let x1 = _mm512_loadu_ps(p1.add(16 * c));
+                    acc[1][c] = _mm512_fmadd_ps(a1, x1, acc[1][c]);
+                    acc[3][c] = _mm512_fmadd_ps(b1, x1, acc[3][c]);
+                }
+                j += 2;
+            }
+            // Each query's remaining rows alone, into the chain of each row's parity.
+            for (w, q) in [(wa, 0), (wb, 2)] {
+                for (jj, &wj) in w.iter().enumerate().skip(j) {
+                    let (b, p) = (_mm512_set1_ps(wj), v.as_ptr().add(jj * stride));
+                    let a = &mut acc[q + jj % 2];
+                    for (c, a) in a.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(b, _mm512_loadu_ps(p.add(16 * c)), *a);
+                    }
+                }
+            }
+            for c in 0..C {
+                _mm512_storeu_ps(oa.as_mut_ptr().add(16 * c), _mm512_add_ps(acc[0][c], acc[1][c]));
+                _mm512_storeu_ps(ob.as_mut_ptr().add(16 * c), _mm512_add_ps(acc[2][c], acc[3][c]));
+            }
+        }
+        let hd = oa.len();
+        assert_eq!(ob.len(), hd, "two outputs of one head size");
+        let rows = wa.len().max(wb.len());
+        if rows > 0 {
+            assert!(v.len() >= (rows - 1) * stride + hd, "value rows out of range");
+        }
+        // SAFETY: both outputs have `hd` values and `v` every row (the asserts above).
+        unsafe {
+            match hd {
+                32 => sum2::<2>(oa, ob, wa, wb, v, stride),
+                64 => sum2::<4>(oa, ob, wa, wb, v, stride),
+                80 => sum2::<5>(oa, ob, wa, wb, v, stride),
+                96 => sum2::<6>(oa, ob, wa, wb, v, stride),
+                _ => {
+                    Self::weighted_sum(oa, wa, v, stride);
+                    Self::weighted_sum(ob, wb, v, stride);
+                }
             }
         }
     }
@@ -390,8 +464,15 @@ fn attend_tile_body<D: Dot>(t: &Tile, scores: &mut Vec<f32>) {
             &mut []
         }
     });
-    for (t, o) in outs[..nq].iter_mut().enumerate() {
-        D::weighted_sum(o, &scores[t * n..t * n + last(t) + 1], &v[kvh * hd..], kv_row);
+    let vh = &v[kvh * hd..];
+    let w = |t: usize| &scores[t * n..t * n + last(t) + 1];
+    for (pair, os) in outs[..nq].chunks_mut(2).enumerate() {
+        let t = 2 * pair;
+        match os {
+            [oa, ob] => D::weighted_sum2(oa, ob, w(t), w(t + 1), vh, kv_row),
+            [o] => D::weighted_sum(o, w(t), vh, kv_row),
+            _ => unreachable!("chunks of two"),
+        }
     }
 }
 
@@ -466,6 +547,10 @@ mod tests {
         unsafe fn avx512(o: &mut [f32], w: &[f32], v: &[f32], stride: usize) {
             Avx512Dot::weighted_sum(o, w, v, stride)
         }
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+        unsafe fn avx512_2(oa: &mut [f32], ob: &mut [f32], wa: &[f32], wb: &[f32], v: &[f32], stride: usize) {
+            Avx512Dot::weighted_sum2(oa, ob, wa, wb, v, stride)
+        }
         if !matches!(crate::dot::Isa::detect(), crate::dot::Isa::Avx512) {
             eprintln!("SKIPPED: this CPU has no AVX-512");
             return;
@@ -486,6 +571,22 @@ mod tests {
                 unsafe { avx512(&mut wide, &w, &v, stride) };
                 let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&plain), bits(&wide), "head size {hd}, {rows} rows");
+                // Two queries at once, of equal and of different lengths, in either order.
+                for other in [rows, rows / 2, rows + 3] {
+                    let w2: Vec<f32> = (0..other).map(|_| r()).collect();
+                    let v2: Vec<f32> = (0..rows.max(other) * stride).map(|_| r()).collect();
+                    let (mut a, mut b) = (vec![0f32; hd], vec![0f32; hd]);
+                    super::weighted_sum(&mut a, &w, &v2, stride);
+                    super::weighted_sum(&mut b, &w2, &v2, stride);
+                    let (mut a2, mut b2) = (vec![f32::NAN; hd], vec![f32::NAN; hd]);
+                    // SAFETY: `Isa::detect` found AVX-512.
+                    unsafe { avx512_2(&mut a2, &mut b2, &w, &w2, &v2, stride) };
+                    assert_eq!(bits(&a), bits(&a2), "head size {hd}, {rows} and {other} rows: first");
+                    assert_eq!(bits(&b), bits(&b2), "head size {hd}, {rows} and {other} rows: second");
+                    unsafe { avx512_2(&mut b2, &mut a2, &w2, &w, &v2, stride) };
+                    assert_eq!(bits(&a), bits(&a2), "head size {hd}, {other} and {rows} rows: second");
+                    assert_eq!(bits(&b), bits(&b2), "head size {hd}, {other} and {rows} rows: first");
+                }
             }
         }
     }
