@@ -47,6 +47,7 @@ macro_rules! multiversion {
     };
 }
 
+mod activations;
 pub mod attention;
 pub mod dense;
 pub mod elementwise;
@@ -215,7 +216,7 @@ impl QMatrix {
     /// [`QMatrix::matmul`] with a chosen kernel (tests compare them).
     pub fn matmul_with(&self, kernel: Kernel, x: &[f32], n: usize, out: &mut [f32]) {
         assert_eq!(x.len(), n * self.cols, "activations must be [n, cols]");
-        let act = blocks::quantize_activations(self.ty, x, n, self.cols);
+        let act = activations::quantize_activations(self.ty, x, n, self.cols);
         self.matmul_quantized(kernel, &act, n, out)
     }
 
@@ -233,7 +234,7 @@ impl QMatrix {
             which.push(match done.iter().position(|(k, _)| *k == kind) {
                 Some(i) => i,
                 None => {
-                    done.push((kind, blocks::quantize_activations(m.ty, x, n, m.cols)));
+                    done.push((kind, activations::quantize_activations(m.ty, x, n, m.cols)));
                     done.len() - 1
                 }
             });
