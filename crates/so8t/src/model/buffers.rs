@@ -85,17 +85,6 @@ fn by_rows(buf: &mut [f32], width: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)
     pool.chunks(buf, per * width, &|i, chunk| f(i / width, chunk));
 }
 
-/// `f(first, values)` over `buf` in pieces of at least `min` values on the worker pool,
-/// for elementwise work that is worth a hand-off at fewer rows than [`by_rows`] shares.
-fn by_elements(buf: &mut [f32], min: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
-    if buf.len() < 2 * min {
-        return f(0, buf);
-    }
-    let pool = so8t_kernels::pool::global();
-    let per = buf.len().div_ceil(pool.threads() * 2).max(min);
-    pool.chunks(buf, per, f);
-}
-
 /// The residual: `x += y`, row by row.
 fn add_rows(x: &mut [f32], y: &[f32], width: usize) {
     by_rows(x, width, &|r, xs| {
@@ -268,10 +257,9 @@ impl Ops for Buffers<'_> {
     }
 
     fn swiglu(&mut self, mut g: Vec<f32>, u: Vec<f32>) -> Result<Vec<f32>> {
-        // Vectorised, a decoding step's SwiGLU (1,536 values in SmolLM2, 4,864 in
-        // Qwen2.5-0.5B) takes about as long as handing half of it to the pool.
-        by_elements(&mut g, 8192, &|i, gs| {
-            so8t_kernels::elementwise::swiglu(gs, &u[i..i + gs.len()])
+        let inter = u.len() / self.run.s.max(1);
+        by_rows(&mut g, inter, &|r, gs| {
+            so8t_kernels::elementwise::swiglu(gs, &u[r * inter..r * inter + gs.len()])
         });
         self.pool.give(u);
         Ok(g)
