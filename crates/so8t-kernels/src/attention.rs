@@ -66,14 +66,15 @@ pub fn causal(q: &[f32], k: &[f32], v: &[f32], sh: Shape, out: &mut [f32]) {
     // Query heads per task: all of a KV head's, which then share every key and value row
     // read, unless that leaves threads without a task (a decoding step has one task per
     // KV head); then fewer. A query's result does not depend on the others in its task.
+    // Tasks with `h` query heads each: tiles of positions (as many as fill MAXQ query
+    // vectors) × KV heads × groups of `h` of their query heads.
+    let tasks_of = |h: usize| s.div_ceil(MAXQ / h) * kv_heads * rep.div_ceil(h);
     let mut per_task = rep.min(MAXQ);
-    while per_task > 1 && s.div_ceil(MAXQ / per_task) * kv_heads * rep.div_ceil(per_task) < 2 * threads {
+    while per_task > 1 && tasks_of(per_task) < 2 * threads {
         per_task = per_task.div_ceil(2);
     }
-    // Positions per task: as many as fill MAXQ query vectors.
     let per = MAXQ / per_task;
     let groups = rep.div_ceil(per_task);
-    let tiles = s.div_ceil(per);
     let out_ptr = crate::SendPtr(out.as_mut_ptr());
     let run = |t: usize| {
         let p = &out_ptr;
@@ -96,7 +97,7 @@ pub fn causal(q: &[f32], k: &[f32], v: &[f32], sh: Shape, out: &mut [f32]) {
         };
         SCORES.with_borrow_mut(|scores| attend_tile(&tile, scores));
     };
-    let tasks = tiles * kv_heads * groups;
+    let tasks = tasks_of(per_task);
     // A token over a short context is a few microseconds: not worth a hand-off.
     if s * (pos + s) * heads < PARALLEL_CELLS {
         (0..tasks).for_each(run);
@@ -225,20 +226,8 @@ impl Dot for Avx512Dot {
         /// `o` holds `16·C` values and `v` every row `j < w.len()` of them.
         #[inline(always)]
         unsafe fn sum<const C: usize>(o: &mut [f32], w: &[f32], v: &[f32], stride: usize) {
-            let mut even = [_mm512_setzero_ps(); C];
-            let mut odd = [_mm512_setzero_ps(); C];
-            let row = |acc: &mut [__m512; C], j: usize| {
-                let (b, p) = (_mm512_set1_ps(w[j]), v.as_ptr().add(j * stride));
-                for (c, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(b, _mm512_loadu_ps(p.add(16 * c)), *a);
-                }
-            };
-            for j in (0..w.len()).step_by(2) {
-                row(&mut even, j);
-                if j + 1 < w.len() {
-                    row(&mut odd, j + 1);
-                }
-            }
+            let (mut even, mut odd) = ([_mm512_setzero_ps(); C], [_mm512_setzero_ps(); C]);
+            rows_from(&mut even, &mut odd, 0, w, v, stride);
             for c in 0..C {
                 _mm512_storeu_ps(o.as_mut_ptr().add(16 * c), _mm512_add_ps(even[c], odd[c]));
             }
@@ -272,8 +261,7 @@ impl Dot for Avx512Dot {
         #[inline(always)]
         unsafe fn sum2<const C: usize>(oa: &mut [f32], ob: &mut [f32], wa: &[f32], wb: &[f32], v: &[f32], stride: usize) {
             let z = [_mm512_setzero_ps(); C];
-            // [query a even, query a odd, query b even, query b odd]
-            let mut acc = [z; 4];
+            let (mut a_even, mut a_odd, mut b_even, mut b_odd) = (z, z, z, z);
             let both = wa.len().min(wb.len());
             let mut j = 0;
             while j + 1 < both {
@@ -282,27 +270,20 @@ impl Dot for Avx512Dot {
                 let (b0, b1) = (_mm512_set1_ps(wb[j]), _mm512_set1_ps(wb[j + 1]));
                 for c in 0..C {
                     let x0 = _mm512_loadu_ps(p0.add(16 * c));
-                    acc[0][c] = _mm512_fmadd_ps(a0, x0, acc[0][c]);
-                    acc[2][c] = _mm512_fmadd_ps(b0, x0, acc[2][c]);
+                    a_even[c] = _mm512_fmadd_ps(a0, x0, a_even[c]);
+                    b_even[c] = _mm512_fmadd_ps(b0, x0, b_even[c]);
                     let x1 = _mm512_loadu_ps(p1.add(16 * c));
-                    acc[1][c] = _mm512_fmadd_ps(a1, x1, acc[1][c]);
-                    acc[3][c] = _mm512_fmadd_ps(b1, x1, acc[3][c]);
+                    a_odd[c] = _mm512_fmadd_ps(a1, x1, a_odd[c]);
+                    b_odd[c] = _mm512_fmadd_ps(b1, x1, b_odd[c]);
                 }
                 j += 2;
             }
-            // Each query's remaining rows alone, into the chain of each row's parity.
-            for (w, q) in [(wa, 0), (wb, 2)] {
-                for (jj, &wj) in w.iter().enumerate().skip(j) {
-                    let (b, p) = (_mm512_set1_ps(wj), v.as_ptr().add(jj * stride));
-                    let a = &mut acc[q + jj % 2];
-                    for (c, a) in a.iter_mut().enumerate() {
-                        *a = _mm512_fmadd_ps(b, _mm512_loadu_ps(p.add(16 * c)), *a);
-                    }
-                }
-            }
+            // Each query's remaining rows alone.
+            rows_from(&mut a_even, &mut a_odd, j, wa, v, stride);
+            rows_from(&mut b_even, &mut b_odd, j, wb, v, stride);
             for c in 0..C {
-                _mm512_storeu_ps(oa.as_mut_ptr().add(16 * c), _mm512_add_ps(acc[0][c], acc[1][c]));
-                _mm512_storeu_ps(ob.as_mut_ptr().add(16 * c), _mm512_add_ps(acc[2][c], acc[3][c]));
+                _mm512_storeu_ps(oa.as_mut_ptr().add(16 * c), _mm512_add_ps(a_even[c], a_odd[c]));
+                _mm512_storeu_ps(ob.as_mut_ptr().add(16 * c), _mm512_add_ps(b_even[c], b_odd[c]));
             }
         }
         let hd = oa.len();
@@ -371,6 +352,37 @@ impl Dot for Avx512Dot {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Value rows `j0..w.len()` of [`Dot::weighted_sum`]'s two running sums (`j0` even): each
+/// row's term in the sum of its parity, one fused multiply-add per vector.
+///
+/// # Safety
+/// The CPU must have avx512f (callers are compiled for it); `v` holds `16·C` values at
+/// every row below `w.len()`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn rows_from<const C: usize>(
+    even: &mut [std::arch::x86_64::__m512; C],
+    odd: &mut [std::arch::x86_64::__m512; C],
+    j0: usize,
+    w: &[f32],
+    v: &[f32],
+    stride: usize,
+) {
+    use std::arch::x86_64::*;
+    let add = |acc: &mut [__m512; C], j: usize| {
+        let (b, p) = (_mm512_set1_ps(w[j]), v.as_ptr().add(j * stride));
+        for (c, a) in acc.iter_mut().enumerate() {
+            *a = _mm512_fmadd_ps(b, _mm512_loadu_ps(p.add(16 * c)), *a);
+        }
+    };
+    for j in (j0..w.len()).step_by(2) {
+        add(even, j);
+        if j + 1 < w.len() {
+            add(odd, j + 1);
         }
     }
 }
@@ -555,11 +567,7 @@ mod tests {
             eprintln!("SKIPPED: this CPU has no AVX-512");
             return;
         }
-        let mut seed = 7u32;
-        let mut r = move || {
-            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
-        };
+        let mut r = crate::test_values(7);
         for hd in [32, 64, 80, 96, 128] {
             for rows in [1, 2, 7, 64, 641] {
                 let stride = 3 * hd;
