@@ -55,11 +55,9 @@ fn quantize_q8_fastest(x: &[f32], out: &mut [Q8Block]) {
     quantize_q8_blocks(x, out)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::blocks::quantize_q8_blocks;
 
     /// The AVX-512 quantiser gives the bytes, sums and scales of the portable one, on
     /// ordinary blocks and on zeros, ties, huge values, infinities and NaNs.
@@ -70,11 +68,7 @@ mod tests {
             eprintln!("SKIPPED: this CPU has no AVX-512");
             return;
         }
-        let mut seed = 11u32;
-        let mut r = move || {
-            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
-        };
+        let mut r = crate::test_values(11);
         let mut x: Vec<f32> = (0..32 * 200).map(|i| r() * [1.0, 1e-3, 40.0, 3e30][i / 32 % 4]).collect();
         x[32..64].fill(0.0);
         for (i, v) in x[64..96].iter_mut().enumerate() {

@@ -314,10 +314,12 @@ impl QMatrix {
                 let (r0, n) = (units.start, a.len());
                 let res = &mut res[..units.len() * n];
                 // Interleaved rows meet another kernel only when tests compare kernels.
-                let rebuilt: Vec<u8>;
+                let mut rebuilt = Vec::new();
                 let w = if self.interleaved {
                     let mut buf = Vec::new();
-                    rebuilt = units.clone().flat_map(|r| self.row(r, &mut buf).to_vec()).collect();
+                    for r in units.clone() {
+                        rebuilt.extend_from_slice(self.row(r, &mut buf));
+                    }
                     &rebuilt[..]
                 } else {
                     &self.data[units.start * rb..units.end * rb]
@@ -547,6 +549,15 @@ impl Kernel {
                 }
             }
         }
+    }
+}
+
+/// Deterministic values in [-0.5, 0.5) for unit tests: a linear congruential generator.
+#[cfg(test)]
+fn test_values(mut seed: u32) -> impl FnMut() -> f32 {
+    move || {
+        seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
     }
 }
 
