@@ -5,7 +5,7 @@ use so8t::train::gates::{GatesOptions, RunControl, Trainer};
 use so8t::train::feature_cache::FeatureCache;
 use so8t::train::heads::{head_short_of_families, FAMILY_FOLDS};
 use so8t::train::{
-    choose_thresholds, fit_heads, held_out_thresholds, so8t_parts, AnswerWeight, Features, FitOptions, TrainOut,
+    choose_thresholds, fit_heads, held_out_answers_by_family, held_out_thresholds, HEAD_NAMES, so8t_parts, AnswerWeight, Features, FitOptions, TrainOut,
     TRAIN_DIR,
 };
 use so8t::so8::verdict::VerdictPosition;
@@ -329,6 +329,16 @@ pub fn main(a: Args) -> Result<()> {
                 }
                 config.thresholds = t;
                 summary["thresholds"] = serde_json::to_value(&chosen)?;
+                let k = config.thresholds.consecutive;
+                let by_family: serde_json::Map<_, _> = scores
+                    .iter()
+                    .map(|s| {
+                        let at = config.thresholds.response()[s.head];
+                        let v = held_out_answers_by_family(&tf, s, k, at);
+                        Ok((HEAD_NAMES[s.head].to_string(), serde_json::to_value(v)?))
+                    })
+                    .collect::<Result<_>>()?;
+                summary["held_out_answers"] = by_family.into();
             }
             summary["feature_seconds"] = feature_seconds.into();
             summary["fit_seconds"] = t.elapsed().as_secs_f64().into();

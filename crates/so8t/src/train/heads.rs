@@ -417,7 +417,7 @@ mod tests {
     use crate::train::{data::Example, Sample};
     use crate::eval::metrics::binary_metrics;
     use crate::so8::verdict::Thresholds;
-    use crate::train::thresholds::{choose_thresholds, held_out_thresholds, response_rule_scores};
+    use crate::train::thresholds::{choose_thresholds, held_out_answers_by_family, held_out_thresholds, response_rule_scores};
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
     fn options(weight_decay: Option<f64>, answer_weight: AnswerWeight, held_out_scores: bool) -> FitOptions {
@@ -597,7 +597,8 @@ mod tests {
     fn held_out_family_scores_set_thresholds_for_new_families() {
         let mut train = synthetic(600, 4);
         for (i, e) in train.examples.iter_mut().enumerate() {
-            e.family = Some(format!("family {}", i % 10));
+            // Row pairs share a family, so each family holds both classes.
+            e.family = Some(format!("family {}", (i / 2) % 10));
         }
         let heads = Heads::zeros(4).unwrap();
         let position = VerdictPosition::AssistantHeader;
@@ -619,6 +620,14 @@ mod tests {
         assert_eq!((r.len(), r[0].chosen_on), (1, "held-out families"));
         assert!(r[0].validation.fpr <= 0.05, "{r:?}");
         assert_eq!((t.unsafe_, t.response_unsafe), (r[0].prompt_threshold, r[0].response_threshold));
+        // The same scores per family, as `train` reports them: every answer of each family,
+        // separated within it as the signal allows.
+        let fams = held_out_answers_by_family(&train, held, t.consecutive, t.response()[0]);
+        assert_eq!(fams.len(), 10);
+        for f in &fams {
+            assert_eq!((f.answers, f.class_1), (60, 30), "{f:?}");
+            assert!(f.auroc.unwrap() > 0.9 && (0.3..0.7).contains(&f.flagged), "{f:?}");
+        }
         let new = synthetic(400, 5);
         let (x, y, idx) = new.labelled(0, 2, position);
         let scores = heads.scores(0, &x, 4).unwrap();

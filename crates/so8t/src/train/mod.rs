@@ -20,7 +20,7 @@ use crate::Model;
 use data::{Dataset, Example};
 pub use heads::{fit_heads, AnswerWeight, FitOptions, HeadFitReport};
 pub use thresholds::{
-    choose_thresholds, held_out_thresholds, response_rule_scores, HeldOutScores, ThresholdReport,
+    choose_thresholds, held_out_answers_by_family, held_out_thresholds, response_rule_scores, FamilyAnswers, HeldOutScores, ThresholdReport,
 };
 use std::path::{Path, PathBuf};
 

@@ -4,7 +4,7 @@
 
 use super::{Features, SampleKind, HEAD_NAMES};
 use crate::error::Result;
-use crate::eval::metrics::{binary_metrics, both_classes, threshold_for_fpr, BinaryMetrics};
+use crate::eval::metrics::{auroc, binary_metrics, both_classes, threshold_for_fpr, BinaryMetrics};
 use crate::so8::verdict::{rule_score, Heads, HeadsConfig, Thresholds, VerdictPosition};
 use serde::Serialize;
 
@@ -34,6 +34,33 @@ pub struct ThresholdReport {
     pub response_validation: Option<BinaryMetrics>,
 }
 
+/// Per answer of `f` labelled for `head`: its row, the score at which the streaming rule of
+/// `k` consecutive tokens fires ([`rule_score`]) and its label. `f` must hold every
+/// response token.
+fn answers_under_rule(
+    f: &Features,
+    scores: &[f32],
+    idx: &[usize],
+    head: usize,
+    k: usize,
+) -> Vec<(usize, f32, bool)> {
+    let mut per_row: std::collections::BTreeMap<usize, Vec<(usize, f32)>> = Default::default();
+    for (&k_s, &sc) in idx.iter().zip(scores) {
+        if let SampleKind::Response { token } = f.samples[k_s].kind {
+            per_row.entry(f.samples[k_s].row).or_default().push((token, sc));
+        }
+    }
+    per_row
+        .into_iter()
+        .filter_map(|(row, mut toks)| {
+            let label = f.examples[row].response_label(head)?;
+            toks.sort_by_key(|t| t.0);
+            let p: Vec<f32> = toks.iter().map(|t| t.1).collect();
+            Some((row, rule_score(&p, k), label))
+        })
+        .collect()
+}
+
 /// Per response of `f`, the score at which the streaming rule of `k` consecutive tokens
 /// fires ([`rule_score`]), with its label, for the responses labelled for `head`, less
 /// the benign answers to requests labelled class 1 (a refusal of a harmful request: the
@@ -45,29 +72,48 @@ pub fn response_rule_scores(
     head: usize,
     k: usize,
 ) -> (Vec<f32>, Vec<bool>) {
-    let mut per_row: std::collections::BTreeMap<usize, Vec<(usize, f32)>> = Default::default();
-    for (&k_s, &sc) in idx.iter().zip(scores) {
-        if let SampleKind::Response { token } = f.samples[k_s].kind {
-            per_row.entry(f.samples[k_s].row).or_default().push((token, sc));
-        }
-    }
-    let (mut out, mut labels) = (Vec::new(), Vec::new());
-    for (row, mut toks) in per_row {
-        let e = &f.examples[row];
-        let Some(label) = e.response_label(head) else {
-            continue;
-        };
+    answers_under_rule(f, scores, idx, head, k)
+        .into_iter()
         // A benign answer to a flagged request (a refusal) is decided by the prompt; the
         // rule decides the answers to requests that pass, so those are its negatives.
-        if !label && e.label(head) == Some(true) {
-            continue;
-        }
-        toks.sort_by_key(|t| t.0);
-        let p: Vec<f32> = toks.iter().map(|t| t.1).collect();
-        out.push(rule_score(&p, k));
-        labels.push(label);
+        .filter(|&(row, _, label)| label || f.examples[row].label(head) != Some(true))
+        .map(|(_, s, l)| (s, l))
+        .unzip()
+}
+
+/// How one training family's answers fare under the streaming rule when scored by fits
+/// that never saw the family: every answer, benign answers to class-1 requests included,
+/// as `eval` counts a held-out family's answers.
+#[derive(Clone, Debug, Serialize)]
+pub struct FamilyAnswers {
+    pub family: String,
+    pub answers: usize,
+    pub class_1: usize,
+    /// Share flagged at the head's answer threshold.
+    pub flagged: f64,
+    /// Within the family (`null` with one class only).
+    pub auroc: Option<f64>,
+}
+
+/// [`FamilyAnswers`] per family of the answers `s` scores, under the rule of `k` tokens at
+/// `threshold`: the training-side counterpart of a held-out family's answer metrics, to
+/// compare fitting choices without looking at the held-out test families.
+pub fn held_out_answers_by_family(f: &Features, s: &HeldOutScores, k: usize, threshold: f32) -> Vec<FamilyAnswers> {
+    let mut by: std::collections::BTreeMap<&str, (Vec<f32>, Vec<bool>)> = Default::default();
+    for (row, score, label) in answers_under_rule(f, &s.scores, &s.idx, s.head, k) {
+        let e = by.entry(f.examples[row].group()).or_default();
+        e.0.push(score);
+        e.1.push(label);
     }
-    (out, labels)
+    by.into_iter()
+        .map(|(family, (sc, y))| FamilyAnswers {
+            family: family.to_string(),
+            answers: y.len(),
+            class_1: y.iter().filter(|&&v| v).count(),
+            flagged: sc.iter().filter(|&&v| v >= threshold).count() as f64 / y.len() as f64,
+            auroc: both_classes(&y).then(|| auroc(&sc, &y)),
+        })
+        .collect()
 }
 
 /// The lowest thresholds of head `h` whose false positive rate on the scored samples
