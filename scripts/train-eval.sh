@@ -4,7 +4,7 @@
 # eval/<model>/model (crates/so8t/tests/real_train.rs checks the SmolLM2 one). Work files
 # go to target/train-eval/.
 #
-#   scripts/train-eval.sh [smollm2|smollm2-gates|qwen25coder|all] [score]   (default: smollm2)
+#   scripts/train-eval.sh [smollm2|smollm2-gates|qwen25coder|qwen25coder-answer-tokens|all] [score]   (default: smollm2)
 #
 # `score` only scores the heads trained by an earlier run (target/train-eval/NAME-heads)
 # again, e.g. after a change to `eval`'s report.
@@ -59,6 +59,8 @@ heads() { # name gguf fetch-name [train args…]
   bash scripts/fetch-models.sh "$fetch"
   $so8t convert "$cache/$gguf" --out "$work/$name" --force
   fit_heads "$work/$name" "$work/$name-heads" "$@"
+  mkdir -p "eval/$name-heads"
+  cp "$work/$name-heads.json" "eval/$name-heads/train.json"
   evaluate "$work/$name-heads" "$name-heads" "$notes" "$data/own_answers_$name.jsonl"
   mkdir -p "eval/$name/model"
   cp "$work/$name-heads/so8t_adapter.safetensors" "$work/$name-heads/so8t_config.json" "eval/$name/model/"
@@ -98,6 +100,26 @@ gates() { # name gguf fetch-name
     --out "eval/$name-gates-heads/lm_drift.json"
 }
 
+# An experiment on the answer side of #13, not shipped: the heads recipe with the fit taking 16
+# (as shipped) or 64 (every token of the data's answers, cut at 240 characters) tokens of
+# each answer, from one pass. Each run's summary (train.json) holds `held_out_answers`: per
+# training family, its answers scored by fits that never saw the family, the training-side
+# measure the choice is made on; the test files are scored after it.
+answer_tokens() { # name gguf fetch-name
+  local name=$1 gguf=$2 fetch=$3
+  if [[ $only_score != score ]]; then
+    bash scripts/fetch-models.sh "$fetch"
+    $so8t convert "$cache/$gguf" --out "$work/$name" --force
+  fi
+  for n in 16 64; do
+    local run="$name-answer-tokens/tokens$n"
+    mkdir -p "$work/$name-answer-tokens" "eval/$name-answer-tokens"
+    [[ $only_score == score ]] || fit_heads "$work/$name" "$work/$run" --response-tokens "$n"
+    cp "$work/$run.json" "eval/$run-train.json"
+    evaluate "$work/$run" "$run" "$name, zero gates; ${heads_recipe/16 tokens/$n tokens} (The answer-tokens experiment; not shipped.)" "$data/own_answers_$name.jsonl"
+  done
+}
+
 if [[ $which == smollm2 || $which == all ]]; then
   heads smollm2-135m SmolLM2-135M-Instruct.Q4_1.gguf smollm2
 fi
@@ -106,4 +128,7 @@ if [[ $which == smollm2-gates ]]; then
 fi
 if [[ $which == qwen25coder || $which == all ]]; then
   heads qwen2.5-coder-0.5b qwen2.5-coder-0.5b-instruct-q4_k_m.gguf qwen25coder
+fi
+if [[ $which == qwen25coder-answer-tokens ]]; then
+  answer_tokens qwen2.5-coder-0.5b qwen2.5-coder-0.5b-instruct-q4_k_m.gguf qwen25coder
 fi
