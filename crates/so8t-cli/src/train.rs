@@ -5,10 +5,10 @@ use so8t::train::gates::{GatesOptions, RunControl, Trainer};
 use so8t::train::feature_cache::FeatureCache;
 use so8t::train::heads::{head_short_of_families, FAMILY_FOLDS};
 use so8t::train::{
-    choose_thresholds, fit_heads, held_out_answers_by_family, held_out_thresholds, HEAD_NAMES, so8t_parts, AnswerWeight, Features, FitOptions, TrainOut,
+    choose_thresholds, fit_heads, held_out_answers_by_family, held_out_thresholds, HeldOutScores, HEAD_NAMES, so8t_parts, AnswerWeight, Features, FitOptions, TrainOut,
     TRAIN_DIR,
 };
-use so8t::so8::verdict::VerdictPosition;
+use so8t::so8::verdict::{Thresholds, VerdictPosition};
 use so8t::Model;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -129,6 +129,20 @@ pub struct Args {
     /// Leave out unreadable rows (reported) instead of stopping.
     #[arg(long)]
     skip_bad: bool,
+}
+
+/// Streaming-rule lengths the summary compares on held-out training families.
+const RULE_LENGTHS: [usize; 4] = [1, 2, 4, 8];
+
+/// Per head with held-out scores, its training families' answers under the streaming rule
+/// of `t` ([`held_out_answers_by_family`]).
+fn answers_by_family(f: &Features, scores: &[&HeldOutScores], t: &Thresholds) -> Result<serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    for s in scores {
+        let v = held_out_answers_by_family(f, s, t.consecutive, t.response()[s.head]);
+        out.insert(HEAD_NAMES[s.head].to_string(), serde_json::to_value(v)?);
+    }
+    Ok(out.into())
 }
 
 pub(crate) fn bar(len: usize, what: &str) -> indicatif::ProgressBar {
@@ -329,16 +343,22 @@ pub fn main(a: Args) -> Result<()> {
                 }
                 config.thresholds = t;
                 summary["thresholds"] = serde_json::to_value(&chosen)?;
-                let k = config.thresholds.consecutive;
-                let by_family: serde_json::Map<_, _> = scores
-                    .iter()
-                    .map(|s| {
-                        let at = config.thresholds.response()[s.head];
-                        let v = held_out_answers_by_family(&tf, s, k, at);
-                        Ok((HEAD_NAMES[s.head].to_string(), serde_json::to_value(v)?))
-                    })
-                    .collect::<Result<_>>()?;
-                summary["held_out_answers"] = by_family.into();
+                summary["held_out_answers"] = answers_by_family(&tf, &scores, &config.thresholds)?;
+                // The same measure for other lengths of the streaming rule, each at its own
+                // threshold for the same target: what a different `--consecutive` would give
+                // on families the heads never saw, without a test file.
+                let mut by_rule = Vec::new();
+                for k in RULE_LENGTHS {
+                    let current = Thresholds { consecutive: k, ..config.thresholds.clone() };
+                    let (t, chosen) =
+                        held_out_thresholds(&tf, &scores, config.verdict_position, a.target_fpr, &current);
+                    by_rule.push(serde_json::json!({
+                        "consecutive": k,
+                        "thresholds": chosen,
+                        "families": answers_by_family(&tf, &scores, &t)?,
+                    }));
+                }
+                summary["held_out_answers_by_consecutive"] = by_rule.into();
             }
             summary["feature_seconds"] = feature_seconds.into();
             summary["fit_seconds"] = t.elapsed().as_secs_f64().into();

@@ -362,6 +362,19 @@ fn thresholds_from_held_out_families() {
     assert_eq!(stored("unsafe"), reported(0, "prompt_threshold"));
     assert_eq!(stored("response_unsafe"), reported(0, "response_threshold"));
     assert_eq!(stored("escalate"), reported(1, "prompt_threshold"));
+    // The answers of each training family, held out: all 6 answers of each (the odd
+    // families' unsafe), at the stored rule; and the same at each compared rule length, the
+    // stored one agreeing.
+    let families = summary["held_out_answers"]["safety"].as_array().unwrap();
+    assert_eq!(families.len(), 6, "{summary}");
+    let unsafe_answers: Vec<_> = families.iter().map(|f| (f["answers"].as_u64(), f["class_1"].as_u64())).collect();
+    assert_eq!(unsafe_answers, [0, 6, 0, 6, 0, 6].map(|c| (Some(6), Some(c))), "{summary}");
+    let by_rule = summary["held_out_answers_by_consecutive"].as_array().unwrap();
+    let ks: Vec<_> = by_rule.iter().map(|r| r["consecutive"].as_u64().unwrap()).collect();
+    assert_eq!(ks, [1, 2, 4, 8]);
+    let k2 = &by_rule[1];
+    assert_eq!(k2["families"]["safety"], summary["held_out_answers"]["safety"]);
+    assert_eq!(k2["thresholds"][0]["response_threshold"], chosen[0]["response_threshold"]);
 }
 
 #[test]
