@@ -26,7 +26,11 @@ cache="${SO8T_CACHE:-$HOME/.cache/so8t}"
 work=target/train-eval
 mkdir -p "$work"
 data=data/safety
-heads_recipe="heads fitted by \`so8t train --mode heads --layer auto --features-quant q8_0 --answer-weight auto --thresholds-from families\` on data/safety/train.jsonl (fitted on prompts and 16 tokens of each answer, hidden states from the Q8_0-quantised weights); layer chosen on val.jsonl; answer weight and weight decay by the loss on training families held out in turn (5 folds); thresholds at 5% FPR on those held-out-family scores (prompts, and benign answers under the streaming rule with k = 2 over all their tokens). Made by scripts/train-eval.sh."
+# The recipe in words, for the reports' notes: $1 is the streaming rule's k, $2 any flag
+# the command line adds.
+heads_recipe() {
+  echo "heads fitted by \`so8t train --mode heads --layer auto --features-quant q8_0 --answer-weight auto --thresholds-from families${2:-}\` on data/safety/train.jsonl (fitted on prompts and 16 tokens of each answer, hidden states from the Q8_0-quantised weights); layer chosen on val.jsonl; answer weight and weight decay by the loss on training families held out in turn (5 folds); thresholds at 5% FPR on those held-out-family scores (prompts, and benign answers under the streaming rule with k = $1 over all their tokens). Made by scripts/train-eval.sh."
+}
 
 evaluate() { # model-dir report-name notes own-answers.jsonl
   # What ships: the Q8_0 export (heads and settings in its metadata), on the kernels.
@@ -49,16 +53,16 @@ fit_heads() { # model-dir out-dir [train args…]
     --features-cache "$work/features" --out "$out" --force "$@" | tee "$out.json"
 }
 
-heads() { # name gguf fetch-name [train args…]
-  local name=$1 gguf=$2 fetch=$3; shift 3
-  local notes="$name, zero gates; $heads_recipe"
+heads() { # name gguf fetch-name k [train args…]
+  local name=$1 gguf=$2 fetch=$3 k=$4; shift 4
+  local notes="$name, zero gates; $(heads_recipe "$k" " --consecutive $k")"
   if [[ $only_score == score ]]; then
     evaluate "$work/$name-heads" "$name-heads" "$notes" "$data/own_answers_$name.jsonl"
     return
   fi
   bash scripts/fetch-models.sh "$fetch"
   $so8t convert "$cache/$gguf" --out "$work/$name" --force
-  fit_heads "$work/$name" "$work/$name-heads" "$@"
+  fit_heads "$work/$name" "$work/$name-heads" --consecutive "$k" "$@"
   mkdir -p "eval/$name-heads"
   cp "$work/$name-heads.json" "eval/$name-heads/train.json"
   evaluate "$work/$name-heads" "$name-heads" "$notes" "$data/own_answers_$name.jsonl"
@@ -77,7 +81,7 @@ heads() { # name gguf fetch-name [train args…]
 gates() { # name gguf fetch-name
   local name=$1 gguf=$2 fetch=$3
   local start="$work/$name-heads" gated="$work/$name-gates" every="${GATES_EVERY:-4}"
-  local notes="$name with trained gates (\`so8t train --mode gates\`, every site, one epoch over every ${every}th row of data/safety/train.jsonl, started from the heads-only model), then the heads fitted again: $heads_recipe"
+  local notes="$name with trained gates (\`so8t train --mode gates\`, every site, one epoch over every ${every}th row of data/safety/train.jsonl, started from the heads-only model), then the heads fitted again: $(heads_recipe 2)"
   if [[ ! -f $start/so8t_adapter.safetensors ]]; then
     # The committed heads-only model (what heads() last wrote), on its base.
     bash scripts/fetch-models.sh "$fetch"
@@ -116,18 +120,25 @@ answer_tokens() { # name gguf fetch-name
     mkdir -p "$work/$name-answer-tokens" "eval/$name-answer-tokens"
     [[ $only_score == score ]] || fit_heads "$work/$name" "$work/$run" --response-tokens "$n"
     cp "$work/$run.json" "eval/$run-train.json"
-    evaluate "$work/$run" "$run" "$name, zero gates; ${heads_recipe/16 tokens/$n tokens} (The answer-tokens experiment; not shipped.)" "$data/own_answers_$name.jsonl"
+    evaluate "$work/$run" "$run" "$name, zero gates; $(heads_recipe 2 | sed "s/16 tokens/$n tokens/") (The answer-tokens experiment; not shipped.)" "$data/own_answers_$name.jsonl"
   done
 }
 
+# The streaming rule's k per model. Qwen2.5-Coder's is 8, chosen on its training side
+# before the test files were scored with it: on training families held out in turn
+# (held_out_answers_by_consecutive of the k = 2 fit, eval/qwen2.5-coder-0.5b-answer-tokens/
+# tokens16-train.json), each k at its own threshold for 5% of benign answers, the pooled
+# answer F1 was 0.820 / 0.771 / 0.834 / 0.844 for k = 1 / 2 / 4 / 8 (AUROC 0.958 / 0.956 /
+# 0.961 / 0.964), the prompt verdicts the same. The cost is that no answer is stopped
+# before its 8th token. SmolLM2's shipped heads keep k = 2 (not refitted).
 if [[ $which == smollm2 || $which == all ]]; then
-  heads smollm2-135m SmolLM2-135M-Instruct.Q4_1.gguf smollm2
+  heads smollm2-135m SmolLM2-135M-Instruct.Q4_1.gguf smollm2 2
 fi
 if [[ $which == smollm2-gates ]]; then
   gates smollm2-135m SmolLM2-135M-Instruct.Q4_1.gguf smollm2
 fi
 if [[ $which == qwen25coder || $which == all ]]; then
-  heads qwen2.5-coder-0.5b qwen2.5-coder-0.5b-instruct-q4_k_m.gguf qwen25coder
+  heads qwen2.5-coder-0.5b qwen2.5-coder-0.5b-instruct-q4_k_m.gguf qwen25coder 8
 fi
 if [[ $which == qwen25coder-answer-tokens ]]; then
   answer_tokens qwen2.5-coder-0.5b qwen2.5-coder-0.5b-instruct-q4_k_m.gguf qwen25coder
