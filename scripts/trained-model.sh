@@ -11,9 +11,7 @@
 # give the same bytes, checked against the sha256 of the file that was scored.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-# The file eval/ scored (scripts/train-eval.sh qwen25coder) has these tensor bytes and
-# metadata, except its general.name: `qwen2.5-coder-0`, from the export's old reading of a
-# directory name with a dot (checked with gguf-py when the name was mended).
-WANT=b0c679596ce886aa055e78f228f6afe88dccc38d183826c94b04778463d12485
+# The sha256 of the file eval/ scored (scripts/train-eval.sh qwen25coder).
+WANT=2551d4c1a2629dbe2bc8644c1874c9df0097404489655e8604d20f1b7c530800
 exec "$ROOT/scripts/trained-gguf.sh" qwen25coder qwen2.5-coder-0.5b-instruct-q4_k_m.gguf qwen2.5-coder-0.5b \
   qwen2.5-coder-0.5b-heads "$WANT" so8t-qwen2.5-coder-0.5b-trained-q8_0.gguf "$@"
