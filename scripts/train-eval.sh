@@ -26,10 +26,10 @@ cache="${SO8T_CACHE:-$HOME/.cache/so8t}"
 work=target/train-eval
 mkdir -p "$work"
 data=data/safety
-# The recipe in words, for the reports' notes: $1 is the streaming rule's k, $2 any flag
-# the command line adds.
+# The recipe in words, for the reports' notes: $1 is the streaming rule's k (2 is `train`'s
+# default, so a fit that passes no --consecutive is named with 2).
 heads_recipe() {
-  echo "heads fitted by \`so8t train --mode heads --layer auto --features-quant q8_0 --answer-weight auto --thresholds-from families${2:-}\` on data/safety/train.jsonl (fitted on prompts and 16 tokens of each answer, hidden states from the Q8_0-quantised weights); layer chosen on val.jsonl; answer weight and weight decay by the loss on training families held out in turn (5 folds); thresholds at 5% FPR on those held-out-family scores (prompts, and benign answers under the streaming rule with k = $1 over all their tokens). Made by scripts/train-eval.sh."
+  echo "heads fitted by \`so8t train --mode heads --layer auto --features-quant q8_0 --answer-weight auto --thresholds-from families --consecutive $1\` on data/safety/train.jsonl (fitted on prompts and 16 tokens of each answer, hidden states from the Q8_0-quantised weights); layer chosen on val.jsonl; answer weight and weight decay by the loss on training families held out in turn (5 folds); thresholds at 5% FPR on those held-out-family scores (prompts, and benign answers under the streaming rule with k = $1 over all their tokens). Made by scripts/train-eval.sh."
 }
 
 evaluate() { # model-dir report-name notes own-answers.jsonl
@@ -55,7 +55,7 @@ fit_heads() { # model-dir out-dir [train args…]
 
 heads() { # name gguf fetch-name k [train args…]
   local name=$1 gguf=$2 fetch=$3 k=$4; shift 4
-  local notes="$name, zero gates; $(heads_recipe "$k" " --consecutive $k")"
+  local notes="$name, zero gates; $(heads_recipe "$k")"
   if [[ $only_score == score ]]; then
     evaluate "$work/$name-heads" "$name-heads" "$notes" "$data/own_answers_$name.jsonl"
     return
