@@ -15,4 +15,8 @@ if [ "${SO8T_CUDA_BUILD:-1}" != 0 ]; then
   export LD_LIBRARY_PATH="$CUDA_ROOT/stubs:$CUDA_ROOT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   cargo test --release --features cuda -p so8t-cli --test cli device_flag
   cargo test --release --features cuda -p so8t-cli --test cuda -- --nocapture
+  # The CUDA build above left its binary at target/release/so8t, which cannot start without a
+  # driver; put the CPU build (already compiled by the workspace tests, so this only relinks)
+  # back where README's commands and scripts/ expect it.
+  cargo build --release -p so8t-cli
 fi

@@ -383,6 +383,52 @@ def count(rows):
     return {"rows": len(rows), **dict(sorted(c.items()))}
 
 
+# Conversations: real traffic is rarely one message long, and one benign earlier turn was
+# measured to weaken the prompt verdict on a harmful request (README, "multi-turn"). A row
+# "after benign turns" is the same row (labels unchanged: they are about its last request)
+# with one or two benign exchanges before it, each a prompt and its ordinary answer from
+# HISTORY_FAMILIES of the named split. Training takes copies of every MULTI_TURN_TRAIN_EVERY-th
+# row (a separate file, so train.jsonl and what was fitted on it stay as they are); the
+# held-out families and val are wrapped whole, the held-out families with histories from
+# test.jsonl, which nothing is fitted on.
+HISTORY_FAMILIES = ("coconot_pref", "rd_harmless_baseline")
+MULTI_TURN_TRAIN_EVERY = 5
+MULTI_TURN = (  # file, rows from, histories from, every row or every n-th
+    ("train_multi_turn", "train", "train", MULTI_TURN_TRAIN_EVERY),
+    ("val_multi_turn", "val", "val", 1),
+    ("test_families_multi_turn", "test_families", "test", 1),
+)
+
+
+def after_benign_turns(rows, histories, every, salt):
+    pool = [h for h in histories if h["family"] in HISTORY_FAMILIES and h.get("safety") == "safe"
+            and h.get("response_safety") == "safe" and h.get("response")]
+    rng = random.Random(f"{SEED}:{salt}")
+    out = []
+    for r in rows:
+        if stable_hash(r["prompt"] + r.get("response", ""), f"{SEED}:{salt}") % every:
+            continue
+        turns = 1 if rng.random() < 0.7 else 2
+        prior = [h for h in rng.sample(pool, turns + 1) if h["prompt"] != r["prompt"]][:turns]
+        messages = []
+        for h in prior:
+            messages += [{"role": "user", "content": h["prompt"]}, {"role": "assistant", "content": h["response"]}]
+        w = {k: v for k, v in r.items() if k != "prompt"}
+        w["messages"] = messages + [{"role": "user", "content": r["prompt"]}]
+        w["context"] = f"after {len(prior)} benign turn{'s' if len(prior) > 1 else ''}"
+        out.append(w)
+    return out
+
+
+def write_jsonl(path, rows):
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        for r in rows:
+            r = {k: v for k, v in r.items() if not k.startswith("_")}
+            f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
 def main():
     root = Path(__file__).resolve().parents[2]
     raw = Path(sys.argv[1]) if len(sys.argv) > 1 else root.parent / "shared/data/safety/raw"
@@ -428,18 +474,21 @@ def main():
     stats = {"seed": SEED, "rows_collected": len(rows), "exact_duplicates_dropped": n_exact,
              "held_out_rows_dropped_as_near_duplicates_of_training": dropped_leaks,
              "near_duplicate_groups": len(by_group), "held_out_families": HELD_OUT, "splits": {}}
+    written = {}
     for name in ("train", "val", "test", "test_families"):
         rs = sorted(split_rows[name], key=lambda r: stable_hash(r["prompt"] + r.get("response", ""), f"{SEED}:{name}"))
-        tmp = out_dir / f".{name}.jsonl.tmp"
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            for r in rs:
-                r = {k: v for k, v in r.items() if not k.startswith("_")}
-                f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
-        tmp.replace(out_dir / f"{name}.jsonl")
+        written[name] = rs
+        write_jsonl(out_dir / f"{name}.jsonl", rs)
         stats["splits"][name] = count(rs)
         safe = [r for r in rs if r.get("safety") == "safe"]
         lookalike = [r for r in safe if r["family"] in ("coconot_pref", "coconot_contrast", "wild_template", "wild_template_heldout")]
         stats["splits"][name]["benign_lookalike_share_of_safe"] = round(len(lookalike) / max(len(safe), 1), 3)
+    stats["multi_turn"] = {}
+    for name, rows_from, histories_from, every in MULTI_TURN:
+        rs = after_benign_turns(written[rows_from], written[histories_from], every, name)
+        write_jsonl(out_dir / f"{name}.jsonl", rs)
+        stats["multi_turn"][name] = {"rows_from": rows_from, "histories_from": histories_from,
+                                     **count(rs), **{c: sum(r["context"] == c for r in rs) for c in sorted({r["context"] for r in rs})}}
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     print(json.dumps(stats, indent=1, sort_keys=True))
 

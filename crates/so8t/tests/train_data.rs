@@ -49,6 +49,9 @@ fn build_script_reproduces_the_committed_set() {
         "val.jsonl",
         "test.jsonl",
         "test_families.jsonl",
+        "train_multi_turn.jsonl",
+        "val_multi_turn.jsonl",
+        "test_families_multi_turn.jsonl",
         "stats.json",
     ] {
         let made = std::fs::read(out.path().join(name)).unwrap();
@@ -143,6 +146,71 @@ fn splits_share_no_near_duplicates() {
     for split in ["train.jsonl", "val.jsonl", "test.jsonl"] {
         for e in &read(split).examples {
             assert!(!families.contains(e.group()), "{split} line {} is of held-out family {}", e.line, e.group());
+        }
+    }
+}
+
+/// The conversation files are rows of their split after one or two benign turns: each
+/// conversation's last message is a row of that split with the same labels and answer, the
+/// turns before it alternate user and assistant, and the held-out families' earlier turns
+/// come from test.jsonl, so no conversation scored as a test holds a row anything was
+/// fitted on.
+#[test]
+fn multi_turn_rows_are_their_split_after_benign_turns() {
+    let read = |n: &str| {
+        read_jsonl(
+            &repo().join("data/safety").join(n),
+            &Labels::default(),
+            false,
+        )
+        .unwrap()
+    };
+    let key = |e: &so8t::train::data::Example| {
+        (
+            e.user_text().to_string(),
+            e.response.clone(),
+            e.safety,
+            e.authority,
+            e.response_safety,
+            e.family.clone(),
+        )
+    };
+    let train_prompts: HashSet<String> = read("train.jsonl")
+        .examples
+        .iter()
+        .map(|e| e.user_text().to_string())
+        .collect();
+    for (file, rows_from, histories_from, whole) in [
+        ("train_multi_turn.jsonl", "train.jsonl", "train.jsonl", false),
+        ("val_multi_turn.jsonl", "val.jsonl", "val.jsonl", true),
+        ("test_families_multi_turn.jsonl", "test_families.jsonl", "test.jsonl", true),
+    ] {
+        let source: HashSet<_> = read(rows_from).examples.iter().map(key).collect();
+        let histories: HashSet<String> = read(histories_from)
+            .examples
+            .iter()
+            .map(|e| e.user_text().to_string())
+            .collect();
+        let d = read(file);
+        assert!(
+            if whole { d.examples.len() == source.len() } else { d.examples.len() * 10 > source.len() },
+            "{file}: {} rows from {} in {rows_from}",
+            d.examples.len(),
+            source.len()
+        );
+        for e in &d.examples {
+            assert!(source.contains(&key(e)), "{file} line {}: last turn is no row of {rows_from}", e.line);
+            let n = e.messages.len();
+            assert!(n == 3 || n == 5, "{file} line {}: {n} messages", e.line);
+            for (i, m) in e.messages.iter().enumerate() {
+                assert_eq!(m.role, if i % 2 == 0 { "user" } else { "assistant" }, "{file} line {}", e.line);
+                if i % 2 == 0 && i + 1 < n {
+                    assert!(histories.contains(&m.content), "{file} line {}: turn {i} is not from {histories_from}", e.line);
+                    if histories_from != "train.jsonl" {
+                        assert!(!train_prompts.contains(&m.content), "{file} line {}: turn {i} is a training row", e.line);
+                    }
+                }
+            }
         }
     }
 }
