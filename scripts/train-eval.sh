@@ -4,10 +4,11 @@
 # eval/<model>/model (crates/so8t/tests/real_train.rs checks the SmolLM2 one). Work files
 # go to target/train-eval/.
 #
-#   scripts/train-eval.sh [smollm2|smollm2-gates|qwen25coder|qwen25coder-answer-tokens|all] [score]   (default: smollm2)
+#   scripts/train-eval.sh [smollm2|smollm2-gates|qwen25coder|qwen25coder-answer-tokens|qwen25coder-multi-turn|all] [score|multi-turn]   (default: smollm2)
 #
 # `score` only scores the heads trained by an earlier run (target/train-eval/NAME-heads)
-# again, e.g. after a change to `eval`'s report.
+# again, e.g. after a change to `eval`'s report; `multi-turn` scores them on the
+# conversation files only (below).
 #
 # The layer is chosen on data/safety/val.jsonl; the answer weight and weight decay by the
 # loss on whole training families held out in turn, and the thresholds on the scores those
@@ -43,12 +44,26 @@ evaluate() { # model-dir report-name notes own-answers.jsonl
   [[ -f $4 ]] || python3 scripts/data/own_answers.py "$work/$2.q8_0.gguf" "$4"
   $so8t eval --model "$work/$2.q8_0.gguf" --data "$4" --report "eval/$2-own-answers" \
     --notes "$3 Scored as its Q8_0 GGUF export on $(basename "$4"): the model's own greedy answers (48 tokens) to benign prompts of the held-out families (scripts/data/own_answers.py); every answer is labelled safe, so this measures benign answers flagged."
+  evaluate_multi_turn "$2" "$3"
+}
+
+# Conversations: the same rows after one or two benign turns (data/safety/*_multi_turn.jsonl,
+# built with the rest of the set; MAPPING.md). val.jsonl and its conversations are scored
+# too, since a choice between recipes is made on them, never on a test file.
+evaluate_multi_turn() { # report-name notes
+  local gguf="$work/$1.q8_0.gguf"
+  $so8t eval --model "$gguf" --data $data/test_families_multi_turn.jsonl --report "eval/$1-families-multi-turn" \
+    --notes "$2 Scored as its Q8_0 GGUF export on test_families_multi_turn.jsonl: every row of the held-out families after one or two benign turns taken from test.jsonl."
+  $so8t eval --model "$gguf" --data $data/val.jsonl --report "eval/$1-val" \
+    --notes "$2 Scored as its Q8_0 GGUF export on val.jsonl (the training families' validation rows), where recipes are compared."
+  $so8t eval --model "$gguf" --data $data/val_multi_turn.jsonl --report "eval/$1-val-multi-turn" \
+    --notes "$2 Scored as its Q8_0 GGUF export on val_multi_turn.jsonl: every val.jsonl row after one or two benign turns from val.jsonl, where recipes are compared."
 }
 
 # The heads recipe: layer, answer weight, weight decay and thresholds as described above.
-fit_heads() { # model-dir out-dir [train args…]
+fit_heads() { # model-dir out-dir [train args…]; $train_rows: the rows fitted on
   local model=$1 out=$2; shift 2
-  $so8t train --model "$model" --data $data/train.jsonl --val $data/val.jsonl --mode heads \
+  $so8t train --model "$model" --data "${train_rows:-$data/train.jsonl}" --val $data/val.jsonl --mode heads \
     --layer auto --features-quant q8_0 --answer-weight auto --thresholds-from families \
     --features-cache "$work/features" --out "$out" --force "$@" | tee "$out.json"
 }
@@ -58,6 +73,10 @@ heads() { # name gguf fetch-name k [train args…]
   local notes="$name, zero gates; $(heads_recipe "$k")"
   if [[ $only_score == score ]]; then
     evaluate "$work/$name-heads" "$name-heads" "$notes" "$data/own_answers_$name.jsonl"
+    return
+  fi
+  if [[ $only_score == multi-turn ]]; then
+    evaluate_multi_turn "$name-heads" "$notes"
     return
   fi
   bash scripts/fetch-models.sh "$fetch"
@@ -124,6 +143,27 @@ answer_tokens() { # name gguf fetch-name
   done
 }
 
+# An experiment on conversations (#13): a benign earlier turn was measured to weaken the
+# prompt verdict on a harmful request (README), and every training row was single-turn.
+# The heads recipe, unchanged but for its rows: train.jsonl plus train_multi_turn.jsonl
+# (every 5th training row again after one or two benign turns). Decided before any test
+# file is scored with it: it replaces the shipped heads if, against them, its prompt safety
+# F1 on val_multi_turn.jsonl rises and neither its prompt nor its answer safety F1 on
+# val.jsonl falls by more than 0.01 (each at its own stored thresholds).
+multi_turn_heads() { # name gguf fetch-name k
+  local name=$1 gguf=$2 fetch=$3 k=$4 run="$1-multi-turn"
+  local notes="$name, zero gates; $(heads_recipe "$k" | sed 's|on data/safety/train.jsonl|on data/safety/train.jsonl and train_multi_turn.jsonl (conversations)|')"
+  if [[ $only_score != score ]]; then
+    bash scripts/fetch-models.sh "$fetch"
+    $so8t convert "$cache/$gguf" --out "$work/$name" --force
+    cat $data/train.jsonl $data/train_multi_turn.jsonl > "$work/train-and-multi-turn.jsonl"
+    train_rows="$work/train-and-multi-turn.jsonl" fit_heads "$work/$name" "$work/$run" --consecutive "$k"
+  fi
+  mkdir -p "eval/$run"
+  cp "$work/$run.json" "eval/$run/train.json"
+  evaluate "$work/$run" "$run" "$notes" "$data/own_answers_$name.jsonl"
+}
+
 # The streaming rule's k per model. Qwen2.5-Coder's is 8, chosen on its training side
 # before the test files were scored with it: on training families held out in turn
 # (held_out_answers_by_consecutive of the k = 2 fit, eval/qwen2.5-coder-0.5b-answer-tokens/
@@ -139,6 +179,9 @@ if [[ $which == smollm2-gates ]]; then
 fi
 if [[ $which == qwen25coder || $which == all ]]; then
   heads qwen2.5-coder-0.5b qwen2.5-coder-0.5b-instruct-q4_k_m.gguf qwen25coder 8
+fi
+if [[ $which == qwen25coder-multi-turn ]]; then
+  multi_turn_heads qwen2.5-coder-0.5b qwen2.5-coder-0.5b-instruct-q4_k_m.gguf qwen25coder 8
 fi
 if [[ $which == qwen25coder-answer-tokens ]]; then
   answer_tokens qwen2.5-coder-0.5b qwen2.5-coder-0.5b-instruct-q4_k_m.gguf qwen25coder
