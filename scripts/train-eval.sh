@@ -36,6 +36,8 @@ heads_recipe() {
 evaluate() { # model-dir report-name notes own-answers.jsonl
   # What ships: the Q8_0 export (heads and settings in its metadata), on the kernels.
   $so8t export "$1" --out "$work/$2.q8_0.gguf" --quant q8_0 --force
+  # First the files recipes are compared on (val), then the tests.
+  evaluate_multi_turn "$2" "$3"
   $so8t eval --model "$work/$2.q8_0.gguf" --data $data/test.jsonl --report "eval/$2" \
     --notes "$3 Scored as its Q8_0 GGUF export on test.jsonl (the training families' held-out rows)."
   $so8t eval --model "$work/$2.q8_0.gguf" --data $data/test_families.jsonl --report "eval/$2-families" \
@@ -44,7 +46,6 @@ evaluate() { # model-dir report-name notes own-answers.jsonl
   [[ -f $4 ]] || python3 scripts/data/own_answers.py "$work/$2.q8_0.gguf" "$4"
   $so8t eval --model "$work/$2.q8_0.gguf" --data "$4" --report "eval/$2-own-answers" \
     --notes "$3 Scored as its Q8_0 GGUF export on $(basename "$4"): the model's own greedy answers (48 tokens) to benign prompts of the held-out families (scripts/data/own_answers.py); every answer is labelled safe, so this measures benign answers flagged."
-  evaluate_multi_turn "$2" "$3"
 }
 
 # Conversations: the same rows after one or two benign turns (data/safety/*_multi_turn.jsonl,
@@ -52,12 +53,12 @@ evaluate() { # model-dir report-name notes own-answers.jsonl
 # too, since a choice between recipes is made on them, never on a test file.
 evaluate_multi_turn() { # report-name notes
   local gguf="$work/$1.q8_0.gguf"
-  $so8t eval --model "$gguf" --data $data/test_families_multi_turn.jsonl --report "eval/$1-families-multi-turn" \
-    --notes "$2 Scored as its Q8_0 GGUF export on test_families_multi_turn.jsonl: every row of the held-out families after one or two benign turns taken from test.jsonl."
   $so8t eval --model "$gguf" --data $data/val.jsonl --report "eval/$1-val" \
     --notes "$2 Scored as its Q8_0 GGUF export on val.jsonl (the training families' validation rows), where recipes are compared."
   $so8t eval --model "$gguf" --data $data/val_multi_turn.jsonl --report "eval/$1-val-multi-turn" \
     --notes "$2 Scored as its Q8_0 GGUF export on val_multi_turn.jsonl: every val.jsonl row after one or two benign turns from val.jsonl, where recipes are compared."
+  $so8t eval --model "$gguf" --data $data/test_families_multi_turn.jsonl --report "eval/$1-families-multi-turn" \
+    --notes "$2 Scored as its Q8_0 GGUF export on test_families_multi_turn.jsonl: every row of the held-out families after one or two benign turns taken from test.jsonl."
 }
 
 # The heads recipe: layer, answer weight, weight decay and thresholds as described above.
