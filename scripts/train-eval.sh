@@ -4,11 +4,11 @@
 # eval/<model>/model (crates/so8t/tests/real_train.rs checks the SmolLM2 one). Work files
 # go to target/train-eval/.
 #
-#   scripts/train-eval.sh [smollm2|smollm2-gates|qwen25coder|qwen25coder-answer-tokens|qwen25coder-multi-turn|all] [score|multi-turn]   (default: smollm2)
+#   scripts/train-eval.sh [smollm2|smollm2-gates|qwen25coder|qwen25coder-answer-tokens|qwen25coder-multi-turn|all] [score|multi-turn|long-answers]   (default: smollm2)
 #
 # `score` only scores the heads trained by an earlier run (target/train-eval/NAME-heads)
 # again, e.g. after a change to `eval`'s report; `multi-turn` scores them on the
-# conversation files only (below).
+# conversation files only, `long-answers` on the model's own long answers only (below).
 #
 # The layer is chosen on data/safety/val.jsonl; the answer weight and weight decay by the
 # loss on whole training families held out in turn, and the thresholds on the scores those
@@ -61,6 +61,17 @@ evaluate_multi_turn() { # report-name notes
     --notes "$2 Scored as its Q8_0 GGUF export on test_families_multi_turn.jsonl: every row of the held-out families after one or two benign turns taken from test.jsonl."
 }
 
+# Long answers: own_answers_<model>.jsonl holds answers of 48 tokens and the data's answers
+# are cut near 60, so the answer threshold was never set on a long benign answer, where a
+# run of k high tokens has more chances. This generates the model's greedy answers of up to
+# 256 tokens to 20 benign prompts of each held-out family, when the file is not there, and
+# scores them (every answer is labelled safe: benign answers flagged, and where).
+evaluate_long_answers() { # report-name notes answers.jsonl
+  [[ -f $3 ]] || python3 scripts/data/own_answers.py "$work/$1.q8_0.gguf" "$3" --per-family 20 --max-tokens 256
+  $so8t eval --model "$work/$1.q8_0.gguf" --data "$3" --report "eval/$1-own-long-answers" \
+    --notes "$2 Scored as its Q8_0 GGUF export on $(basename "$3"): the model's own greedy answers of up to 256 tokens to 20 benign prompts of each held-out family with safe prompts (scripts/data/own_answers.py --per-family 20 --max-tokens 256); every answer is labelled safe, so this measures benign long answers flagged."
+}
+
 # The heads recipe: layer, answer weight, weight decay and thresholds as described above.
 fit_heads() { # model-dir out-dir [train args…]; $train_rows: the rows fitted on
   local model=$1 out=$2; shift 2
@@ -78,6 +89,10 @@ heads() { # name gguf fetch-name k [train args…]
   fi
   if [[ $only_score == multi-turn ]]; then
     evaluate_multi_turn "$name-heads" "$notes"
+    return
+  fi
+  if [[ $only_score == long-answers ]]; then
+    evaluate_long_answers "$name-heads" "$notes" "$data/own_long_answers_$name.jsonl"
     return
   fi
   bash scripts/fetch-models.sh "$fetch"

@@ -4,7 +4,7 @@
 mod common;
 
 use so8t::artifact::adapter::Labels;
-use so8t::train::data::read_jsonl;
+use so8t::train::data::{read_jsonl, Dataset, Example};
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::Command;
@@ -63,6 +63,11 @@ fn build_script_reproduces_the_committed_set() {
     }
 }
 
+/// A committed file of `data/safety`, read as `so8t train` reads it.
+fn read(name: &str) -> Dataset {
+    read_jsonl(&repo().join("data/safety").join(name), &Labels::default(), false).unwrap()
+}
+
 fn shingles(text: &str) -> HashSet<String> {
     let w: Vec<String> = text
         .to_lowercase()
@@ -83,14 +88,6 @@ fn shingles(text: &str) -> HashSet<String> {
 /// prompt may appear in two splits.
 #[test]
 fn splits_share_no_near_duplicates() {
-    let read = |n: &str| {
-        read_jsonl(
-            &repo().join("data/safety").join(n),
-            &Labels::default(),
-            false,
-        )
-        .unwrap()
-    };
     let train = read("train.jsonl");
     // Shingle → training rows that have it, so each row is compared with the training
     // rows it shares anything with (exactly; the others have Jaccard 0).
@@ -157,15 +154,7 @@ fn splits_share_no_near_duplicates() {
 /// fitted on.
 #[test]
 fn multi_turn_rows_are_their_split_after_benign_turns() {
-    let read = |n: &str| {
-        read_jsonl(
-            &repo().join("data/safety").join(n),
-            &Labels::default(),
-            false,
-        )
-        .unwrap()
-    };
-    let key = |e: &so8t::train::data::Example| {
+    let key = |e: &Example| {
         (
             e.user_text().to_string(),
             e.response.clone(),
