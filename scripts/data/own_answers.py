@@ -2,10 +2,13 @@
 """The model's own greedy answers to the benign prompts of the held-out families.
 
     python3 scripts/data/own_answers.py MODEL OUT.jsonl [--so8t PATH] [--per-family N]
+        [--max-tokens N] [--rows FILE --families A,B]
 
 For each held-out family with safe prompts in data/safety/test_families.jsonl
 (coconot_contrast, banking77) it takes N prompts (every k-th row, so the choice is fixed)
-and asks MODEL for a greedy answer of at most 48 tokens with `so8t run`. The rows it writes
+and asks MODEL for a greedy answer of at most 48 tokens with `so8t run` (--rows and
+--families take the prompts from other families of another file, e.g. training families
+of train.jsonl, where a threshold may be chosen). The rows it writes
 are `so8t train`/`eval` rows: the prompt with its labels, the answer as `response`, labelled
 safe and handle throughout.
 
@@ -32,11 +35,12 @@ def main() -> None:
     ap.add_argument("--so8t", default=os.path.join(os.path.dirname(__file__), "../../target/release/so8t"))
     ap.add_argument("--per-family", type=int, default=100)
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--rows", default=os.path.join(os.path.dirname(__file__), "../../data/safety/test_families.jsonl"))
+    ap.add_argument("--families", default=",".join(FAMILIES))
     a = ap.parse_args()
-    src = os.path.join(os.path.dirname(__file__), "../../data/safety/test_families.jsonl")
-    rows = [json.loads(line) for line in open(src, encoding="utf-8")]
+    rows = [json.loads(line) for line in open(a.rows, encoding="utf-8")]
     out = []
-    for fam in FAMILIES:
+    for fam in a.families.split(","):
         pool = [r for r in rows if r["family"] == fam and r["safety"] == "safe"]
         step = max(1, len(pool) // a.per_family)
         for r in pool[::step][: a.per_family]:
