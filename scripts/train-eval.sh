@@ -165,13 +165,15 @@ answer_tokens() { # name gguf fetch-name
   done
 }
 
-# An experiment on conversations (#13): a benign earlier turn was measured to weaken the
-# prompt verdict on a harmful request (README), and every training row was single-turn.
+# An experiment on conversations (#13): benign earlier turns shift the shipped heads'
+# scores (p_unsafe up, p_escalate down; README), and every training row was single-turn.
 # The heads recipe, unchanged but for its rows: train.jsonl plus train_multi_turn.jsonl
 # (every 5th training row again after one or two benign turns). Decided before any test
 # file is scored with it: it replaces the shipped heads if, against them, its prompt safety
 # F1 on val_multi_turn.jsonl rises and neither its prompt nor its answer safety F1 on
-# val.jsonl falls by more than 0.01 (each at its own stored thresholds).
+# val.jsonl falls by more than 0.01 (each at its own stored thresholds); and (added after
+# the shipped heads were scored in conversation, where escalation suffered most) its
+# authority F1 on neither file falls by more than 0.01.
 multi_turn_heads() { # name gguf fetch-name k
   local name=$1 gguf=$2 fetch=$3 k=$4 run="$1-multi-turn"
   local notes="$name, zero gates; $(heads_recipe "$k" | sed 's|on data/safety/train.jsonl|on data/safety/train.jsonl and train_multi_turn.jsonl (conversations)|')"
