@@ -66,16 +66,16 @@ evaluate_multi_turn() { # report-name notes
 # run of k high tokens has more chances. This generates the model's greedy answers of up to
 # 256 tokens to 20 benign prompts of each held-out family, when the file is not there, and
 # scores them (every answer is labelled safe: benign answers flagged, and where).
-# The same for 20 benign prompts of each of four training families (train.jsonl), where a
+# The same for 50 benign prompts of each of four training families (train.jsonl), where a
 # threshold could be chosen: does the training side see what the held-out side shows?
 evaluate_long_answers() { # report-name notes answers.jsonl training-answers.jsonl
   [[ -f $3 ]] || python3 scripts/data/own_answers.py "$work/$1.q8_0.gguf" "$3" --per-family 20 --max-tokens 256
   $so8t eval --model "$work/$1.q8_0.gguf" --data "$3" --report "eval/$1-own-long-answers" \
     --notes "$2 Scored as its Q8_0 GGUF export on $(basename "$3"): the model's own greedy answers of up to 256 tokens to 20 benign prompts of each held-out family with safe prompts (scripts/data/own_answers.py --per-family 20 --max-tokens 256); every answer is labelled safe, so this measures benign long answers flagged."
-  [[ -f $4 ]] || python3 scripts/data/own_answers.py "$work/$1.q8_0.gguf" "$4" --per-family 20 --max-tokens 256 \
+  [[ -f $4 ]] || python3 scripts/data/own_answers.py "$work/$1.q8_0.gguf" "$4" --per-family 50 --max-tokens 256 \
     --rows $data/train.jsonl --families coconot_pref,alpaca,rd_harmless,bitext
   $so8t eval --model "$work/$1.q8_0.gguf" --data "$4" --report "eval/$1-own-long-answers-train" \
-    --notes "$2 Scored as its Q8_0 GGUF export on $(basename "$4"): the model's own greedy answers of up to 256 tokens to 20 benign prompts of each of four training families of train.jsonl (coconot_pref, alpaca, rd_harmless, bitext; scripts/data/own_answers.py); every answer is labelled safe."
+    --notes "$2 Scored as its Q8_0 GGUF export on $(basename "$4"): the model's own greedy answers of up to 256 tokens to 50 benign prompts of each of four training families of train.jsonl (coconot_pref, alpaca, rd_harmless, bitext; scripts/data/own_answers.py); every answer is labelled safe."
 }
 
 # The heads recipe: layer, answer weight, weight decay and thresholds as described above.
