@@ -33,32 +33,35 @@ heads_recipe() {
   echo "heads fitted by \`so8t train --mode heads --layer auto --features-quant q8_0 --answer-weight auto --thresholds-from families --consecutive $1\` on data/safety/train.jsonl (fitted on prompts and 16 tokens of each answer, hidden states from the Q8_0-quantised weights); layer chosen on val.jsonl; answer weight and weight decay by the loss on training families held out in turn (5 folds); thresholds at 5% FPR on those held-out-family scores (prompts, and benign answers under the streaming rule with k = $1 over all their tokens). Made by scripts/train-eval.sh."
 }
 
+# Scores the Q8_0 export of report-name on one file of rows, into eval/<report-name><suffix>.
+score() { # report-name report-suffix notes rows.jsonl what-the-rows-are
+  $so8t eval --model "$work/$1.q8_0.gguf" --data "$4" --report "eval/$1$2" \
+    --notes "$3 Scored as its Q8_0 GGUF export on $(basename "$4")$5"
+}
+
+# The model's own answers, made by the model being scored when they are not there yet.
+own_answers() { # report-name answers.jsonl [scripts/data/own_answers.py args…]
+  [[ -f $2 ]] || python3 scripts/data/own_answers.py "$work/$1.q8_0.gguf" "$2" "${@:3}"
+}
+
 evaluate() { # model-dir report-name notes own-answers.jsonl
   # What ships: the Q8_0 export (heads and settings in its metadata), on the kernels.
   $so8t export "$1" --out "$work/$2.q8_0.gguf" --quant q8_0 --force
   # First the files recipes are compared on (val), then the tests.
-  evaluate_multi_turn "$2" "$3"
-  $so8t eval --model "$work/$2.q8_0.gguf" --data $data/test.jsonl --report "eval/$2" \
-    --notes "$3 Scored as its Q8_0 GGUF export on test.jsonl (the training families' held-out rows)."
-  $so8t eval --model "$work/$2.q8_0.gguf" --data $data/test_families.jsonl --report "eval/$2-families" \
-    --notes "$3 Scored as its Q8_0 GGUF export on test_families.jsonl: whole families never seen in training or validation (data/safety/MAPPING.md)."
-  # The model's own answers, made by the model being scored when they are not there yet.
-  [[ -f $4 ]] || python3 scripts/data/own_answers.py "$work/$2.q8_0.gguf" "$4"
-  $so8t eval --model "$work/$2.q8_0.gguf" --data "$4" --report "eval/$2-own-answers" \
-    --notes "$3 Scored as its Q8_0 GGUF export on $(basename "$4"): the model's own greedy answers (48 tokens) to benign prompts of the held-out families (scripts/data/own_answers.py); every answer is labelled safe, so this measures benign answers flagged."
+  evaluate_val_and_conversations "$2" "$3"
+  score "$2" "" "$3" $data/test.jsonl " (the training families' held-out rows)."
+  score "$2" -families "$3" $data/test_families.jsonl ": whole families never seen in training or validation (data/safety/MAPPING.md)."
+  own_answers "$2" "$4"
+  score "$2" -own-answers "$3" "$4" ": the model's own greedy answers (48 tokens) to benign prompts of the held-out families (scripts/data/own_answers.py); every answer is labelled safe, so this measures benign answers flagged."
 }
 
 # Conversations: the same rows after one or two benign turns (data/safety/*_multi_turn.jsonl,
 # built with the rest of the set; MAPPING.md). val.jsonl and its conversations are scored
 # too, since a choice between recipes is made on them, never on a test file.
-evaluate_multi_turn() { # report-name notes
-  local gguf="$work/$1.q8_0.gguf"
-  $so8t eval --model "$gguf" --data $data/val.jsonl --report "eval/$1-val" \
-    --notes "$2 Scored as its Q8_0 GGUF export on val.jsonl (the training families' validation rows), where recipes are compared."
-  $so8t eval --model "$gguf" --data $data/val_multi_turn.jsonl --report "eval/$1-val-multi-turn" \
-    --notes "$2 Scored as its Q8_0 GGUF export on val_multi_turn.jsonl: every val.jsonl row after one or two benign turns from val.jsonl, where recipes are compared."
-  $so8t eval --model "$gguf" --data $data/test_families_multi_turn.jsonl --report "eval/$1-families-multi-turn" \
-    --notes "$2 Scored as its Q8_0 GGUF export on test_families_multi_turn.jsonl: every row of the held-out families after one or two benign turns taken from test.jsonl."
+evaluate_val_and_conversations() { # report-name notes
+  score "$1" -val "$2" $data/val.jsonl " (the training families' validation rows), where recipes are compared."
+  score "$1" -val-multi-turn "$2" $data/val_multi_turn.jsonl ": every val.jsonl row after one or two benign turns from val.jsonl, where recipes are compared."
+  score "$1" -families-multi-turn "$2" $data/test_families_multi_turn.jsonl ": every row of the held-out families after one or two benign turns taken from test.jsonl."
 }
 
 # Long answers: own_answers_<model>.jsonl holds answers of 48 tokens and the data's answers
@@ -69,13 +72,10 @@ evaluate_multi_turn() { # report-name notes
 # The same for 50 benign prompts of each of four training families (train.jsonl), where a
 # threshold could be chosen: does the training side see what the held-out side shows?
 evaluate_long_answers() { # report-name notes answers.jsonl training-answers.jsonl
-  [[ -f $3 ]] || python3 scripts/data/own_answers.py "$work/$1.q8_0.gguf" "$3" --per-family 20 --max-tokens 256
-  $so8t eval --model "$work/$1.q8_0.gguf" --data "$3" --report "eval/$1-own-long-answers" \
-    --notes "$2 Scored as its Q8_0 GGUF export on $(basename "$3"): the model's own greedy answers of up to 256 tokens to 20 benign prompts of each held-out family with safe prompts (scripts/data/own_answers.py --per-family 20 --max-tokens 256); every answer is labelled safe, so this measures benign long answers flagged."
-  [[ -f $4 ]] || python3 scripts/data/own_answers.py "$work/$1.q8_0.gguf" "$4" --per-family 50 --max-tokens 256 \
-    --rows $data/train.jsonl --families coconot_pref,alpaca,rd_harmless,bitext
-  $so8t eval --model "$work/$1.q8_0.gguf" --data "$4" --report "eval/$1-own-long-answers-train" \
-    --notes "$2 Scored as its Q8_0 GGUF export on $(basename "$4"): the model's own greedy answers of up to 256 tokens to 50 benign prompts of each of four training families of train.jsonl (coconot_pref, alpaca, rd_harmless, bitext; scripts/data/own_answers.py); every answer is labelled safe."
+  own_answers "$1" "$3" --per-family 20 --max-tokens 256
+  score "$1" -own-long-answers "$2" "$3" ": the model's own greedy answers of up to 256 tokens to 20 benign prompts of each held-out family with safe prompts (scripts/data/own_answers.py --per-family 20 --max-tokens 256); every answer is labelled safe, so this measures benign long answers flagged."
+  own_answers "$1" "$4" --per-family 50 --max-tokens 256 --rows $data/train.jsonl --families coconot_pref,alpaca,rd_harmless,bitext
+  score "$1" -own-long-answers-train "$2" "$4" ": the model's own greedy answers of up to 256 tokens to 50 benign prompts of each of four training families of train.jsonl (coconot_pref, alpaca, rd_harmless, bitext; scripts/data/own_answers.py); every answer is labelled safe."
 }
 
 # The heads recipe: layer, answer weight, weight decay and thresholds as described above.
@@ -94,7 +94,7 @@ heads() { # name gguf fetch-name k [train args…]
     return
   fi
   if [[ $only_score == multi-turn ]]; then
-    evaluate_multi_turn "$name-heads" "$notes"
+    evaluate_val_and_conversations "$name-heads" "$notes"
     return
   fi
   if [[ $only_score == long-answers ]]; then

@@ -383,8 +383,8 @@ def count(rows):
     return {"rows": len(rows), **dict(sorted(c.items()))}
 
 
-# Conversations: real traffic is rarely one message long, and one benign earlier turn was
-# measured to weaken the prompt verdict on a harmful request (README, "multi-turn"). A row
+# Conversations: real traffic is rarely one message long, and benign earlier turns were
+# measured to shift the heads' scores (README, "In a conversation the scores shift"). A row
 # "after benign turns" is the same row (labels unchanged: they are about its last request)
 # with one or two benign exchanges before it, each a prompt and its ordinary answer from
 # HISTORY_FAMILIES of the named split. Training takes copies of every MULTI_TURN_TRAIN_EVERY-th
