@@ -79,9 +79,9 @@ evaluate_long_answers() { # report-name notes answers.jsonl training-answers.jso
 }
 
 # The heads recipe: layer, answer weight, weight decay and thresholds as described above.
-fit_heads() { # model-dir out-dir [train args…]; $train_rows: the rows fitted on
+fit_heads() { # model-dir out-dir [train args…, e.g. another --data to fit on it too]
   local model=$1 out=$2; shift 2
-  $so8t train --model "$model" --data "${train_rows:-$data/train.jsonl}" --val $data/val.jsonl --mode heads \
+  $so8t train --model "$model" --data $data/train.jsonl --val $data/val.jsonl --mode heads \
     --layer auto --features-quant q8_0 --answer-weight auto --thresholds-from families \
     --features-cache "$work/features" --out "$out" --force "$@" | tee "$out.json"
 }
@@ -180,8 +180,8 @@ multi_turn_heads() { # name gguf fetch-name k
   if [[ $only_score != score ]]; then
     bash scripts/fetch-models.sh "$fetch"
     $so8t convert "$cache/$gguf" --out "$work/$name" --force
-    cat $data/train.jsonl $data/train_multi_turn.jsonl > "$work/train-and-multi-turn.jsonl"
-    train_rows="$work/train-and-multi-turn.jsonl" fit_heads "$work/$name" "$work/$run" --consecutive "$k"
+    # train.jsonl's hidden states come from the feature cache of the shipped fit.
+    fit_heads "$work/$name" "$work/$run" --consecutive "$k" --data $data/train_multi_turn.jsonl
   fi
   mkdir -p "eval/$run"
   cp "$work/$run.json" "eval/$run/train.json"

@@ -31,9 +31,10 @@ pub struct Args {
     /// SO8T directory (from `so8t convert`).
     #[arg(short, long)]
     model: PathBuf,
-    /// Labelled JSONL (README, "Training data").
-    #[arg(long)]
-    data: PathBuf,
+    /// Labelled JSONL (README, "Training data"). Repeat it to train on several files as
+    /// one, in order (heads and thresholds; each file keeps its own --features-cache entry).
+    #[arg(long, required = true)]
+    data: Vec<PathBuf>,
     /// Validation JSONL: picks the heads' weight decay and the decision thresholds.
     #[arg(long)]
     val: Option<PathBuf>,
@@ -185,18 +186,19 @@ enum Position {
 
 fn features(
     model: &mut Model,
-    data: &Dataset,
+    parts: &[Dataset],
     layers: &[usize],
     cap: Option<usize>,
     cache: Option<&FeatureCache>,
     what: &str,
 ) -> Result<Features> {
-    let b = bar(data.examples.len(), what);
+    let rows: usize = parts.iter().map(|d| d.examples.len()).sum();
+    let b = bar(rows, what);
     let t0 = Instant::now();
-    let f = Features::compute(model, data, layers, cap, cache, |i| {
+    let f = Features::compute(model, parts, layers, cap, cache, |i| {
         b.set_position(i as u64);
         if b.is_hidden() && i % 1000 == 0 {
-            eprintln!("{what}: {i}/{} after {:.0} s", data.examples.len(), t0.elapsed().as_secs_f64());
+            eprintln!("{what}: {i}/{rows} after {:.0} s", t0.elapsed().as_secs_f64());
         }
     })?;
     b.finish_and_clear();
@@ -226,13 +228,23 @@ pub fn main(a: Args) -> Result<()> {
     if a.consecutive == Some(0) {
         bail!("--consecutive must be at least 1");
     }
+    if a.mode == Mode::Gates && a.data.len() > 1 {
+        // Its error messages name one file by line.
+        bail!("--mode gates reads one --data file (join them into one to train gates on several)");
+    }
     if a.mode == Mode::Heads && (a.resume || a.stop_after.is_some()) {
         bail!("--resume and --stop-after are for --mode gates (a heads fit takes one pass)");
     }
     let t0 = Instant::now();
     let mut model = a.device.open_model(&a.model)?;
     let (mut config, mut adapter) = so8t_parts(&model)?;
-    let train = read(&a.data, &config.labels, a.skip_bad)?;
+    let parts = a
+        .data
+        .iter()
+        .map(|p| read(p, &config.labels, a.skip_bad))
+        .collect::<Result<Vec<_>>>()?;
+    let data_name = a.data.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" + ");
+    let train_examples: Vec<_> = parts.iter().flat_map(|d| d.examples.iter().cloned()).collect();
     let val = a
         .val
         .as_deref()
@@ -242,10 +254,10 @@ pub fn main(a: Args) -> Result<()> {
     if from_families && a.mode != Mode::Heads {
         bail!("--thresholds-from families is for --mode heads (its held-out fits read the training rows' states)");
     }
-    if let Some(name) = from_families.then(|| head_short_of_families(&train.examples)).flatten() {
+    if let Some(name) = from_families.then(|| head_short_of_families(&train_examples)).flatten() {
         bail!(
             "{}: --thresholds-from families needs the {name} head's rows in at least {FAMILY_FOLDS} families (`family`, else `source`), to hold out in turn",
-            a.data.display()
+            data_name
         );
     }
     let answer_weight = match a.answer_weight.as_str() {
@@ -288,7 +300,7 @@ pub fn main(a: Args) -> Result<()> {
         Mode::Gates => "gates",
         Mode::Thresholds => "thresholds",
     };
-    let mut summary = serde_json::json!({ "mode": mode, "train_rows": train.examples.len() });
+    let mut summary = serde_json::json!({ "mode": mode, "train_rows": train_examples.len() });
     let mut val_features = None;
     match a.mode {
         Mode::Heads => {
@@ -307,10 +319,10 @@ pub fn main(a: Args) -> Result<()> {
             // Held-out thresholds run the streaming rule over whole answers, so that pass
             // reads every token; the fit still takes --response-tokens of each.
             let read_tokens = (!from_families).then_some(a.response_tokens);
-            let tf = features(&mut model, &train, &layers, read_tokens, cache.as_ref(), "train rows")?;
+            let tf = features(&mut model, &parts, &layers, read_tokens, cache.as_ref(), "train rows")?;
             let vf = val
                 .as_ref()
-                .map(|v| features(&mut model, v, &layers, None, cache.as_ref(), "val rows"))
+                .map(|v| features(&mut model, std::slice::from_ref(v), &layers, None, cache.as_ref(), "val rows"))
                 .transpose()?;
             let feature_seconds = t.elapsed().as_secs_f64();
             let t = Instant::now();
@@ -324,7 +336,7 @@ pub fn main(a: Args) -> Result<()> {
             let (heads, setting, reports) =
                 fit_heads(&tf, vf.as_ref(), &opts, (&adapter.heads, &config.heads))?;
             if reports.is_empty() {
-                bail!("{}: no head has labels of both classes", a.data.display());
+                bail!("{}: no head has labels of both classes", data_name);
             }
             adapter.heads = heads;
             config.heads = setting;
@@ -339,7 +351,7 @@ pub fn main(a: Args) -> Result<()> {
                     &config.thresholds,
                 );
                 if chosen.len() < reports.len() {
-                    bail!("{}: --thresholds-from families: a trained head's held-out families give no prompts of both classes to set its threshold on", a.data.display());
+                    bail!("{}: --thresholds-from families: a trained head's held-out families give no prompts of both classes to set its threshold on", data_name);
                 }
                 config.thresholds = t;
                 summary["thresholds"] = serde_json::to_value(&chosen)?;
@@ -417,8 +429,8 @@ pub fn main(a: Args) -> Result<()> {
                 config.clone(),
                 adapter,
                 opts.clone(),
-                train.examples.clone(),
-                &a.data,
+                train_examples,
+                &parts[0].path,
                 &out,
             )?;
             let b = bar(trainer.total_steps(), "steps");
@@ -457,7 +469,7 @@ pub fn main(a: Args) -> Result<()> {
                 let mut layers = vec![s, h, n_layers];
                 layers.sort_unstable();
                 layers.dedup();
-                features(&mut model, v, &layers, None, cache.as_ref(), "val rows")?
+                features(&mut model, std::slice::from_ref(v), &layers, None, cache.as_ref(), "val rows")?
             }
         };
         let (t, reports) = choose_thresholds(

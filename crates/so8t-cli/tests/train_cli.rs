@@ -307,6 +307,84 @@ fn features_cache_reuses_states_only_for_the_same_reading() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--features-cache is for --mode heads"));
 }
 
+/// `--data` repeated trains on the files as on their concatenation: a prompt the second file
+/// repeats (with an answer) adds its prompt samples once, as it does within one file. With
+/// --features-cache each file has its own entry, so adding a file computes only its rows.
+#[test]
+fn several_data_files_train_as_their_concatenation_with_an_entry_per_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_so8t(tmp.path());
+    let cache = tmp.path().join("cache");
+    let text = std::fs::read_to_string(data()).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let write = |name: &str, rows: &[&str]| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, rows.join("\n") + "\n").unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let again = r#"{"prompt": "How do I bake bread?", "response": "Mix flour, water, yeast and salt, knead, let it rise and bake it.", "safety": "safe", "authority": "handle"}"#;
+    assert!(lines[0].contains("How do I bake bread?"));
+    let first = write("first.jsonl", &lines[..8]);
+    let second = write("second.jsonl", &[&lines[8..], &[again]].concat());
+    let joined = write("joined.jsonl", &[&lines[..], &[again]].concat());
+    let train = |files: &[&str], out: &str, cached: bool| {
+        let out = tmp.path().join(out);
+        let mut args = vec!["train", "--model", &model, "--val", &joined, "--mode", "heads"];
+        for f in files {
+            args.extend(["--data", f]);
+        }
+        let c = cache.to_str().unwrap().to_string();
+        if cached {
+            args.extend(["--features-cache", &c]);
+        }
+        args.extend(["--out", out.to_str().unwrap()]);
+        let summary: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+        let adapter = std::fs::read(out.join("so8t_adapter.safetensors")).unwrap();
+        (summary, adapter)
+    };
+    let samples = |summary: &serde_json::Value| -> Vec<(u64, u64)> {
+        summary["heads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| (h["rows"].as_u64().unwrap(), h["positives"].as_u64().unwrap()))
+            .collect()
+    };
+    let (whole, _) = train(&[&joined], "joined", false);
+    let (parts, parts_adapter) = train(&[&first, &second], "parts", false);
+    assert_eq!(parts["train_rows"], 11);
+    assert_eq!(samples(&parts), samples(&whole));
+    // A third file that only repeats a prompt of the first adds a row and no sample.
+    assert!(lines[1].contains("bomb") && !lines[1].contains("response"));
+    let (repeated, _) = train(&[&first, &second, &write("repeat.jsonl", &[lines[1]])], "repeat", false);
+    assert_eq!(repeated["train_rows"], 12);
+    assert_eq!(samples(&repeated), samples(&parts));
+
+    let entries = || {
+        let mut v: Vec<(PathBuf, std::time::SystemTime)> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| (p.clone(), std::fs::metadata(&p).unwrap().modified().unwrap()))
+            .collect();
+        v.sort();
+        v
+    };
+    train(&[&first], "first", true);
+    let before = entries();
+    assert_eq!(before.len(), 2, "first.jsonl's train reading and the val file's: {before:?}");
+    let (_, cached_adapter) = train(&[&first, &second], "cached", true);
+    let after = entries();
+    assert_eq!(after.len(), 3, "only second.jsonl's entry is new: {after:?}");
+    assert!(before.iter().all(|e| after.contains(e)), "the entries there are not rewritten");
+    assert_eq!(cached_adapter, parts_adapter, "states from the cache are the computed ones");
+    assert_eq!(train(&[&first, &second], "again", true).1, parts_adapter);
+    assert_eq!(entries(), after);
+    // Gates read one file.
+    let out = so8t(&["train", "--model", &model, "--data", &first, "--data", &second, "--mode", "gates"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--mode gates reads one --data file"));
+}
+
 /// `--thresholds-from families`: with fewer than five families it stops before the pass,
 /// leaving nothing behind; with six, each head's thresholds come from its held-out-family
 /// scores, prompts and whole answers (longer than the 16 tokens fitted on).

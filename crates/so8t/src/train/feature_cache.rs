@@ -4,7 +4,9 @@
 //! not repeat it. An entry is found by a key over everything the states depend on: the
 //! base weights, the gates' generators, the weight quantisation, the token ids and read
 //! positions of every row (so the data, tokenizer and chat template), the layers and the
-//! answer-token cap. Anything else changed makes a new key, never a stale hit.
+//! answer-token cap. Anything else changed makes a new key, never a stale hit. Each file
+//! of the data (`--data` repeated) has its own entry, so a file added to the data costs
+//! only its own pass.
 
 use super::{Sample, SampleKind};
 use crate::error::{Error, Result};
@@ -76,7 +78,7 @@ impl FeatureCache {
         })
     }
 
-    /// The entry's file for these ids, read positions, layers and cap.
+    /// The entry's file for these ids, read positions, layers and cap (one data file's).
     pub fn path(
         &self,
         ids: &[Vec<u32>],

@@ -55,45 +55,90 @@ pub struct Features {
 }
 
 impl Features {
-    /// One pass over `data` tapping `layers`; with `response_cap`, at most that many tokens
-    /// of each response (see [`features::positions`]). A prompt repeated with other
-    /// responses adds its prompt samples once. With `cache`, an entry for exactly this
-    /// model, data and reading is loaded instead of the pass, and the pass's result stored.
+    /// One pass over the rows of `parts`, read as one file in their order, tapping
+    /// `layers`; with `response_cap`, at most that many tokens of each response (see
+    /// [`features::positions`]). A prompt repeated with other responses adds its prompt
+    /// samples once, across parts too. With `cache`, each part has its own entry (for
+    /// exactly this model, part and reading), loaded instead of its pass, and a computed
+    /// part is stored: adding a file to the data costs only that file's pass.
     pub fn compute(
         model: &mut Model,
-        data: &Dataset,
+        parts: &[Dataset],
         layers: &[usize],
         response_cap: Option<usize>,
         cache: Option<&feature_cache::FeatureCache>,
         mut progress: impl FnMut(usize),
     ) -> Result<Features> {
-        let (ids, prompt_lens) = features::dataset_ids(model, &data.examples, &data.path)?;
+        let hidden = model.config.hidden_size;
+        let mut all = Features {
+            hidden,
+            layers: layers.to_vec(),
+            samples: Vec::new(),
+            x: vec![Vec::new(); layers.len()],
+            examples: Vec::new(),
+        };
+        let mut earlier_prompts = std::collections::HashSet::new();
+        for data in parts {
+            let offset = all.examples.len();
+            let (ids, prompt_lens) = features::dataset_ids(model, &data.examples, &data.path)?;
+            let part = Self::part(model, data, &ids, &prompt_lens, layers, response_cap, cache, |i| {
+                progress(offset + i)
+            })?;
+            if offset == 0 {
+                all.samples = part.samples;
+                all.x = part.x;
+            } else {
+                for (k, s) in part.samples.iter().enumerate() {
+                    let prompt = &ids[s.row][..prompt_lens[s.row]];
+                    if matches!(s.kind, SampleKind::Prompt(_)) && earlier_prompts.contains(prompt) {
+                        continue;
+                    }
+                    all.samples.push(Sample { row: s.row + offset, kind: s.kind });
+                    for (to, from) in all.x.iter_mut().zip(&part.x) {
+                        to.extend_from_slice(&from[k * hidden..(k + 1) * hidden]);
+                    }
+                }
+            }
+            if parts.len() > 1 {
+                earlier_prompts.extend(ids.iter().zip(&prompt_lens).map(|(s, &n)| s[..n].to_vec()));
+            }
+            all.examples.extend(data.examples.iter().cloned());
+        }
+        Ok(all)
+    }
+
+    /// The states of one part's rows (`row` of its samples counted within the part), from
+    /// `cache` when it holds them.
+    #[allow(clippy::too_many_arguments)]
+    fn part(
+        model: &mut Model,
+        data: &Dataset,
+        ids: &[Vec<u32>],
+        prompt_lens: &[usize],
+        layers: &[usize],
+        response_cap: Option<usize>,
+        cache: Option<&feature_cache::FeatureCache>,
+        mut progress: impl FnMut(usize),
+    ) -> Result<feature_cache::Cached> {
         let mut pos = Vec::with_capacity(ids.len());
         for (i, ex) in data.examples.iter().enumerate() {
             pos.push(features::positions(model, ex, &ids[i], prompt_lens[i], response_cap)?);
         }
         let hidden = model.config.hidden_size;
-        let entry = cache.map(|c| c.path(&ids, &pos, layers, response_cap));
+        let entry = cache.map(|c| c.path(ids, &pos, layers, response_cap));
         let cached = entry
             .as_deref()
             .and_then(|p| feature_cache::FeatureCache::load(p, ids.len(), layers, hidden));
-        let feats = |c: feature_cache::Cached| Features {
-            hidden,
-            layers: layers.to_vec(),
-            samples: c.samples,
-            x: c.x,
-            examples: data.examples.clone(),
-        };
         if let Some(c) = cached {
             tracing::info!("hidden states of {} from the cache", data.path.display());
             progress(ids.len());
-            return Ok(feats(c));
+            return Ok(c);
         }
         let mut x = vec![Vec::new(); layers.len()];
         let mut samples = Vec::new();
         let mut seen_prompts = std::collections::HashSet::new();
         let from = features::first_positions(&pos);
-        features::walk_layers(model, layers, &ids, &from, |i, start, tapped| {
+        features::walk_layers(model, layers, ids, &from, |i, start, tapped| {
             let p = &pos[i];
             let mut take = |kind: SampleKind, at: usize| -> Result<()> {
                 for (xl, t) in x.iter_mut().zip(tapped) {
@@ -125,7 +170,7 @@ impl Features {
                 tracing::warn!("{}: hidden states not cached: {e}", path.display());
             }
         }
-        Ok(feats(c))
+        Ok(c)
     }
 
     /// The label of head `h` that sample `s` carries, if its rows are read at `position`.
