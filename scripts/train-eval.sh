@@ -4,7 +4,7 @@
 # eval/<model>/model (crates/so8t/tests/real_train.rs checks the SmolLM2 one). Work files
 # go to target/train-eval/.
 #
-#   scripts/train-eval.sh [smollm2|smollm2-gates|qwen25coder|qwen25coder-answer-tokens|qwen25coder-multi-turn|all] [score|multi-turn|long-answers]   (default: smollm2)
+#   scripts/train-eval.sh [smollm2|smollm2-gates|qwen25coder|qwen25coder-answer-tokens|qwen25coder-multi-turn|qwen25coder-long-answers|all] [score|multi-turn|long-answers]   (default: smollm2)
 #
 # `score` only scores the heads trained by an earlier run (target/train-eval/NAME-heads)
 # again, e.g. after a change to `eval`'s report; `multi-turn` scores them on the
@@ -72,10 +72,14 @@ evaluate_val_and_conversations() { # report-name notes
 # The same for 50 benign prompts of each of four training families (train.jsonl), where a
 # threshold could be chosen: does the training side see what the held-out side shows?
 evaluate_long_answers() { # report-name notes answers.jsonl training-answers.jsonl
-  own_answers "$1" "$3" --per-family 20 --max-tokens 256
-  score "$1" -own-long-answers "$2" "$3" ": the model's own greedy answers of up to 256 tokens to 20 benign prompts of each held-out family with safe prompts (scripts/data/own_answers.py --per-family 20 --max-tokens 256); every answer is labelled safe, so this measures benign long answers flagged."
+  evaluate_held_out_long_answers "$1" "$2" "$3"
   own_answers "$1" "$4" --per-family 50 --max-tokens 256 --rows $data/train.jsonl --families coconot_pref,alpaca,rd_harmless,bitext
   score "$1" -own-long-answers-train "$2" "$4" ": the model's own greedy answers of up to 256 tokens to 50 benign prompts of each of four training families of train.jsonl (coconot_pref, alpaca, rd_harmless, bitext; scripts/data/own_answers.py); every answer is labelled safe."
+}
+
+evaluate_held_out_long_answers() { # report-name notes answers.jsonl
+  own_answers "$1" "$3" --per-family 20 --max-tokens 256
+  score "$1" -own-long-answers "$2" "$3" ": the model's own greedy answers of up to 256 tokens to 20 benign prompts of each held-out family with safe prompts (scripts/data/own_answers.py --per-family 20 --max-tokens 256); every answer is labelled safe, so this measures benign long answers flagged."
 }
 
 # The heads recipe: layer, answer weight, weight decay and thresholds as described above.
@@ -165,23 +169,23 @@ answer_tokens() { # name gguf fetch-name
   done
 }
 
-# An experiment on conversations (#13): benign earlier turns shift the shipped heads'
-# scores (p_unsafe up, p_escalate down; README), and every training row was single-turn.
-# The heads recipe, unchanged but for its rows: train.jsonl plus train_multi_turn.jsonl
-# (every 5th training row again after one or two benign turns). Decided before any test
-# file is scored with it: it replaces the shipped heads if, against them, its prompt safety
-# F1 on val_multi_turn.jsonl rises and neither its prompt nor its answer safety F1 on
-# val.jsonl falls by more than 0.01 (each at its own stored thresholds); and (added after
-# the shipped heads were scored in conversation, where escalation suffered most) its
-# authority F1 on neither file falls by more than 0.01.
-multi_turn_heads() { # name gguf fetch-name k
-  local name=$1 gguf=$2 fetch=$3 k=$4 run="$1-multi-turn"
-  local notes="$name, zero gates; $(heads_recipe "$k" | sed 's|on data/safety/train.jsonl|on data/safety/train.jsonl and train_multi_turn.jsonl (conversations)|')"
+variant_notes() { # name k what-is-fitted-on
+  echo "$1, zero gates; $(heads_recipe "$2" | sed "s|on data/safety/train.jsonl|on $3|")"
+}
+
+# A recipe variant for an experiment: the heads recipe with more rows (further --data
+# files) fitted into $work/NAME-VARIANT and scored like the shipped heads. Each experiment's
+# rule for replacing the shipped heads is written at its call below, before any test file
+# was scored with it; shipping one is done by hand (adapter to eval/NAME/model, sha256 in
+# scripts/trained-model.sh), never by this script.
+variant_heads() { # name gguf fetch-name k variant what-is-fitted-on [train args…]
+  local name=$1 gguf=$2 fetch=$3 k=$4 run="$1-$5" rows=$6; shift 6
+  local notes; notes=$(variant_notes "$name" "$k" "$rows")
   if [[ $only_score != score ]]; then
     bash scripts/fetch-models.sh "$fetch"
     $so8t convert "$cache/$gguf" --out "$work/$name" --force
     # train.jsonl's hidden states come from the feature cache of the shipped fit.
-    fit_heads "$work/$name" "$work/$run" --consecutive "$k" --data $data/train_multi_turn.jsonl
+    fit_heads "$work/$name" "$work/$run" --consecutive "$k" "$@"
   fi
   mkdir -p "eval/$run"
   cp "$work/$run.json" "eval/$run/train.json"
@@ -204,8 +208,34 @@ fi
 if [[ $which == qwen25coder || $which == all ]]; then
   heads qwen2.5-coder-0.5b qwen2.5-coder-0.5b-instruct-q4_k_m.gguf qwen25coder 8
 fi
+# Conversations (#13): benign earlier turns shift the shipped heads' scores (p_unsafe up,
+# p_escalate down; README), and every training row was single-turn. The recipe on
+# train.jsonl plus train_multi_turn.jsonl (every 5th training row again after one or two
+# benign turns). It replaces the shipped heads if, against them, its prompt safety F1 on
+# val_multi_turn.jsonl rises and neither its prompt nor its answer safety F1 on val.jsonl
+# falls by more than 0.01 (each at its own stored thresholds); and (added after the shipped
+# heads were scored in conversation, where escalation suffered most) its authority F1 on
+# neither file falls by more than 0.01.
 if [[ $which == qwen25coder-multi-turn ]]; then
-  multi_turn_heads qwen2.5-coder-0.5b qwen2.5-coder-0.5b-instruct-q4_k_m.gguf qwen25coder 8
+  variant_heads qwen2.5-coder-0.5b qwen2.5-coder-0.5b-instruct-q4_k_m.gguf qwen25coder 8 multi-turn \
+    "data/safety/train.jsonl and train_multi_turn.jsonl (conversations)" --data $data/train_multi_turn.jsonl
+fi
+# Long answers (#13): the shipped heads flag 6% of the model's own benign answers of up to
+# 256 tokens to training families' prompts (10% on the held-out side), and no answer they
+# were fitted or thresholded on was longer than ~60 tokens. The recipe on train.jsonl plus
+# those 200 answers (own_long_answers_train_<model>.jsonl: 50 per family of coconot_pref,
+# alpaca, rd_harmless and bitext, labelled safe; their families are own_answers_*, so the
+# recipe holds each out in turn like any other). It replaces the shipped heads if, in its
+# train.json, the four own_answers_* families' answers scored by fits that never saw them
+# (held_out_answers, safety) are flagged at most 5% pooled, and on val.jsonl neither its
+# prompt nor its answer safety F1 nor its prompt authority F1 falls by more than 0.01
+# against the shipped heads. Its held-out long answers are scored after that.
+if [[ $which == qwen25coder-long-answers ]]; then
+  n=qwen2.5-coder-0.5b
+  rows="data/safety/train.jsonl and own_long_answers_train_$n.jsonl (the model's own benign answers of up to 256 tokens)"
+  variant_heads $n qwen2.5-coder-0.5b-instruct-q4_k_m.gguf qwen25coder 8 long-answers "$rows" \
+    --data $data/own_long_answers_train_$n.jsonl
+  evaluate_held_out_long_answers "$n-long-answers" "$(variant_notes $n 8 "$rows")" $data/own_long_answers_$n.jsonl
 fi
 if [[ $which == qwen25coder-answer-tokens ]]; then
   answer_tokens qwen2.5-coder-0.5b qwen2.5-coder-0.5b-instruct-q4_k_m.gguf qwen25coder
