@@ -31,8 +31,8 @@ pub struct Args {
     /// SO8T directory (from `so8t convert`).
     #[arg(short, long)]
     model: PathBuf,
-    /// Labelled JSONL (README, "Training data"). Repeat it to train on several files as
-    /// one, in order (heads and thresholds; each file keeps its own --features-cache entry).
+    /// Labelled JSONL (README, "Training data"). Repeat it to fit heads on several files as
+    /// on their concatenation (each file keeps its own --features-cache entry); gates read one.
     #[arg(long, required = true)]
     data: Vec<PathBuf>,
     /// Validation JSONL: picks the heads' weight decay and the decision thresholds.
@@ -103,7 +103,7 @@ pub struct Args {
     answer_weight: String,
     /// Heads and thresholds: keep the hidden states of the data here and reuse them when
     /// the model, its gates, the weight quantisation, the data and the layers read are
-    /// the same (a refit then takes seconds instead of the pass).
+    /// the same (a refit then takes seconds instead of the pass); one entry per --data file.
     #[arg(long)]
     features_cache: Option<PathBuf>,
     /// False positive rate the thresholds aim at, on the scores --thresholds-from names.

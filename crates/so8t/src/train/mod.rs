@@ -69,6 +69,17 @@ impl Features {
         cache: Option<&feature_cache::FeatureCache>,
         mut progress: impl FnMut(usize),
     ) -> Result<Features> {
+        // Every file's rows are tokenised and placed before any pass, so a bad row in a
+        // later file stops the run before the earlier files' passes, not after.
+        let mut read = Vec::with_capacity(parts.len());
+        for data in parts {
+            let (ids, prompt_lens) = features::dataset_ids(model, &data.examples, &data.path)?;
+            let mut pos = Vec::with_capacity(ids.len());
+            for (i, ex) in data.examples.iter().enumerate() {
+                pos.push(features::positions(model, ex, &ids[i], prompt_lens[i], response_cap)?);
+            }
+            read.push((ids, prompt_lens, pos));
+        }
         let hidden = model.config.hidden_size;
         let mut all = Features {
             hidden,
@@ -78,13 +89,12 @@ impl Features {
             examples: Vec::new(),
         };
         let mut earlier_prompts = std::collections::HashSet::new();
-        for data in parts {
+        for (n, (data, (ids, prompt_lens, pos))) in parts.iter().zip(&read).enumerate() {
             let offset = all.examples.len();
-            let (ids, prompt_lens) = features::dataset_ids(model, &data.examples, &data.path)?;
-            let part = Self::part(model, data, &ids, &prompt_lens, layers, response_cap, cache, |i| {
+            let part = Self::part(model, data, ids, prompt_lens, pos, layers, response_cap, cache, |i| {
                 progress(offset + i)
             })?;
-            if offset == 0 {
+            if all.samples.is_empty() {
                 all.samples = part.samples;
                 all.x = part.x;
             } else {
@@ -99,8 +109,8 @@ impl Features {
                     }
                 }
             }
-            if parts.len() > 1 {
-                earlier_prompts.extend(ids.iter().zip(&prompt_lens).map(|(s, &n)| s[..n].to_vec()));
+            if n + 1 < parts.len() {
+                earlier_prompts.extend(ids.iter().zip(prompt_lens).map(|(s, &n)| s[..n].to_vec()));
             }
             all.examples.extend(data.examples.iter().cloned());
         }
@@ -115,17 +125,14 @@ impl Features {
         data: &Dataset,
         ids: &[Vec<u32>],
         prompt_lens: &[usize],
+        pos: &[features::Positions],
         layers: &[usize],
         response_cap: Option<usize>,
         cache: Option<&feature_cache::FeatureCache>,
         mut progress: impl FnMut(usize),
     ) -> Result<feature_cache::Cached> {
-        let mut pos = Vec::with_capacity(ids.len());
-        for (i, ex) in data.examples.iter().enumerate() {
-            pos.push(features::positions(model, ex, &ids[i], prompt_lens[i], response_cap)?);
-        }
         let hidden = model.config.hidden_size;
-        let entry = cache.map(|c| c.path(ids, &pos, layers, response_cap));
+        let entry = cache.map(|c| c.path(ids, pos, layers, response_cap));
         let cached = entry
             .as_deref()
             .and_then(|p| feature_cache::FeatureCache::load(p, ids.len(), layers, hidden));
@@ -137,7 +144,7 @@ impl Features {
         let mut x = vec![Vec::new(); layers.len()];
         let mut samples = Vec::new();
         let mut seen_prompts = std::collections::HashSet::new();
-        let from = features::first_positions(&pos);
+        let from = features::first_positions(pos);
         features::walk_layers(model, layers, ids, &from, |i, start, tapped| {
             let p = &pos[i];
             let mut take = |kind: SampleKind, at: usize| -> Result<()> {
